@@ -1,0 +1,60 @@
+//! The admin port: `/metrics`, `/livez`, `/readyz`. It carries no message data.
+
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use http::{header::CONTENT_TYPE, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Content type of the Prometheus text format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What the admin port reports.
+#[derive(Debug)]
+pub struct AdminState {
+    /// Metrics to expose.
+    pub metrics: Arc<Metrics>,
+    /// Set once storage is recovered and listeners are bound; cleared when stopping.
+    pub ready: AtomicBool,
+}
+
+/// Serves one admin request.
+pub async fn serve<B>(
+    state: Arc<AdminState>,
+    req: Request<B>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            (StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode())
+        }
+        (&Method::GET, "/livez") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        (&Method::GET, "/readyz") => {
+            if state.ready.load(Ordering::Acquire) {
+                (StatusCode::OK, "text/plain", "ready\n".to_string())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".to_string(),
+                )
+            }
+        }
+        (_, "/metrics" | "/livez" | "/readyz") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".to_string(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "admin routes: /metrics /livez /readyz\n".to_string(),
+        ),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    Ok(r)
+}

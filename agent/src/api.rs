@@ -1,0 +1,1108 @@
+//! The app API: HTTP/1.1 and h2c on loopback. Routing, request parsing and
+//! JSON errors; the work is done by [`Broker`] and [`Subscriptions`].
+
+use crate::broker::{Broker, PublishOutcome};
+use crate::delivery::Subscriptions;
+use crate::error::ApiError;
+use crate::message::Message;
+use crate::metrics::{HttpLabels, Metrics, Mode};
+use crate::subscription::SubscriptionSpec;
+use crate::topic::TopicSpec;
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, Limited};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Response body: a whole buffer or a stream of server-sent events.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// Most messages in one batch publish.
+pub const MAX_BATCH_ENTRIES: usize = 10_000;
+/// Default long-poll wait.
+pub const DEFAULT_PULL_WAIT: Duration = Duration::from_secs(5);
+/// Longest long-poll wait.
+pub const MAX_PULL_WAIT: Duration = Duration::from_secs(60);
+/// Default and largest `max` of a pull.
+pub const DEFAULT_PULL_MAX: usize = 10;
+/// Largest `max` of a pull.
+pub const MAX_PULL_MAX: usize = 1000;
+/// Default request/reply timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Interval of keep-alive comments on idle streams.
+pub const STREAM_KEEPALIVE: Duration = Duration::from_secs(15);
+/// Longest `Shoal-Id` and `Shoal-Key`.
+pub const MAX_ID_LEN: usize = 1024;
+/// Largest JSON request body (topic and subscription configuration, acks).
+pub const MAX_JSON_BYTES: usize = 1024 * 1024;
+
+/// Settings of the API.
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    /// Largest message payload.
+    pub max_message_bytes: usize,
+    /// Largest batch body.
+    pub max_batch_bytes: usize,
+}
+
+/// What request handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    /// Topics and publishing.
+    pub broker: Arc<Broker>,
+    /// Subscriptions and delivery.
+    pub subs: Arc<Subscriptions>,
+    /// Limits.
+    pub settings: ApiSettings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed()
+}
+
+fn json_response(status: StatusCode, v: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    let mut r = Response::new(full(e.body()));
+    *r.status_mut() = e.status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(secs) = e.retry_after {
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
+}
+
+/// Serves one request: routes it, records metrics, turns errors into JSON.
+pub async fn serve<B>(state: Arc<AppState>, req: Request<B>) -> Result<Response<Body>, Infallible>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let method = req.method().clone();
+    let (route, result) = route(&state, req).await;
+    let response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            state.metrics.api_error(e.code);
+            if e.status.is_server_error() {
+                tracing::warn!(route, status = e.status.as_u16(), code = e.code, message = %e.message, "request failed");
+            } else {
+                tracing::debug!(route, status = e.status.as_u16(), code = e.code, message = %e.message, "request refused");
+            }
+            error_response(&e)
+        }
+    };
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route,
+            method: method.as_str().to_string(),
+            status: response.status().as_u16(),
+        })
+        .inc();
+    Ok(response)
+}
+
+type Routed = (&'static str, Result<Response<Body>, ApiError>);
+
+fn method_not_allowed(allow: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("allowed methods: {allow}"),
+    )
+}
+
+async fn route<B>(state: &AppState, req: Request<B>) -> Routed
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let method = req.method().clone();
+    let query = match Query::parse(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return ("unknown", Err(e)),
+    };
+    match segments.as_slice() {
+        ["v1", "topics"] => (
+            "/v1/topics",
+            match method {
+                Method::GET => query.only(&[]).map(|_| list_topics(state)),
+                _ => Err(method_not_allowed("GET")),
+            },
+        ),
+        ["v1", "topics", topic] => {
+            let topic = percent_decode(topic);
+            (
+                "/v1/topics/{topic}",
+                match method {
+                    Method::GET => query.only(&[]).and_then(|_| get_topic(state, &topic)),
+                    Method::PUT | Method::POST => match query.only(&[]) {
+                        Ok(()) => put_topic(state, &topic, req).await,
+                        Err(e) => Err(e),
+                    },
+                    Method::DELETE => query.only(&[]).and_then(|_| delete_topic(state, &topic)),
+                    _ => Err(method_not_allowed("GET, PUT, POST, DELETE")),
+                },
+            )
+        }
+        ["v1", "topics", topic, "messages"] => {
+            let topic = percent_decode(topic);
+            (
+                "/v1/topics/{topic}/messages",
+                match method {
+                    Method::POST => match query.only(&[]) {
+                        Ok(()) => publish_one(state, &topic, req).await,
+                        Err(e) => Err(e),
+                    },
+                    _ => Err(method_not_allowed("POST")),
+                },
+            )
+        }
+        ["v1", "topics", topic, "messages", "batch"] => {
+            let topic = percent_decode(topic);
+            (
+                "/v1/topics/{topic}/messages/batch",
+                match method {
+                    Method::POST => match query.only(&[]) {
+                        Ok(()) => publish_batch(state, &topic, req).await,
+                        Err(e) => Err(e),
+                    },
+                    _ => Err(method_not_allowed("POST")),
+                },
+            )
+        }
+        ["v1", "topics", topic, "requests"] => {
+            let topic = percent_decode(topic);
+            (
+                "/v1/topics/{topic}/requests",
+                match method {
+                    Method::POST => match query.only(&["timeout"]) {
+                        Ok(()) => request_reply(state, &topic, &query, req).await,
+                        Err(e) => Err(e),
+                    },
+                    _ => Err(method_not_allowed("POST")),
+                },
+            )
+        }
+        ["v1", "subscriptions"] => (
+            "/v1/subscriptions",
+            match method {
+                Method::GET => query.only(&[]).map(|_| {
+                    json_response(StatusCode::OK, &json!({"subscriptions": state.subs.list()}))
+                }),
+                _ => Err(method_not_allowed("GET")),
+            },
+        ),
+        ["v1", "subscriptions", name] => {
+            let name = percent_decode(name);
+            (
+                "/v1/subscriptions/{name}",
+                match method {
+                    Method::GET => query.only(&[]).and_then(|_| get_subscription(state, &name)),
+                    Method::PUT | Method::POST => match query.only(&[]) {
+                        Ok(()) => put_subscription(state, &name, req).await,
+                        Err(e) => Err(e),
+                    },
+                    Method::DELETE => query.only(&[]).and_then(|_| {
+                        state.subs.delete(&name)?;
+                        Ok(no_content())
+                    }),
+                    _ => Err(method_not_allowed("GET, PUT, POST, DELETE")),
+                },
+            )
+        }
+        ["v1", "subscriptions", name, "messages"] => {
+            let name = percent_decode(name);
+            (
+                "/v1/subscriptions/{name}/messages",
+                match method {
+                    Method::GET => match query.only(&["max", "wait"]) {
+                        Ok(()) => pull(state, &name, &query).await,
+                        Err(e) => Err(e),
+                    },
+                    _ => Err(method_not_allowed("GET")),
+                },
+            )
+        }
+        ["v1", "subscriptions", name, "acks"] => {
+            let name = percent_decode(name);
+            (
+                "/v1/subscriptions/{name}/acks",
+                match method {
+                    Method::POST => match query.only(&[]) {
+                        Ok(()) => ack(state, &name, req).await,
+                        Err(e) => Err(e),
+                    },
+                    _ => Err(method_not_allowed("POST")),
+                },
+            )
+        }
+        ["v1", "subscriptions", name, "events"] => {
+            let name = percent_decode(name);
+            (
+                "/v1/subscriptions/{name}/events",
+                match method {
+                    Method::GET => match query.only(&[]) {
+                        Ok(()) => stream(state, &name),
+                        Err(e) => Err(e),
+                    },
+                    _ => Err(method_not_allowed("GET")),
+                },
+            )
+        }
+        _ => (
+            "unknown",
+            Err(ApiError::not_found(
+                "route_not_found",
+                format!("no route {method} {path}; see docs/api.md"),
+            )),
+        ),
+    }
+}
+
+fn no_content() -> Response<Body> {
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+/// Query parameters of a request.
+#[derive(Debug, Default)]
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Result<Query, ApiError> {
+        let mut out = Vec::new();
+        for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            out.push((percent_decode(k), percent_decode(v)));
+        }
+        Ok(Query(out))
+    }
+
+    fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
+        match self.0.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+            None => Ok(()),
+            Some((k, _)) => Err(ApiError::bad_request(
+                "unknown_parameter",
+                if allowed.is_empty() {
+                    format!("unknown query parameter {k:?}: this route takes none")
+                } else {
+                    format!(
+                        "unknown query parameter {k:?}: this route takes {}",
+                        allowed.join(", ")
+                    )
+                },
+            )),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn duration(&self, key: &str, default: Duration, max: Duration) -> Result<Duration, ApiError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => match crate::time::parse_duration(v) {
+                Some(d) if d <= max => Ok(d),
+                _ => Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    format!(
+                        "{key}={v:?}: expected a duration up to {} (like 500ms, 5s)",
+                        crate::time::format_duration(max)
+                    ),
+                )),
+            },
+        }
+    }
+
+    fn usize(&self, key: &str, default: usize, max: usize) -> Result<usize, ApiError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("{key}={v:?}: expected a whole number from 1 to {max}"),
+                )),
+            },
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads a body up to `limit` bytes; larger gets 413.
+async fn read_body<B>(
+    req: Request<B>,
+    limit: usize,
+) -> Result<(http::request::Parts, Bytes), ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (parts, body) = req.into_parts();
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    if http_body::Body::size_hint(&body).lower() > limit as u64 {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok((parts, c.to_bytes())),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(ApiError::bad_request(
+            "body_read_failed",
+            format!("reading the body failed: {e}"),
+        )),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            s.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+}
+
+/// Parses a JSON request body; an empty body is allowed when `optional`.
+fn parse_json<T: serde::de::DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: &[u8],
+    optional: bool,
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        if optional {
+            return Ok(T::default());
+        }
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    }
+    match content_type(headers).as_deref() {
+        // curl -d sends form encoding by default; its body is still the JSON the user typed.
+        None | Some("application/json") | Some("application/x-www-form-urlencoded") => {}
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("content type {other:?} is not accepted here; send application/json"),
+            ))
+        }
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_header",
+                format!("header {name} must be printable ASCII"),
+            )
+        }),
+    }
+}
+
+fn header_duration(headers: &HeaderMap, name: &str) -> Result<Option<Duration>, ApiError> {
+    match header_str(headers, name)? {
+        None => Ok(None),
+        Some(v) => crate::time::parse_duration(v).map(Some).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_header",
+                format!("{name}: {v:?} is not a duration (like 30s, 5m, or a number of seconds)"),
+            )
+        }),
+    }
+}
+
+/// Header-level options of a publish that apply to every message of the request.
+struct PublishHeaders {
+    key: Option<String>,
+    id: Option<String>,
+    expires_at_ms: Option<u64>,
+    deliver_at_ms: Option<u64>,
+}
+
+fn publish_headers(headers: &HeaderMap) -> Result<PublishHeaders, ApiError> {
+    let now = crate::time::now_ms();
+    let key = header_str(headers, "shoal-key")?.map(str::to_string);
+    let id = header_str(headers, "shoal-id")?.map(str::to_string);
+    for (what, v) in [("Shoal-Key", &key), ("Shoal-Id", &id)] {
+        if let Some(v) = v {
+            if v.is_empty() || v.len() > MAX_ID_LEN {
+                return Err(ApiError::bad_request(
+                    "invalid_header",
+                    format!("{what} must be 1 to {MAX_ID_LEN} characters"),
+                ));
+            }
+        }
+    }
+    let ttl = header_duration(headers, "shoal-ttl")?;
+    if ttl == Some(Duration::ZERO) {
+        return Err(ApiError::bad_request(
+            "invalid_header",
+            "Shoal-TTL must be positive",
+        ));
+    }
+    let delay = header_duration(headers, "shoal-delay")?;
+    Ok(PublishHeaders {
+        key,
+        id,
+        expires_at_ms: ttl.map(|d| now + d.as_millis() as u64),
+        deliver_at_ms: delay
+            .filter(|d| !d.is_zero())
+            .map(|d| now + d.as_millis() as u64),
+    })
+}
+
+/// A message from a binary-mode request: headers plus the body as payload.
+fn message_from_binary(headers: &HeaderMap, payload: Bytes) -> Result<Message, ApiError> {
+    let h = publish_headers(headers)?;
+    let (ce_id, attributes) = crate::cloudevents::from_binary_headers(headers)?;
+    let client_id = h.id.or(ce_id);
+    Ok(Message {
+        client_id: client_id.is_some(),
+        id: client_id.unwrap_or_else(crate::cloudevents::new_id),
+        key: h.key,
+        content_type: header_str(headers, CONTENT_TYPE.as_str())?.map(str::to_string),
+        expires_at_ms: h.expires_at_ms,
+        deliver_at_ms: h.deliver_at_ms,
+        attributes,
+        payload,
+    })
+}
+
+fn check_size(state: &AppState, m: &Message) -> Result<(), ApiError> {
+    if m.payload.len() > state.settings.max_message_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the message is larger than the limit of {} bytes",
+                state.settings.max_message_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn publish_one<B>(
+    state: &AppState,
+    topic: &str,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    crate::names::validate("topic", topic)?;
+    let structured = content_type(req.headers()).as_deref() == Some("application/cloudevents+json");
+    let limit = if structured {
+        state.settings.max_message_bytes * 2 + 64 * 1024
+    } else {
+        state.settings.max_message_bytes
+    };
+    let (parts, body) = read_body(req, limit).await?;
+    let message = if structured {
+        let v: Value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("invalid CloudEvent JSON: {e}"))
+        })?;
+        let mut m = crate::cloudevents::from_json(v)
+            .map_err(|e| ApiError::bad_request("invalid_event", e))?;
+        let h = publish_headers(&parts.headers)?;
+        m.key = m.key.or(h.key);
+        m.expires_at_ms = h.expires_at_ms;
+        m.deliver_at_ms = h.deliver_at_ms;
+        if let Some(id) = h.id {
+            m.id = id;
+            m.client_id = true;
+        }
+        m
+    } else {
+        message_from_binary(&parts.headers, body)?
+    };
+    check_size(state, &message)?;
+    let mut results = state.broker.publish(topic, vec![message]).await?;
+    let outcome = results
+        .pop()
+        .ok_or_else(|| ApiError::internal("publish returned no result"))??;
+    let status = if outcome.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(json_response(status, &outcome))
+}
+
+async fn publish_batch<B>(
+    state: &AppState,
+    topic: &str,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    crate::names::validate("topic", topic)?;
+    let ct = content_type(req.headers());
+    let (parts, body) = read_body(req, state.settings.max_batch_bytes).await?;
+    let mut entries: Vec<Result<Message, ApiError>> = Vec::new();
+    match ct.as_deref() {
+        Some("application/cloudevents-batch+json") => {
+            let v: Value = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid CloudEvents batch: {e}")))?;
+            let Value::Array(events) = v else {
+                return Err(ApiError::bad_request("invalid_json", "a CloudEvents batch is a JSON array of events"));
+            };
+            let h = publish_headers(&parts.headers)?;
+            for e in events {
+                entries.push(
+                    crate::cloudevents::from_json(e)
+                        .map(|mut m| {
+                            m.key = m.key.or_else(|| h.key.clone());
+                            m.expires_at_ms = h.expires_at_ms;
+                            m.deliver_at_ms = h.deliver_at_ms;
+                            m
+                        })
+                        .map_err(|e| ApiError::bad_request("invalid_event", e)),
+                );
+            }
+        }
+        Some("application/x-ndjson") | Some("application/jsonl") | Some("application/json-seq") => {
+            let h = publish_headers(&parts.headers)?;
+            if h.id.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_header",
+                    "Shoal-Id names one message; give ids per entry with a CloudEvents batch",
+                ));
+            }
+            let mut start = 0;
+            let data = &body[..];
+            while start < data.len() {
+                let end = data[start..].iter().position(|&b| b == b'\n').map_or(data.len(), |p| start + p);
+                let mut line = &data[start..end];
+                if line.last() == Some(&b'\r') {
+                    line = &line[..line.len() - 1];
+                }
+                start = end + 1;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                entries.push(match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
+                    Ok(_) => Ok(Message {
+                        id: crate::cloudevents::new_id(),
+                        client_id: false,
+                        key: h.key.clone(),
+                        content_type: Some("application/json".into()),
+                        expires_at_ms: h.expires_at_ms,
+                        deliver_at_ms: h.deliver_at_ms,
+                        attributes: Vec::new(),
+                        payload: body.slice_ref(line),
+                    }),
+                    Err(e) => Err(ApiError::bad_request("invalid_json", format!("line is not JSON: {e}"))),
+                });
+            }
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "batch content type {:?} is not supported: send application/x-ndjson (one JSON message per line) or application/cloudevents-batch+json",
+                    other.unwrap_or("none")
+                ),
+            ))
+        }
+    }
+    if entries.len() > MAX_BATCH_ENTRIES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("a batch holds at most {MAX_BATCH_ENTRIES} messages"),
+        ));
+    }
+    let mut slots: Vec<Option<Result<PublishOutcome, ApiError>>> =
+        Vec::with_capacity(entries.len());
+    let mut valid = Vec::new();
+    for e in entries {
+        match e.and_then(|m| check_size(state, &m).map(|_| m)) {
+            Ok(m) => {
+                slots.push(None);
+                valid.push(m);
+            }
+            Err(err) => slots.push(Some(Err(err))),
+        }
+    }
+    let mut published = state.broker.publish(topic, valid).await?.into_iter();
+    let results: Vec<Value> = slots
+        .into_iter()
+        .map(|s| s.or_else(|| published.next()).unwrap_or_else(|| Err(ApiError::internal("missing result"))))
+        .map(|r| match r {
+            Ok(o) => serde_json::to_value(o).unwrap_or(Value::Null),
+            Err(e) => {
+                state.metrics.api_error(e.code);
+                json!({"error": {"code": e.code, "message": e.message, "status": e.status.as_u16()}})
+            }
+        })
+        .collect();
+    let failed = results.iter().filter(|r| r.get("error").is_some()).count();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"published": results.len() - failed, "failed": failed, "results": results}),
+    ))
+}
+
+fn topic_json(state: &AppState, topic: &crate::topic::Topic) -> Value {
+    let mut v = serde_json::to_value(topic.config()).unwrap_or_else(|_| json!({}));
+    let partitions: Vec<Value> = topic
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (bytes, segments) = p.storage_size();
+            json!({
+                "partition": p.id,
+                "firstOffset": p.first_index(),
+                "nextOffset": p.committed() + 1,
+                "bytes": bytes,
+                "segments": segments,
+            })
+        })
+        .collect();
+    if let Value::Object(o) = &mut v {
+        o.insert("name".into(), topic.name.to_string().into());
+        o.insert(
+            "subscriptions".into(),
+            state.subs.uses_topic(&topic.name).into(),
+        );
+        o.insert("stats".into(), json!({"partitions": partitions}));
+    }
+    v
+}
+
+fn list_topics(state: &AppState) -> Response<Body> {
+    let topics: Vec<Value> = state
+        .broker
+        .topics()
+        .iter()
+        .map(|t| topic_json(state, t))
+        .collect();
+    json_response(StatusCode::OK, &json!({"topics": topics}))
+}
+
+fn get_topic(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
+    crate::names::validate("topic", name)?;
+    let topic = state
+        .broker
+        .topic(name)
+        .ok_or_else(|| ApiError::not_found("topic_not_found", format!("no topic {name:?}")))?;
+    Ok(json_response(StatusCode::OK, &topic_json(state, &topic)))
+}
+
+async fn put_topic<B>(
+    state: &AppState,
+    name: &str,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    crate::names::validate("topic", name)?;
+    let (parts, body) = read_body(req, MAX_JSON_BYTES).await?;
+    let spec: TopicSpec = parse_json(&parts.headers, &body, true)?;
+    let (topic, created) = state.broker.put_topic(name, &spec)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json_response(status, &topic_json(state, &topic)))
+}
+
+fn delete_topic(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
+    crate::names::validate("topic", name)?;
+    let users = state.subs.uses_topic(name);
+    if !users.is_empty() {
+        return Err(ApiError::conflict(
+            "topic_in_use",
+            format!("topic {name:?} has subscriptions {users:?}; delete them first"),
+        ));
+    }
+    state.broker.delete_topic(name)?;
+    Ok(no_content())
+}
+
+fn subscription_json(state: &AppState, sub: &crate::subscription::Subscription) -> Value {
+    let mut v = serde_json::to_value(sub).unwrap_or_else(|_| json!({}));
+    if let (Value::Object(o), Some(topic)) = (&mut v, state.broker.topic(&sub.topic)) {
+        let partitions: Vec<Value> = topic
+            .partitions()
+            .iter()
+            .map(|p| {
+                let end = p.committed() + 1;
+                let committed = p.committed_offset(&sub.group);
+                json!({
+                    "partition": p.id,
+                    "committedOffset": committed,
+                    "endOffset": end,
+                    "lag": committed.map(|c| end.saturating_sub(c)),
+                })
+            })
+            .collect();
+        o.insert("partitions".into(), partitions.into());
+    }
+    v
+}
+
+fn get_subscription(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
+    crate::names::validate("subscription", name)?;
+    let sub = state.subs.get(name).ok_or_else(|| {
+        ApiError::not_found(
+            "subscription_not_found",
+            format!("no subscription {name:?}"),
+        )
+    })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &subscription_json(state, &sub),
+    ))
+}
+
+async fn put_subscription<B>(
+    state: &AppState,
+    name: &str,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    crate::names::validate("subscription", name)?;
+    let (parts, body) = read_body(req, MAX_JSON_BYTES).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object with at least \"topic\"",
+        ));
+    }
+    let spec: SubscriptionSpec = parse_json(&parts.headers, &body, false)?;
+    if spec.name.as_deref().is_some_and(|n| n != name) {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "\"name\" in the body differs from the path",
+        ));
+    }
+    let (sub, created) = state.subs.put(name, spec)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json_response(status, &subscription_json(state, &sub)))
+}
+
+async fn pull(state: &AppState, name: &str, query: &Query) -> Result<Response<Body>, ApiError> {
+    crate::names::validate("subscription", name)?;
+    let max = query.usize("max", DEFAULT_PULL_MAX, MAX_PULL_MAX)?;
+    let wait = query.duration("wait", DEFAULT_PULL_WAIT, MAX_PULL_WAIT)?;
+    let (sub, deliveries) = state.subs.pull(name, max, wait, Mode::Pull).await?;
+    let events: Vec<Value> = deliveries
+        .iter()
+        .map(|d| crate::cloudevents::to_json(d, &sub.topic))
+        .collect();
+    let mut r = json_response(StatusCode::OK, &events);
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/cloudevents-batch+json"),
+    );
+    Ok(r)
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AckBody {
+    #[serde(default)]
+    ack: Vec<String>,
+    #[serde(default)]
+    nack: Vec<String>,
+    #[serde(default, with = "crate::time::serde_opt_duration")]
+    delay: Option<Duration>,
+}
+
+async fn ack<B>(state: &AppState, name: &str, req: Request<B>) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    crate::names::validate("subscription", name)?;
+    let (parts, body) = read_body(req, MAX_JSON_BYTES).await?;
+    let b: AckBody = parse_json(&parts.headers, &body, false)?;
+    if b.ack.is_empty() && b.nack.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "give ack ids in \"ack\" or \"nack\"",
+        ));
+    }
+    let result = state
+        .subs
+        .ack(name, &b.ack, &b.nack, b.delay.unwrap_or(Duration::ZERO))
+        .await?;
+    Ok(json_response(StatusCode::OK, &result))
+}
+
+/// A response body fed by a channel: the server-sent event stream.
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn stream(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
+    crate::names::validate("subscription", name)?;
+    let sub = state.subs.get(name).ok_or_else(|| {
+        ApiError::not_found(
+            "subscription_not_found",
+            format!("no subscription {name:?}"),
+        )
+    })?;
+    if sub.push_path.is_some() {
+        return Err(ApiError::conflict(
+            "push_subscription",
+            format!("subscription {name:?} pushes to the app; streams need a subscription without pushPath"),
+        ));
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let subs = state.subs.clone();
+    let name = name.to_string();
+    let max = sub.max_in_flight as usize;
+    let mut stopping = subs.stopping();
+    tokio::spawn(async move {
+        if tx
+            .send(Bytes::from_static(b": connected\n\n"))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            if *stopping.borrow() {
+                break;
+            }
+            let pulled = tokio::select! {
+                r = subs.pull(&name, max, STREAM_KEEPALIVE, Mode::Stream) => r,
+                _ = tx.closed() => break,
+                _ = stopping.changed() => break,
+            };
+            match pulled {
+                Ok((sub, deliveries)) if deliveries.is_empty() => {
+                    let _ = sub;
+                    if tx
+                        .send(Bytes::from_static(b": keepalive\n\n"))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok((sub, deliveries)) => {
+                    let mut out = String::new();
+                    for d in &deliveries {
+                        let event = crate::cloudevents::to_json(d, &sub.topic);
+                        out.push_str(&format!(
+                            "id: {}\nevent: message\ndata: {}\n\n",
+                            d.ack_id, event
+                        ));
+                    }
+                    if let Err(back) = tx.send(Bytes::from(out)).await {
+                        let ids: Vec<String> =
+                            deliveries.iter().map(|d| d.ack_id.to_string()).collect();
+                        let _ = subs.ack(&name, &[], &ids, Duration::ZERO).await;
+                        drop(back);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Bytes::from(format!("event: error\ndata: {}\n\n", e.body())))
+                        .await;
+                    break;
+                }
+            }
+        }
+    });
+    let mut r = Response::new(ChannelBody { rx }.boxed());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    Ok(r)
+}
+
+async fn request_reply<B>(
+    state: &AppState,
+    topic: &str,
+    query: &Query,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    crate::names::validate("topic", topic)?;
+    let timeout = query.duration(
+        "timeout",
+        DEFAULT_REQUEST_TIMEOUT,
+        crate::delivery::MAX_REQUEST_TIMEOUT,
+    )?;
+    let (parts, body) = read_body(req, state.settings.max_message_bytes).await?;
+    let message = message_from_binary(&parts.headers, body)?;
+    let (status, headers, body) = state.subs.request(topic, message, timeout).await?;
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    for (name, value) in &headers {
+        if !matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "transfer-encoding"
+                | "content-length"
+                | "upgrade"
+                | "te"
+                | "trailer"
+        ) {
+            r.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b"), "a b");
+        assert_eq!(
+            percent_decode("2026-11-24T10%3A00%3A00Z"),
+            "2026-11-24T10:00:00Z"
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn query_rules() {
+        let q = Query::parse(Some("max=5&wait=2s")).unwrap();
+        assert!(q.only(&["max", "wait"]).is_ok());
+        assert_eq!(q.only(&["max"]).unwrap_err().code, "unknown_parameter");
+        assert_eq!(q.usize("max", 1, 10).unwrap(), 5);
+        assert_eq!(
+            q.duration("wait", Duration::ZERO, Duration::from_secs(60))
+                .unwrap(),
+            Duration::from_secs(2)
+        );
+        let bad = Query::parse(Some("max=0&wait=forever")).unwrap();
+        assert!(bad.usize("max", 1, 10).is_err());
+        assert!(bad
+            .duration("wait", Duration::ZERO, Duration::from_secs(60))
+            .is_err());
+    }
+}

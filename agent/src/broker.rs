@@ -1,0 +1,498 @@
+//! The broker of one agent: the topic registry, durable metadata, and the
+//! publish path (partition choice, dedupe, append, wait for durability).
+
+use crate::error::{AgentError, ApiError};
+use crate::flusher::Flusher;
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::topic::{
+    partition_for_key, Dedupe, FsyncPolicy, Partition, Retention, Topic, TopicConfig, TopicKind,
+    TopicSpec,
+};
+use serde::Serialize;
+use shoal_storage::{Log, LogConfig};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// File of a topic's configuration, inside its directory.
+pub const TOPIC_FILE: &str = "topic.json";
+/// File of a partition's committed offsets, inside its directory.
+pub const OFFSETS_FILE: &str = "offsets.json";
+/// Longest a publish waits for its entries to be written.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of the broker, from the agent's configuration.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Partitions of auto-created topics.
+    pub default_partitions: u32,
+    /// Default dedupe window.
+    pub dedupe_window: Duration,
+    /// Unwritten bytes per partition before publishes get 503.
+    pub max_pending_bytes: u64,
+    /// Segment size of new logs.
+    pub log: LogConfig,
+}
+
+/// Where a published message was stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PublishOutcome {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset within the partition.
+    pub offset: u64,
+    /// Message id.
+    pub id: String,
+    /// True when the id was seen within the dedupe window and nothing new was stored.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// The topics of one agent.
+#[derive(Debug)]
+pub struct Broker {
+    settings: BrokerSettings,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    create_lock: Mutex<()>,
+    flusher: Flusher,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+fn storage_err(path: &Path, e: impl std::fmt::Display) -> AgentError {
+    AgentError::Storage {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+impl Broker {
+    /// Opens the data directory, recovers every topic, and starts the flusher.
+    pub fn open(
+        settings: BrokerSettings,
+        metrics: Arc<Metrics>,
+        fsync_interval: Duration,
+    ) -> Result<Arc<Broker>, AgentError> {
+        let topics_dir = settings.data_dir.join("topics");
+        std::fs::create_dir_all(&topics_dir).map_err(|e| storage_err(&topics_dir, e))?;
+        let trash = settings.data_dir.join("trash");
+        if trash.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&trash) {
+                tracing::warn!(error = %e, "could not empty the trash of deleted topics");
+            }
+        }
+        let flusher =
+            Flusher::start(fsync_interval, metrics.clone()).map_err(|e| AgentError::Io {
+                context: "starting the flusher thread".into(),
+                source: e,
+            })?;
+        let broker = Arc::new(Broker {
+            settings,
+            topics: RwLock::new(BTreeMap::new()),
+            create_lock: Mutex::new(()),
+            flusher,
+            metrics,
+        });
+        let mut names: Vec<String> = std::fs::read_dir(&topics_dir)
+            .map_err(|e| storage_err(&topics_dir, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        for name in names {
+            if crate::names::validate("topic", &name).is_err() {
+                tracing::warn!(dir = %topics_dir.join(&name).display(), "ignoring a directory that is not a topic");
+                continue;
+            }
+            let file = topics_dir.join(&name).join(TOPIC_FILE);
+            let config = match shoal_storage::meta::read(&file) {
+                Ok(Some(bytes)) => match serde_json::from_slice::<TopicConfig>(&bytes) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return Err(storage_err(
+                            &file,
+                            format!("unreadable topic configuration: {e}"),
+                        ));
+                    }
+                },
+                Ok(None) => {
+                    tracing::warn!(topic = %name, "topic directory without {TOPIC_FILE}: ignored");
+                    continue;
+                }
+                Err(e) => return Err(storage_err(&file, e)),
+            };
+            let topic = broker.build_topic(&name, config)?;
+            broker.write_lock().insert(name, topic);
+        }
+        Ok(broker)
+    }
+
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Topic>>> {
+        self.topics.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Topic>>> {
+        self.topics.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The default configuration of a new topic.
+    pub fn default_config(&self) -> TopicConfig {
+        TopicConfig {
+            partitions: self.settings.default_partitions,
+            replicas: 1,
+            kind: TopicKind::Durable,
+            retention: Retention::default(),
+            fsync: FsyncPolicy::Interval,
+            dedupe_window: self.settings.dedupe_window,
+        }
+    }
+
+    fn topic_dir(&self, name: &str) -> PathBuf {
+        self.settings.data_dir.join("topics").join(name)
+    }
+
+    fn open_partition(
+        &self,
+        name: &Arc<str>,
+        id: u32,
+        config: &TopicConfig,
+        changed: &Arc<watch::Sender<u64>>,
+    ) -> Result<Arc<Partition>, AgentError> {
+        if config.kind == TopicKind::Ephemeral {
+            return Ok(Arc::new(Partition::ephemeral(
+                name.clone(),
+                id,
+                changed.clone(),
+            )));
+        }
+        let dir = self.topic_dir(name).join(id.to_string());
+        let (log, recovery) =
+            Log::open(&dir, self.settings.log.clone()).map_err(|e| storage_err(&dir, e))?;
+        if recovery.truncated_bytes > 0
+            || !recovery.quarantined.is_empty()
+            || recovery.problem.is_some()
+        {
+            tracing::warn!(
+                topic = %name, partition = id,
+                truncated_bytes = recovery.truncated_bytes,
+                quarantined = ?recovery.quarantined,
+                problem = ?recovery.problem,
+                "recovered a damaged partition log"
+            );
+        }
+        self.metrics
+            .recovery_truncated_bytes
+            .inc_by(recovery.truncated_bytes);
+        self.metrics
+            .recovery_quarantined_files
+            .inc_by(recovery.quarantined.len() as u64);
+        let offsets_file = dir.join(OFFSETS_FILE);
+        let offsets: BTreeMap<String, u64> = match shoal_storage::meta::read(&offsets_file) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(file = %offsets_file.display(), error = %e, "unreadable committed offsets; groups restart from their start position");
+                BTreeMap::new()
+            }),
+            Ok(None) => BTreeMap::new(),
+            Err(e) => return Err(storage_err(&offsets_file, e)),
+        };
+        Ok(Arc::new(Partition::durable(
+            name.clone(),
+            id,
+            dir,
+            config.fsync,
+            log,
+            offsets,
+            changed.clone(),
+        )))
+    }
+
+    fn build_topic(&self, name: &str, config: TopicConfig) -> Result<Arc<Topic>, AgentError> {
+        let name: Arc<str> = Arc::from(name);
+        let changed = Arc::new(watch::Sender::new(0));
+        let mut partitions = Vec::with_capacity(config.partitions as usize);
+        for id in 0..config.partitions {
+            partitions.push(self.open_partition(&name, id, &config, &changed)?);
+        }
+        let topic = Arc::new(Topic {
+            metrics: self.metrics.topic(&name),
+            name: name.clone(),
+            config: RwLock::new(config.clone()),
+            partitions: RwLock::new(partitions),
+            next_partition: AtomicU32::new(0),
+            dedupe: Mutex::new(Dedupe::default()),
+            changed,
+        });
+        self.rebuild_dedupe(&topic, &config);
+        self.flusher.watch_topic(&topic);
+        Ok(topic)
+    }
+
+    /// Refills the dedupe table from the entries within the window, so a
+    /// publisher retrying across an agent restart is still answered once.
+    fn rebuild_dedupe(&self, topic: &Topic, config: &TopicConfig) {
+        let horizon = crate::time::now_ms().saturating_sub(config.dedupe_window.as_millis() as u64);
+        let mut dedupe = topic.dedupe.lock().unwrap_or_else(|p| p.into_inner());
+        for p in topic.partitions() {
+            let Ok(mut next) = p.offset_at_time(horizon) else {
+                continue;
+            };
+            loop {
+                let entries = match p.read(next, 4096, 16 << 20) {
+                    Ok(e) if !e.is_empty() => e,
+                    _ => break,
+                };
+                for e in &entries {
+                    if let Ok(m) = Message::decode(&e.data) {
+                        if m.client_id {
+                            dedupe.insert(m.id, e.timestamp_ms, p.id, e.index);
+                        }
+                    }
+                }
+                next = entries.last().map_or(next, |e| e.index + 1);
+            }
+        }
+    }
+
+    /// A topic, if it exists.
+    pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.read_lock().get(name).cloned()
+    }
+
+    /// Every topic.
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.read_lock().values().cloned().collect()
+    }
+
+    /// A topic, created with defaults if missing.
+    pub fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>, ApiError> {
+        if let Some(t) = self.topic(name) {
+            return Ok(t);
+        }
+        crate::names::validate("topic", name)?;
+        self.put_topic(name, &TopicSpec::default()).map(|(t, _)| t)
+    }
+
+    /// Creates or reconfigures a topic. Returns the topic and whether it was created.
+    pub fn put_topic(&self, name: &str, spec: &TopicSpec) -> Result<(Arc<Topic>, bool), ApiError> {
+        crate::names::validate("topic", name)?;
+        let _guard = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.topic_dir(name);
+        if let Some(topic) = self.topic(name) {
+            let old = topic.config();
+            let new = spec.apply(&old, true)?;
+            if new == old {
+                return Ok((topic, false));
+            }
+            let body =
+                serde_json::to_vec_pretty(&new).map_err(|e| ApiError::internal(e.to_string()))?;
+            if new.partitions > old.partitions {
+                let mut added = Vec::new();
+                for id in old.partitions..new.partitions {
+                    added.push(
+                        self.open_partition(&topic.name, id, &new, &topic.changed)
+                            .map_err(|e| ApiError::internal(e.to_string()))?,
+                    );
+                }
+                topic
+                    .partitions
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(added);
+            }
+            shoal_storage::meta::write_atomic(&dir.join(TOPIC_FILE), &body)
+                .map_err(|e| ApiError::internal(format!("writing topic configuration: {e}")))?;
+            for p in topic.partitions() {
+                p.set_fsync(new.fsync);
+            }
+            *topic.config.write().unwrap_or_else(|p| p.into_inner()) = new;
+            return Ok((topic, false));
+        }
+        let config = spec.apply(&self.default_config(), false)?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+        let body =
+            serde_json::to_vec_pretty(&config).map_err(|e| ApiError::internal(e.to_string()))?;
+        shoal_storage::meta::write_atomic(&dir.join(TOPIC_FILE), &body)
+            .map_err(|e| ApiError::internal(format!("writing topic configuration: {e}")))?;
+        let topic = self
+            .build_topic(name, config)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.write_lock().insert(name.to_string(), topic.clone());
+        tracing::info!(topic = %name, "topic created");
+        Ok((topic, true))
+    }
+
+    /// Deletes a topic and its data. The caller checks that no subscription uses it.
+    pub fn delete_topic(&self, name: &str) -> Result<(), ApiError> {
+        let _guard = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(topic) = self.write_lock().remove(name) else {
+            return Err(ApiError::not_found(
+                "topic_not_found",
+                format!("no topic {name:?}"),
+            ));
+        };
+        drop(topic);
+        let dir = self.topic_dir(name);
+        let trash = self.settings.data_dir.join("trash");
+        let target = trash.join(format!("{name}-{}", crate::time::now_ms()));
+        // Rename first: a crash mid-delete leaves the topic whole or in the trash, never half.
+        std::fs::create_dir_all(&trash)
+            .and_then(|_| std::fs::rename(&dir, &target))
+            .and_then(|_| std::fs::remove_dir_all(&target))
+            .map_err(|e| ApiError::internal(format!("deleting topic data: {e}")))?;
+        tracing::info!(topic = %name, "topic deleted");
+        Ok(())
+    }
+
+    /// Publishes messages to a topic (created if missing) and waits until
+    /// each is stored per the topic's durability. Results are per message.
+    pub async fn publish(
+        &self,
+        topic_name: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Result<PublishOutcome, ApiError>>, ApiError> {
+        let started = Instant::now();
+        let topic = self.topic_or_create(topic_name)?;
+        let config = topic.config();
+        let partitions = topic.partitions();
+        let count = partitions.len().max(1) as u32;
+        let now = crate::time::now_ms();
+        let mut results = Vec::with_capacity(messages.len());
+        let mut waits: HashMap<u32, u64> = HashMap::new();
+        let mut published_bytes = 0u64;
+        let mut published = 0u64;
+        {
+            let needs_dedupe = messages.iter().any(|m| m.client_id);
+            let mut dedupe =
+                needs_dedupe.then(|| topic.dedupe.lock().unwrap_or_else(|p| p.into_inner()));
+            for m in messages {
+                if m.client_id {
+                    if let Some((partition, offset)) = dedupe
+                        .as_mut()
+                        .and_then(|d| d.lookup(&m.id, now, config.dedupe_window))
+                    {
+                        topic.metrics.deduplicated.inc();
+                        let w = waits.entry(partition).or_insert(0);
+                        *w = (*w).max(offset);
+                        results.push(Ok(PublishOutcome {
+                            topic: topic_name.to_string(),
+                            partition,
+                            offset,
+                            id: m.id,
+                            duplicate: true,
+                        }));
+                        continue;
+                    }
+                }
+                let pid = match &m.key {
+                    Some(key) => partition_for_key(key, count),
+                    None => topic.next_partition.fetch_add(1, Ordering::Relaxed) % count,
+                };
+                let Some(partition) = partitions.get(pid as usize) else {
+                    results.push(Err(ApiError::internal("partition missing")));
+                    continue;
+                };
+                if partition.pending_bytes.load(Ordering::Relaxed) > self.settings.max_pending_bytes
+                {
+                    results.push(Err(ApiError::unavailable(
+                        "storage_busy",
+                        "the partition's write buffer is full; retry shortly",
+                        1,
+                    )));
+                    continue;
+                }
+                let data = match m.encode() {
+                    Ok(d) => d,
+                    Err(what) => {
+                        results.push(Err(ApiError::bad_request(
+                            "invalid_message",
+                            format!("message {what} is too long"),
+                        )));
+                        continue;
+                    }
+                };
+                let payload_len = m.payload.len() as u64;
+                let appended = {
+                    let mut store = partition.store();
+                    partition.append(&mut store, now, data)
+                };
+                match appended {
+                    Ok(offset) => {
+                        if m.client_id {
+                            if let Some(d) = dedupe.as_mut() {
+                                d.insert(m.id.clone(), now, pid, offset);
+                            }
+                        }
+                        published += 1;
+                        published_bytes += payload_len;
+                        let w = waits.entry(pid).or_insert(0);
+                        *w = (*w).max(offset);
+                        results.push(Ok(PublishOutcome {
+                            topic: topic_name.to_string(),
+                            partition: pid,
+                            offset,
+                            id: m.id,
+                            duplicate: false,
+                        }));
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .storage_errors
+                            .get_or_create(&crate::metrics::OpLabel { op: "append" })
+                            .inc();
+                        results.push(Err(ApiError::from(e)));
+                    }
+                }
+            }
+        }
+        let mut failed_partitions = Vec::new();
+        for (&pid, &offset) in &waits {
+            if let Some(p) = partitions.get(pid as usize) {
+                if !p.is_ephemeral() {
+                    self.flusher.schedule(p);
+                }
+            }
+            let _ = offset;
+        }
+        for (&pid, &offset) in &waits {
+            if let Some(p) = partitions.get(pid as usize) {
+                if !p.wait_committed(offset, DEFAULT_WRITE_TIMEOUT).await {
+                    failed_partitions.push(pid);
+                }
+            }
+        }
+        if !failed_partitions.is_empty() {
+            for r in results.iter_mut() {
+                if let Ok(o) = r {
+                    if failed_partitions.contains(&o.partition) {
+                        *r = Err(ApiError::unavailable(
+                            "storage_timeout",
+                            "the message was not written in time; retry with the same Shoal-Id",
+                            1,
+                        ));
+                    }
+                }
+            }
+        }
+        topic.metrics.published.inc_by(published);
+        topic.metrics.published_bytes.inc_by(published_bytes);
+        self.metrics
+            .publish_latency
+            .observe(started.elapsed().as_secs_f64());
+        Ok(results)
+    }
+
+    /// Writes everything buffered, checkpoints offsets and stops the flusher.
+    pub fn shutdown(&self) {
+        self.flusher.stop();
+    }
+}

@@ -1,0 +1,349 @@
+//! CloudEvents 1.0 mapping: binary-mode HTTP headers (publish and push) and
+//! the JSON format (pull, streams, structured and batch publishes).
+
+use crate::error::ApiError;
+use crate::group::Delivery;
+use crate::message::Message;
+use base64_lite as b64;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::{Map, Value};
+
+/// CloudEvents spec version written on every event.
+pub const SPEC_VERSION: &str = "1.0";
+/// `type` of events published without one.
+pub const DEFAULT_TYPE: &str = "io.shoal.message";
+/// Extension attribute carrying the ack id in pulled and streamed events.
+pub const ACK_ID_ATTRIBUTE: &str = "ackid";
+/// CloudEvents partitioning extension: the partition key.
+pub const PARTITION_KEY_ATTRIBUTE: &str = "partitionkey";
+
+/// The source of events published without one.
+pub fn default_source(topic: &str) -> String {
+    format!("/topics/{topic}")
+}
+
+/// Reads `ce-*` headers: returns the `ce-id` value and the other attributes.
+/// `ce-specversion` must be 1.0 when present.
+pub fn from_binary_headers(
+    headers: &HeaderMap,
+) -> Result<(Option<String>, Vec<(String, String)>), ApiError> {
+    let mut id = None;
+    let mut attrs = Vec::new();
+    for (name, value) in headers {
+        let Some(attr) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        let value = value.to_str().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_header",
+                format!("header {name} must be printable ASCII"),
+            )
+        })?;
+        match attr {
+            "id" => id = Some(value.to_string()),
+            "specversion" => {
+                if value != SPEC_VERSION {
+                    return Err(ApiError::bad_request(
+                        "invalid_header",
+                        format!("ce-specversion {value:?} is not supported (use 1.0)"),
+                    ));
+                }
+            }
+            _ => {
+                if attr.is_empty()
+                    || !attr
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                {
+                    return Err(ApiError::bad_request(
+                        "invalid_header",
+                        format!(
+                            "{name}: CloudEvents attribute names are lowercase letters and digits"
+                        ),
+                    ));
+                }
+                attrs.push((attr.to_string(), value.to_string()));
+            }
+        }
+    }
+    Ok((id, attrs))
+}
+
+/// Binary-mode headers for a message: `ce-*` and `content-type`.
+pub fn binary_headers(
+    m: &Message,
+    topic: &str,
+    timestamp_ms: u64,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(6 + m.attributes.len());
+    let mut push = |name: String, value: &str| {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::from_str(value)) {
+            out.push((n, v));
+        }
+    };
+    push("ce-specversion".into(), SPEC_VERSION);
+    push("ce-id".into(), &m.id);
+    if m.attribute("source").is_none() {
+        push("ce-source".into(), &default_source(topic));
+    }
+    if m.attribute("type").is_none() {
+        push("ce-type".into(), DEFAULT_TYPE);
+    }
+    if m.attribute("time").is_none() {
+        push("ce-time".into(), &crate::time::rfc3339_ms(timestamp_ms));
+    }
+    for (k, v) in &m.attributes {
+        push(format!("ce-{k}"), v);
+    }
+    if let Some(ct) = &m.content_type {
+        push("content-type".into(), ct);
+    }
+    out
+}
+
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| {
+        let base = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        base == "application/json" || base.ends_with("+json")
+    })
+}
+
+fn is_text(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| ct.trim().to_ascii_lowercase().starts_with("text/"))
+}
+
+/// A delivery as a CloudEvents JSON event, with Shoal's extensions.
+pub fn to_json(d: &Delivery, topic: &str) -> Value {
+    let m = &d.message;
+    let mut e = Map::new();
+    e.insert("specversion".into(), SPEC_VERSION.into());
+    e.insert("id".into(), m.id.clone().into());
+    e.insert("source".into(), default_source(topic).into());
+    e.insert("type".into(), DEFAULT_TYPE.into());
+    e.insert(
+        "time".into(),
+        crate::time::rfc3339_ms(d.timestamp_ms).into(),
+    );
+    for (k, v) in &m.attributes {
+        e.insert(k.clone(), v.clone().into());
+    }
+    if let Some(ct) = &m.content_type {
+        e.insert("datacontenttype".into(), ct.clone().into());
+    }
+    let ct = m.content_type.as_deref();
+    let data = if is_json(ct) {
+        serde_json::from_slice::<Value>(&m.payload).ok()
+    } else if is_text(ct) {
+        std::str::from_utf8(&m.payload)
+            .ok()
+            .map(|s| Value::String(s.to_string()))
+    } else {
+        None
+    };
+    match data {
+        Some(v) => {
+            e.insert("data".into(), v);
+        }
+        None => {
+            e.insert("data_base64".into(), b64::encode(&m.payload).into());
+        }
+    }
+    e.insert(ACK_ID_ATTRIBUTE.into(), d.ack_id.to_string().into());
+    e.insert("shoaltopic".into(), topic.into());
+    e.insert("shoalpartition".into(), d.ack_id.partition.into());
+    e.insert("shoaloffset".into(), d.ack_id.offset.into());
+    e.insert("shoaldeliveryattempt".into(), d.ack_id.attempt.into());
+    if let Some(k) = &m.key {
+        e.insert(PARTITION_KEY_ATTRIBUTE.into(), k.clone().into());
+    }
+    Value::Object(e)
+}
+
+/// A structured-mode CloudEvent (JSON object) as a message. `id` is optional:
+/// with one, the message is deduplicated by it.
+pub fn from_json(v: Value) -> Result<Message, String> {
+    let Value::Object(mut o) = v else {
+        return Err("an event must be a JSON object".into());
+    };
+    if let Some(sv) = o.remove("specversion") {
+        if sv != SPEC_VERSION {
+            return Err(format!("specversion {sv} is not supported (use \"1.0\")"));
+        }
+    }
+    let id = match o.remove("id") {
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        Some(Value::Null) | None => None,
+        Some(_) => return Err("id must be a non-empty string".into()),
+    };
+    let content_type = match o.remove("datacontenttype") {
+        Some(Value::String(s)) => Some(s),
+        None | Some(Value::Null) => None,
+        Some(_) => return Err("datacontenttype must be a string".into()),
+    };
+    let payload: Vec<u8> = match (o.remove("data"), o.remove("data_base64")) {
+        (Some(_), Some(_)) => return Err("an event has data or data_base64, not both".into()),
+        (Some(Value::String(s)), None) if !is_json(content_type.as_deref()) => s.into_bytes(),
+        (Some(v), None) => serde_json::to_vec(&v).map_err(|e| e.to_string())?,
+        (None, Some(Value::String(s))) => {
+            b64::decode(&s).ok_or("data_base64 is not valid base64")?
+        }
+        (None, Some(_)) => return Err("data_base64 must be a string".into()),
+        (None, None) => Vec::new(),
+    };
+    let content_type = content_type
+        .or_else(|| Some("application/json".to_string()))
+        .filter(|_| !payload.is_empty());
+    let key = match o.remove(PARTITION_KEY_ATTRIBUTE) {
+        Some(Value::String(s)) => Some(s),
+        None | Some(Value::Null) => None,
+        Some(_) => return Err("partitionkey must be a string".into()),
+    };
+    let mut attributes = Vec::new();
+    for (k, v) in o {
+        if k.is_empty()
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(format!(
+                "attribute {k:?}: names are lowercase letters and digits"
+            ));
+        }
+        let text = match v {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Null => continue,
+            _ => {
+                return Err(format!(
+                    "attribute {k:?} must be a string, number or boolean"
+                ))
+            }
+        };
+        attributes.push((k, text));
+    }
+    Ok(Message {
+        client_id: id.is_some(),
+        id: id.unwrap_or_else(new_id),
+        key,
+        content_type,
+        expires_at_ms: None,
+        deliver_at_ms: None,
+        attributes,
+        payload: payload.into(),
+    })
+}
+
+/// A fresh random message id (128 bits, hex).
+pub fn new_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+/// Standard base64 (RFC 4648, with padding), small enough to keep here
+/// rather than pull in a crate for two functions.
+mod base64_lite {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(input: &[u8]) -> String {
+        let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+        for chunk in input.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(input: &str) -> Option<Vec<u8>> {
+        let bytes: Vec<u8> = input.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        if bytes.len() % 4 != 0 {
+            return None;
+        }
+        let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+        for chunk in bytes.chunks(4) {
+            let mut n = 0u32;
+            let mut pad = 0;
+            for (i, &c) in chunk.iter().enumerate() {
+                let v = match c {
+                    b'A'..=b'Z' => c - b'A',
+                    b'a'..=b'z' => c - b'a' + 26,
+                    b'0'..=b'9' => c - b'0' + 52,
+                    b'+' => 62,
+                    b'/' => 63,
+                    b'=' if i >= 2 => {
+                        pad += 1;
+                        0
+                    }
+                    _ => return None,
+                };
+                if pad > 0 && c != b'=' {
+                    return None;
+                }
+                n = (n << 6) | u32::from(v);
+            }
+            out.push((n >> 16) as u8);
+            if pad < 2 {
+                out.push((n >> 8) as u8);
+            }
+            if pad < 1 {
+                out.push(n as u8);
+            }
+        }
+        Some(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn round_trip() {
+            for s in ["", "f", "fo", "foo", "foob", "fooba", "foobar"] {
+                let e = super::encode(s.as_bytes());
+                assert_eq!(super::decode(&e).unwrap(), s.as_bytes());
+            }
+            assert_eq!(super::encode(b"foobar"), "Zm9vYmFy");
+            assert_eq!(super::encode(b"fo"), "Zm8=");
+            assert!(super::decode("Zm9=v").is_none());
+            assert!(super::decode("!!!!").is_none());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structured_event_to_message() {
+        let m = from_json(serde_json::json!({
+            "specversion": "1.0", "id": "e1", "source": "/app", "type": "order.created",
+            "datacontenttype": "application/json", "data": {"n": 1}, "partitionkey": "k"
+        }))
+        .unwrap();
+        assert_eq!(m.id, "e1");
+        assert!(m.client_id);
+        assert_eq!(m.key.as_deref(), Some("k"));
+        assert_eq!(&m.payload[..], br#"{"n":1}"#);
+        assert_eq!(m.attribute("type"), Some("order.created"));
+        assert!(from_json(serde_json::json!({"specversion": "0.3"})).is_err());
+        assert!(from_json(serde_json::json!([1])).is_err());
+        assert!(from_json(serde_json::json!({"data": 1, "data_base64": "AA=="})).is_err());
+        let b = from_json(serde_json::json!({"data_base64": "AAE="})).unwrap();
+        assert_eq!(&b.payload[..], &[0, 1]);
+        assert!(!b.client_id);
+    }
+}

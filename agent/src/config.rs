@@ -1,0 +1,180 @@
+//! The agent's configuration: every flag is also a `SHOAL_*` environment variable.
+
+use crate::error::AgentError;
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default app API port.
+pub const DEFAULT_APP_PORT_API: u16 = 4700;
+/// Default largest accepted message payload.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Default dedupe window for `Shoal-Id`.
+pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+/// Default interval between fsyncs for topics with the `interval` policy.
+pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_millis(200);
+/// Default time a graceful stop may take.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default partitions of an auto-created topic.
+pub const DEFAULT_PARTITIONS: u32 = 4;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `shoal-agent`: the Shoal sidecar. Serves the app API on loopback, stores
+/// durable topics on disk, delivers to subscribers, exports metrics.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "shoal-agent", version, about, long_about = None)]
+pub struct Config {
+    /// App API listen addresses, comma-separated. Loopback only: the app API
+    /// carries message data and is never exposed outside the pod.
+    #[arg(
+        long,
+        env = "SHOAL_APP_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:4700,[::1]:4700"
+    )]
+    pub app_addr: Vec<SocketAddr>,
+
+    /// Mesh (QUIC) listen address. Reserved for the mesh; a single agent does not open it yet.
+    #[arg(long, env = "SHOAL_MESH_ADDR", default_value = "0.0.0.0:4701")]
+    pub mesh_addr: SocketAddr,
+
+    /// Admin listen address: /metrics, /livez, /readyz. Carries no message data.
+    #[arg(long, env = "SHOAL_ADMIN_ADDR", default_value = "0.0.0.0:4702")]
+    pub admin_addr: SocketAddr,
+
+    /// Directory for partition logs, committed offsets and metadata.
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = "shoal-data")]
+    pub data_dir: PathBuf,
+
+    /// Address of another agent to join (repeatable). Reserved for the mesh.
+    #[arg(long, env = "SHOAL_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+
+    /// Development mode: local certificates from a generated CA in --ca-dir.
+    #[arg(long, env = "SHOAL_DEV")]
+    pub dev: bool,
+
+    /// Directory of the development CA, shared by local agents.
+    #[arg(long, env = "SHOAL_CA_DIR", default_value = "shoal-ca")]
+    pub ca_dir: PathBuf,
+
+    /// Whether this agent stores partitions (false: a client-only agent, for Jobs).
+    #[arg(long, env = "SHOAL_BROKER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub broker: bool,
+
+    /// Port of the app on localhost, where push subscriptions deliver.
+    #[arg(long, env = "SHOAL_APP_PORT")]
+    pub app_port: Option<u16>,
+
+    /// This agent's name in logs, metrics and (later) the mesh. Default: the host name.
+    #[arg(long, env = "SHOAL_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Subscriptions to declare at start, as a JSON array of
+    /// `{"name": ..., "topic": ..., ...}` (the same fields as PUT /v1/subscriptions/{name}).
+    #[arg(long, env = "SHOAL_SUBSCRIPTIONS")]
+    pub subscriptions: Option<String>,
+
+    /// Largest accepted message payload in bytes; larger publishes get 413.
+    #[arg(long, env = "SHOAL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// Largest accepted batch request body in bytes.
+    #[arg(long, env = "SHOAL_MAX_BATCH_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_batch_bytes: usize,
+
+    /// Window within which a repeated `Shoal-Id` is stored once.
+    #[arg(long, env = "SHOAL_DEDUPE_WINDOW", default_value = "2m", value_parser = parse_duration_arg)]
+    pub dedupe_window: Duration,
+
+    /// Interval between fsyncs for topics with `fsync: interval`.
+    #[arg(long, env = "SHOAL_FSYNC_INTERVAL", default_value = "200ms", value_parser = parse_duration_arg)]
+    pub fsync_interval: Duration,
+
+    /// Partitions of a topic created by its first publish.
+    #[arg(long, env = "SHOAL_DEFAULT_PARTITIONS", default_value_t = DEFAULT_PARTITIONS)]
+    pub default_partitions: u32,
+
+    /// Most concurrent long-poll pulls and streams; more get 429.
+    #[arg(long, env = "SHOAL_MAX_PULL_WAITERS", default_value_t = 1024)]
+    pub max_pull_waiters: usize,
+
+    /// Unwritten bytes a partition may buffer before publishes get 503.
+    #[arg(long, env = "SHOAL_MAX_PENDING_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_pending_bytes: u64,
+
+    /// How long a graceful stop (SIGTERM, SIGINT) may take.
+    #[arg(long, env = "SHOAL_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration_arg)]
+    pub shutdown_timeout: Duration,
+
+    /// Label metrics with the topic name (switch off when topics are many).
+    #[arg(long, env = "SHOAL_METRICS_TOPIC_LABELS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics_topic_labels: bool,
+
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
+    #[arg(long, env = "SHOAL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log line format.
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    crate::time::parse_duration(text)
+        .ok_or_else(|| format!("invalid duration {text:?}: use forms like 500ms, 30s, 2m"))
+}
+
+impl Config {
+    /// Checks what clap cannot: loopback-only app addresses, sane limits.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        if self.app_addr.is_empty() {
+            return Err(AgentError::Config(
+                "--app-addr needs at least one address".into(),
+            ));
+        }
+        if let Some(addr) = self.app_addr.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(AgentError::Config(format!(
+                "--app-addr {addr} is not a loopback address: the app API carries message data and listens on loopback only (127.0.0.1, ::1)"
+            )));
+        }
+        if self.default_partitions == 0 || self.default_partitions > crate::topic::MAX_PARTITIONS {
+            return Err(AgentError::Config(format!(
+                "--default-partitions must be 1..={}",
+                crate::topic::MAX_PARTITIONS
+            )));
+        }
+        if self.max_message_bytes == 0
+            || self.max_message_bytes > shoal_storage::MAX_ENTRY_BYTES as usize - 65536
+        {
+            return Err(AgentError::Config(format!(
+                "--max-message-bytes must be between 1 and {}",
+                shoal_storage::MAX_ENTRY_BYTES as usize - 65536
+            )));
+        }
+        Ok(())
+    }
+
+    /// The node name: the flag, else the host name, else `shoal-agent`.
+    pub fn node_name(&self) -> String {
+        self.node_name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "shoal-agent".to_string())
+    }
+}

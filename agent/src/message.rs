@@ -1,0 +1,260 @@
+//! A message as stored in a partition log entry, and its binary codec.
+//!
+//! Layout (all integers little-endian), version 1:
+//! `u8 version | u8 flags | u16 id_len | id | u16 key_len | key |
+//!  u16 ct_len | content_type | [u64 expires_at_ms] | [u64 deliver_at_ms] |
+//!  u16 attr_count | (u16 name_len | name | u32 value_len | value)* | payload`.
+//! Flags say which optional fields are present. The publish time is the log
+//! entry's timestamp and is not repeated here.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+const VERSION: u8 = 1;
+const HAS_KEY: u8 = 1;
+const HAS_CONTENT_TYPE: u8 = 2;
+const HAS_EXPIRES: u8 = 4;
+const HAS_DELIVER_AT: u8 = 8;
+const HAS_CLIENT_ID: u8 = 16;
+
+/// A message: payload plus the metadata delivered with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Message {
+    /// Message id (`Shoal-Id`, `ce-id`, or generated).
+    pub id: String,
+    /// Whether the publisher chose the id (and so it is deduplicated).
+    pub client_id: bool,
+    /// Partition key.
+    pub key: Option<String>,
+    /// Payload content type.
+    pub content_type: Option<String>,
+    /// When the message expires undelivered (ms since the epoch).
+    pub expires_at_ms: Option<u64>,
+    /// Not delivered before this time (ms since the epoch).
+    pub deliver_at_ms: Option<u64>,
+    /// CloudEvents attributes other than id (`source`, `type`, extensions, ...), by attribute name.
+    pub attributes: Vec<(String, String)>,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// The bytes of an entry are not a message this version can read.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable message: {0}")]
+pub struct DecodeError(&'static str);
+
+impl Message {
+    /// Encodes into the log entry format. Fails only for fields too long for their length prefix.
+    pub fn encode(&self) -> Result<Bytes, &'static str> {
+        let mut flags = 0;
+        if self.key.is_some() {
+            flags |= HAS_KEY;
+        }
+        if self.content_type.is_some() {
+            flags |= HAS_CONTENT_TYPE;
+        }
+        if self.expires_at_ms.is_some() {
+            flags |= HAS_EXPIRES;
+        }
+        if self.deliver_at_ms.is_some() {
+            flags |= HAS_DELIVER_AT;
+        }
+        if self.client_id {
+            flags |= HAS_CLIENT_ID;
+        }
+        let attrs_len: usize = self
+            .attributes
+            .iter()
+            .map(|(k, v)| 6 + k.len() + v.len())
+            .sum();
+        let mut b = BytesMut::with_capacity(
+            32 + self.id.len()
+                + self.key.as_ref().map_or(0, String::len)
+                + self.content_type.as_ref().map_or(0, String::len)
+                + attrs_len
+                + self.payload.len(),
+        );
+        b.put_u8(VERSION);
+        b.put_u8(flags);
+        put_short(&mut b, self.id.as_bytes(), "id")?;
+        if let Some(k) = &self.key {
+            put_short(&mut b, k.as_bytes(), "key")?;
+        }
+        if let Some(ct) = &self.content_type {
+            put_short(&mut b, ct.as_bytes(), "content type")?;
+        }
+        if let Some(t) = self.expires_at_ms {
+            b.put_u64_le(t);
+        }
+        if let Some(t) = self.deliver_at_ms {
+            b.put_u64_le(t);
+        }
+        let count = u16::try_from(self.attributes.len()).map_err(|_| "too many attributes")?;
+        b.put_u16_le(count);
+        for (k, v) in &self.attributes {
+            put_short(&mut b, k.as_bytes(), "attribute name")?;
+            let len = u32::try_from(v.len()).map_err(|_| "attribute value too long")?;
+            b.put_u32_le(len);
+            b.put_slice(v.as_bytes());
+        }
+        b.put_slice(&self.payload);
+        Ok(b.freeze())
+    }
+
+    /// Decodes an entry; the payload shares `data`'s memory.
+    pub fn decode(data: &Bytes) -> Result<Message, DecodeError> {
+        let mut r = Reader { data, pos: 0 };
+        if r.u8()? != VERSION {
+            return Err(DecodeError("unknown message version"));
+        }
+        let flags = r.u8()?;
+        let id = r.short_string()?;
+        let key = if flags & HAS_KEY != 0 {
+            Some(r.short_string()?)
+        } else {
+            None
+        };
+        let content_type = if flags & HAS_CONTENT_TYPE != 0 {
+            Some(r.short_string()?)
+        } else {
+            None
+        };
+        let expires_at_ms = if flags & HAS_EXPIRES != 0 {
+            Some(r.u64()?)
+        } else {
+            None
+        };
+        let deliver_at_ms = if flags & HAS_DELIVER_AT != 0 {
+            Some(r.u64()?)
+        } else {
+            None
+        };
+        let count = r.u16()?;
+        let mut attributes = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let k = r.short_string()?;
+            let len = r.u32()? as usize;
+            let v = r.string(len)?;
+            attributes.push((k, v));
+        }
+        let payload = data.slice(r.pos..);
+        Ok(Message {
+            id,
+            client_id: flags & HAS_CLIENT_ID != 0,
+            key,
+            content_type,
+            expires_at_ms,
+            deliver_at_ms,
+            attributes,
+            payload,
+        })
+    }
+
+    /// The value of a CloudEvents attribute kept with the message.
+    pub fn attribute(&self, name: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn put_short(b: &mut BytesMut, s: &[u8], what: &'static str) -> Result<(), &'static str> {
+    let len = u16::try_from(s.len()).map_err(|_| what)?;
+    b.put_u16_le(len);
+    b.put_slice(s);
+    Ok(())
+}
+
+struct Reader<'a> {
+    data: &'a Bytes,
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(DecodeError("length overflow"))?;
+        let s = self
+            .data
+            .get(self.pos..end)
+            .ok_or(DecodeError("truncated"))?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn short_string(&mut self) -> Result<String, DecodeError> {
+        let len = self.u16()? as usize;
+        self.string(len)
+    }
+    fn string(&mut self, len: usize) -> Result<String, DecodeError> {
+        let s = self.take(len)?;
+        String::from_utf8(s.to_vec()).map_err(|_| DecodeError("invalid UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_all_fields() {
+        let m = Message {
+            id: "abc".into(),
+            client_id: true,
+            key: Some("k1".into()),
+            content_type: Some("application/json".into()),
+            expires_at_ms: Some(42),
+            deliver_at_ms: Some(7),
+            attributes: vec![("source".into(), "/a".into()), ("type".into(), "t".into())],
+            payload: Bytes::from_static(b"{\"x\":1}"),
+        };
+        let bytes = m.encode().unwrap();
+        assert_eq!(Message::decode(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn round_trip_minimal() {
+        let m = Message {
+            id: "x".into(),
+            payload: Bytes::new(),
+            ..Default::default()
+        };
+        assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
+    }
+
+    #[test]
+    fn truncated_and_garbage_fail_cleanly() {
+        let m = Message {
+            id: "abc".into(),
+            key: Some("k".into()),
+            attributes: vec![("source".into(), "/a".into())],
+            payload: Bytes::from_static(b"p"),
+            ..Default::default()
+        };
+        let bytes = m.encode().unwrap();
+        for cut in 0..bytes.len() - 1 {
+            // Every strict prefix up to the payload must fail or decode without panicking.
+            let _ = Message::decode(&bytes.slice(..cut));
+        }
+        assert!(Message::decode(&Bytes::from_static(&[9, 0])).is_err());
+        assert!(Message::decode(&Bytes::new()).is_err());
+    }
+}

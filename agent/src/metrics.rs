@@ -1,0 +1,518 @@
+//! Prometheus metrics, exported on the admin port as text.
+//!
+//! Per-topic handles are created once per topic ([`TopicMetrics`]) so the hot
+//! path increments an atomic instead of looking up a label set.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+
+/// Latency buckets in seconds, from 50 µs to 10 s: sub-millisecond paths need fine low buckets.
+pub const LATENCY_BUCKETS: [f64; 17] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Label value used for every topic when topic labels are switched off.
+pub const ALL_TOPICS: &str = "_all";
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS.into_iter())
+}
+
+/// `topic` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabel {
+    /// Topic name, or `_all`.
+    pub topic: String,
+}
+
+/// How a message reached the app.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Mode {
+    /// POSTed to the app.
+    Push,
+    /// Returned from a long poll.
+    Pull,
+    /// Sent as a server-sent event.
+    Stream,
+}
+
+/// `topic` and `mode` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// Topic.
+    pub topic: String,
+    /// Delivery mode.
+    pub mode: Mode,
+}
+
+/// `mode` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    /// Delivery mode.
+    pub mode: Mode,
+}
+
+/// `topic` and `reason` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Topic.
+    pub topic: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// HTTP request labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// Route template, such as `/v1/topics/{topic}/messages`.
+    pub route: &'static str,
+    /// Method.
+    pub method: String,
+    /// Status code.
+    pub status: u16,
+}
+
+/// `code` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// Error code.
+    pub code: &'static str,
+}
+
+/// `op` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// Storage operation.
+    pub op: &'static str,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    topic_labels: bool,
+    published: Family<TopicLabel, Counter>,
+    published_bytes: Family<TopicLabel, Counter>,
+    delivered: Family<DeliveryLabels, Counter>,
+    delivered_bytes: Family<TopicLabel, Counter>,
+    redeliveries: Family<TopicLabel, Counter>,
+    expired: Family<TopicLabel, Counter>,
+    deduplicated: Family<TopicLabel, Counter>,
+    /// Messages sent to a dead-letter topic, by reason.
+    pub dead_lettered: Family<ReasonLabels, Counter>,
+    /// Messages dropped (ephemeral overflow, max deliveries without a dead-letter topic), by reason.
+    pub dropped: Family<ReasonLabels, Counter>,
+    /// Publish latency, request received to answer ready.
+    pub publish_latency: Histogram,
+    /// Publish-to-delivery latency.
+    pub delivery_latency: Family<ModeLabel, Histogram, fn() -> Histogram>,
+    /// Time the app took to answer a push.
+    pub push_duration: Histogram,
+    /// Messages handed to the app and not yet acknowledged.
+    pub in_flight: Gauge,
+    /// Long polls and streams waiting for messages.
+    pub pull_waiters: Gauge,
+    /// Stored bytes per topic.
+    pub storage_bytes: Family<TopicLabel, Gauge>,
+    /// Stored segments per topic.
+    pub storage_segments: Family<TopicLabel, Gauge>,
+    /// Storage failures by operation.
+    pub storage_errors: Family<OpLabel, Counter>,
+    /// fsync calls.
+    pub fsyncs: Counter,
+    /// fsync duration.
+    pub fsync_duration: Histogram,
+    /// Bytes cut from torn or corrupt log tails at start-up.
+    pub recovery_truncated_bytes: Counter,
+    /// Files moved to quarantine at start-up.
+    pub recovery_quarantined_files: Counter,
+    /// Segments deleted by retention.
+    pub retention_deleted_segments: Counter,
+    /// HTTP requests by route, method and status.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// Errors answered to apps, by code.
+    pub api_errors: Family<CodeLabel, Counter>,
+    /// Request/reply exchanges by outcome.
+    pub requests: Family<CodeLabel, Counter>,
+}
+
+/// Metric handles of one topic.
+#[derive(Clone, Debug)]
+pub struct TopicMetrics {
+    /// Label value.
+    pub label: String,
+    /// Messages stored or fanned out.
+    pub published: Counter,
+    /// Payload bytes published.
+    pub published_bytes: Counter,
+    /// Delivered by push.
+    pub delivered_push: Counter,
+    /// Delivered by pull.
+    pub delivered_pull: Counter,
+    /// Delivered by stream.
+    pub delivered_stream: Counter,
+    /// Payload bytes delivered.
+    pub delivered_bytes: Counter,
+    /// Deliveries after the first.
+    pub redeliveries: Counter,
+    /// Messages whose TTL passed before delivery.
+    pub expired: Counter,
+    /// Publishes answered from the dedupe table.
+    pub deduplicated: Counter,
+}
+
+impl TopicMetrics {
+    /// The delivered counter of a mode.
+    pub fn delivered(&self, mode: Mode) -> &Counter {
+        match mode {
+            Mode::Push => &self.delivered_push,
+            Mode::Pull => &self.delivered_pull,
+            Mode::Stream => &self.delivered_stream,
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; `topic_labels` false folds all topics into `_all`.
+    pub fn new(topic_labels: bool) -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            topic_labels,
+            published: Family::default(),
+            published_bytes: Family::default(),
+            delivered: Family::default(),
+            delivered_bytes: Family::default(),
+            redeliveries: Family::default(),
+            expired: Family::default(),
+            deduplicated: Family::default(),
+            dead_lettered: Family::default(),
+            dropped: Family::default(),
+            publish_latency: latency_histogram(),
+            delivery_latency: Family::new_with_constructor(latency_histogram),
+            push_duration: latency_histogram(),
+            in_flight: Gauge::default(),
+            pull_waiters: Gauge::default(),
+            storage_bytes: Family::default(),
+            storage_segments: Family::default(),
+            storage_errors: Family::default(),
+            fsyncs: Counter::default(),
+            fsync_duration: latency_histogram(),
+            recovery_truncated_bytes: Counter::default(),
+            recovery_quarantined_files: Counter::default(),
+            retention_deleted_segments: Counter::default(),
+            http_requests: Family::default(),
+            api_errors: Family::default(),
+            requests: Family::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "shoal_messages_published",
+            "Messages published (stored, or fanned out for ephemeral topics)",
+            m.published.clone(),
+        );
+        r.register_with_unit(
+            "shoal_published",
+            "Payload bytes published",
+            Unit::Bytes,
+            m.published_bytes.clone(),
+        );
+        r.register(
+            "shoal_messages_delivered",
+            "Messages handed to apps, by delivery mode",
+            m.delivered.clone(),
+        );
+        r.register_with_unit(
+            "shoal_delivered",
+            "Payload bytes handed to apps",
+            Unit::Bytes,
+            m.delivered_bytes.clone(),
+        );
+        r.register(
+            "shoal_redeliveries",
+            "Deliveries after the first attempt",
+            m.redeliveries.clone(),
+        );
+        r.register(
+            "shoal_messages_expired",
+            "Messages whose TTL passed before delivery",
+            m.expired.clone(),
+        );
+        r.register(
+            "shoal_messages_deduplicated",
+            "Publishes answered from the dedupe window instead of stored again",
+            m.deduplicated.clone(),
+        );
+        r.register(
+            "shoal_messages_dead_lettered",
+            "Messages sent to a dead-letter topic, by reason",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "shoal_messages_dropped",
+            "Messages dropped, by reason",
+            m.dropped.clone(),
+        );
+        r.register_with_unit(
+            "shoal_publish_duration",
+            "Time from a publish request to its answer",
+            Unit::Seconds,
+            m.publish_latency.clone(),
+        );
+        r.register_with_unit(
+            "shoal_delivery_latency",
+            "Time from publish to hand-over to the app",
+            Unit::Seconds,
+            m.delivery_latency.clone(),
+        );
+        r.register_with_unit(
+            "shoal_push_duration",
+            "Time the app took to answer a push",
+            Unit::Seconds,
+            m.push_duration.clone(),
+        );
+        r.register(
+            "shoal_messages_in_flight",
+            "Messages handed to apps and not yet acknowledged",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "shoal_pull_waiters",
+            "Long polls and streams waiting for messages",
+            m.pull_waiters.clone(),
+        );
+        r.register_with_unit(
+            "shoal_storage",
+            "Bytes stored in partition logs",
+            Unit::Bytes,
+            m.storage_bytes.clone(),
+        );
+        r.register(
+            "shoal_storage_segments",
+            "Segment files in partition logs",
+            m.storage_segments.clone(),
+        );
+        r.register(
+            "shoal_storage_errors",
+            "Storage failures by operation",
+            m.storage_errors.clone(),
+        );
+        r.register(
+            "shoal_storage_fsyncs",
+            "fsync calls on partition logs",
+            m.fsyncs.clone(),
+        );
+        r.register_with_unit(
+            "shoal_storage_fsync_duration",
+            "Time spent in fsync",
+            Unit::Seconds,
+            m.fsync_duration.clone(),
+        );
+        r.register_with_unit(
+            "shoal_storage_recovery_truncated",
+            "Bytes cut from torn or corrupt log tails at start-up",
+            Unit::Bytes,
+            m.recovery_truncated_bytes.clone(),
+        );
+        r.register(
+            "shoal_storage_recovery_quarantined_files",
+            "Files moved to quarantine at start-up",
+            m.recovery_quarantined_files.clone(),
+        );
+        r.register(
+            "shoal_storage_retention_deleted_segments",
+            "Segments deleted by retention",
+            m.retention_deleted_segments.clone(),
+        );
+        r.register(
+            "shoal_http_requests",
+            "App API requests by route, method and status",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "shoal_api_errors",
+            "Errors answered to apps, by error code",
+            m.api_errors.clone(),
+        );
+        r.register(
+            "shoal_requests",
+            "Request/reply exchanges by outcome",
+            m.requests.clone(),
+        );
+        r.register(
+            "shoal_build",
+            "Build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register_collector(Box::new(ProcessCollector));
+        Metrics { registry, ..m }
+    }
+
+    /// Label value for a topic.
+    pub fn topic_label(&self, topic: &str) -> String {
+        if self.topic_labels {
+            topic.to_string()
+        } else {
+            ALL_TOPICS.to_string()
+        }
+    }
+
+    /// Metric handles for a topic.
+    pub fn topic(&self, topic: &str) -> TopicMetrics {
+        let label = self.topic_label(topic);
+        let t = TopicLabel {
+            topic: label.clone(),
+        };
+        let d = |mode| {
+            self.delivered
+                .get_or_create(&DeliveryLabels {
+                    topic: label.clone(),
+                    mode,
+                })
+                .clone()
+        };
+        TopicMetrics {
+            published: self.published.get_or_create(&t).clone(),
+            published_bytes: self.published_bytes.get_or_create(&t).clone(),
+            delivered_push: d(Mode::Push),
+            delivered_pull: d(Mode::Pull),
+            delivered_stream: d(Mode::Stream),
+            delivered_bytes: self.delivered_bytes.get_or_create(&t).clone(),
+            redeliveries: self.redeliveries.get_or_create(&t).clone(),
+            expired: self.expired.get_or_create(&t).clone(),
+            deduplicated: self.deduplicated.get_or_create(&t).clone(),
+            label,
+        }
+    }
+
+    /// Counts an error answered to an app.
+    pub fn api_error(&self, code: &'static str) {
+        self.api_errors.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Standard `process_*` metrics read from /proc on each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// Kernel clock ticks per second for /proc CPU times (USER_HZ, fixed at 100 on Linux).
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+#[derive(Default)]
+struct ProcessStats {
+    cpu_seconds: f64,
+    resident_bytes: i64,
+    virtual_bytes: i64,
+    open_fds: i64,
+    max_fds: i64,
+    threads: i64,
+}
+
+fn read_process_stats() -> ProcessStats {
+    let mut s = ProcessStats::default();
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            s.cpu_seconds = (num(11) + num(12)) / CLOCK_TICKS_PER_SECOND;
+            s.threads = num(17) as i64;
+            s.virtual_bytes = num(20) as i64;
+        }
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status.lines() {
+            if let Some(v) = line.strip_prefix("VmRSS:") {
+                let kb: i64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                s.resident_bytes = kb * 1024;
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        s.open_fds = dir.count() as i64;
+    }
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+        if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
+            s.max_fds = line
+                .split_whitespace()
+                .nth(3)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    s
+}
+
+static PROCESS_START: AtomicU64 = AtomicU64::new(0);
+
+/// Remembers when the process started, for `process_start_time_seconds`.
+pub fn mark_process_start() {
+    PROCESS_START.store(crate::time::now_ms(), std::sync::atomic::Ordering::Relaxed);
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let s = read_process_stats();
+        let start = PROCESS_START.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
+        let counter = ConstCounter::new(s.cpu_seconds);
+        counter.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "CPU time used by the process",
+            None,
+            counter.metric_type(),
+        )?)?;
+        let gauges: [(&str, &str, f64); 6] = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory",
+                s.resident_bytes as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory",
+                s.virtual_bytes as f64,
+            ),
+            (
+                "process_open_fds",
+                "Open file descriptors",
+                s.open_fds as f64,
+            ),
+            (
+                "process_max_fds",
+                "Limit of open file descriptors",
+                s.max_fds as f64,
+            ),
+            ("process_threads", "OS threads", s.threads as f64),
+            (
+                "process_start_time_seconds",
+                "Start time since the Unix epoch",
+                start,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! Start-up and graceful shutdown of the agent.
+
+use crate::admin::AdminState;
+use crate::api::{ApiSettings, AppState};
+use crate::broker::{Broker, BrokerSettings};
+use crate::delivery::Subscriptions;
+use crate::error::AgentError;
+use crate::metrics::Metrics;
+use crate::subscription::SubscriptionSpec;
+use crate::Config;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A started agent.
+#[derive(Debug)]
+pub struct Running {
+    /// Bound app API addresses.
+    pub app_addrs: Vec<SocketAddr>,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), AgentError>>,
+}
+
+impl Running {
+    /// Asks the agent to stop gracefully.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Waits until the agent has stopped.
+    pub async fn wait(self) -> Result<(), AgentError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(AgentError::Config(format!("agent task failed: {e}"))),
+        }
+    }
+
+    /// A sender that stops the agent when set to true.
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind { addr, source })
+}
+
+/// Binds the listeners, recovers storage, and serves until stopped.
+pub async fn start(config: Config) -> Result<Running, AgentError> {
+    config.validate()?;
+    crate::metrics::mark_process_start();
+    let node = config.node_name();
+    let metrics = Arc::new(Metrics::new(config.metrics_topic_labels));
+    let admin = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        ready: false.into(),
+    });
+    let admin_listener = bind(config.admin_addr).await?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| AgentError::Bind {
+            addr: config.admin_addr,
+            source,
+        })?;
+    let (stop, stop_rx) = watch::channel(false);
+    {
+        let admin = admin.clone();
+        let stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| crate::admin::serve(admin.clone(), req));
+            accept_loop(admin_listener, service, stop_rx, false).await;
+        });
+    }
+
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| AgentError::Storage {
+        path: config.data_dir.clone(),
+        message: e.to_string(),
+    })?;
+    let started = std::time::Instant::now();
+    let broker = Broker::open(
+        BrokerSettings {
+            data_dir: config.data_dir.clone(),
+            default_partitions: config.default_partitions,
+            dedupe_window: config.dedupe_window,
+            max_pending_bytes: config.max_pending_bytes,
+            log: shoal_storage::LogConfig::default(),
+        },
+        metrics.clone(),
+        config.fsync_interval,
+    )?;
+    let subs = Subscriptions::open(
+        broker.clone(),
+        &config.data_dir,
+        config.app_port,
+        config.max_pull_waiters,
+    )?;
+    tracing::info!(
+        topics = broker.topics().len(),
+        subscriptions = subs.list().len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        data_dir = %config.data_dir.display(),
+        "storage recovered"
+    );
+    if let Some(json) = &config.subscriptions {
+        let specs: Vec<SubscriptionSpec> = serde_json::from_str(json).map_err(|e| {
+            AgentError::Config(format!(
+                "--subscriptions is not a JSON array of subscriptions: {e}"
+            ))
+        })?;
+        for spec in specs {
+            let Some(name) = spec.name.clone() else {
+                return Err(AgentError::Config(
+                    "--subscriptions: every entry needs a \"name\"".into(),
+                ));
+            };
+            subs.put(&name, spec).map_err(|e| {
+                AgentError::Config(format!("--subscriptions: {name}: {}", e.message))
+            })?;
+        }
+    }
+
+    let state = Arc::new(AppState {
+        broker: broker.clone(),
+        subs: subs.clone(),
+        settings: ApiSettings {
+            max_message_bytes: config.max_message_bytes,
+            max_batch_bytes: config.max_batch_bytes,
+        },
+        metrics: metrics.clone(),
+    });
+    let mut app_addrs = Vec::new();
+    let mut app_tasks = Vec::new();
+    for addr in &config.app_addr {
+        let listener = match bind(*addr).await {
+            Ok(l) => l,
+            // Containers often have no IPv6 loopback: serve on the others.
+            Err(AgentError::Bind { source, .. })
+                if addr.is_ipv6()
+                    && config.app_addr.len() > 1
+                    && source.kind() == std::io::ErrorKind::AddrNotAvailable =>
+            {
+                tracing::warn!(%addr, "IPv6 loopback unavailable; app API not served there");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let local = listener.local_addr().map_err(|source| AgentError::Bind {
+            addr: *addr,
+            source,
+        })?;
+        app_addrs.push(local);
+        let state = state.clone();
+        let stop_rx = stop_rx.clone();
+        app_tasks.push(tokio::spawn(async move {
+            let service = service_fn(move |req| crate::api::serve(state.clone(), req));
+            accept_loop(listener, service, stop_rx, true).await;
+        }));
+    }
+    admin.ready.store(true, Ordering::Release);
+    tracing::info!(node = %node, app = ?app_addrs, admin = %admin_addr, version = env!("CARGO_PKG_VERSION"), "shoal-agent ready");
+
+    let shutdown_timeout = config.shutdown_timeout;
+    let mut stop_wait = stop_rx.clone();
+    let task = tokio::spawn(async move {
+        stopped(&mut stop_wait).await;
+        tracing::info!("stopping: no new requests; in-flight deliveries may finish");
+        admin.ready.store(false, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + shutdown_timeout;
+        subs.shutdown(deadline).await;
+        for t in app_tasks {
+            let _ = tokio::time::timeout_at(deadline, t).await;
+        }
+        let flush = tokio::task::spawn_blocking(move || broker.shutdown());
+        if flush.await.is_err() {
+            tracing::error!("flushing storage failed during shutdown");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    });
+    Ok(Running {
+        app_addrs,
+        admin_addr,
+        stop,
+        task,
+    })
+}
+
+async fn accept_loop<S, B>(
+    listener: TcpListener,
+    service: S,
+    mut stop: watch::Receiver<bool>,
+    http2: bool,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if !http2 {
+        builder = builder.http1_only();
+    }
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = builder.serve_connection(TokioIo::new(stream), service.clone()).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
