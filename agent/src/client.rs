@@ -16,7 +16,7 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:4700";
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing answered at the URL.
-    #[error("no Shoal agent is listening at {url} ({reason}); start one with `shoal dev` or `shoal-agent --dev`, or set SHOAL_URL")]
+    #[error("no Shoal agent is listening at {url} ({reason}); start one with `shoal-agent --dev`, or point SHOAL_URL (--url) at yours")]
     NotListening {
         /// The URL.
         url: String,
@@ -26,6 +26,14 @@ pub enum ClientError {
     /// The request could not be built or sent.
     #[error("request failed: {0}")]
     Request(String),
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// A response read in full.
@@ -97,8 +105,7 @@ impl AgentClient {
             if e.is_connect() {
                 ClientError::NotListening {
                     url: self.base.clone(),
-                    reason: std::error::Error::source(&e)
-                        .map_or_else(|| e.to_string(), |s| s.to_string()),
+                    reason: root_cause(&e),
                 }
             } else {
                 ClientError::Request(e.to_string())

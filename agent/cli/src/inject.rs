@@ -1,0 +1,88 @@
+//! `shoal inject`: offline injection for GitOps and for clusters without the
+//! webhook. Reads Kubernetes YAML or JSON and writes it back with the agent
+//! added to every pod template, using the same library code as the webhook
+//! (`shoal_injector::offline`).
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use shoal_injector::annotations;
+use shoal_injector::config::{parse_key_value, InjectFlags};
+use shoal_injector::offline::{self, OfflineOptions};
+
+/// Arguments of `shoal inject`.
+#[derive(clap::Args, Debug)]
+pub struct InjectArgs {
+    /// File to read (YAML or JSON; Pods, Deployments, StatefulSets, DaemonSets,
+    /// Jobs, CronJobs, Lists, multi-document streams); `-` reads standard input.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub filename: PathBuf,
+    /// Where to write the result (default: standard output).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Stands in for the namespace's annotations, `KEY=VALUE`, repeatable.
+    /// Default: `shoal.io/inject=enabled` (pods may still opt out).
+    #[arg(long = "namespace-annotation", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub namespace_annotation: Vec<(String, String)>,
+    /// Namespace assumed for objects that name none.
+    #[arg(short = 'n', long = "namespace", default_value = offline::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// What to inject (same flags and defaults as the webhook).
+    #[command(flatten)]
+    pub inject: InjectFlags,
+}
+
+/// Runs `shoal inject`.
+pub fn run(args: InjectArgs) -> ExitCode {
+    let input = if args.filename.as_os_str() == "-" {
+        let mut s = String::new();
+        match std::io::stdin().read_to_string(&mut s) {
+            Ok(_) => s,
+            Err(e) => return fail(&format!("cannot read standard input: {e}")),
+        }
+    } else {
+        match std::fs::read_to_string(&args.filename) {
+            Ok(s) => s,
+            Err(e) => return fail(&format!("cannot read {}: {e}", args.filename.display())),
+        }
+    };
+    let namespace_annotations: BTreeMap<String, String> = if args.namespace_annotation.is_empty() {
+        BTreeMap::from([(annotations::INJECT.to_owned(), annotations::ENABLED.to_owned())])
+    } else {
+        args.namespace_annotation.into_iter().collect()
+    };
+    let options = OfflineOptions {
+        config: args.inject.to_config(),
+        namespace_annotations,
+        default_namespace: args.namespace,
+    };
+    let (output, report) = match offline::inject_text(&input, &options) {
+        Ok(r) => r,
+        Err(e) => return fail(&e.to_string()),
+    };
+    for entry in &report {
+        eprintln!("shoal inject: {}: {}", entry.object, entry.reason.as_str());
+        for w in &entry.warnings {
+            eprintln!("shoal inject: {}: warning: {w}", entry.object);
+        }
+    }
+    let written = match &args.output {
+        Some(path) => std::fs::write(path, output.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        None => std::io::stdout()
+            .lock()
+            .write_all(output.as_bytes())
+            .map_err(|e| format!("cannot write standard output: {e}")),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("shoal inject: {message}");
+    ExitCode::FAILURE
+}
