@@ -22,11 +22,12 @@ pub fn default_source(topic: &str) -> String {
     format!("/topics/{topic}")
 }
 
+/// The `ce-id` of a binary-mode request, and its other attributes by name.
+pub type BinaryAttributes = (Option<String>, Vec<(String, String)>);
+
 /// Reads `ce-*` headers: returns the `ce-id` value and the other attributes.
 /// `ce-specversion` must be 1.0 when present.
-pub fn from_binary_headers(
-    headers: &HeaderMap,
-) -> Result<(Option<String>, Vec<(String, String)>), ApiError> {
+pub fn from_binary_headers(headers: &HeaderMap) -> Result<BinaryAttributes, ApiError> {
     let mut id = None;
     let mut attrs = Vec::new();
     for (name, value) in headers {

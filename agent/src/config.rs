@@ -154,11 +154,11 @@ impl Config {
             )));
         }
         if self.max_message_bytes == 0
-            || self.max_message_bytes > shoal_storage::MAX_ENTRY_BYTES as usize - 65536
+            || self.max_message_bytes > shoal_storage::MAX_ENTRY_BYTES - 65536
         {
             return Err(AgentError::Config(format!(
                 "--max-message-bytes must be between 1 and {}",
-                shoal_storage::MAX_ENTRY_BYTES as usize - 65536
+                shoal_storage::MAX_ENTRY_BYTES - 65536
             )));
         }
         Ok(())

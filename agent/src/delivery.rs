@@ -839,7 +839,7 @@ impl GroupTask {
                                 self.dead_letter(d);
                             }
                         }
-                        Err(()) => result.unknown.push(id.to_string()),
+                        Err(_) => result.unknown.push(id.to_string()),
                     }
                 }
                 let _ = reply.send(result);

@@ -100,6 +100,11 @@ pub struct DeadLetter {
     pub reason: &'static str,
 }
 
+/// The ack id names no delivery in flight (acknowledged, redelivered, or never issued).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no such delivery in flight")]
+pub struct UnknownDelivery;
+
 /// One entry fed to the group: its index, time and decoded message.
 pub type Fetched = (u64, u64, Result<Message, crate::message::DecodeError>);
 
@@ -469,9 +474,9 @@ impl GroupCore {
         id: &AckId,
         delay: Duration,
         now: Instant,
-    ) -> Result<Option<DeadLetter>, ()> {
+    ) -> Result<Option<DeadLetter>, UnknownDelivery> {
         if !self.is_current(id) {
-            return Err(());
+            return Err(UnknownDelivery);
         }
         Ok(self.retry_or_dead_letter(id, Some(delay), now, "max_deliveries"))
     }

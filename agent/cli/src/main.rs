@@ -128,7 +128,9 @@ fn api_error(reply: &Reply) -> String {
             "{} ({} {})",
             m,
             reply.status.as_u16(),
-            v.pointer("/error/code").and_then(Value::as_str).unwrap_or("")
+            v.pointer("/error/code")
+                .and_then(Value::as_str)
+                .unwrap_or("")
         ),
         None => format!("the agent answered {}: {}", reply.status, reply.text()),
     }
@@ -187,13 +189,22 @@ async fn publish(client: &AgentClient, a: PubArgs) -> Result<ExitCode, ClientErr
         v["partition"],
         v["offset"],
         v["id"].as_str().unwrap_or(""),
-        if v["duplicate"] == json!(true) { ", a duplicate: stored once" } else { "" }
+        if v["duplicate"] == json!(true) {
+            ", a duplicate: stored once"
+        } else {
+            ""
+        }
     );
     Ok(ExitCode::SUCCESS)
 }
 
 /// Lines are sent as CloudEvents batches of up to 500, each line's text as a message.
-async fn publish_lines(client: &AgentClient, a: &PubArgs, headers: &[(&str, &str)], input: &[u8]) -> Result<ExitCode, ClientError> {
+async fn publish_lines(
+    client: &AgentClient,
+    a: &PubArgs,
+    headers: &[(&str, &str)],
+    input: &[u8],
+) -> Result<ExitCode, ClientError> {
     let text = String::from_utf8_lossy(input);
     let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
     let (mut ok, mut failed) = (0usize, 0usize);
@@ -228,18 +239,35 @@ async fn publish_lines(client: &AgentClient, a: &PubArgs, headers: &[(&str, &str
             }
         }
     }
-    println!("published {ok} messages to {}{}", a.topic, if failed > 0 { format!(", {failed} failed") } else { String::new() });
-    Ok(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    println!(
+        "published {ok} messages to {}{}",
+        a.topic,
+        if failed > 0 {
+            format!(", {failed} failed")
+        } else {
+            String::new()
+        }
+    );
+    Ok(if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn subscribe(client: &AgentClient, a: SubArgs) -> Result<ExitCode, ClientError> {
     let temporary = a.name.is_none();
-    let name = a.name.clone().unwrap_or_else(|| format!("shoal-cli-{:08x}", fastrand_u32()));
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("shoal-cli-{:08x}", fastrand_u32()));
     let mut spec = json!({"topic": a.topic, "start": a.from});
     if let Some(g) = &a.group {
         spec["group"] = json!(g);
     }
-    let reply = client.put_json(&format!("/v1/subscriptions/{name}"), &spec).await?;
+    let reply = client
+        .put_json(&format!("/v1/subscriptions/{name}"), &spec)
+        .await?;
     if !reply.status.is_success() {
         return Ok(fail(api_error(&reply)));
     }
@@ -255,7 +283,12 @@ async fn subscribe(client: &AgentClient, a: SubArgs) -> Result<ExitCode, ClientE
     };
     if temporary {
         let _ = client
-            .call(Method::DELETE, &format!("/v1/subscriptions/{name}"), &[], Bytes::new())
+            .call(
+                Method::DELETE,
+                &format!("/v1/subscriptions/{name}"),
+                &[],
+                Bytes::new(),
+            )
             .await;
     }
     outcome
@@ -269,13 +302,27 @@ fn fastrand_u32() -> u32 {
     t ^ std::process::id().rotate_left(16)
 }
 
-async fn print_stream(client: &AgentClient, name: &str, a: &SubArgs) -> Result<ExitCode, ClientError> {
+async fn print_stream(
+    client: &AgentClient,
+    name: &str,
+    a: &SubArgs,
+) -> Result<ExitCode, ClientError> {
     let resp = client
-        .send(Method::GET, &format!("/v1/subscriptions/{name}/events"), &[], Bytes::new())
+        .send(
+            Method::GET,
+            &format!("/v1/subscriptions/{name}/events"),
+            &[],
+            Bytes::new(),
+        )
         .await?;
     if !resp.status().is_success() {
         let status = resp.status();
-        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         return Ok(fail(api_error(&Reply {
             status,
             headers: Default::default(),
@@ -288,7 +335,9 @@ async fn print_stream(client: &AgentClient, name: &str, a: &SubArgs) -> Result<E
     let stdout = std::io::stdout();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ClientError::Request(format!("stream ended: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         buf.push_str(&String::from_utf8_lossy(&data));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
@@ -302,7 +351,11 @@ async fn print_stream(client: &AgentClient, name: &str, a: &SubArgs) -> Result<E
             }
             let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
             if event.lines().any(|l| l == "event: error") {
-                return Ok(fail(v.pointer("/error/message").and_then(Value::as_str).unwrap_or("stream error")));
+                return Ok(fail(
+                    v.pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("stream error"),
+                ));
             }
             {
                 let mut out = stdout.lock();
@@ -314,14 +367,20 @@ async fn print_stream(client: &AgentClient, name: &str, a: &SubArgs) -> Result<E
                         (Value::Null, Some(b)) => format!("(binary, base64) {b}"),
                         (other, _) => other.to_string(),
                     };
-                    format!("[{}/{}@{}] {}", a.topic, v["shoalpartition"], v["shoaloffset"], payload)
+                    format!(
+                        "[{}/{}@{}] {}",
+                        a.topic, v["shoalpartition"], v["shoaloffset"], payload
+                    )
                 };
                 let _ = writeln!(out, "{line}");
                 let _ = out.flush();
             }
             if let Some(ack) = v["ackid"].as_str() {
                 let reply = client
-                    .post_json(&format!("/v1/subscriptions/{name}/acks"), &json!({"ack": [ack]}))
+                    .post_json(
+                        &format!("/v1/subscriptions/{name}/acks"),
+                        &json!({"ack": [ack]}),
+                    )
                     .await?;
                 if !reply.status.is_success() {
                     eprintln!("shoal: ack failed: {}", api_error(&reply));
@@ -349,12 +408,24 @@ async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientE
                 println!("no topics yet; publish one with: shoal pub <topic> <message>");
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("{:<32} {:>10} {:>10} {:>12} {:>12}  subscriptions", "TOPIC", "KIND", "PARTITIONS", "MESSAGES", "BYTES");
+            println!(
+                "{:<32} {:>10} {:>10} {:>12} {:>12}  subscriptions",
+                "TOPIC", "KIND", "PARTITIONS", "MESSAGES", "BYTES"
+            );
             for t in topics {
-                let parts = t.pointer("/stats/partitions").and_then(Value::as_array).cloned().unwrap_or_default();
+                let parts = t
+                    .pointer("/stats/partitions")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
                 let messages: u64 = parts
                     .iter()
-                    .map(|p| p["nextOffset"].as_u64().unwrap_or(1).saturating_sub(p["firstOffset"].as_u64().unwrap_or(1)))
+                    .map(|p| {
+                        p["nextOffset"]
+                            .as_u64()
+                            .unwrap_or(1)
+                            .saturating_sub(p["firstOffset"].as_u64().unwrap_or(1))
+                    })
                     .sum();
                 let bytes: u64 = parts.iter().map(|p| p["bytes"].as_u64().unwrap_or(0)).sum();
                 let subs: Vec<String> = t["subscriptions"]
@@ -399,14 +470,20 @@ async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientE
             if let Some(f) = fsync {
                 spec["fsync"] = json!(f);
             }
-            let reply = client.put_json(&format!("/v1/topics/{name}"), &spec).await?;
+            let reply = client
+                .put_json(&format!("/v1/topics/{name}"), &spec)
+                .await?;
             if !reply.status.is_success() {
                 return Ok(fail(api_error(&reply)));
             }
             let v = reply.json();
             println!(
                 "topic {name} {}: {} partitions, {}",
-                if reply.status.as_u16() == 201 { "created" } else { "updated" },
+                if reply.status.as_u16() == 201 {
+                    "created"
+                } else {
+                    "updated"
+                },
                 v["partitions"],
                 v["kind"].as_str().unwrap_or("")
             );
@@ -414,7 +491,12 @@ async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientE
         }
         Some(TopicsAction::Delete { name }) => {
             let reply = client
-                .call(Method::DELETE, &format!("/v1/topics/{name}"), &[], Bytes::new())
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/topics/{name}"),
+                    &[],
+                    Bytes::new(),
+                )
                 .await?;
             if !reply.status.is_success() {
                 return Ok(fail(api_error(&reply)));
