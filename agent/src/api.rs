@@ -40,6 +40,12 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const STREAM_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Longest `Shoal-Id` and `Shoal-Key`.
 pub const MAX_ID_LEN: usize = 1024;
+/// Longest `Shoal-TTL`.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest `Shoal-Delay`.
+pub const MAX_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Longest nack delay.
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(12 * 3600);
 /// Largest JSON request body (topic and subscription configuration, acks).
 pub const MAX_JSON_BYTES: usize = 1024 * 1024;
 
@@ -923,6 +929,15 @@ where
     crate::names::validate("subscription", name)?;
     let (parts, body) = read_body(req, MAX_JSON_BYTES).await?;
     let b: AckBody = parse_json(&parts.headers, &body, false)?;
+    if b.delay.is_some_and(|d| d > MAX_NACK_DELAY) {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            format!(
+                "delay must be at most {}",
+                crate::time::format_duration(MAX_NACK_DELAY)
+            ),
+        ));
+    }
     if b.ack.is_empty() && b.nack.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_json",

@@ -161,6 +161,40 @@ impl Config {
                 shoal_storage::MAX_ENTRY_BYTES - 65536
             )));
         }
+        let hour = Duration::from_secs(3600);
+        for (flag, value, min, max) in [
+            (
+                "--fsync-interval",
+                self.fsync_interval,
+                Duration::from_millis(1),
+                hour,
+            ),
+            (
+                "--shutdown-timeout",
+                self.shutdown_timeout,
+                Duration::ZERO,
+                hour,
+            ),
+            (
+                "--dedupe-window",
+                self.dedupe_window,
+                Duration::ZERO,
+                24 * hour,
+            ),
+        ] {
+            if value < min || value > max {
+                return Err(AgentError::Config(format!(
+                    "{flag} must be between {} and {}",
+                    crate::time::format_duration(min),
+                    crate::time::format_duration(max)
+                )));
+            }
+        }
+        if self.max_pull_waiters == 0 {
+            return Err(AgentError::Config(
+                "--max-pull-waiters must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 

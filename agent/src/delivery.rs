@@ -311,6 +311,7 @@ impl Subscriptions {
             app_port: self.app_port,
             stopping: self.stopping.subscribe(),
             reported_in_flight: AtomicI64::new(0),
+            pushes_running: 0,
         };
         let _ = tx.try_send(Command::Members(members));
         tokio::spawn(task.run());
@@ -617,6 +618,7 @@ struct GroupTask {
     app_port: Option<u16>,
     stopping: watch::Receiver<bool>,
     reported_in_flight: AtomicI64,
+    pushes_running: usize,
 }
 
 impl GroupTask {
@@ -676,8 +678,10 @@ impl GroupTask {
                 }
             }
             self.report_in_flight();
+            // Pulled and streamed messages are redelivered after a restart;
+            // only pushes under way are worth waiting for.
             if let Some((deadline, _)) = &stop {
-                if self.core.in_flight() == 0 || now >= *deadline {
+                if self.pushes_running == 0 || now >= *deadline {
                     break;
                 }
             }
@@ -844,21 +848,10 @@ impl GroupTask {
                 }
                 let _ = reply.send(result);
             }
-            Command::PushDone { id, outcome } => match outcome {
-                PushOutcome::Ack => {
-                    self.core.ack(&id);
-                }
-                PushOutcome::Reject => {
-                    if let Some(d) = self.core.reject(&id) {
-                        self.dead_letter(d);
-                    }
-                }
-                PushOutcome::Fail => {
-                    if let Some(d) = self.core.fail(&id, now) {
-                        self.dead_letter(d);
-                    }
-                }
-            },
+            Command::PushDone { id, outcome } => {
+                self.pushes_running = self.pushes_running.saturating_sub(1);
+                self.push_done(id, outcome, now);
+            }
             Command::DeadLetterDone {
                 partition,
                 offset,
@@ -872,6 +865,20 @@ impl GroupTask {
                 }
             }
             Command::Stop { .. } => {}
+        }
+    }
+
+    fn push_done(&mut self, id: AckId, outcome: PushOutcome, now: std::time::Instant) {
+        let dead = match outcome {
+            PushOutcome::Ack => {
+                self.core.ack(&id);
+                None
+            }
+            PushOutcome::Reject => self.core.reject(&id),
+            PushOutcome::Fail => self.core.fail(&id, now),
+        };
+        if let Some(d) = dead {
+            self.dead_letter(d);
         }
     }
 
@@ -900,13 +907,11 @@ impl GroupTask {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot build a push");
-                        let _ = self.tx.try_send(Command::PushDone {
-                            id: d.ack_id,
-                            outcome: PushOutcome::Reject,
-                        });
+                        self.push_done(d.ack_id, PushOutcome::Reject, now.into_std());
                         continue;
                     }
                 };
+                self.pushes_running += 1;
                 let client = self.client.clone();
                 let tx = self.tx.clone();
                 let metrics = self.metrics.clone();

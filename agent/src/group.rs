@@ -20,6 +20,14 @@ pub const FETCH_WINDOW: usize = 1024;
 /// Bytes fetched per read.
 pub const FETCH_BYTES: usize = 4 * 1024 * 1024;
 
+/// Longest any timer may be set: bounds arithmetic on times that come from apps.
+pub const MAX_TIMER: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// `now + d`, with `d` capped at [`MAX_TIMER`] so no input can overflow the clock.
+pub fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d.min(MAX_TIMER)).unwrap_or(now)
+}
+
 /// How a member wants its messages and what it tolerates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberSpec {
@@ -306,7 +314,7 @@ impl GroupCore {
             }
             let state = match message.deliver_at_ms {
                 Some(at) if at > now_ms => {
-                    let until = now + Duration::from_millis(at - now_ms);
+                    let until = later(now, Duration::from_millis(at - now_ms));
                     self.timers
                         .insert((until, partition, index, 0, TimerKind::Retry));
                     State::Waiting { until }
@@ -352,7 +360,7 @@ impl GroupCore {
         }
         let name = m.spec.name.clone();
         let ordered = m.spec.ordered;
-        let deadline = now + m.spec.ack_timeout;
+        let deadline = later(now, m.spec.ack_timeout);
         let parts = m.partitions.clone();
         self.rotate = self.rotate.wrapping_add(1);
         let n = parts.len();
@@ -550,7 +558,7 @@ impl GroupCore {
                 part.ready.insert(id.offset);
             }
         } else {
-            let until = now + wait;
+            let until = later(now, wait);
             pending.state = State::Waiting { until };
             let attempts = pending.attempts;
             self.timers
@@ -577,7 +585,7 @@ impl GroupCore {
         if let Some(part) = self.parts.get_mut(&partition) {
             if let Some(p) = part.pending.get_mut(&offset) {
                 if matches!(p.state, State::Parked) {
-                    let until = now + retry_in;
+                    let until = later(now, retry_in);
                     p.state = State::Waiting { until };
                     self.timers
                         .insert((until, partition, offset, p.attempts, TimerKind::Retry));

@@ -14,6 +14,8 @@ pub const MAX_MAX_IN_FLIGHT: u32 = 10_000;
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 /// Default longest retry delay.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Longest allowed retry delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Shortest allowed ack timeout.
 pub const MIN_ACK_TIMEOUT: Duration = Duration::from_millis(100);
 /// Longest allowed ack timeout.
@@ -185,10 +187,10 @@ impl Subscription {
             ));
         }
         let backoff = spec.backoff.unwrap_or_default();
-        if backoff.initial.is_zero() || backoff.max < backoff.initial {
+        if backoff.initial.is_zero() || backoff.max < backoff.initial || backoff.max > MAX_BACKOFF {
             return Err(ApiError::bad_request(
                 "invalid_subscription",
-                "backoff.initial must be positive and at most backoff.max",
+                "backoff.initial must be positive and at most backoff.max, which is at most 1h",
             ));
         }
         let start = spec.start.unwrap_or_default();

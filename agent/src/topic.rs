@@ -163,6 +163,12 @@ impl TopicSpec {
             c.fsync = f;
         }
         if let Some(w) = self.dedupe_window {
+            if w > Duration::from_secs(24 * 3600) {
+                return Err(ApiError::bad_request(
+                    "invalid_config",
+                    "dedupeWindow must be at most 24h",
+                ));
+            }
             c.dedupe_window = w;
         }
         if c.kind == TopicKind::Ephemeral {
