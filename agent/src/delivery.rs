@@ -326,12 +326,26 @@ impl Subscriptions {
                 format!("no subscription {name:?}"),
             )
         })?;
-        let tx = lock(&self.groups)
-            .get(&(sub.topic.clone(), sub.group.clone()))
-            .map(|h| h.tx.clone())
-            .ok_or_else(|| {
-                ApiError::unavailable("group_unavailable", "the consumer group is restarting", 1)
-            })?;
+        let key = (sub.topic.clone(), sub.group.clone());
+        let live = |groups: &HashMap<(String, String), GroupHandle>| {
+            groups
+                .get(&key)
+                .map(|h| h.tx.clone())
+                .filter(|tx| !tx.is_closed())
+        };
+        let found = live(&lock(&self.groups));
+        if let Some(tx) = found {
+            return Ok((sub, tx));
+        }
+        // The group's task ended unexpectedly: start it again from its committed offsets.
+        if !*self.stopping.borrow() {
+            tracing::warn!(topic = %sub.topic, group = %sub.group, "restarting a consumer group that stopped");
+            lock(&self.groups).remove(&key);
+            self.refresh_group(&sub.topic, &sub.group)?;
+        }
+        let tx = live(&lock(&self.groups)).ok_or_else(|| {
+            ApiError::unavailable("group_unavailable", "the consumer group is restarting", 1)
+        })?;
         Ok((sub, tx))
     }
 
