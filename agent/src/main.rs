@@ -43,8 +43,7 @@ fn main() -> ExitCode {
         let running = match shoal_agent::run::start(config).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("shoal-agent: {e}");
+                tracing::error!("cannot start: {e}");
                 return ExitCode::FAILURE;
             }
         };
@@ -56,7 +55,7 @@ fn main() -> ExitCode {
         match running.wait().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("shoal-agent: {e}");
+                tracing::error!("stopped with an error: {e}");
                 ExitCode::FAILURE
             }
         }
