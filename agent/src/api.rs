@@ -530,20 +530,31 @@ fn publish_headers(headers: &HeaderMap) -> Result<PublishHeaders, ApiError> {
         }
     }
     let ttl = header_duration(headers, "shoal-ttl")?;
-    if ttl == Some(Duration::ZERO) {
+    if ttl.is_some_and(|t| t.is_zero() || t > MAX_TTL) {
         return Err(ApiError::bad_request(
             "invalid_header",
-            "Shoal-TTL must be positive",
+            format!(
+                "Shoal-TTL must be positive and at most {}",
+                crate::time::format_duration(MAX_TTL)
+            ),
         ));
     }
     let delay = header_duration(headers, "shoal-delay")?;
+    if delay.is_some_and(|d| d > MAX_DELAY) {
+        return Err(ApiError::bad_request(
+            "invalid_header",
+            format!(
+                "Shoal-Delay must be at most {}",
+                crate::time::format_duration(MAX_DELAY)
+            ),
+        ));
+    }
+    let at = |d: Duration| now.saturating_add(d.as_millis() as u64);
     Ok(PublishHeaders {
         key,
         id,
-        expires_at_ms: ttl.map(|d| now + d.as_millis() as u64),
-        deliver_at_ms: delay
-            .filter(|d| !d.is_zero())
-            .map(|d| now + d.as_millis() as u64),
+        expires_at_ms: ttl.map(at),
+        deliver_at_ms: delay.filter(|d| !d.is_zero()).map(at),
     })
 }
 
@@ -931,7 +942,7 @@ where
     let b: AckBody = parse_json(&parts.headers, &body, false)?;
     if b.delay.is_some_and(|d| d > MAX_NACK_DELAY) {
         return Err(ApiError::bad_request(
-            "invalid_json",
+            "invalid_parameter",
             format!(
                 "delay must be at most {}",
                 crate::time::format_duration(MAX_NACK_DELAY)

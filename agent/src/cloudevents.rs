@@ -186,6 +186,11 @@ pub fn from_json(v: Value) -> Result<Message, String> {
         None | Some(Value::Null) => None,
         Some(_) => return Err("datacontenttype must be a string".into()),
     };
+    // Events with `data` and no content type are JSON (CloudEvents JSON format, 3.1).
+    let content_type = match (&content_type, o.contains_key("data")) {
+        (None, true) => Some("application/json".to_string()),
+        _ => content_type,
+    };
     let payload: Vec<u8> = match (o.remove("data"), o.remove("data_base64")) {
         (Some(_), Some(_)) => return Err("an event has data or data_base64, not both".into()),
         (Some(Value::String(s)), None) if !is_json(content_type.as_deref()) => s.into_bytes(),
@@ -196,9 +201,6 @@ pub fn from_json(v: Value) -> Result<Message, String> {
         (None, Some(_)) => return Err("data_base64 must be a string".into()),
         (None, None) => Vec::new(),
     };
-    let content_type = content_type
-        .or_else(|| Some("application/json".to_string()))
-        .filter(|_| !payload.is_empty());
     let key = match o.remove(PARTITION_KEY_ATTRIBUTE) {
         Some(Value::String(s)) => Some(s),
         None | Some(Value::Null) => None,

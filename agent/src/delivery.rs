@@ -294,6 +294,15 @@ impl Subscriptions {
             .find(|s| s.topic == topic && s.group == group)
             .map(|s| s.start.clone())
             .unwrap_or_default();
+        // Fix where a new group starts before the declaration is answered: a
+        // message published right after it must be delivered.
+        let partitions = topic_arc.partitions();
+        let established = partitions
+            .iter()
+            .any(|p| p.committed_offset(group).is_some());
+        for p in &partitions {
+            start_offset(p, group, &start, established);
+        }
         let (tx, rx) = mpsc::channel(GROUP_QUEUE);
         let task = GroupTask {
             group: Arc::from(group),
@@ -609,6 +618,31 @@ fn build_push(
         .map_err(|e| ApiError::internal(format!("building the push request: {e}")))
 }
 
+/// Where `group` starts reading `p`: its committed offset; else, for a group
+/// that already reads the topic, the partition's first offset (everything in
+/// it arrived after the group existed); else the group's start position. The
+/// choice is committed at once, so a restart resumes from it.
+fn start_offset(p: &Partition, group: &str, start: &StartPosition, established: bool) -> u64 {
+    if let Some(c) = p.committed_offset(group) {
+        return c;
+    }
+    let first = p.first_index();
+    let offset = if established {
+        first
+    } else {
+        match start {
+            StartPosition::Earliest => first,
+            StartPosition::Latest => p.committed() + 1,
+            StartPosition::Offset(o) => (*o).max(first),
+            StartPosition::Time(t) => crate::time::parse_rfc3339_ms(t)
+                .and_then(|ms| p.offset_at_time(ms).ok())
+                .unwrap_or(first),
+        }
+    };
+    p.commit_offset(group, offset);
+    offset
+}
+
 struct Waiter {
     member: Arc<str>,
     max: usize,
@@ -636,30 +670,14 @@ struct GroupTask {
 }
 
 impl GroupTask {
-    fn start_offset(&self, p: &Partition) -> u64 {
-        if let Some(c) = p.committed_offset(&self.group) {
-            return c;
-        }
-        let first = p.first_index();
-        let start = match &self.start {
-            StartPosition::Earliest => first,
-            StartPosition::Latest => p.committed() + 1,
-            StartPosition::Offset(o) => (*o).max(first),
-            StartPosition::Time(t) => crate::time::parse_rfc3339_ms(t)
-                .and_then(|ms| p.offset_at_time(ms).ok())
-                .unwrap_or(first),
-        };
-        // Remember the start now: a restart must not skip what arrives meanwhile.
-        p.commit_offset(&self.group, start);
-        start
-    }
-
     fn sync_partitions(&mut self) {
         let known = self.core.partitions().count() as u32;
         let parts = self.topic.partitions();
         if parts.len() as u32 > known {
             for p in &parts[known as usize..] {
-                let start = self.start_offset(p);
+                // A partition new to a running group holds only messages
+                // published after the group existed: read all of it.
+                let start = start_offset(p, &self.group, &self.start, true);
                 self.core.add_partition(p.id, start);
             }
         }

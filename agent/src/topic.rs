@@ -19,6 +19,8 @@ pub const MAX_PARTITIONS: u32 = 1024;
 pub const MAX_REPLICAS: u32 = 7;
 /// Default time a durable topic keeps messages.
 pub const DEFAULT_RETENTION_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest retention age.
+pub const MAX_RETENTION_AGE: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 /// Messages an ephemeral partition keeps in memory for slow subscribers.
 pub const EPHEMERAL_CAPACITY_ENTRIES: usize = 10_000;
 /// Bytes an ephemeral partition keeps in memory for slow subscribers.
@@ -151,6 +153,12 @@ impl TopicSpec {
             c.kind = k;
         }
         if let Some(r) = &self.retention {
+            if r.max_age.is_some_and(|a| a > MAX_RETENTION_AGE) {
+                return Err(ApiError::bad_request(
+                    "invalid_config",
+                    "retention maxAge must be at most 10 years",
+                ));
+            }
             if r.max_bytes == Some(0) || r.max_age == Some(Duration::ZERO) {
                 return Err(ApiError::bad_request(
                     "invalid_config",
