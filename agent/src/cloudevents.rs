@@ -274,7 +274,7 @@ mod base64_lite {
 
     pub fn decode(input: &str) -> Option<Vec<u8>> {
         let bytes: Vec<u8> = input.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        if bytes.len() % 4 != 0 {
+        if !bytes.len().is_multiple_of(4) {
             return None;
         }
         let mut out = Vec::with_capacity(bytes.len() / 4 * 3);

@@ -49,7 +49,10 @@ pub fn run(args: InjectArgs) -> ExitCode {
         }
     };
     let namespace_annotations: BTreeMap<String, String> = if args.namespace_annotation.is_empty() {
-        BTreeMap::from([(annotations::INJECT.to_owned(), annotations::ENABLED.to_owned())])
+        BTreeMap::from([(
+            annotations::INJECT.to_owned(),
+            annotations::ENABLED.to_owned(),
+        )])
     } else {
         args.namespace_annotation.into_iter().collect()
     };

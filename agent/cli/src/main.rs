@@ -12,6 +12,8 @@ use shoal_agent::client::{AgentClient, ClientError, Reply, DEFAULT_URL};
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
+mod inject;
+
 /// Talk to a Shoal agent: publish, subscribe, list topics.
 #[derive(Parser, Debug)]
 #[command(name = "shoal", version, about)]
@@ -31,6 +33,8 @@ enum Command {
     Sub(SubArgs),
     /// List topics, or create and delete them.
     Topics(TopicsArgs),
+    /// Add the agent sidecar to Kubernetes YAML or JSON, offline (as the webhook would).
+    Inject(inject::InjectArgs),
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +148,7 @@ async fn main() -> ExitCode {
         Command::Pub(a) => publish(&client, a).await,
         Command::Sub(a) => subscribe(&client, a).await,
         Command::Topics(a) => topics(&client, a).await,
+        Command::Inject(a) => return inject::run(a),
     };
     match result {
         Ok(code) => code,

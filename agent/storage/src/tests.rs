@@ -25,7 +25,7 @@ fn fill(log: &mut Log, n: u64, batch: u64) {
     let term = log.last_term().max(1);
     for i in start..start + n {
         assert_eq!(log.append(term, 1000 + i, &payload(i)).unwrap(), i);
-        if (i - start + 1) % batch == 0 {
+        if (i - start + 1).is_multiple_of(batch) {
             log.write_buffered().unwrap().unwrap().sync().unwrap();
         }
     }

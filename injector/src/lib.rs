@@ -1,0 +1,32 @@
+//! `shoal-injector`: Shoal's control plane for Kubernetes.
+//!
+//! A mutating admission webhook adds the agent sidecar to every new pod of an
+//! opted-in namespace. The injection logic ([`inject`]) is shared by the
+//! webhook ([`admission`], [`server`]) and by offline injection ([`offline`],
+//! the `shoal inject` command), so both produce the same pods.
+//!
+//! - [`config`]: what gets injected and its defaults.
+//! - [`annotations`]: the annotations read and written, and their parsing.
+//! - [`inject`]: the decision and the JSON Patch.
+//! - [`admission`]: AdmissionReview v1 in and out, fail-open.
+//! - [`nscache`]: namespaces watched with a kube-rs reflector.
+//! - [`tls`], [`bootstrap`]: serving certificates from files or self-made.
+//! - [`server`], [`run`]: the HTTPS and admin servers and the process.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod admission;
+pub mod annotations;
+pub mod bootstrap;
+pub mod config;
+pub mod error;
+pub mod inject;
+pub mod metrics;
+pub mod nscache;
+pub mod offline;
+pub mod run;
+pub mod server;
+pub mod tls;
+
+pub use config::InjectConfig;
+pub use error::InjectorError;

@@ -1,0 +1,157 @@
+//! Prometheus metrics of the injector, served on the admin port.
+
+use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Buckets of the admission latency histogram, in seconds.
+pub const LATENCY_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Labels of an admission decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `injected`, `skipped` or `error`.
+    pub result: String,
+    /// Why (see [`crate::inject::Reason`]).
+    pub reason: String,
+}
+
+/// Labels naming one annotation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnnotationLabels {
+    /// The annotation's key.
+    pub annotation: String,
+}
+
+/// Labels of a rejected HTTP request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BadRequestLabels {
+    /// What was wrong: `body`, `too_large`, `method`, `path`.
+    pub kind: String,
+}
+
+/// All metrics, registered once.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Admissions by result and reason.
+    pub admissions: Family<DecisionLabels, Counter>,
+    /// Time to answer one AdmissionReview.
+    pub latency: Histogram,
+    /// Ignored invalid tuning annotations.
+    pub invalid_annotations: Family<AnnotationLabels, Counter>,
+    /// Requests answered 4xx.
+    pub bad_requests: Family<BadRequestLabels, Counter>,
+    /// Serving certificate (re)loads.
+    pub cert_reloads: Counter,
+    /// Failed certificate reloads (the previous certificate stays in use).
+    pub cert_reload_errors: Counter,
+    /// Unix time at which the serving certificate expires (bootstrap mode).
+    pub cert_expiry: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers the metrics under the `shoal_injector_` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("shoal_injector");
+        let admissions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "admissions",
+            "Admission reviews answered, by result and reason",
+            admissions.clone(),
+        );
+        let latency = Histogram::new(LATENCY_BUCKETS.into_iter());
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer one admission review",
+            latency.clone(),
+        );
+        let invalid_annotations = Family::<AnnotationLabels, Counter>::default();
+        registry.register(
+            "invalid_annotations",
+            "Pod annotations with invalid values, ignored",
+            invalid_annotations.clone(),
+        );
+        let bad_requests = Family::<BadRequestLabels, Counter>::default();
+        registry.register(
+            "bad_requests",
+            "Webhook requests answered with a 4xx status",
+            bad_requests.clone(),
+        );
+        let cert_reloads = Counter::default();
+        registry.register(
+            "cert_reloads",
+            "Serving certificate loads",
+            cert_reloads.clone(),
+        );
+        let cert_reload_errors = Counter::default();
+        registry.register(
+            "cert_reload_errors",
+            "Serving certificate loads that failed",
+            cert_reload_errors.clone(),
+        );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "cert_expiry_timestamp_seconds",
+            "When the self-bootstrapped serving certificate expires",
+            cert_expiry.clone(),
+        );
+        Metrics {
+            registry,
+            admissions,
+            latency,
+            invalid_annotations,
+            bad_requests,
+            cert_reloads,
+            cert_reload_errors,
+            cert_expiry,
+        }
+    }
+
+    /// Counts one decision.
+    pub fn decision(&self, result: &str, reason: &str) {
+        self.admissions
+            .get_or_create(&DecisionLabels {
+                result: result.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one invalid annotation.
+    pub fn invalid_annotation(&self, annotation: &str) {
+        self.invalid_annotations
+            .get_or_create(&AnnotationLabels {
+                annotation: annotation.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one rejected request.
+    pub fn bad_request(&self, kind: &str) {
+        self.bad_requests
+            .get_or_create(&BadRequestLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
