@@ -1,0 +1,236 @@
+//! The agent under test: building it, starting it on free loopback ports,
+//! reading its memory and CPU from `/proc`, and stopping it whatever happens.
+
+use crate::BoxError;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Builds the release agent with cargo, showing cargo's own progress.
+pub fn build(workspace: &Path) -> Result<(), BoxError> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    println!("==> building the agent: cargo build --release -p shoal-agent --bin shoal-agent");
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "shoal-agent",
+            "--bin",
+            "shoal-agent",
+        ])
+        .current_dir(workspace)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build of shoal-agent failed ({status})").into());
+    }
+    Ok(())
+}
+
+/// A free port on 127.0.0.1 (bound and released; the agent binds it right after).
+pub fn free_port() -> Result<u16, BoxError> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A running agent process. Dropping it stops the process (SIGTERM, then
+/// SIGKILL after a grace period) before its data directory is removed.
+pub struct AgentProcess {
+    child: Child,
+    /// App API address.
+    pub app_addr: SocketAddr,
+    /// Admin address.
+    pub admin_addr: SocketAddr,
+    log_path: PathBuf,
+    // Dropped after `Drop::drop` has stopped the process.
+    _data: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    /// Starts `bin` on free loopback ports with a fresh data directory; pushes
+    /// go to `app_port`.
+    pub fn start(bin: &Path, app_port: u16) -> Result<AgentProcess, BoxError> {
+        if !bin.is_file() {
+            return Err(format!("no agent binary at {}", bin.display()).into());
+        }
+        let data = tempfile::Builder::new().prefix("shoal-bench-").tempdir()?;
+        let app_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let mesh_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let log_path = data.path().join("agent.log");
+        let log = File::create(&log_path)?;
+        let child = Command::new(bin)
+            .arg("--app-addr")
+            .arg(app_addr.to_string())
+            .arg("--admin-addr")
+            .arg(admin_addr.to_string())
+            .arg("--mesh-addr")
+            .arg(mesh_addr.to_string())
+            .arg("--app-port")
+            .arg(app_port.to_string())
+            .arg("--data-dir")
+            .arg(data.path().join("data"))
+            .arg("--node-name")
+            .arg("shoal-bench")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        println!(
+            "==> agent pid {} (app {app_addr}, admin {admin_addr}, push to 127.0.0.1:{app_port}, data {})",
+            child.id(),
+            data.path().display()
+        );
+        Ok(AgentProcess {
+            child,
+            app_addr,
+            admin_addr,
+            log_path,
+            _data: data,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The end of the agent's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_alive(&mut self) -> Result<(), BoxError> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => Err(format!(
+                "the agent exited ({status}); its log ends with:\n{}",
+                self.log_tail()
+            )
+            .into()),
+        }
+    }
+
+    /// Waits until `/readyz` answers 200, at most `limit`.
+    pub async fn wait_ready(&mut self, limit: Duration) -> Result<Duration, BoxError> {
+        let started = Instant::now();
+        let admin = shoal_agent::client::AgentClient::new(&format!("http://{}", self.admin_addr));
+        loop {
+            self.check_alive()?;
+            if let Ok(r) = admin.get("/readyz").await {
+                if r.status.is_success() {
+                    return Ok(started.elapsed());
+                }
+            }
+            if started.elapsed() > limit {
+                return Err(format!(
+                    "the agent was not ready within {limit:?}; its log ends with:\n{}",
+                    self.log_tail()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Resident memory and CPU time now.
+    pub fn stats(&self) -> Result<ProcStats, BoxError> {
+        ProcStats::read(self.pid())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let pid = self.child.id();
+        // Graceful first (std has no SIGTERM, so ask kill(1)), then by force.
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                println!("==> agent pid {pid} stopped");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        println!("==> agent pid {pid} killed");
+    }
+}
+
+/// Memory and CPU of a process from `/proc`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcStats {
+    /// Resident set size in KiB (`VmRSS`).
+    pub rss_kib: u64,
+    /// User plus system CPU time in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+impl ProcStats {
+    /// Reads `/proc/<pid>/status` and `/proc/<pid>/stat`.
+    pub fn read(pid: u32) -> Result<ProcStats, BoxError> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or("no VmRSS in /proc/<pid>/status")?;
+        Ok(ProcStats {
+            rss_kib,
+            cpu_ticks: cpu_ticks(&format!("/proc/{pid}/stat"))?,
+        })
+    }
+
+    /// This process (the bench client).
+    pub fn own_cpu_ticks() -> Result<u64, BoxError> {
+        cpu_ticks("/proc/self/stat")
+    }
+}
+
+fn cpu_ticks(path: &str) -> Result<u64, BoxError> {
+    let stat = std::fs::read_to_string(path)?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is fields[0]; utime is field 14, stime field 15.
+    let utime: u64 = fields
+        .get(11)
+        .and_then(|v| v.parse().ok())
+        .ok_or("no utime")?;
+    let stime: u64 = fields
+        .get(12)
+        .and_then(|v| v.parse().ok())
+        .ok_or("no stime")?;
+    Ok(utime + stime)
+}
+
+/// Clock ticks per second for `/proc` CPU times (`getconf CLK_TCK`, else 100).
+pub fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .unwrap_or(100.0)
+}

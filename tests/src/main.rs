@@ -1,0 +1,415 @@
+//! `shoal-bench`: benchmarks one release `shoal-agent` (issue 2).
+//!
+//! ```sh
+//! cargo run --release -p shoal-bench -- [--quick] [--out docs/benchmarks.md]
+//! ```
+//!
+//! Builds the release agent, starts it on free loopback ports with a fresh
+//! data directory, measures publish throughput (single and batched), open-loop
+//! publish latency, publish-to-pull and publish-to-push latency, memory and
+//! CPU, stops the agent (also on error and Ctrl-C), and writes its section of
+//! `docs/benchmarks.md`.
+
+mod agent;
+mod conn;
+mod report;
+mod workloads;
+
+use agent::AgentProcess;
+use clap::Parser;
+use report::{Delivery, Machine, Report};
+use shoal_agent::client::AgentClient;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use workloads::{ClosedLoop, Ctx, OpenLoopSpec, PushSink, Recorder};
+
+/// The error type of the bench: any error, with a readable message.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Benchmarks one release shoal-agent: throughput, latency, memory, CPU.
+#[derive(Debug, Parser)]
+#[command(name = "shoal-bench", about, long_about = None)]
+struct Cli {
+    /// Small counts (a smoke run of under ~30 s); writes no file unless --out is given.
+    #[arg(long)]
+    quick: bool,
+    /// Markdown file whose "Single agent (issue 2)" section is rewritten
+    /// (default: docs/benchmarks.md of the workspace; none with --quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the results only; write no file.
+    #[arg(long, conflicts_with = "out")]
+    no_write: bool,
+    /// Skip `cargo build --release -p shoal-agent` and use the binary as it is.
+    #[arg(long)]
+    no_build: bool,
+    /// Agent binary (default: target/release/shoal-agent of the workspace).
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// Keep-alive connections of the single-publish run.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Connections of the batched-publish run.
+    #[arg(long, default_value_t = 8)]
+    batch_connections: usize,
+    /// Messages per batched publish.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+}
+
+/// Counts and durations of one run.
+struct Plan {
+    warmup: Duration,
+    throughput_time: Duration,
+    single_max: u64,
+    batch_max: u64,
+    latency_time: Duration,
+    delivery_time: Duration,
+    rate: u64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                warmup: Duration::from_millis(500),
+                throughput_time: Duration::from_secs(2),
+                single_max: 200_000,
+                batch_max: 2_000_000,
+                latency_time: Duration::from_secs(3),
+                delivery_time: Duration::from_secs(2),
+                rate: 1_000,
+            }
+        } else {
+            Plan {
+                warmup: Duration::from_secs(2),
+                throughput_time: Duration::from_secs(20),
+                single_max: 5_000_000,
+                batch_max: 20_000_000,
+                latency_time: Duration::from_secs(30),
+                delivery_time: Duration::from_secs(20),
+                rate: 1_000,
+            }
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let workspace = workspace_root();
+    if !cli.no_build {
+        if let Err(e) = agent::build(&workspace) {
+            eprintln!("shoal-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    // One thread for the client: the agent needs the machine's other core(s).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("shoal-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        tokio::select! {
+            r = run(&cli, &workspace) => match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("shoal-bench: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("shoal-bench: interrupted; stopping the agent");
+                ExitCode::from(130)
+            }
+        }
+    });
+    // The agent was stopped when `run` was dropped; don't wait for stray tasks.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+async fn setup(
+    client: &AgentClient,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, BoxError> {
+    let r = client.put_json(path, &body).await?;
+    if !r.status.is_success() {
+        return Err(format!("PUT {path} answered {}: {}", r.status, r.text()).into());
+    }
+    Ok(r.json())
+}
+
+async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
+    let plan = Plan::new(cli.quick);
+    let bin = cli
+        .agent_bin
+        .clone()
+        .unwrap_or_else(|| workspace.join("target/release/shoal-agent"));
+    let push_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let push_port = push_listener.local_addr()?.port();
+    let mut agent = AgentProcess::start(&bin, push_port)?;
+    let ready_in = agent.wait_ready(Duration::from_secs(30)).await?;
+    println!("==> agent ready in {} ms", ready_in.as_millis());
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = agent.stats()?;
+    println!("==> idle RSS {} KiB", idle.rss_kib);
+
+    let ctx = Ctx {
+        app: agent.app_addr,
+        admin: agent.admin_addr,
+        pid: agent.pid(),
+        epoch: Instant::now(),
+        clk_tck: agent::clock_ticks_per_sec(),
+        max_rss_kib: Arc::new(AtomicU64::new(idle.rss_kib)),
+    };
+    workloads::spawn_rss_sampler(&ctx);
+    let sink: PushSink = Arc::new(Mutex::new(None));
+    tokio::spawn(workloads::serve_push(push_listener, sink.clone()));
+    let client = AgentClient::new(&format!("http://{}", agent.app_addr));
+
+    for t in [
+        "bench-single",
+        "bench-batch",
+        "bench-latency",
+        "bench-pull",
+        "bench-push",
+    ] {
+        let v = setup(&client, &format!("/v1/topics/{t}"), serde_json::json!({})).await?;
+        if t == "bench-single" {
+            println!(
+                "==> topics: {} partitions, fsync {}",
+                v.get("partitions").unwrap_or(&serde_json::Value::Null),
+                v.get("fsync").unwrap_or(&serde_json::Value::Null)
+            );
+        }
+    }
+
+    // 1. Single publishes.
+    let single = workloads::closed_loop(
+        &ctx,
+        ClosedLoop {
+            name: "single",
+            path: "/v1/topics/bench-single/messages".into(),
+            content_type: "application/octet-stream",
+            body: workloads::binary_payload(),
+            per_request: 1,
+            connections: cli.connections.max(1),
+            warmup: plan.warmup,
+            duration: plan.throughput_time,
+            max_messages: plan.single_max,
+        },
+    )
+    .await?;
+    println!(
+        "==> single: {:.0} msg/s, agent CPU {:.1} s per million\n",
+        single.rate(),
+        single.agent_cpu_per_million()
+    );
+    agent.check_alive()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 2. Batched publishes.
+    let batch_size = cli.batch_size.max(1);
+    let batch = workloads::closed_loop(
+        &ctx,
+        ClosedLoop {
+            name: "batch",
+            path: "/v1/topics/bench-batch/messages/batch".into(),
+            content_type: "application/x-ndjson",
+            body: workloads::ndjson_batch(batch_size),
+            per_request: batch_size as u64,
+            connections: cli.batch_connections.max(1),
+            warmup: plan.warmup,
+            duration: plan.throughput_time,
+            max_messages: plan.batch_max,
+        },
+    )
+    .await?;
+    println!(
+        "==> batch: {:.0} msg/s, agent CPU {:.2} s per million\n",
+        batch.rate(),
+        batch.agent_cpu_per_million()
+    );
+    let loaded_rss_kib = single.max_rss_kib.max(batch.max_rss_kib);
+    agent.check_alive()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 3. Open-loop publish latency.
+    let latency = workloads::open_loop(
+        &ctx,
+        OpenLoopSpec {
+            name: "latency",
+            path: "/v1/topics/bench-latency/messages".into(),
+            content_type: "application/octet-stream",
+            rate: plan.rate,
+            duration: plan.latency_time,
+            max_messages: plan.rate * plan.latency_time.as_secs(),
+        },
+        |_, _| workloads::binary_payload(),
+    )
+    .await?;
+    println!(
+        "==> publish latency p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs\n",
+        latency.latency.value_at_quantile(0.5),
+        latency.latency.value_at_quantile(0.99),
+        latency.latency.value_at_quantile(0.999),
+        latency.latency.max()
+    );
+    agent.check_alive()?;
+
+    // 4a. Publish → pull.
+    let expected = plan.rate * plan.delivery_time.as_secs();
+    setup(
+        &client,
+        "/v1/subscriptions/bench-pull",
+        serde_json::json!({"topic": "bench-pull", "start": "latest", "maxInFlight": 1000}),
+    )
+    .await?;
+    let rec = Arc::new(Mutex::new(Recorder::new(ctx.epoch, expected)?));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = tokio::spawn(workloads::pull_consumer(
+        ctx.app,
+        "bench-pull".into(),
+        rec.clone(),
+        expected,
+        stop.clone(),
+        Instant::now() + plan.delivery_time + Duration::from_secs(15),
+    ));
+    let epoch = ctx.epoch;
+    let publish = workloads::open_loop(
+        &ctx,
+        OpenLoopSpec {
+            name: "pull",
+            path: "/v1/topics/bench-pull/messages".into(),
+            content_type: "application/json",
+            rate: plan.rate,
+            duration: plan.delivery_time,
+            max_messages: expected,
+        },
+        move |i, at| workloads::timed_payload(epoch, i, at),
+    )
+    .await?;
+    // Let the consumer catch up (bounded), then stop it.
+    let waited = Instant::now();
+    while rec.lock().unwrap_or_else(|p| p.into_inner()).unique < publish.ok
+        && waited.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    match tokio::time::timeout(Duration::from_secs(5), consumer).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(format!("pull consumer: {e}").into()),
+        Ok(Err(e)) => return Err(format!("pull consumer task: {e}").into()),
+        Err(_) => eprintln!("[pull] the consumer did not stop within 5 s"),
+    }
+    let received = std::mem::replace(
+        &mut *rec.lock().unwrap_or_else(|p| p.into_inner()),
+        Recorder::new(ctx.epoch, 0)?,
+    );
+    println!(
+        "==> publish → pull: {} of {} received, p50 {} µs, p99 {} µs, p99.9 {} µs\n",
+        received.unique,
+        publish.ok,
+        received.latency.value_at_quantile(0.5),
+        received.latency.value_at_quantile(0.99),
+        received.latency.value_at_quantile(0.999)
+    );
+    let pull = Delivery { publish, received };
+    agent.check_alive()?;
+
+    // 4b. Publish → push.
+    *sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(Recorder::new(ctx.epoch, expected)?);
+    setup(
+        &client,
+        "/v1/subscriptions/bench-push",
+        serde_json::json!({"topic": "bench-push", "start": "latest", "pushPath": "/push", "maxInFlight": 1000}),
+    )
+    .await?;
+    let publish = workloads::open_loop(
+        &ctx,
+        OpenLoopSpec {
+            name: "push",
+            path: "/v1/topics/bench-push/messages".into(),
+            content_type: "application/json",
+            rate: plan.rate,
+            duration: plan.delivery_time,
+            max_messages: expected,
+        },
+        move |i, at| workloads::timed_payload(epoch, i, at),
+    )
+    .await?;
+    let waited = Instant::now();
+    let unique = |sink: &PushSink| {
+        sink.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |r| r.unique)
+    };
+    while unique(&sink) < publish.ok && waited.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let received = sink
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or("the push recorder vanished")?;
+    println!(
+        "==> publish → push: {} of {} received, p50 {} µs, p99 {} µs, p99.9 {} µs\n",
+        received.unique,
+        publish.ok,
+        received.latency.value_at_quantile(0.5),
+        received.latency.value_at_quantile(0.99),
+        received.latency.value_at_quantile(0.999)
+    );
+    let push = Delivery { publish, received };
+    agent.check_alive()?;
+
+    let mut command = "cargo run --release -p shoal-bench --".to_string();
+    for a in std::env::args().skip(1) {
+        command.push(' ');
+        command.push_str(&a);
+    }
+    let report = Report {
+        quick: cli.quick,
+        command,
+        machine: Machine::detect(workspace),
+        idle_rss_kib: idle.rss_kib,
+        loaded_rss_kib,
+        single,
+        batch,
+        batch_size,
+        latency,
+        pull,
+        push,
+    };
+    let md = report.markdown();
+    println!("{md}");
+    let out = match (&cli.out, cli.quick, cli.no_write) {
+        (_, _, true) => None,
+        (Some(p), _, _) => Some(p.clone()),
+        (None, false, _) => Some(workspace.join("docs/benchmarks.md")),
+        (None, true, _) => None,
+    };
+    if let Some(path) = out {
+        report::write_section(&path, &md)?;
+        println!("==> wrote {}", path.display());
+    }
+    Ok(())
+}
