@@ -455,15 +455,33 @@ impl Broker {
             }
         }
         let mut failed_partitions = Vec::new();
+        let mut durable_waits = Vec::new();
         for (&pid, &offset) in &waits {
-            if let Some(p) = partitions.get(pid as usize) {
-                if !p.is_ephemeral() {
-                    self.flusher.schedule(p);
-                }
+            let Some(p) = partitions.get(pid as usize) else { continue };
+            if p.is_ephemeral() {
+                continue;
             }
-            let _ = offset;
+            match p.fsync() {
+                // fsync before answering: the flusher batches fsyncs across requests.
+                FsyncPolicy::Always => {
+                    self.flusher.schedule(p);
+                    durable_waits.push((pid, offset));
+                }
+                FsyncPolicy::Interval | FsyncPolicy::Never => match p.write_now() {
+                    Ok(written) if written >= offset => {}
+                    Ok(_) => durable_waits.push((pid, offset)),
+                    Err(e) => {
+                        self.metrics
+                            .storage_errors
+                            .get_or_create(&crate::metrics::OpLabel { op: "write" })
+                            .inc();
+                        tracing::error!(topic = %topic_name, partition = pid, error = %e, "writing the partition log failed");
+                        failed_partitions.push(pid);
+                    }
+                },
+            }
         }
-        for (&pid, &offset) in &waits {
+        for (pid, offset) in durable_waits {
             if let Some(p) = partitions.get(pid as usize) {
                 if !p.wait_committed(offset, DEFAULT_WRITE_TIMEOUT).await {
                     failed_partitions.push(pid);

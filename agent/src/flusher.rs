@@ -1,14 +1,16 @@
-//! The flusher: one OS thread that writes buffered log entries for every
-//! partition, fsyncs per policy, makes entries visible, checkpoints committed
-//! offsets, and applies retention.
+//! The flusher: one OS thread for the slow storage work, kept off the
+//! publish path where it can be.
 //!
-//! Publishers only buffer in memory and queue the partition; the flusher then
-//! writes everything queued with one `write` per segment and one fsync per
-//! file per round. Publishers arriving while a round runs are batched into
-//! the next one: group commit across requests and partitions.
+//! - `always` topics: publishers buffer and queue the partition; the flusher
+//!   writes everything queued, fsyncs each file once, then answers them all.
+//!   Publishers arriving meanwhile join the next round: group commit.
+//! - `interval` topics: publishers write themselves ([`Partition::write_now`]);
+//!   every `--fsync-interval` the flusher fsyncs each file written since.
+//! - Every interval it also checkpoints committed offsets, and every
+//!   [`RETENTION_INTERVAL`] applies retention and refreshes storage gauges.
 
 use crate::metrics::{Metrics, OpLabel, TopicLabel};
-use crate::topic::{FsyncPolicy, Partition, Store, Topic};
+use crate::topic::{Partition, Store, Topic};
 use shoal_storage::SyncHandle;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -102,7 +104,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn run(shared: &Shared) {
-    let mut unsynced: HashMap<usize, (Arc<Partition>, Vec<SyncHandle>)> = HashMap::new();
     let mut next_sync = Instant::now() + shared.interval;
     let mut next_retention = Instant::now() + RETENTION_INTERVAL;
     loop {
@@ -121,30 +122,15 @@ fn run(shared: &Shared) {
             }
             (std::mem::take(&mut q.partitions), q.stop)
         };
+        // `always` partitions: write all, then one fsync per file, then answer.
         let mut sync_now = Vec::new();
         for p in batch {
             p.queued.store(false, Ordering::Release);
             match write_partition(&p) {
-                Ok(Some((handle, written))) => match p.fsync() {
-                    FsyncPolicy::Always => sync_now.push((p, handle, written)),
-                    FsyncPolicy::Interval => {
-                        p.set_committed(written);
-                        let key = Arc::as_ptr(&p) as usize;
-                        unsynced
-                            .entry(key)
-                            .or_insert_with(|| (p.clone(), Vec::new()))
-                            .1
-                            .push(handle);
-                    }
-                    FsyncPolicy::Never => p.set_committed(written),
-                },
+                Ok(Some((handle, written))) => sync_now.push((p, handle, written)),
                 Ok(None) => {}
                 Err(e) => {
-                    shared
-                        .metrics
-                        .storage_errors
-                        .get_or_create(&OpLabel { op: "write" })
-                        .inc();
+                    shared.metrics.storage_errors.get_or_create(&OpLabel { op: "write" }).inc();
                     tracing::error!(topic = %p.topic, partition = p.id, error = %e, "writing the partition log failed; retrying");
                     std::thread::sleep(WRITE_RETRY_DELAY);
                     p.queued.store(true, Ordering::Release);
@@ -157,22 +143,23 @@ fn run(shared: &Shared) {
                 p.set_committed(written);
             } else {
                 // Not acknowledged: the publisher times out with 503 and may retry.
-                let key = Arc::as_ptr(&p) as usize;
-                unsynced
-                    .entry(key)
-                    .or_insert_with(|| (p.clone(), Vec::new()))
-                    .1
-                    .push(handle);
+                p.return_unsynced(handle);
             }
         }
         let now = Instant::now();
         if now >= next_sync || stop {
             next_sync = now + shared.interval;
-            for (_, (_, handles)) in unsynced.drain() {
-                for h in handles {
-                    sync(shared, &h);
+            if stop {
+                // Anything buffered (a publish cut short by the stop) is written too.
+                for topic in live_topics(shared) {
+                    for p in topic.partitions() {
+                        if let Err(e) = p.write_now() {
+                            tracing::error!(topic = %p.topic, partition = p.id, error = %e, "final write failed");
+                        }
+                    }
                 }
             }
+            sync_interval_partitions(shared);
             checkpoint_offsets(shared);
         }
         if now >= next_retention {
@@ -180,17 +167,21 @@ fn run(shared: &Shared) {
             retention_and_gauges(shared);
         }
         if stop {
-            // A final round for anything queued while stopping.
-            let rest = std::mem::take(&mut lock(&shared.queue).partitions);
-            for p in rest {
-                if let Ok(Some((handle, written))) = write_partition(&p) {
-                    if sync(shared, &handle) {
-                        p.set_committed(written);
-                    }
+            return;
+        }
+    }
+}
+
+/// The periodic fsync of `interval` partitions: each file written since the
+/// last one is synced once, outside every lock publishers take.
+fn sync_interval_partitions(shared: &Shared) {
+    for topic in live_topics(shared) {
+        for p in topic.partitions() {
+            if let Some(handle) = p.take_unsynced() {
+                if !sync(shared, &handle) {
+                    p.return_unsynced(handle);
                 }
             }
-            checkpoint_offsets(shared);
-            return;
         }
     }
 }

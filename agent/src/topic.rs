@@ -5,7 +5,7 @@
 use crate::error::ApiError;
 use crate::metrics::TopicMetrics;
 use serde::{Deserialize, Serialize};
-use shoal_storage::{Entry, Log, StorageError};
+use shoal_storage::{Entry, Log, StorageError, SyncHandle};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -278,6 +278,8 @@ pub struct Partition {
     pub queued: AtomicBool,
     /// Committed offsets of consumer groups.
     pub offsets: Mutex<Offsets>,
+    /// Files written but not yet fsynced (`interval` policy).
+    unsynced: Mutex<Option<SyncHandle>>,
     /// The topic's change generation, bumped when entries become visible.
     pub topic_changed: Arc<watch::Sender<u64>>,
 }
@@ -307,6 +309,7 @@ impl Partition {
                 committed: offsets,
                 dirty: false,
             }),
+            unsynced: Mutex::new(None),
             topic_changed,
         }
     }
@@ -323,6 +326,7 @@ impl Partition {
             pending_bytes: AtomicU64::new(0),
             queued: AtomicBool::new(false),
             offsets: Mutex::new(Offsets::default()),
+            unsynced: Mutex::new(None),
             topic_changed,
         }
     }
@@ -371,6 +375,48 @@ impl Partition {
                 self.committed.send_replace(index);
                 Ok(index)
             }
+        }
+    }
+
+    /// Writes buffered entries to the OS now and makes them visible; for the
+    /// `interval` policy the files are remembered for the next periodic fsync.
+    /// This is the publish path of `interval` and `never` topics: one write
+    /// syscall per request, no thread hand-off. A process crash cannot lose
+    /// what this wrote; a power loss can lose up to one fsync interval.
+    pub fn write_now(&self) -> Result<u64, StorageError> {
+        let written = {
+            let mut store = self.store();
+            let Store::Disk(log) = &mut *store else {
+                return Ok(self.committed());
+            };
+            let handle = log.write_buffered()?;
+            self.pending_bytes.store(0, Ordering::Relaxed);
+            if let Some(h) = handle {
+                if self.fsync() == FsyncPolicy::Interval {
+                    let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+                    match unsynced.as_mut() {
+                        Some(u) => u.merge(h),
+                        None => *unsynced = Some(h),
+                    }
+                }
+            }
+            log.written_index()
+        };
+        self.set_committed(written);
+        Ok(written)
+    }
+
+    /// Takes the files written since the last periodic fsync.
+    pub fn take_unsynced(&self) -> Option<SyncHandle> {
+        self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Puts back files whose fsync failed, to try again next interval.
+    pub fn return_unsynced(&self, handle: SyncHandle) {
+        let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+        match unsynced.as_mut() {
+            Some(u) => u.merge(handle),
+            None => *unsynced = Some(handle),
         }
     }
 

@@ -200,6 +200,19 @@ impl SyncHandle {
         }
         Ok(())
     }
+    /// Files this handle syncs.
+    pub fn file_count(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Adds the files of `other` not already here, so one sync covers both.
+    pub fn merge(&mut self, other: SyncHandle) {
+        for f in other.files {
+            if !self.files.iter().any(|g| Arc::ptr_eq(&f, g)) {
+                self.files.push(f);
+            }
+        }
+    }
 }
 
 /// One segment file pair (`.log` + `.idx`).

@@ -778,3 +778,29 @@ fn random_ops(seed: u64) {
     let all = log.read(first, usize::MAX, usize::MAX).unwrap();
     assert_eq!(all, model);
 }
+
+#[test]
+fn merged_sync_handles_sync_each_file_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(dir.path(), LogConfig::default());
+    log.append(1, 1, b"a").unwrap();
+    let mut h = log.write_buffered().unwrap().unwrap();
+    for i in 0..10 {
+        log.append(1, i, b"b").unwrap();
+        h.merge(log.write_buffered().unwrap().unwrap());
+    }
+    assert_eq!(h.file_count(), 1, "ten writes to one segment need one fsync");
+    h.sync().unwrap();
+    let (mut small_log, _) = open(&dir.path().join("small"), small());
+    let mut h = small_log.write_buffered().unwrap().unwrap_or_else(|| {
+        small_log.append(1, 1, &payload(0)).unwrap();
+        small_log.write_buffered().unwrap().unwrap()
+    });
+    for i in 1..200 {
+        small_log.append(1, i, &payload(i)).unwrap();
+        h.merge(small_log.write_buffered().unwrap().unwrap());
+    }
+    assert!(small_log.segment_count() > 1);
+    assert!(h.file_count() > 1 && h.file_count() <= small_log.segment_count());
+    h.sync().unwrap();
+}
