@@ -137,154 +137,151 @@ fn method_not_allowed(allow: &'static str) -> ApiError {
     )
 }
 
+/// The app API's routes; path segments are percent-decoded names.
+enum Route {
+    Topics,
+    Topic(String),
+    Publish(String),
+    Batch(String),
+    Request(String),
+    Subscriptions,
+    Subscription(String),
+    Pull(String),
+    Acks(String),
+    Events(String),
+}
+
+impl Route {
+    fn resolve(path: &str) -> Option<Route> {
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        let d = |s: &str| percent_decode(s);
+        Some(match segments.as_slice() {
+            ["v1", "topics"] => Route::Topics,
+            ["v1", "topics", t] => Route::Topic(d(t)),
+            ["v1", "topics", t, "messages"] => Route::Publish(d(t)),
+            ["v1", "topics", t, "messages", "batch"] => Route::Batch(d(t)),
+            ["v1", "topics", t, "requests"] => Route::Request(d(t)),
+            ["v1", "subscriptions"] => Route::Subscriptions,
+            ["v1", "subscriptions", s] => Route::Subscription(d(s)),
+            ["v1", "subscriptions", s, "messages"] => Route::Pull(d(s)),
+            ["v1", "subscriptions", s, "acks"] => Route::Acks(d(s)),
+            ["v1", "subscriptions", s, "events"] => Route::Events(d(s)),
+            _ => return None,
+        })
+    }
+
+    /// The route's template, as metrics label it.
+    fn template(&self) -> &'static str {
+        match self {
+            Route::Topics => "/v1/topics",
+            Route::Topic(_) => "/v1/topics/{topic}",
+            Route::Publish(_) => "/v1/topics/{topic}/messages",
+            Route::Batch(_) => "/v1/topics/{topic}/messages/batch",
+            Route::Request(_) => "/v1/topics/{topic}/requests",
+            Route::Subscriptions => "/v1/subscriptions",
+            Route::Subscription(_) => "/v1/subscriptions/{name}",
+            Route::Pull(_) => "/v1/subscriptions/{name}/messages",
+            Route::Acks(_) => "/v1/subscriptions/{name}/acks",
+            Route::Events(_) => "/v1/subscriptions/{name}/events",
+        }
+    }
+
+    fn allowed_methods(&self) -> &'static str {
+        match self {
+            Route::Topic(_) | Route::Subscription(_) => "GET, PUT, POST, DELETE",
+            Route::Topics | Route::Subscriptions | Route::Pull(_) | Route::Events(_) => "GET",
+            Route::Publish(_) | Route::Batch(_) | Route::Request(_) | Route::Acks(_) => "POST",
+        }
+    }
+}
+
 async fn route<B>(state: &AppState, req: Request<B>) -> Routed
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let path = req.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let method = req.method().clone();
-    let query = match Query::parse(req.uri().query()) {
-        Ok(q) => q,
-        Err(e) => return ("unknown", Err(e)),
+    let Some(route) = Route::resolve(req.uri().path()) else {
+        let e = ApiError::not_found(
+            "route_not_found",
+            format!(
+                "no route {} {}; see docs/api.md",
+                req.method(),
+                req.uri().path()
+            ),
+        );
+        return ("unknown", Err(e));
     };
-    match segments.as_slice() {
-        ["v1", "topics"] => (
-            "/v1/topics",
-            match method {
-                Method::GET => query.only(&[]).map(|_| list_topics(state)),
-                _ => Err(method_not_allowed("GET")),
-            },
-        ),
-        ["v1", "topics", topic] => {
-            let topic = percent_decode(topic);
-            (
-                "/v1/topics/{topic}",
-                match method {
-                    Method::GET => query.only(&[]).and_then(|_| get_topic(state, &topic)),
-                    Method::PUT | Method::POST => match query.only(&[]) {
-                        Ok(()) => put_topic(state, &topic, req).await,
-                        Err(e) => Err(e),
-                    },
-                    Method::DELETE => query.only(&[]).and_then(|_| delete_topic(state, &topic)),
-                    _ => Err(method_not_allowed("GET, PUT, POST, DELETE")),
-                },
-            )
+    let template = route.template();
+    let result = async {
+        let query = Query::parse(req.uri().query());
+        let method = req.method().clone();
+        match (route, method) {
+            (Route::Topics, Method::GET) => {
+                query.only(&[])?;
+                Ok(list_topics(state))
+            }
+            (Route::Topic(t), Method::GET) => {
+                query.only(&[])?;
+                get_topic(state, &t)
+            }
+            (Route::Topic(t), Method::PUT | Method::POST) => {
+                query.only(&[])?;
+                put_topic(state, &t, req).await
+            }
+            (Route::Topic(t), Method::DELETE) => {
+                query.only(&[])?;
+                delete_topic(state, &t)
+            }
+            (Route::Publish(t), Method::POST) => {
+                query.only(&[])?;
+                publish_one(state, &t, req).await
+            }
+            (Route::Batch(t), Method::POST) => {
+                query.only(&[])?;
+                publish_batch(state, &t, req).await
+            }
+            (Route::Request(t), Method::POST) => {
+                query.only(&["timeout"])?;
+                request_reply(state, &t, &query, req).await
+            }
+            (Route::Subscriptions, Method::GET) => {
+                query.only(&[])?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"subscriptions": state.subs.list()}),
+                ))
+            }
+            (Route::Subscription(s), Method::GET) => {
+                query.only(&[])?;
+                get_subscription(state, &s)
+            }
+            (Route::Subscription(s), Method::PUT | Method::POST) => {
+                query.only(&[])?;
+                put_subscription(state, &s, req).await
+            }
+            (Route::Subscription(s), Method::DELETE) => {
+                query.only(&[])?;
+                crate::names::validate("subscription", &s)?;
+                state.subs.delete(&s)?;
+                Ok(no_content())
+            }
+            (Route::Pull(s), Method::GET) => {
+                query.only(&["max", "wait"])?;
+                pull(state, &s, &query).await
+            }
+            (Route::Acks(s), Method::POST) => {
+                query.only(&[])?;
+                ack(state, &s, req).await
+            }
+            (Route::Events(s), Method::GET) => {
+                query.only(&[])?;
+                stream(state, &s)
+            }
+            (route, _) => Err(method_not_allowed(route.allowed_methods())),
         }
-        ["v1", "topics", topic, "messages"] => {
-            let topic = percent_decode(topic);
-            (
-                "/v1/topics/{topic}/messages",
-                match method {
-                    Method::POST => match query.only(&[]) {
-                        Ok(()) => publish_one(state, &topic, req).await,
-                        Err(e) => Err(e),
-                    },
-                    _ => Err(method_not_allowed("POST")),
-                },
-            )
-        }
-        ["v1", "topics", topic, "messages", "batch"] => {
-            let topic = percent_decode(topic);
-            (
-                "/v1/topics/{topic}/messages/batch",
-                match method {
-                    Method::POST => match query.only(&[]) {
-                        Ok(()) => publish_batch(state, &topic, req).await,
-                        Err(e) => Err(e),
-                    },
-                    _ => Err(method_not_allowed("POST")),
-                },
-            )
-        }
-        ["v1", "topics", topic, "requests"] => {
-            let topic = percent_decode(topic);
-            (
-                "/v1/topics/{topic}/requests",
-                match method {
-                    Method::POST => match query.only(&["timeout"]) {
-                        Ok(()) => request_reply(state, &topic, &query, req).await,
-                        Err(e) => Err(e),
-                    },
-                    _ => Err(method_not_allowed("POST")),
-                },
-            )
-        }
-        ["v1", "subscriptions"] => (
-            "/v1/subscriptions",
-            match method {
-                Method::GET => query.only(&[]).map(|_| {
-                    json_response(StatusCode::OK, &json!({"subscriptions": state.subs.list()}))
-                }),
-                _ => Err(method_not_allowed("GET")),
-            },
-        ),
-        ["v1", "subscriptions", name] => {
-            let name = percent_decode(name);
-            (
-                "/v1/subscriptions/{name}",
-                match method {
-                    Method::GET => query.only(&[]).and_then(|_| get_subscription(state, &name)),
-                    Method::PUT | Method::POST => match query.only(&[]) {
-                        Ok(()) => put_subscription(state, &name, req).await,
-                        Err(e) => Err(e),
-                    },
-                    Method::DELETE => query.only(&[]).and_then(|_| {
-                        state.subs.delete(&name)?;
-                        Ok(no_content())
-                    }),
-                    _ => Err(method_not_allowed("GET, PUT, POST, DELETE")),
-                },
-            )
-        }
-        ["v1", "subscriptions", name, "messages"] => {
-            let name = percent_decode(name);
-            (
-                "/v1/subscriptions/{name}/messages",
-                match method {
-                    Method::GET => match query.only(&["max", "wait"]) {
-                        Ok(()) => pull(state, &name, &query).await,
-                        Err(e) => Err(e),
-                    },
-                    _ => Err(method_not_allowed("GET")),
-                },
-            )
-        }
-        ["v1", "subscriptions", name, "acks"] => {
-            let name = percent_decode(name);
-            (
-                "/v1/subscriptions/{name}/acks",
-                match method {
-                    Method::POST => match query.only(&[]) {
-                        Ok(()) => ack(state, &name, req).await,
-                        Err(e) => Err(e),
-                    },
-                    _ => Err(method_not_allowed("POST")),
-                },
-            )
-        }
-        ["v1", "subscriptions", name, "events"] => {
-            let name = percent_decode(name);
-            (
-                "/v1/subscriptions/{name}/events",
-                match method {
-                    Method::GET => match query.only(&[]) {
-                        Ok(()) => stream(state, &name),
-                        Err(e) => Err(e),
-                    },
-                    _ => Err(method_not_allowed("GET")),
-                },
-            )
-        }
-        _ => (
-            "unknown",
-            Err(ApiError::not_found(
-                "route_not_found",
-                format!("no route {method} {path}; see docs/api.md"),
-            )),
-        ),
     }
+    .await;
+    (template, result)
 }
 
 fn no_content() -> Response<Body> {
@@ -298,13 +295,13 @@ fn no_content() -> Response<Body> {
 struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(q: Option<&str>) -> Result<Query, ApiError> {
+    fn parse(q: Option<&str>) -> Query {
         let mut out = Vec::new();
         for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             out.push((percent_decode(k), percent_decode(v)));
         }
-        Ok(Query(out))
+        Query(out)
     }
 
     fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
@@ -1116,7 +1113,7 @@ mod tests {
 
     #[test]
     fn query_rules() {
-        let q = Query::parse(Some("max=5&wait=2s")).unwrap();
+        let q = Query::parse(Some("max=5&wait=2s"));
         assert!(q.only(&["max", "wait"]).is_ok());
         assert_eq!(q.only(&["max"]).unwrap_err().code, "unknown_parameter");
         assert_eq!(q.usize("max", 1, 10).unwrap(), 5);
@@ -1125,7 +1122,7 @@ mod tests {
                 .unwrap(),
             Duration::from_secs(2)
         );
-        let bad = Query::parse(Some("max=0&wait=forever")).unwrap();
+        let bad = Query::parse(Some("max=0&wait=forever"));
         assert!(bad.usize("max", 1, 10).is_err());
         assert!(bad
             .duration("wait", Duration::ZERO, Duration::from_secs(60))

@@ -457,7 +457,9 @@ impl Broker {
         let mut failed_partitions = Vec::new();
         let mut durable_waits = Vec::new();
         for (&pid, &offset) in &waits {
-            let Some(p) = partitions.get(pid as usize) else { continue };
+            let Some(p) = partitions.get(pid as usize) else {
+                continue;
+            };
             if p.is_ephemeral() {
                 continue;
             }

@@ -130,7 +130,11 @@ fn run(shared: &Shared) {
                 Ok(Some((handle, written))) => sync_now.push((p, handle, written)),
                 Ok(None) => {}
                 Err(e) => {
-                    shared.metrics.storage_errors.get_or_create(&OpLabel { op: "write" }).inc();
+                    shared
+                        .metrics
+                        .storage_errors
+                        .get_or_create(&OpLabel { op: "write" })
+                        .inc();
                     tracing::error!(topic = %p.topic, partition = p.id, error = %e, "writing the partition log failed; retrying");
                     std::thread::sleep(WRITE_RETRY_DELAY);
                     p.queued.store(true, Ordering::Release);

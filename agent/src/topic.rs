@@ -408,7 +408,10 @@ impl Partition {
 
     /// Takes the files written since the last periodic fsync.
     pub fn take_unsynced(&self) -> Option<SyncHandle> {
-        self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Puts back files whose fsync failed, to try again next interval.

@@ -142,6 +142,24 @@ fn main() -> ExitCode {
     code
 }
 
+/// Lets the disk catch up between phases: `sync(1)` (bounded by 60 s), then a
+/// second of rest, so one phase's writeback does not land in the next one.
+async fn settle() {
+    let started = Instant::now();
+    let synced = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("sync").status(),
+    )
+    .await;
+    match synced {
+        Ok(Ok(s)) if s.success() => {
+            println!("==> settle: sync took {} ms", started.elapsed().as_millis())
+        }
+        _ => println!("==> settle: sync failed or timed out"),
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 async fn setup(
     client: &AgentClient,
     path: &str,
@@ -222,7 +240,7 @@ async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
         single.agent_cpu_per_million()
     );
     agent.check_alive()?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
 
     // 2. Batched publishes.
     let batch_size = cli.batch_size.max(1);
@@ -248,7 +266,7 @@ async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     );
     let loaded_rss_kib = single.max_rss_kib.max(batch.max_rss_kib);
     agent.check_alive()?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
 
     // 3. Open-loop publish latency.
     let latency = workloads::open_loop(
@@ -272,6 +290,7 @@ async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
         latency.latency.max()
     );
     agent.check_alive()?;
+    settle().await;
 
     // 4a. Publish → pull.
     let expected = plan.rate * plan.delivery_time.as_secs();
@@ -333,6 +352,7 @@ async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     );
     let pull = Delivery { publish, received };
     agent.check_alive()?;
+    settle().await;
 
     // 4b. Publish → push.
     *sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(Recorder::new(ctx.epoch, expected)?);

@@ -295,7 +295,8 @@ impl Report {
         o.push_str(
             "\nMethod: the bench starts the release `shoal-agent` with a fresh data directory on free \
              loopback ports and default settings (topics of 4 partitions, fsync `interval` = 200 ms), \
-             and stops it at the end. Throughput runs are closed loops (each connection sends its next \
+             and stops it at the end. Between phases it runs `sync(1)` and rests a second, so writeback \
+             of one phase's data does not fall into the next. Throughput runs are closed loops (each connection sends its next \
              request when the answer arrives) after a warm-up, bounded by time and by count. Latency \
              runs are open loops: a thread schedules one publish per millisecond and latency counts \
              from the scheduled time, so a stalled answer also counts against the sends queued behind \
@@ -343,4 +344,29 @@ pub fn write_section(path: &Path, section: &str) -> Result<(), BoxError> {
     }
     std::fs::write(path, new).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_only_its_own_section() -> Result<(), BoxError> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("benchmarks.md");
+        let first = format!("{BEGIN}\none\n{END}\n");
+        write_section(&path, &first)?;
+        let with_other = format!(
+            "{}\n## Mesh\n\nother figures\n",
+            std::fs::read_to_string(&path)?
+        );
+        std::fs::write(&path, &with_other)?;
+        write_section(&path, &format!("{BEGIN}\ntwo\n{END}\n"))?;
+        let text = std::fs::read_to_string(&path)?;
+        assert!(text.starts_with("# Benchmarks"));
+        assert!(text.contains("two") && !text.contains("one\n"));
+        assert!(text.contains("## Mesh\n\nother figures\n"));
+        assert_eq!(text.matches(END).count(), 1);
+        Ok(())
+    }
 }
