@@ -789,7 +789,11 @@ fn merged_sync_handles_sync_each_file_once() {
         log.append(1, i, b"b").unwrap();
         h.merge(log.write_buffered().unwrap().unwrap());
     }
-    assert_eq!(h.file_count(), 1, "ten writes to one segment need one fsync");
+    assert_eq!(
+        h.file_count(),
+        1,
+        "ten writes to one segment need one fsync"
+    );
     h.sync().unwrap();
     let (mut small_log, _) = open(&dir.path().join("small"), small());
     let mut h = small_log.write_buffered().unwrap().unwrap_or_else(|| {
