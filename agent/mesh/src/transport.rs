@@ -1,0 +1,113 @@
+//! The QUIC endpoint: one UDP socket that accepts and dials agents.
+
+use crate::certs::spiffe_id_of;
+use crate::tls::{client_config, server_config, CertStore};
+use crate::{MeshError, SpiffeId};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::CertificateDer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Idle time after which a silent connection is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive interval, below the idle timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Server name sent when dialing; not checked (peers are named by SPIFFE ID).
+const SERVER_NAME: &str = "shoal-agent";
+
+/// An authenticated connection to another agent.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The peer's SPIFFE ID, from its verified certificate.
+    pub id: SpiffeId,
+    /// The QUIC connection.
+    pub connection: quinn::Connection,
+}
+
+/// A bound mesh endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    endpoint: quinn::Endpoint,
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    Arc::new(t)
+}
+
+fn peer_id(connection: &quinn::Connection) -> Result<SpiffeId, String> {
+    let identity = connection.peer_identity().ok_or("no peer certificate")?;
+    let certs = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| "peer identity is not a certificate chain")?;
+    let leaf = certs.first().ok_or("empty peer certificate chain")?;
+    spiffe_id_of(leaf)
+}
+
+impl Endpoint {
+    /// Binds `addr` (UDP) serving and dialing with the certificates in `store`.
+    pub fn bind(addr: SocketAddr, store: &Arc<CertStore>) -> Result<Endpoint, MeshError> {
+        let server = QuicServerConfig::try_from(server_config(store)?)
+            .map_err(|e| MeshError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+        server.transport_config(transport());
+        let client = QuicClientConfig::try_from(client_config(store)?)
+            .map_err(|e| MeshError::Tls(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client));
+        client.transport_config(transport());
+        let mut endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|source| MeshError::Bind { addr, source })?;
+        endpoint.set_default_client_config(client);
+        Ok(Endpoint { endpoint })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, MeshError> {
+        self.endpoint.local_addr().map_err(|source| MeshError::Io {
+            path: "mesh socket".into(),
+            source,
+        })
+    }
+
+    /// Dials an agent and authenticates it.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Peer, MeshError> {
+        let err = |reason: String| MeshError::Connect { addr, reason };
+        let connecting = self
+            .endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| err(e.to_string()))?;
+        let connection = connecting.await.map_err(|e| err(e.to_string()))?;
+        let id = peer_id(&connection).map_err(err)?;
+        Ok(Peer { id, connection })
+    }
+
+    /// Waits for the next agent to connect and authenticate. Handshakes that
+    /// fail are skipped (the TLS layer has counted the refusal). `None` once
+    /// the endpoint is closed.
+    pub async fn accept(&self) -> Option<Result<Peer, MeshError>> {
+        let incoming = self.endpoint.accept().await?;
+        let addr = incoming.remote_address();
+        Some(match incoming.await {
+            Ok(connection) => peer_id(&connection)
+                .map(|id| Peer { id, connection })
+                .map_err(|reason| MeshError::Connect { addr, reason }),
+            Err(e) => Err(MeshError::Connect {
+                addr,
+                reason: e.to_string(),
+            }),
+        })
+    }
+
+    /// Closes every connection and the socket.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"agent stopping");
+    }
+}
+
+#[cfg(test)]
+mod tests;
