@@ -225,7 +225,7 @@ impl Membership {
     pub fn live(&self) -> Vec<AgentId> {
         let mut v: Vec<AgentId> = self.foca.iter_members().map(|m| m.id().clone()).collect();
         v.push(self.me().clone());
-        v.sort_by(|a, b| a.addr.cmp(&b.addr));
+        v.sort_by_key(|a| a.addr);
         v
     }
 }
