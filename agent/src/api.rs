@@ -61,6 +61,10 @@ pub struct ApiSettings {
 /// What request handlers share.
 #[derive(Debug)]
 pub struct AppState {
+    /// The mesh, when this agent runs one.
+    pub mesh: Option<Arc<crate::mesh::Mesh>>,
+    /// Namespace of this agent's topics (placement keys).
+    pub namespace: String,
     /// Topics and publishing.
     pub broker: Arc<Broker>,
     /// Subscriptions and delivery.
@@ -139,6 +143,7 @@ fn method_not_allowed(allow: &'static str) -> ApiError {
 
 /// The app API's routes; path segments are percent-decoded names.
 enum Route {
+    Cluster,
     Topics,
     Topic(String),
     Publish(String),
@@ -156,6 +161,7 @@ impl Route {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let d = |s: &str| percent_decode(s);
         Some(match segments.as_slice() {
+            ["v1", "cluster"] => Route::Cluster,
             ["v1", "topics"] => Route::Topics,
             ["v1", "topics", t] => Route::Topic(d(t)),
             ["v1", "topics", t, "messages"] => Route::Publish(d(t)),
@@ -173,6 +179,7 @@ impl Route {
     /// The route's template, as metrics label it.
     fn template(&self) -> &'static str {
         match self {
+            Route::Cluster => "/v1/cluster",
             Route::Topics => "/v1/topics",
             Route::Topic(_) => "/v1/topics/{topic}",
             Route::Publish(_) => "/v1/topics/{topic}/messages",
@@ -189,7 +196,11 @@ impl Route {
     fn allowed_methods(&self) -> &'static str {
         match self {
             Route::Topic(_) | Route::Subscription(_) => "GET, PUT, POST, DELETE",
-            Route::Topics | Route::Subscriptions | Route::Pull(_) | Route::Events(_) => "GET",
+            Route::Cluster
+            | Route::Topics
+            | Route::Subscriptions
+            | Route::Pull(_)
+            | Route::Events(_) => "GET",
             Route::Publish(_) | Route::Batch(_) | Route::Request(_) | Route::Acks(_) => "POST",
         }
     }
@@ -216,6 +227,10 @@ where
         let query = Query::parse(req.uri().query());
         let method = req.method().clone();
         match (route, method) {
+            (Route::Cluster, Method::GET) => {
+                query.only(&[])?;
+                Ok(cluster(state))
+            }
             (Route::Topics, Method::GET) => {
                 query.only(&[])?;
                 Ok(list_topics(state))
@@ -777,6 +792,55 @@ fn topic_json(state: &AppState, topic: &crate::topic::Topic) -> Value {
         o.insert("stats".into(), json!({"partitions": partitions}));
     }
     v
+}
+
+/// The cluster as this agent sees it, and the partitions each member is home to.
+fn cluster(state: &AppState) -> Response<Body> {
+    let Some(mesh) = &state.mesh else {
+        return json_response(
+            StatusCode::OK,
+            &json!({"mesh": false, "joined": true, "members": [], "note": "mesh off: start the agent with --dev to join other agents"}),
+        );
+    };
+    let view = mesh.view();
+    let placement = view.placement_members();
+    let mut homes: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for topic in state.broker.topics() {
+        for p in 0..topic.partition_count() {
+            let key = shoal_cluster::placement::PartitionKey {
+                namespace: &state.namespace,
+                topic: &topic.name,
+                partition: p,
+            };
+            if let Some(home) = shoal_cluster::placement::home(&placement, &key) {
+                homes
+                    .entry(home.id.clone())
+                    .or_default()
+                    .push(format!("{}/{p}", topic.name));
+            }
+        }
+    }
+    let describe = |m: &crate::mesh::MemberView, me: bool| {
+        let mut v = serde_json::to_value(m).unwrap_or_else(|_| json!({}));
+        if let Value::Object(o) = &mut v {
+            o.insert("self".into(), me.into());
+            o.insert(
+                "partitions".into(),
+                homes.get(&m.node).cloned().unwrap_or_default().into(),
+            );
+        }
+        v
+    };
+    let members: Vec<Value> = view
+        .me
+        .iter()
+        .map(|m| describe(m, true))
+        .chain(view.members.iter().map(|m| describe(m, false)))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members}),
+    )
 }
 
 fn list_topics(state: &AppState) -> Response<Body> {

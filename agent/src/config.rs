@@ -43,7 +43,7 @@ pub struct Config {
     )]
     pub app_addr: Vec<SocketAddr>,
 
-    /// Mesh (QUIC) listen address. Reserved for the mesh; a single agent does not open it yet.
+    /// Mesh (QUIC, mutual TLS) listen address. The mesh runs with --dev (identity from the dev CA).
     #[arg(long, env = "SHOAL_MESH_ADDR", default_value = "0.0.0.0:4701")]
     pub mesh_addr: SocketAddr,
 
@@ -55,11 +55,11 @@ pub struct Config {
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = "shoal-data")]
     pub data_dir: PathBuf,
 
-    /// Address of another agent to join (repeatable). Reserved for the mesh.
+    /// Mesh address (host:port) of another agent to join; repeatable or comma-separated.
     #[arg(long, env = "SHOAL_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
 
-    /// Development mode: local certificates from a generated CA in --ca-dir.
+    /// Development mode: the mesh identity comes from a CA generated in --ca-dir (shared by local agents).
     #[arg(long, env = "SHOAL_DEV")]
     pub dev: bool,
 
@@ -78,6 +78,14 @@ pub struct Config {
     /// This agent's name in logs, metrics and (later) the mesh. Default: the host name.
     #[arg(long, env = "SHOAL_NODE_NAME")]
     pub node_name: Option<String>,
+
+    /// Kubernetes namespace of this agent's identity (else $POD_NAMESPACE, else `default`).
+    #[arg(long, env = "SHOAL_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Service account of this agent's identity (else $POD_SERVICE_ACCOUNT, else `default`).
+    #[arg(long, env = "SHOAL_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
 
     /// Subscriptions to declare at start, as a JSON array of
     /// `{"name": ..., "topic": ..., ...}` (the same fields as PUT /v1/subscriptions/{name}).
@@ -196,6 +204,24 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The identity's namespace: the flag, else $POD_NAMESPACE, else `default`.
+    pub fn namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_string())
+    }
+
+    /// The identity's service account: the flag, else $POD_SERVICE_ACCOUNT, else `default`.
+    pub fn service_account(&self) -> String {
+        self.service_account
+            .clone()
+            .or_else(|| std::env::var("POD_SERVICE_ACCOUNT").ok())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_string())
     }
 
     /// The node name: the flag, else the host name, else `shoal-agent`.

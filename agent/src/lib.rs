@@ -23,6 +23,7 @@ pub mod delivery;
 pub mod error;
 pub mod flusher;
 pub mod group;
+pub mod mesh;
 pub mod message;
 pub mod metrics;
 pub mod names;

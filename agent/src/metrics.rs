@@ -93,6 +93,27 @@ pub struct OpLabel {
     pub op: &'static str,
 }
 
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// `peer` label: a mesh address.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// Peer mesh address.
+    pub peer: String,
+}
+
+/// `state` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// Member state.
+    pub state: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -141,6 +162,24 @@ pub struct Metrics {
     pub api_errors: Family<CodeLabel, Counter>,
     /// Request/reply exchanges by outcome.
     pub requests: Family<CodeLabel, Counter>,
+    /// Mesh members by state (this agent counted as alive).
+    pub mesh_members: Family<StateLabel, Gauge>,
+    /// Mesh peers refused during the TLS handshake, by reason.
+    pub mesh_handshake_failures: Family<ReasonLabel, Counter>,
+    /// Mesh datagrams received.
+    pub mesh_datagrams_in: Counter,
+    /// Mesh datagrams sent.
+    pub mesh_datagrams_out: Counter,
+    /// Mesh bytes received.
+    pub mesh_bytes_in: Counter,
+    /// Mesh bytes sent.
+    pub mesh_bytes_out: Counter,
+    /// Gossip datagrams that could not be decoded.
+    pub mesh_bad_datagrams: Counter,
+    /// QUIC round-trip time per peer.
+    pub mesh_rtt: Family<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// QUIC packets lost per peer over the connection's life.
+    pub mesh_lost_packets: Family<PeerLabel, Gauge>,
 }
 
 /// Metric handles of one topic.
@@ -211,6 +250,15 @@ impl Metrics {
             http_requests: Family::default(),
             api_errors: Family::default(),
             requests: Family::default(),
+            mesh_members: Family::default(),
+            mesh_handshake_failures: Family::default(),
+            mesh_datagrams_in: Counter::default(),
+            mesh_datagrams_out: Counter::default(),
+            mesh_bytes_in: Counter::default(),
+            mesh_bytes_out: Counter::default(),
+            mesh_bad_datagrams: Counter::default(),
+            mesh_rtt: Family::default(),
+            mesh_lost_packets: Family::default(),
         };
         let r = &mut registry;
         r.register(
@@ -345,6 +393,54 @@ impl Metrics {
             "shoal_requests",
             "Request/reply exchanges by outcome",
             m.requests.clone(),
+        );
+        r.register(
+            "shoal_mesh_members",
+            "Mesh members by state, this agent included",
+            m.mesh_members.clone(),
+        );
+        r.register(
+            "shoal_mesh_handshake_failures",
+            "Mesh peers refused in the TLS handshake, by reason",
+            m.mesh_handshake_failures.clone(),
+        );
+        r.register(
+            "shoal_mesh_datagrams_received",
+            "Mesh gossip datagrams received",
+            m.mesh_datagrams_in.clone(),
+        );
+        r.register(
+            "shoal_mesh_datagrams_sent",
+            "Mesh gossip datagrams sent",
+            m.mesh_datagrams_out.clone(),
+        );
+        r.register_with_unit(
+            "shoal_mesh_received",
+            "Mesh bytes received",
+            Unit::Bytes,
+            m.mesh_bytes_in.clone(),
+        );
+        r.register_with_unit(
+            "shoal_mesh_sent",
+            "Mesh bytes sent",
+            Unit::Bytes,
+            m.mesh_bytes_out.clone(),
+        );
+        r.register(
+            "shoal_mesh_bad_datagrams",
+            "Gossip datagrams that could not be decoded",
+            m.mesh_bad_datagrams.clone(),
+        );
+        r.register_with_unit(
+            "shoal_mesh_rtt",
+            "QUIC round-trip time per peer",
+            Unit::Seconds,
+            m.mesh_rtt.clone(),
+        );
+        r.register(
+            "shoal_mesh_lost_packets",
+            "QUIC packets lost per peer over the connection",
+            m.mesh_lost_packets.clone(),
         );
         r.register(
             "shoal_build",

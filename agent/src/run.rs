@@ -130,7 +130,34 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         }
     }
 
+    let mesh = if config.dev {
+        let mesh = crate::mesh::Mesh::start(
+            crate::mesh::MeshSettings {
+                addr: config.mesh_addr,
+                join: config.join.clone(),
+                ca_dir: config.ca_dir.clone(),
+                node: node.clone(),
+                namespace: config.namespace(),
+                service_account: config.service_account(),
+                broker: config.broker,
+                expected_size: crate::mesh::DEFAULT_EXPECTED_SIZE,
+            },
+            metrics.clone(),
+        )
+        .await?;
+        Some(Arc::new(mesh))
+    } else {
+        if !config.join.is_empty() {
+            return Err(AgentError::Config(
+                "--join needs a mesh identity: run with --dev (identity from the dev CA)".into(),
+            ));
+        }
+        tracing::info!("mesh off: no identity source (start with --dev to join other agents)");
+        None
+    };
     let state = Arc::new(AppState {
+        mesh: mesh.clone(),
+        namespace: config.namespace(),
         broker: broker.clone(),
         subs: subs.clone(),
         settings: ApiSettings {
@@ -167,7 +194,23 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             accept_loop(listener, service, stop_rx, true).await;
         }));
     }
-    admin.ready.store(true, Ordering::Release);
+    // Ready once storage is recovered, listeners are bound, and (with seeds) the mesh is joined.
+    match &mesh {
+        Some(m) if !m.view().joined => {
+            let admin = admin.clone();
+            let mut view = m.watch();
+            tokio::spawn(async move {
+                while view.changed().await.is_ok() {
+                    if view.borrow().joined {
+                        admin.ready.store(true, Ordering::Release);
+                        tracing::info!("ready: joined the mesh");
+                        return;
+                    }
+                }
+            });
+        }
+        _ => admin.ready.store(true, Ordering::Release),
+    }
     tracing::info!(node = %node, app = ?app_addrs, admin = %admin_addr, version = env!("CARGO_PKG_VERSION"), "shoal-agent ready");
 
     let shutdown_timeout = config.shutdown_timeout;
@@ -177,6 +220,9 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         tracing::info!("stopping: no new requests; in-flight deliveries may finish");
         admin.ready.store(false, Ordering::Release);
         let deadline = tokio::time::Instant::now() + shutdown_timeout;
+        if let Some(m) = &mesh {
+            m.leave().await;
+        }
         subs.shutdown(deadline).await;
         for t in app_tasks {
             let _ = tokio::time::timeout_at(deadline, t).await;

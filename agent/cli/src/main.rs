@@ -33,6 +33,8 @@ enum Command {
     Sub(SubArgs),
     /// List topics, or create and delete them.
     Topics(TopicsArgs),
+    /// Show the mesh: members, their state, and the partitions each is home to.
+    Status,
     /// Add the agent sidecar to Kubernetes YAML or JSON, offline (as the webhook would).
     Inject(inject::InjectArgs),
 }
@@ -148,6 +150,7 @@ async fn main() -> ExitCode {
         Command::Pub(a) => publish(&client, a).await,
         Command::Sub(a) => subscribe(&client, a).await,
         Command::Topics(a) => topics(&client, a).await,
+        Command::Status => status(&client).await,
         Command::Inject(a) => return inject::run(a),
     };
     match result {
@@ -398,6 +401,65 @@ async fn print_stream(
         }
     }
     Ok(fail("the agent closed the stream"))
+}
+
+async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
+    let reply = client.get("/v1/cluster").await?;
+    if !reply.status.is_success() {
+        return Ok(fail(api_error(&reply)));
+    }
+    let v = reply.json();
+    if v["mesh"] != json!(true) {
+        println!("mesh off: this agent runs alone (start it with --dev to join other agents)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} at {} ({})",
+        v["id"].as_str().unwrap_or(""),
+        v["addr"].as_str().unwrap_or(""),
+        if v["joined"] == json!(true) {
+            "joined"
+        } else {
+            "not joined yet"
+        }
+    );
+    println!(
+        "{:<24} {:<22} {:<8} {:>7}  partitions",
+        "MEMBER", "ADDRESS", "STATE", "BROKER"
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        let parts: Vec<&str> = m["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "{:<24} {:<22} {:<8} {:>7}  {}",
+            format!(
+                "{}{}",
+                m["node"].as_str().unwrap_or(""),
+                if m["self"] == json!(true) {
+                    " (this)"
+                } else {
+                    ""
+                }
+            ),
+            m["addr"].as_str().unwrap_or(""),
+            m["state"].as_str().unwrap_or(""),
+            if m["broker"] == json!(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            if parts.is_empty() {
+                "-".to_string()
+            } else {
+                parts.join(" ")
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientError> {

@@ -6,13 +6,16 @@
 //! connections (authenticated, one per agent pair) and owns the clock;
 //! tests step a simulated cluster by hand.
 
-use foca::{Config, Foca, PostcardCodec, Timer};
+use foca::{Config, Foca, PostcardCodec};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
+
+/// A membership timer: the shell fires it after the delay it came with.
+pub type Timer = foca::Timer<AgentId>;
 
 /// Largest gossip datagram: fits a QUIC datagram on a 1280-byte-MTU path.
 pub const MAX_DATAGRAM: usize = 1100;
@@ -96,7 +99,7 @@ pub struct Effects {
     /// Datagrams to send.
     pub send: Vec<(AgentId, bytes::Bytes)>,
     /// Timers to fire later: hand them back to [`Membership::handle_timer`].
-    pub timers: Vec<(Duration, Timer<AgentId>)>,
+    pub timers: Vec<(Duration, Timer)>,
     /// Membership changes.
     pub events: Vec<Event>,
 }
@@ -185,7 +188,7 @@ impl Membership {
     }
 
     /// Fires a timer scheduled earlier.
-    pub fn handle_timer(&mut self, timer: Timer<AgentId>) -> Result<Effects, MembershipError> {
+    pub fn handle_timer(&mut self, timer: Timer) -> Result<Effects, MembershipError> {
         let r = self.foca.handle_timer(timer, &mut self.runtime);
         self.run(r)
     }

@@ -16,6 +16,8 @@ pub mod tls;
 pub mod transport;
 
 pub use identity::SpiffeId;
+/// The QUIC implementation, for callers that hold connections.
+pub use quinn;
 
 /// Why the mesh could not do what was asked.
 #[derive(Debug, thiserror::Error)]

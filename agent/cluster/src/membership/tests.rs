@@ -8,7 +8,7 @@ struct Sim {
     now: Duration,
     agents: Vec<Option<Membership>>,
     by_addr: HashMap<SocketAddr, usize>,
-    timers: BTreeMap<(Duration, u64), (usize, Timer<AgentId>)>,
+    timers: BTreeMap<(Duration, u64), (usize, Timer)>,
     seq: u64,
     queue: VecDeque<(usize, bytes::Bytes)>,
     delivered: u64,
