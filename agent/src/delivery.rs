@@ -486,6 +486,9 @@ impl Subscriptions {
             crate::time::now_ms(),
             &message,
         )?;
+        // A request is not stored: it has no partition or offset.
+        req.headers_mut().remove("shoal-partition");
+        req.headers_mut().remove("shoal-offset");
         req.headers_mut()
             .insert("shoal-request", HeaderValue::from_static("true"));
         let call = async {

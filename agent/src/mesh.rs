@@ -107,6 +107,7 @@ struct Peers {
     conns: Arc<Mutex<HashMap<SocketAddr, shoal_mesh::quinn::Connection>>>,
     input: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
+    node: String,
 }
 
 impl Peers {
@@ -126,6 +127,11 @@ impl Peers {
             .insert(addr, conn.clone());
         let input = self.input.clone();
         let metrics = self.metrics.clone();
+        tokio::spawn(serve_streams(
+            conn.clone(),
+            self.metrics.clone(),
+            self.node.clone(),
+        ));
         tokio::spawn(async move {
             while let Ok(d) = conn.read_datagram().await {
                 metrics.mesh_datagrams_in.inc();
@@ -259,6 +265,7 @@ impl Mesh {
             conns: Default::default(),
             input: input_tx.clone(),
             metrics: metrics.clone(),
+            node: settings.node.clone(),
         };
         {
             let peers = peers.clone();
@@ -483,6 +490,94 @@ async fn run_membership(
             }
             changed
         });
+    }
+}
+
+/// Serves the streams a peer opens: framed [`shoal_proto::Message`]s. A bad
+/// frame ends that stream with a `Refuse` frame and a metric; the connection,
+/// its other streams and the agent go on.
+async fn serve_streams(conn: shoal_mesh::quinn::Connection, metrics: Arc<Metrics>, node: String) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_stream(send, recv, metrics.clone(), node.clone()));
+    }
+}
+
+/// Most bytes one stream may buffer before a whole frame arrives.
+const MAX_STREAM_BUFFER: usize = shoal_proto::MAX_FRAME_BYTES + shoal_proto::HEADER_LEN;
+
+async fn serve_stream(
+    mut send: shoal_mesh::quinn::SendStream,
+    mut recv: shoal_mesh::quinn::RecvStream,
+    metrics: Arc<Metrics>,
+    node: String,
+) {
+    use shoal_proto::{FrameError, Message};
+    let mut buf = bytes::BytesMut::new();
+    let mut out = bytes::BytesMut::new();
+    loop {
+        loop {
+            match shoal_proto::decode::<Message>(&mut buf) {
+                Ok(Some(msg)) => {
+                    let reply = match msg {
+                        Message::Ping { seq } => Some(Message::Pong { seq }),
+                        Message::Hello { .. } => Some(Message::Hello {
+                            node: node.clone(),
+                            incarnation: 0,
+                            broker: true,
+                        }),
+                        Message::Pong { .. } | Message::Refuse { .. } => None,
+                    };
+                    if let Some(r) = reply {
+                        if shoal_proto::encode(&r, &mut out).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let reason = match &e {
+                        FrameError::UnsupportedVersion { .. } => "version",
+                        FrameError::TooLarge { .. } => "too_large",
+                        FrameError::Empty => "empty",
+                        FrameError::Malformed(_) | FrameError::Encode(_) => "malformed",
+                    };
+                    metrics
+                        .mesh_bad_frames
+                        .get_or_create(&crate::metrics::ReasonLabel { reason })
+                        .inc();
+                    tracing::warn!(error = %e, "closing a mesh stream after a bad frame");
+                    let _ = shoal_proto::encode(
+                        &Message::Refuse {
+                            reason: e.to_string(),
+                        },
+                        &mut out,
+                    );
+                    let _ = send.write_all(&out).await;
+                    let _ = send.finish();
+                    let _ = recv.stop(1u32.into());
+                    return;
+                }
+            }
+        }
+        // Replies of everything decoded so far go out in one write.
+        if !out.is_empty() {
+            if send.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.bytes.len() > MAX_STREAM_BUFFER {
+                    return;
+                }
+                buf.extend_from_slice(&chunk.bytes);
+            }
+            Ok(None) | Err(_) => {
+                let _ = send.finish();
+                return;
+            }
+        }
     }
 }
 

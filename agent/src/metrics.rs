@@ -176,6 +176,8 @@ pub struct Metrics {
     pub mesh_bytes_out: Counter,
     /// Gossip datagrams that could not be decoded.
     pub mesh_bad_datagrams: Counter,
+    /// Mesh stream frames refused, by reason; each ends its stream.
+    pub mesh_bad_frames: Family<ReasonLabel, Counter>,
     /// QUIC round-trip time per peer.
     pub mesh_rtt: Family<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// QUIC packets lost per peer over the connection's life.
@@ -257,6 +259,7 @@ impl Metrics {
             mesh_bytes_in: Counter::default(),
             mesh_bytes_out: Counter::default(),
             mesh_bad_datagrams: Counter::default(),
+            mesh_bad_frames: Family::default(),
             mesh_rtt: Family::default(),
             mesh_lost_packets: Family::default(),
         };
@@ -430,6 +433,11 @@ impl Metrics {
             "shoal_mesh_bad_datagrams",
             "Gossip datagrams that could not be decoded",
             m.mesh_bad_datagrams.clone(),
+        );
+        r.register(
+            "shoal_mesh_bad_frames",
+            "Mesh stream frames refused, by reason (each ends its stream)",
+            m.mesh_bad_frames.clone(),
         );
         r.register_with_unit(
             "shoal_mesh_rtt",

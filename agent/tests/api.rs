@@ -152,6 +152,14 @@ async fn request_reply_returns_the_apps_answer_or_504_or_503() {
     assert_eq!(p.header("shoal-request"), "true");
     assert_eq!(p.header("ce-type"), "ping");
     assert_eq!(p.text(), "ping");
+    assert!(
+        p.headers.get("shoal-partition").is_none(),
+        "a request is not stored"
+    );
+    assert!(
+        p.headers.get("shoal-offset").is_none(),
+        "a request has no offset"
+    );
 
     let r = c
         .call(

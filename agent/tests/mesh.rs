@@ -259,3 +259,138 @@ async fn an_agent_without_dev_mode_refuses_join_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--join needs a mesh identity"), "{err}");
 }
+
+/// A mesh peer built from the same dev CA, speaking raw frames.
+async fn raw_peer(root: &Path, ca: &str) -> shoal_mesh::transport::Endpoint {
+    let id = shoal_mesh::SpiffeId::new("shoal.local", "default", "tester").unwrap();
+    let source = shoal_mesh::certs::DevCertSource::new(&root.join(ca), "tester", id);
+    let identity = shoal_mesh::certs::CertSource::load(&source).unwrap();
+    let store = shoal_mesh::tls::CertStore::new(&identity, std::sync::Arc::new(|_, _| {})).unwrap();
+    shoal_mesh::transport::Endpoint::bind("127.0.0.1:0".parse().unwrap(), &store).unwrap()
+}
+
+async fn exchange(conn: &shoal_mesh::quinn::Connection, bytes: &[u8]) -> Vec<shoal_proto::Message> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    let got = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    let mut buf = bytes::BytesMut::from(&got[..]);
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = shoal_proto::decode::<shoal_proto::Message>(&mut buf) {
+        out.push(m);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_malformed_frame_ends_its_stream_not_the_agent() {
+    use shoal_proto::Message;
+    let root = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let agent = start(root.path(), "ca", "agent-1", port, None);
+    wait_until("the agent is ready", || ready(&agent)).await;
+    let peer = raw_peer(root.path(), "ca").await;
+    let conn = peer
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap()
+        .connection;
+
+    let mut ping = bytes::BytesMut::new();
+    shoal_proto::encode(&Message::Ping { seq: 1 }, &mut ping).unwrap();
+    shoal_proto::encode(&Message::Ping { seq: 2 }, &mut ping).unwrap();
+    assert_eq!(
+        exchange(&conn, &ping).await,
+        vec![Message::Pong { seq: 1 }, Message::Pong { seq: 2 }]
+    );
+
+    // A frame from a future protocol version, then plain garbage.
+    let mut future = ping.to_vec();
+    future[4] = 9;
+    let refused = exchange(&conn, &future).await;
+    assert!(
+        matches!(refused.as_slice(), [Message::Refuse { reason }] if reason.contains("version 9")),
+        "{refused:?}"
+    );
+    let garbage = exchange(
+        &conn,
+        &[0, 0, 0, 3, shoal_proto::PROTOCOL_VERSION, 0xff, 0xff],
+    )
+    .await;
+    assert!(
+        matches!(garbage.as_slice(), [Message::Refuse { .. }]),
+        "{garbage:?}"
+    );
+
+    // The connection, the agent and its app API carry on.
+    assert_eq!(exchange(&conn, &ping).await.len(), 2);
+    publish(&agent.client, "still-up", &[], "x").await;
+    let metrics = agent.admin.get("/metrics").await.unwrap().text();
+    assert!(
+        metrics.contains("shoal_mesh_bad_frames_total{reason=\"version\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shoal_mesh_bad_frames_total{reason=\"malformed\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn five_agents_form_one_mesh_and_agree_on_homes() {
+    let root = tempfile::tempdir().unwrap();
+    let seed = free_udp_port();
+    let mut agents = vec![start(root.path(), "ca", "agent-0", seed, None)];
+    for i in 1..5 {
+        agents.push(start(
+            root.path(),
+            "ca",
+            &format!("agent-{i}"),
+            free_udp_port(),
+            Some(seed),
+        ));
+    }
+    for a in &agents {
+        wait_until("five alive members", || async {
+            let m = members(a).await;
+            m.len() == 5 && m.iter().all(|(_, s, _)| s == "alive")
+        })
+        .await;
+    }
+    // Every agent that knows the topic computes the same home for each partition.
+    for a in &agents {
+        let r = a
+            .client
+            .put_json("/v1/topics/orders", &serde_json::json!({"partitions": 16}))
+            .await
+            .unwrap();
+        assert!(r.status.is_success());
+    }
+    let homes = |v: Value| -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let p = m["partitions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_str().unwrap().to_string())
+                    .collect();
+                (m["node"].as_str().unwrap().to_string(), p)
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let first = homes(cluster(&agents[0]).await.unwrap());
+    let total: usize = first.iter().map(|(_, p)| p.len()).sum();
+    assert_eq!(total, 16, "each partition has one home: {first:?}");
+    for a in &agents[1..] {
+        assert_eq!(homes(cluster(a).await.unwrap()), first, "agents agree");
+    }
+}
