@@ -696,6 +696,7 @@ impl GroupTask {
                 self.sync_partitions();
                 self.fetch(now);
             }
+            self.core.set_now_ms(crate::time::now_ms());
             let (dead, timed_out) = self.core.tick(now.into_std());
             if timed_out > 0 {
                 tracing::debug!(group = %self.group, timed_out, "deliveries passed their ack timeout");
@@ -707,6 +708,10 @@ impl GroupTask {
                 self.dispatch_pushes(now);
             }
             self.serve_waiters(now);
+            self.topic
+                .metrics
+                .expired
+                .inc_by(u64::from(self.core.take_expired()));
             for (p, offset) in self.core.take_commits() {
                 if let Some(part) = self.topic.partition(p) {
                     part.commit_offset(&self.group, offset);

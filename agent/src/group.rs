@@ -178,12 +178,24 @@ pub struct GroupCore {
     owners: HashMap<u32, Arc<str>>,
     timers: BTreeSet<(Instant, u32, u64, u32, TimerKind)>,
     rotate: usize,
+    now_ms: u64,
+    expired: u32,
 }
 
 impl GroupCore {
     /// An empty group.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the wall clock (ms since the epoch) that message TTLs are checked against.
+    pub fn set_now_ms(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    /// Messages dropped because their TTL passed before delivery, since the last call.
+    pub fn take_expired(&mut self) -> u32 {
+        std::mem::take(&mut self.expired)
     }
 
     /// Adds a partition whose next offset to deliver is `committed`.
@@ -386,6 +398,19 @@ impl GroupCore {
                 let Some(pending) = part.pending.get_mut(&offset) else {
                     continue;
                 };
+                // A message whose TTL passed while it waited (for its turn, its
+                // delay, or a retry) is dropped, not delivered.
+                if pending
+                    .message
+                    .expires_at_ms
+                    .is_some_and(|t| t <= self.now_ms)
+                {
+                    part.pending.remove(&offset);
+                    part.recompute_committed();
+                    self.expired += 1;
+                    progress = true;
+                    continue;
+                }
                 pending.attempts += 1;
                 pending.state = State::InFlight {
                     member: name.clone(),

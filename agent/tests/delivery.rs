@@ -771,3 +771,44 @@ async fn messages_on_partitions_added_later_are_delivered() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_passing_after_the_subscription_fetched_the_message_still_drops_it() {
+    let dir = tempdir();
+    let agent = start_agent(dir.path(), &[]).await;
+    let c = &agent.client;
+    // The subscription exists first: the group fetches each message as it is stored.
+    put_sub(c, "live", json!({"topic": "ttl-live", "start": "earliest"})).await;
+    publish(
+        c,
+        "ttl-live",
+        &[("shoal-ttl", "300ms"), ("content-type", "text/plain")],
+        "short",
+    )
+    .await;
+    publish(
+        c,
+        "ttl-live",
+        &[
+            ("shoal-ttl", "300ms"),
+            ("shoal-delay", "1s"),
+            ("content-type", "text/plain"),
+        ],
+        "delayed-past-its-ttl",
+    )
+    .await;
+    publish(c, "ttl-live", &[("content-type", "text/plain")], "keeper").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let got: Vec<String> = pull_ack_n(c, "live", 1).await.iter().map(text_of).collect();
+    assert_eq!(got, ["keeper"]);
+    let more = pull(c, "live", 10, "1500ms").await;
+    assert!(
+        more.is_empty(),
+        "an expired message was delivered: {more:?}"
+    );
+    let metrics = agent.admin.get("/metrics").await.unwrap().text();
+    assert!(
+        metrics.contains("shoal_messages_expired_total{topic=\"ttl-live\"} 2"),
+        "{metrics}"
+    );
+}

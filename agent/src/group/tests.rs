@@ -278,3 +278,53 @@ fn ack_id_text_round_trip() {
     assert!("x-1-2".parse::<AckId>().is_err());
     assert!("1-2".parse::<AckId>().is_err());
 }
+
+#[test]
+fn a_ttl_that_passes_while_waiting_drops_the_message() {
+    let now = Instant::now();
+    let mut g = group(1, &[spec("a")]);
+    let short = Message {
+        id: "short".into(),
+        expires_at_ms: Some(2000),
+        ..Default::default()
+    };
+    g.set_now_ms(1000);
+    g.on_fetched(
+        0,
+        vec![(1, 900, Ok(short)), (2, 900, Ok(msg("keep")))],
+        1000,
+        now,
+    );
+    // Fetched while still valid; the clock passes its TTL before anyone takes it.
+    g.set_now_ms(2500);
+    let d = g.take("a", 10, now);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].message.id, "keep");
+    assert_eq!(g.take_expired(), 1);
+    assert_eq!(g.take_expired(), 0);
+    g.ack(&d[0].ack_id);
+    assert_eq!(
+        g.committed(0),
+        Some(3),
+        "the expired one does not hold the commit back"
+    );
+}
+
+#[test]
+fn a_ttl_that_passes_before_a_redelivery_drops_the_message() {
+    let now = Instant::now();
+    let mut g = group(1, &[spec("a")]);
+    let m = Message {
+        id: "m".into(),
+        expires_at_ms: Some(2000),
+        ..Default::default()
+    };
+    g.set_now_ms(1000);
+    g.on_fetched(0, vec![(1, 900, Ok(m))], 1000, now);
+    let d = g.take("a", 1, now);
+    g.nack(&d[0].ack_id, Duration::ZERO, now).unwrap();
+    g.set_now_ms(3000);
+    assert!(g.take("a", 1, now).is_empty());
+    assert_eq!(g.take_expired(), 1);
+    assert_eq!(g.committed(0), Some(2));
+}
