@@ -545,20 +545,14 @@ fn publish_headers(headers: &HeaderMap) -> Result<PublishHeaders, ApiError> {
     if ttl.is_some_and(|t| t.is_zero() || t > MAX_TTL) {
         return Err(ApiError::bad_request(
             "invalid_header",
-            format!(
-                "Shoal-TTL must be positive and at most {}",
-                crate::time::format_duration(MAX_TTL)
-            ),
+            "Shoal-TTL must be positive and at most 365 days",
         ));
     }
     let delay = header_duration(headers, "shoal-delay")?;
     if delay.is_some_and(|d| d > MAX_DELAY) {
         return Err(ApiError::bad_request(
             "invalid_header",
-            format!(
-                "Shoal-Delay must be at most {}",
-                crate::time::format_duration(MAX_DELAY)
-            ),
+            "Shoal-Delay must be at most 30 days",
         ));
     }
     let at = |d: Duration| now.saturating_add(d.as_millis() as u64);
@@ -698,6 +692,10 @@ where
                 let mut line = &data[start..end];
                 if line.last() == Some(&b'\r') {
                     line = &line[..line.len() - 1];
+                }
+                // application/json-seq (RFC 7464) starts each record with RS.
+                while line.first() == Some(&0x1e) {
+                    line = &line[1..];
                 }
                 start = end + 1;
                 if line.iter().all(u8::is_ascii_whitespace) {
@@ -952,7 +950,7 @@ where
     let spec: SubscriptionSpec = parse_json(&parts.headers, &body, false)?;
     if spec.name.as_deref().is_some_and(|n| n != name) {
         return Err(ApiError::bad_request(
-            "invalid_json",
+            "invalid_subscription",
             "\"name\" in the body differs from the path",
         ));
     }
@@ -1051,6 +1049,14 @@ fn stream(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
         return Err(ApiError::conflict(
             "push_subscription",
             format!("subscription {name:?} pushes to the app; streams need a subscription without pushPath"),
+        ));
+    }
+    // Refuse before answering 200: once the stream starts, errors can only be events.
+    if state.subs.waiters_full() {
+        return Err(ApiError::too_many(
+            "too_many_waiters",
+            "the agent's limit of long polls and streams is reached",
+            1,
         ));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);

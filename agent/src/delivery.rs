@@ -457,6 +457,14 @@ impl Subscriptions {
                 .get_or_create(&CodeLabel { code })
                 .inc()
         };
+        let Some(port) = self.app_port else {
+            count("no_subscriber");
+            return Err(ApiError::unavailable(
+                "no_subscriber",
+                "this agent has no --app-port, so no app behind it can answer requests",
+                1,
+            ));
+        };
         if targets.is_empty() {
             count("no_subscriber");
             return Err(ApiError::unavailable(
@@ -465,14 +473,6 @@ impl Subscriptions {
                 1,
             ));
         }
-        let Some(port) = self.app_port else {
-            count("no_subscriber");
-            return Err(ApiError::unavailable(
-                "no_subscriber",
-                "the agent has no --app-port",
-                1,
-            ));
-        };
         let sub = &targets[self.request_rr.fetch_add(1, Ordering::Relaxed) % targets.len()];
         let path = sub.push_path.clone().unwrap_or_default();
         let mut req = build_push(
@@ -511,7 +511,7 @@ impl Subscriptions {
                 ))
             }
             Err(_) => {
-                count("timeout");
+                count("request_timeout");
                 Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "request_timeout",
@@ -535,6 +535,11 @@ impl Subscriptions {
         for w in waits {
             let _ = tokio::time::timeout_at(deadline + Duration::from_millis(100), w).await;
         }
+    }
+
+    /// Whether every long-poll and stream slot is taken.
+    pub fn waiters_full(&self) -> bool {
+        self.pull_waiters.load(Ordering::Acquire) >= self.max_pull_waiters
     }
 
     /// Whether the agent is stopping.

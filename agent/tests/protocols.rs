@@ -91,6 +91,17 @@ async fn too_many_long_polls_get_429_with_retry_after() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     expect_error(&r, 429, "too_many_waiters", "second long poll");
+    let stream = agent
+        .client
+        .get("/v1/subscriptions/w/events")
+        .await
+        .unwrap();
+    expect_error(
+        &stream,
+        429,
+        "too_many_waiters",
+        "an event stream while the slot is taken",
+    );
     assert_eq!(
         r.headers.get("retry-after").and_then(|v| v.to_str().ok()),
         Some("1")
@@ -136,5 +147,25 @@ async fn the_agent_serves_after_a_client_vanishes_mid_request() {
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     publish(&agent.client, "t", &[], "whole").await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn json_seq_batches_accept_record_separators() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(dir.path(), &[]).await;
+    let body = "\u{1e}{\"n\":1}\n\u{1e}{\"n\":2}\n";
+    let r = agent
+        .client
+        .call(
+            http::Method::POST,
+            "/v1/topics/seq/messages/batch",
+            &[("content-type", "application/json-seq")],
+            body,
+        )
+        .await
+        .unwrap();
+    expect_status(&r, 200, "json-seq batch");
+    assert_eq!(r.json()["published"], 2, "{}", r.text());
     agent.stop().await;
 }

@@ -287,7 +287,7 @@ async fn subscribe(client: &AgentClient, a: SubArgs) -> Result<ExitCode, ClientE
     );
     let outcome = tokio::select! {
         r = print_stream(client, &name, &a) => r,
-        _ = tokio::signal::ctrl_c() => Ok(ExitCode::SUCCESS),
+        _ = shoal_agent::run::signal() => Ok(ExitCode::SUCCESS),
     };
     if temporary {
         let _ = client
