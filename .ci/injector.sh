@@ -3,9 +3,11 @@
 #   bash .ci/injector.sh          install the tools the injector's tests need
 #                                 (idempotent, quiet): kubernetes-validate (PyPI)
 #                                 and kubectl >= 1.27 for `kubectl kustomize`.
-#   bash .ci/injector.sh images   build the static agent and injector binaries,
-#                                 their FROM-scratch images, print the sizes,
-#                                 and smoke-test the agent container.
+#   bash .ci/injector.sh images   build the static agent and injector binaries
+#                                 (x86_64 only; release builds take minutes,
+#                                 cargo's progress is shown), their FROM-scratch
+#                                 images, print the sizes, and smoke-test the
+#                                 agent container.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,9 +59,12 @@ PY
   kubectl_ok || { log "kubectl >= 1.$KUBECTL_MIN_MINOR not usable"; exit 1; }
 }
 
-build_static() { # package binary
+build_static() { # package binary; cargo's own progress goes to stderr
+  local start=$SECONDS
+  log "cargo build --release $2 (a cold build takes several minutes)"
   RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build -q --release --locked --target "$TARGET" -p "$1" --bin "$2"
+    cargo build --release --locked --target "$TARGET" -p "$1" --bin "$2"
+  log "built $2 in $((SECONDS - start))s"
   # `file` says "statically linked" or "static-pie linked"; ldd "statically linked".
   if ! ldd "target/$TARGET/release/$2" 2>&1 | grep -Eq 'statically linked|not a dynamic'; then
     log "$2 is not static"; exit 1
@@ -67,10 +72,12 @@ build_static() { # package binary
 }
 
 docker_build() { # dockerfile context tag tag; quiet unless it fails
-  local out
+  local out start=$SECONDS
+  log "docker build $3"
   if ! out=$(docker build -q -f "$1" -t "$3" -t "$4" "$2" 2>&1); then
     echo "$out" >&2; log "docker build of $3 failed"; exit 1
   fi
+  log "built image $3 in $((SECONDS - start))s"
 }
 
 image_bytes() { docker image inspect -f '{{.Size}}' "$1"; }

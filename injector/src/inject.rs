@@ -157,8 +157,11 @@ pub fn inject(pod: &Pod, ctx: PodContext<'_>, config: &InjectConfig) -> Outcome 
     }
 
     let mut warnings = Vec::new();
+    // Invalid annotations, counted in shoal_injector_invalid_annotations_total.
+    let mut invalid_annotations = Vec::new();
     let mut pod_choice = ann::inject_choice(pod_annotations);
     if pod_choice == Some(InjectChoice::Invalid) {
+        invalid_annotations.push(ann::INJECT);
         warnings.push(format!(
             "shoal: annotation {}={:?} ignored: expected enabled or disabled",
             ann::INJECT,
@@ -170,6 +173,7 @@ pub fn inject(pod: &Pod, ctx: PodContext<'_>, config: &InjectConfig) -> Outcome 
         Some(InjectChoice::Disabled) => {
             return Outcome {
                 warnings,
+                invalid_annotations,
                 ..Outcome::skip(Reason::PodDisabled)
             }
         }
@@ -179,6 +183,7 @@ pub fn inject(pod: &Pod, ctx: PodContext<'_>, config: &InjectConfig) -> Outcome 
                 if ann::inject_choice(ns) != Some(InjectChoice::Enabled) {
                     return Outcome {
                         warnings,
+                        invalid_annotations,
                         ..Outcome::skip(Reason::NamespaceNotEnabled)
                     };
                 }
@@ -190,6 +195,7 @@ pub fn inject(pod: &Pod, ctx: PodContext<'_>, config: &InjectConfig) -> Outcome 
                 ));
                 return Outcome {
                     warnings,
+                    invalid_annotations,
                     ..Outcome::skip(Reason::NamespaceUnknown)
                 };
             }
@@ -219,7 +225,6 @@ pub fn inject(pod: &Pod, ctx: PodContext<'_>, config: &InjectConfig) -> Outcome 
     }
 
     let overrides = Overrides::parse(pod_annotations);
-    let mut invalid_annotations = Vec::new();
     for (name, warning) in &overrides.invalid {
         invalid_annotations.push(*name);
         warnings.push(format!("shoal: {warning}"));

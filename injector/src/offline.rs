@@ -115,14 +115,108 @@ pub fn render_documents(docs: &[Value], format: Format) -> Result<String, Inject
                 if i > 0 {
                     out.push_str("---\n");
                 }
-                out.push_str(
-                    &serde_norway::to_string(doc)
-                        .map_err(|e| InjectorError::Output(e.to_string()))?,
-                );
+                out.push_str(&to_yaml(doc)?);
             }
         }
     }
     Ok(out)
+}
+
+/// One document as YAML that YAML 1.1 readers (kubectl, sigs.k8s.io/yaml,
+/// kubernetes-validate) read back exactly: every string they could take for
+/// a bool, null, number, timestamp or merge key (`no`, `on`, `~`, `12:30`,
+/// `0x1f`, `2024-01-01`, `<<`...) is single-quoted. serde_norway only quotes
+/// what is ambiguous in YAML 1.2, so such strings (keys and values) are first
+/// swapped for unique plain markers, then the markers for the quoted strings.
+fn to_yaml(doc: &Value) -> Result<String, InjectorError> {
+    // A marker prefix that occurs nowhere in the document.
+    let text = serde_json::to_string(doc).map_err(|e| InjectorError::Output(e.to_string()))?;
+    let prefix = (0u64..)
+        .map(|n| format!("shoalyamlq{n}n"))
+        .find(|p| !text.contains(p.as_str()))
+        .unwrap_or_default();
+    let mut quoted: Vec<String> = Vec::new();
+    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    let mut mark = |s: &str| -> String {
+        let i = *index.entry(s.to_owned()).or_insert_with(|| {
+            quoted.push(format!("'{}'", s.replace('\'', "''")));
+            quoted.len() - 1
+        });
+        format!("{prefix}{i}z")
+    };
+    let marked = mark_ambiguous(doc, &mut mark);
+    let yaml =
+        serde_norway::to_string(&marked).map_err(|e| InjectorError::Output(e.to_string()))?;
+    if quoted.is_empty() {
+        return Ok(yaml);
+    }
+    let mut out = String::with_capacity(yaml.len());
+    let mut rest = yaml.as_str();
+    while let Some(at) = rest.find(prefix.as_str()) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + prefix.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        match (
+            after[..digits].parse::<usize>(),
+            after[digits..].starts_with('z'),
+        ) {
+            (Ok(i), true) if i < quoted.len() => {
+                out.push_str(&quoted[i]);
+                rest = &after[digits + 1..];
+            }
+            _ => {
+                out.push_str(&prefix);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// `v` with every [`yaml11_ambiguous`] string (and key) replaced by `mark`.
+fn mark_ambiguous(v: &Value, mark: &mut impl FnMut(&str) -> String) -> Value {
+    match v {
+        Value::String(s) if yaml11_ambiguous(s) => Value::String(mark(s)),
+        Value::Array(a) => Value::Array(a.iter().map(|x| mark_ambiguous(x, mark)).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, x)| {
+                    let k = if yaml11_ambiguous(k) {
+                        mark(k)
+                    } else {
+                        k.clone()
+                    };
+                    (k, mark_ambiguous(x, mark))
+                })
+                .collect(),
+        ),
+        _ => v.clone(),
+    }
+}
+
+/// Whether a YAML 1.1 (or 1.2) reader could read the plain scalar `s` as
+/// something other than the string `s`. Errs on the side of quoting: a quoted
+/// string is always read back as itself.
+pub fn yaml11_ambiguous(s: &str) -> bool {
+    const WORDS: [&str; 17] = [
+        "y", "n", "yes", "no", "true", "false", "on", "off", "null", "~", "=", "<<", ".inf",
+        "-.inf", "+.inf", ".nan", "",
+    ];
+    if WORDS.iter().any(|w| s.eq_ignore_ascii_case(w)) {
+        return true;
+    }
+    // Numbers of every base, floats, sexagesimals (`12:30`), timestamps
+    // (`2024-01-01 10:00:00`): they all start with a digit or a dot, after an
+    // optional sign, and use nothing but these characters.
+    let unsigned = s.strip_prefix(['-', '+']).unwrap_or(s);
+    unsigned
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit() || c == '.')
+        && unsigned
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:+- ".contains(c))
 }
 
 /// Where a kind keeps its pod template, and the kind of the pods' controller.

@@ -188,6 +188,23 @@ fn base_installs_what_the_docs_promise() {
     assert!(env
         .iter()
         .any(|e| e["name"] == "SHOAL_INJECTOR_BOOTSTRAP_TLS" && e["value"] == "false"));
+    // The mounted certificate is readable by the container's user: either
+    // world-readable or group-readable with the pod's fsGroup.
+    let pod = &d["spec"]["template"]["spec"];
+    let tls = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .unwrap();
+    let mode = tls["secret"]["defaultMode"].as_i64().unwrap_or(0o644);
+    let user = pod["securityContext"]["runAsUser"].as_i64().unwrap();
+    assert!(
+        mode & 0o004 != 0
+            || (mode & 0o040 != 0 && pod["securityContext"]["fsGroup"].as_i64() == Some(user)),
+        "uid {user} cannot read the TLS Secret (mode {mode:o}, securityContext {})",
+        pod["securityContext"]
+    );
     let hook = find(&cm, "MutatingWebhookConfiguration", "shoal-injector");
     assert_eq!(
         hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],

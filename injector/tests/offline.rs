@@ -222,3 +222,63 @@ fn bad_input_is_an_error_not_a_panic() {
     // Empty input gives empty output.
     assert_eq!(offline::inject_text("", &options()).unwrap().0, "");
 }
+
+#[test]
+fn yaml_1_1_ambiguous_strings_stay_strings() {
+    let input = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: yaml11
+  namespace: shoal-demo
+  labels: {canary: "no"}
+  annotations: {x: "yes", t: "12:30", o: "off"}
+spec:
+  selector:
+    matchLabels: {app: yaml11, canary: "no"}
+  template:
+    metadata:
+      labels: {app: yaml11, canary: "no"}
+      annotations: {x: "yes", t: "12:30", o: "off", n: "~", e: "", h: "0x1F", d: "2024-01-01", "on": "y", m: "<<"}
+    spec:
+      containers:
+        - name: app
+          image: "busybox:1.36"
+          args: ["NULL", "True", "1e3", ".inf", "-12:30:00", "1_000", "plain words"]
+"#;
+    let (out, report) = offline::inject_text(input, &options()).unwrap();
+    assert_eq!(report[0].reason.as_str(), "injected", "{report:?}");
+    for line in [
+        "canary: 'no'",
+        "x: 'yes'",
+        "t: '12:30'",
+        "o: 'off'",
+        "'on': 'y'",
+        "'n': '~'",
+        "d: '2024-01-01'",
+        "- 'NULL'",
+        "- '-12:30:00'",
+        "- plain words",
+    ] {
+        assert!(out.contains(line), "{line:?} not in\n{out}");
+    }
+    let docs = offline::parse_documents(&out, Format::Yaml).unwrap();
+    let before = offline::parse_documents(input, Format::Yaml).unwrap();
+    assert_eq!(docs[0]["metadata"], before[0]["metadata"]);
+    let t = &docs[0]["spec"]["template"]["metadata"];
+    assert_eq!(t["labels"]["canary"], "no");
+    for (k, v) in before[0]["spec"]["template"]["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&t["annotations"][k], v, "{k}");
+    }
+    assert_eq!(
+        docs[0]["spec"]["template"]["spec"]["containers"][0]["args"],
+        before[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    );
+    // kubernetes-validate reads YAML 1.1 (PyYAML): unquoted `no` would be a bool.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("yaml11.yaml");
+    std::fs::write(&path, &out).unwrap();
+    common::kubernetes_validate(&[path]);
+}

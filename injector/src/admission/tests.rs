@@ -31,3 +31,60 @@ fn patch_is_base64_on_the_wire_and_decodes_back() {
         .unwrap()
         .is_err());
 }
+
+#[tokio::test]
+async fn invalid_inject_annotation_is_counted_like_the_others() {
+    let namespaces = BTreeMap::from([
+        (
+            "on".to_owned(),
+            BTreeMap::from([("shoal.io/inject".to_owned(), "enabled".to_owned())]),
+        ),
+        ("off".to_owned(), BTreeMap::new()),
+    ]);
+    let webhook = Webhook::new(
+        crate::InjectConfig::default(),
+        Arc::new(StaticNamespaces(namespaces)),
+        Arc::new(Metrics::new()),
+    );
+    for (namespace, annotations) in [
+        // Injected anyway (the namespace opts in), tuning annotation also bad.
+        (
+            "on",
+            serde_json::json!({"shoal.io/inject": "yes", "shoal.io/broker": "maybe"}),
+        ),
+        // Not injected (namespace not opted in): still counted.
+        ("off", serde_json::json!({"shoal.io/inject": "sure"})),
+    ] {
+        let review = serde_json::json!({
+            "apiVersion": ADMISSION_API_VERSION, "kind": ADMISSION_KIND,
+            "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": namespace, "operation": "CREATE", "userInfo": {},
+                "object": {"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "p", "annotations": annotations},
+                    "spec": {"containers": [{"name": "app", "image": "i"}]}}}
+        });
+        let resp = webhook
+            .review(&serde_json::to_vec(&review).unwrap())
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&resp).unwrap();
+        assert!(
+            v["response"]["warnings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w.as_str().unwrap().contains("shoal.io/inject")),
+            "{v}"
+        );
+    }
+    let text = webhook.metrics().encode();
+    assert!(
+        text.contains("shoal_injector_invalid_annotations_total{annotation=\"shoal.io/inject\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shoal_injector_invalid_annotations_total{annotation=\"shoal.io/broker\"} 1"),
+        "{text}"
+    );
+}

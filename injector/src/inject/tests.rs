@@ -206,6 +206,11 @@ fn decisions() {
         "invalid pod choice falls back to the namespace"
     );
     assert_eq!(out.warnings.len(), 1);
+    assert_eq!(out.invalid_annotations, [ann::INJECT]);
+    let skipped = run(&bad_choice, &plain, &InjectConfig::default());
+    assert_eq!(skipped.reason, Reason::NamespaceNotEnabled);
+    assert_eq!(skipped.invalid_annotations, [ann::INJECT]);
+    assert_eq!(skipped.warnings.len(), 1);
 }
 
 #[test]
