@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -319,7 +319,7 @@ impl Subscriptions {
             client: self.client.clone(),
             app_port: self.app_port,
             stopping: self.stopping.subscribe(),
-            reported_in_flight: AtomicI64::new(0),
+            reported_in_flight: 0,
             pushes_running: 0,
         };
         let _ = tx.try_send(Command::Members(members));
@@ -673,7 +673,7 @@ struct GroupTask {
     client: AppClient,
     app_port: Option<u16>,
     stopping: watch::Receiver<bool>,
-    reported_in_flight: AtomicI64,
+    reported_in_flight: i64,
     pushes_running: usize,
 }
 
@@ -776,16 +776,16 @@ impl GroupTask {
         }
         self.metrics
             .in_flight
-            .dec_by(self.reported_in_flight.swap(0, Ordering::Relaxed));
+            .dec_by(std::mem::take(&mut self.reported_in_flight));
         if let Some((_, done)) = stop {
             let _ = done.send(());
         }
         tracing::debug!(topic = %self.topic.name, group = %self.group, "consumer group stopped");
     }
 
-    fn report_in_flight(&self) {
+    fn report_in_flight(&mut self) {
         let now = i64::from(self.core.in_flight());
-        let before = self.reported_in_flight.swap(now, Ordering::Relaxed);
+        let before = std::mem::replace(&mut self.reported_in_flight, now);
         self.metrics.in_flight.inc_by(now - before);
     }
 
@@ -960,7 +960,12 @@ impl GroupTask {
                 let client = self.client.clone();
                 let tx = self.tx.clone();
                 let metrics = self.metrics.clone();
-                let timeout = self.ack_timeout_of(&member);
+                // The push call ends when the delivery would time out anyway, so
+                // a hung app holds no task or connection past its ack timeout.
+                let timeout = self
+                    .core
+                    .ack_timeout(&member)
+                    .unwrap_or(crate::subscription::MAX_ACK_TIMEOUT);
                 tokio::spawn(async move {
                     let started = std::time::Instant::now();
                     let outcome = match tokio::time::timeout(timeout, client.request(req)).await {
@@ -994,12 +999,6 @@ impl GroupTask {
                 });
             }
         }
-    }
-
-    fn ack_timeout_of(&self, _member: &str) -> Duration {
-        // The core enforces each member's own ack timeout; the HTTP call gets
-        // the longest allowed so a slow app is timed out by the core, once.
-        crate::subscription::MAX_ACK_TIMEOUT
     }
 
     fn serve_waiters(&mut self, now: Instant) {

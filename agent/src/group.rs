@@ -235,6 +235,11 @@ impl GroupCore {
         self.assign();
     }
 
+    /// A member's ack timeout.
+    pub fn ack_timeout(&self, member: &str) -> Option<Duration> {
+        self.members.get(member).map(|m| m.spec.ack_timeout)
+    }
+
     /// Member names.
     pub fn member_names(&self) -> Vec<Arc<str>> {
         self.members.keys().cloned().collect()
