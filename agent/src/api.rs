@@ -63,6 +63,8 @@ pub struct ApiSettings {
 pub struct AppState {
     /// The mesh, when this agent runs one.
     pub mesh: Option<Arc<crate::mesh::Mesh>>,
+    /// Routing across the mesh, when this agent runs one.
+    pub router: Option<Arc<crate::router::Router>>,
     /// Namespace of this agent's topics (placement keys).
     pub namespace: String,
     /// Topics and publishing.
@@ -73,6 +75,20 @@ pub struct AppState {
     pub settings: ApiSettings,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// Publishes through the mesh when there is one, else on this agent.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Result<PublishOutcome, ApiError>>, ApiError> {
+        match &self.router {
+            Some(r) => r.publish(topic, messages).await,
+            None => self.broker.publish(topic, messages).await,
+        }
+    }
 }
 
 fn full(body: impl Into<Bytes>) -> Body {
@@ -631,7 +647,7 @@ where
         message_from_binary(&parts.headers, body)?
     };
     check_size(state, &message)?;
-    let mut results = state.broker.publish(topic, vec![message]).await?;
+    let mut results = state.publish(topic, vec![message]).await?;
     let outcome = results
         .pop()
         .ok_or_else(|| ApiError::internal("publish returned no result"))??;
@@ -746,7 +762,7 @@ where
             Err(err) => slots.push(Some(Err(err))),
         }
     }
-    let mut published = state.broker.publish(topic, valid).await?.into_iter();
+    let mut published = state.publish(topic, valid).await?.into_iter();
     let results: Vec<Value> = slots
         .into_iter()
         .map(|s| s.or_else(|| published.next()).unwrap_or_else(|| Err(ApiError::internal("missing result"))))
@@ -801,23 +817,27 @@ fn cluster(state: &AppState) -> Response<Body> {
         );
     };
     let view = mesh.view();
-    let placement = view.placement_members();
     let mut homes: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for topic in state.broker.topics() {
-        for p in 0..topic.partition_count() {
-            let key = shoal_cluster::placement::PartitionKey {
-                namespace: &state.namespace,
-                topic: &topic.name,
-                partition: p,
-            };
-            if let Some(home) = shoal_cluster::placement::home(&placement, &key) {
-                homes
-                    .entry(home.id.clone())
-                    .or_default()
-                    .push(format!("{}/{p}", topic.name));
-            }
+    let mut unavailable = Vec::new();
+    let partitions = state
+        .router
+        .as_ref()
+        .map(|r| r.partition_view())
+        .unwrap_or_default();
+    for p in &partitions {
+        homes
+            .entry(p.home.clone())
+            .or_default()
+            .push(format!("{}/{}", p.topic, p.partition));
+        if !p.available {
+            unavailable.push(format!("{}/{}", p.topic, p.partition));
         }
     }
+    let departed = state
+        .router
+        .as_ref()
+        .map(|r| r.departed())
+        .unwrap_or_default();
     let describe = |m: &crate::mesh::MemberView, me: bool| {
         let mut v = serde_json::to_value(m).unwrap_or_else(|_| json!({}));
         if let Value::Object(o) = &mut v {
@@ -837,7 +857,7 @@ fn cluster(state: &AppState) -> Response<Body> {
         .collect();
     json_response(
         StatusCode::OK,
-        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members}),
+        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members, "departed": departed, "unavailable": unavailable}),
     )
 }
 
@@ -1146,7 +1166,10 @@ where
     )?;
     let (parts, body) = read_body(req, state.settings.max_message_bytes).await?;
     let message = message_from_binary(&parts.headers, body)?;
-    let (status, headers, body) = state.subs.request(topic, message, timeout).await?;
+    let (status, headers, body) = match &state.router {
+        Some(r) => r.request(topic, message, timeout).await?,
+        None => state.subs.request(topic, message, timeout).await?,
+    };
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
     for (name, value) in &headers {

@@ -22,6 +22,8 @@ use tokio::sync::watch;
 pub const TOPIC_FILE: &str = "topic.json";
 /// File of a partition's committed offsets, inside its directory.
 pub const OFFSETS_FILE: &str = "offsets.json";
+/// File of a topic's catalog version, inside its directory.
+pub const VERSION_FILE: &str = "version";
 /// Longest a publish waits for its entries to be written.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,7 +40,13 @@ pub struct BrokerSettings {
     pub max_pending_bytes: u64,
     /// Segment size of new logs.
     pub log: LogConfig,
+    /// Whether the agent is part of a mesh: partitions then start idle and
+    /// the router decides which this agent serves.
+    pub meshed: bool,
 }
+
+/// Called with a topic's name when its configuration changed here.
+pub type TopicHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Where a published message was stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -63,8 +71,19 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     create_lock: Mutex<()>,
     flusher: Flusher,
+    topic_hook: HookCell,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+}
+
+/// Holds the topic hook; a type of its own so the broker stays `Debug`.
+#[derive(Default)]
+struct HookCell(std::sync::OnceLock<TopicHook>);
+
+impl std::fmt::Debug for HookCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TopicHook")
+    }
 }
 
 fn storage_err(path: &Path, e: impl std::fmt::Display) -> AgentError {
@@ -99,6 +118,7 @@ impl Broker {
             topics: RwLock::new(BTreeMap::new()),
             create_lock: Mutex::new(()),
             flusher,
+            topic_hook: HookCell::default(),
             metrics,
         });
         let mut names: Vec<String> = std::fs::read_dir(&topics_dir)
@@ -131,6 +151,13 @@ impl Broker {
                 Err(e) => return Err(storage_err(&file, e)),
             };
             let topic = broker.build_topic(&name, config)?;
+            let version = shoal_storage::meta::read(&topics_dir.join(&name).join(VERSION_FILE))
+                .ok()
+                .flatten()
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            topic.version.store(version, Ordering::Relaxed);
             broker.write_lock().insert(name, topic);
         }
         Ok(broker)
@@ -161,6 +188,20 @@ impl Broker {
     }
 
     fn open_partition(
+        &self,
+        name: &Arc<str>,
+        id: u32,
+        config: &TopicConfig,
+        changed: &Arc<watch::Sender<u64>>,
+    ) -> Result<Arc<Partition>, AgentError> {
+        let partition = self.open_partition_inner(name, id, config, changed)?;
+        if self.settings.meshed {
+            partition.set_role(crate::topic::Role::Idle);
+        }
+        Ok(partition)
+    }
+
+    fn open_partition_inner(
         &self,
         name: &Arc<str>,
         id: u32,
@@ -230,6 +271,7 @@ impl Broker {
             next_partition: AtomicU32::new(0),
             dedupe: Mutex::new(Dedupe::default()),
             changed,
+            version: std::sync::atomic::AtomicU64::new(0),
         });
         self.rebuild_dedupe(&topic, &config);
         self.flusher.watch_topic(&topic);
@@ -278,11 +320,101 @@ impl Broker {
             return Ok(t);
         }
         crate::names::validate("topic", name)?;
-        self.put_topic(name, &TopicSpec::default()).map(|(t, _)| t)
+        let (topic, created) = self.put_topic_local(name, &TopicSpec::default())?;
+        if created {
+            self.topic_changed_here(name);
+        }
+        Ok(topic)
     }
 
-    /// Creates or reconfigures a topic. Returns the topic and whether it was created.
+    /// Installs the function told about every topic change made here (the
+    /// mesh shares them); once.
+    pub fn set_topic_hook(&self, hook: TopicHook) {
+        let _ = self.topic_hook.0.set(hook);
+    }
+
+    fn topic_changed_here(&self, name: &str) {
+        if let Some(h) = self.topic_hook.0.get() {
+            h(name);
+        }
+    }
+
+    fn write_version(&self, name: &str, version: u64) {
+        let file = self.topic_dir(name).join(VERSION_FILE);
+        if let Err(e) = shoal_storage::meta::write_atomic(&file, version.to_string().as_bytes()) {
+            tracing::warn!(topic = name, error = %e, "could not store the topic's catalog version");
+        }
+    }
+
+    /// Creates or reconfigures a topic on behalf of an app (the change is
+    /// shared with the mesh). Returns the topic and whether it was created.
     pub fn put_topic(&self, name: &str, spec: &TopicSpec) -> Result<(Arc<Topic>, bool), ApiError> {
+        let (topic, created) = self.put_topic_local(name, spec)?;
+        let version = crate::time::now_ms();
+        if topic.version.swap(version, Ordering::Relaxed) != version {
+            self.write_version(name, version);
+        }
+        self.topic_changed_here(name);
+        Ok((topic, created))
+    }
+
+    /// Applies a topic configuration another agent shared. The higher version
+    /// wins; partitions only grow. Returns whether anything changed here.
+    pub fn apply_catalog(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        version: u64,
+    ) -> Result<bool, ApiError> {
+        crate::names::validate("topic", name)?;
+        let local = self.topic(name);
+        let (current, local_version) = match &local {
+            Some(t) => (Some(t.config()), t.version.load(Ordering::Relaxed)),
+            None => (None, 0),
+        };
+        let wanted = match &current {
+            Some(c) if version < local_version => {
+                if config.partitions <= c.partitions {
+                    return Ok(false);
+                }
+                TopicConfig {
+                    partitions: config.partitions,
+                    ..c.clone()
+                }
+            }
+            Some(c) if version == local_version && config.partitions <= c.partitions => {
+                return Ok(false);
+            }
+            Some(c) => TopicConfig {
+                partitions: config.partitions.max(c.partitions),
+                kind: c.kind,
+                ..config
+            },
+            None => config,
+        };
+        if current.as_ref() == Some(&wanted) && version <= local_version {
+            return Ok(false);
+        }
+        let spec = TopicSpec {
+            partitions: Some(wanted.partitions),
+            replicas: Some(wanted.replicas),
+            kind: Some(wanted.kind),
+            retention: Some(wanted.retention.clone()),
+            fsync: Some(wanted.fsync),
+            dedupe_window: Some(wanted.dedupe_window),
+        };
+        let (topic, _) = self.put_topic_local(name, &spec)?;
+        let v = version.max(local_version);
+        topic.version.store(v, Ordering::Relaxed);
+        self.write_version(name, v);
+        Ok(true)
+    }
+
+    fn put_topic_local(
+        &self,
+        name: &str,
+        spec: &TopicSpec,
+    ) -> Result<(Arc<Topic>, bool), ApiError> {
         crate::names::validate("topic", name)?;
         let _guard = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.topic_dir(name);
@@ -360,21 +492,35 @@ impl Broker {
         topic_name: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Result<PublishOutcome, ApiError>>, ApiError> {
-        let started = Instant::now();
         let topic = self.topic_or_create(topic_name)?;
+        let placed = messages
+            .into_iter()
+            .map(|m| (choose_partition(&topic, &m), m))
+            .collect();
+        Ok(self.append(&topic, placed).await)
+    }
+
+    /// Stores messages in the partitions chosen for them (this agent is their
+    /// home) and waits until each is stored per the topic's durability.
+    pub async fn append(
+        &self,
+        topic: &Topic,
+        messages: Vec<(u32, Message)>,
+    ) -> Vec<Result<PublishOutcome, ApiError>> {
+        let started = Instant::now();
+        let topic_name: &str = &topic.name;
         let config = topic.config();
         let partitions = topic.partitions();
-        let count = partitions.len().max(1) as u32;
         let now = crate::time::now_ms();
         let mut results = Vec::with_capacity(messages.len());
         let mut waits: HashMap<u32, u64> = HashMap::new();
         let mut published_bytes = 0u64;
         let mut published = 0u64;
         {
-            let needs_dedupe = messages.iter().any(|m| m.client_id);
+            let needs_dedupe = messages.iter().any(|(_, m)| m.client_id);
             let mut dedupe =
                 needs_dedupe.then(|| topic.dedupe.lock().unwrap_or_else(|p| p.into_inner()));
-            for m in messages {
+            for (pid, m) in messages {
                 if m.client_id {
                     if let Some((partition, offset)) = dedupe
                         .as_mut()
@@ -393,12 +539,12 @@ impl Broker {
                         continue;
                     }
                 }
-                let pid = match &m.key {
-                    Some(key) => partition_for_key(key, count),
-                    None => topic.next_partition.fetch_add(1, Ordering::Relaxed) % count,
-                };
                 let Some(partition) = partitions.get(pid as usize) else {
-                    results.push(Err(ApiError::internal("partition missing")));
+                    results.push(Err(ApiError::unavailable(
+                        "partition_unknown",
+                        format!("topic {topic_name:?} has no partition {pid} on this agent yet"),
+                        1,
+                    )));
                     continue;
                 };
                 if partition.pending_bytes.load(Ordering::Relaxed) > self.settings.max_pending_bytes
@@ -423,6 +569,10 @@ impl Broker {
                 let payload_len = m.payload.len() as u64;
                 let appended = {
                     let mut store = partition.store();
+                    if partition.role_locked(&store) != crate::topic::Role::Serving {
+                        results.push(Err(not_home(topic_name, pid)));
+                        continue;
+                    }
                     partition.append(&mut store, now, data)
                 };
                 match appended {
@@ -508,11 +658,77 @@ impl Broker {
         self.metrics
             .publish_latency
             .observe(started.elapsed().as_secs_f64());
-        Ok(results)
+        results
+    }
+
+    /// Replaces this agent's copy of a partition with entries handed off by
+    /// its previous home: `reset` starts the copy over at `first_index`.
+    /// Entries are fsynced before this returns.
+    pub fn apply_handoff(
+        &self,
+        topic: &Topic,
+        partition: &Partition,
+        reset: bool,
+        first_index: u64,
+        entries: Vec<shoal_storage::Entry>,
+    ) -> Result<(), AgentError> {
+        let dir = partition.dir.clone().unwrap_or_default();
+        let err = |e: shoal_storage::StorageError| storage_err(&dir, e);
+        let last = {
+            let mut store = partition.store();
+            let crate::topic::Store::Disk(log) = &mut *store else {
+                return Ok(());
+            };
+            if reset {
+                log.reset(first_index.max(1)).map_err(err)?;
+            }
+            for e in &entries {
+                log.append_entry(e).map_err(err)?;
+            }
+            if let Some(handle) = log.write_buffered().map_err(err)? {
+                handle.sync().map_err(|e| storage_err(&dir, e))?;
+            }
+            log.written_index()
+        };
+        partition.reset_committed(last);
+        let window = topic.config().dedupe_window;
+        let horizon = crate::time::now_ms().saturating_sub(window.as_millis() as u64);
+        let mut dedupe = topic.dedupe.lock().unwrap_or_else(|p| p.into_inner());
+        for e in &entries {
+            if e.timestamp_ms < horizon {
+                continue;
+            }
+            if let Ok(m) = Message::decode(&e.data) {
+                if m.client_id {
+                    dedupe.insert(m.id, e.timestamp_ms, partition.id, e.index);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes everything buffered, checkpoints offsets and stops the flusher.
     pub fn shutdown(&self) {
         self.flusher.stop();
+    }
+}
+
+/// The answer for a partition this agent is not (or not yet) serving.
+pub fn not_home(topic: &str, partition: u32) -> ApiError {
+    ApiError::unavailable(
+        "not_home",
+        format!("partition {partition} of topic {topic:?} is moving between agents; retry shortly"),
+        1,
+    )
+}
+
+/// The partition a message goes to: by its key; else by its `Shoal-Id`, so
+/// a retried publish meets its first attempt's dedupe entry; else round robin.
+pub fn choose_partition(topic: &Topic, m: &Message) -> u32 {
+    let count = topic.partition_count().max(1);
+    match &m.key {
+        Some(key) => partition_for_key(key, count),
+        None if m.client_id => partition_for_key(&m.id, count),
+        None => topic.next_partition.fetch_add(1, Ordering::Relaxed) % count,
     }
 }

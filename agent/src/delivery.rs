@@ -8,6 +8,7 @@ use crate::error::ApiError;
 use crate::group::{AckId, DeadLetter, Delivery, GroupCore, MemberSpec, FETCH_BYTES};
 use crate::message::Message;
 use crate::metrics::{CodeLabel, Metrics, Mode, ModeLabel, ReasonLabels};
+use crate::router::{Home, Router};
 use crate::subscription::{StartPosition, Subscription, SubscriptionSpec};
 use crate::topic::{Partition, Topic};
 use bytes::Bytes;
@@ -16,10 +17,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -32,6 +33,8 @@ pub const DEAD_LETTER_STATUS: StatusCode = StatusCode::UNPROCESSABLE_ENTITY;
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// Commands a group task buffers before senders wait.
 const GROUP_QUEUE: usize = 1024;
+/// Pause before fetching again from a home agent that answered with an error.
+const REMOTE_FETCH_RETRY: Duration = Duration::from_millis(250);
 /// Longest a request/reply may wait.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -83,7 +86,14 @@ enum Command {
         deadline: Instant,
         done: oneshot::Sender<()>,
     },
+    Fetched {
+        partition: u32,
+        result: Result<shoal_proto::FetchedBatch, ApiError>,
+    },
 }
+
+/// The router, once the mesh is up; shared by the subscriptions and their groups.
+type RouterCell = Arc<OnceLock<Weak<Router>>>;
 
 /// Result of an ack request.
 #[derive(Debug, Default, serde::Serialize)]
@@ -113,6 +123,7 @@ pub struct Subscriptions {
     max_pull_waiters: usize,
     request_rr: AtomicUsize,
     stopping: watch::Sender<bool>,
+    router: RouterCell,
 }
 
 impl std::fmt::Debug for Subscriptions {
@@ -163,6 +174,7 @@ impl Subscriptions {
             max_pull_waiters,
             request_rr: AtomicUsize::new(0),
             stopping: watch::Sender::new(false),
+            router: Arc::new(OnceLock::new()),
         });
         let keys: Vec<(String, String)> = lock(&s.subs)
             .values()
@@ -174,6 +186,18 @@ impl Subscriptions {
             }
         }
         Ok(s)
+    }
+
+    /// Connects the groups to the mesh: from now on they read only the
+    /// partitions dealt to this agent, wherever their home is.
+    pub fn attach_router(&self, router: &Arc<Router>) {
+        let _ = self.router.set(Arc::downgrade(router));
+    }
+
+    fn share(&self) {
+        if let Some(r) = self.router.get().and_then(Weak::upgrade) {
+            r.share_subscriptions();
+        }
     }
 
     /// Every subscription.
@@ -223,6 +247,7 @@ impl Subscriptions {
             (sub, previous.is_none())
         };
         self.refresh_group(&sub.topic, &sub.group)?;
+        self.share();
         if created {
             tracing::info!(subscription = name, topic = %sub.topic, group = %sub.group, "subscription declared");
         }
@@ -246,6 +271,7 @@ impl Subscriptions {
             sub
         };
         self.refresh_group(&sub.topic, &sub.group)?;
+        self.share();
         tracing::info!(subscription = name, "subscription deleted");
         Ok(())
     }
@@ -321,6 +347,10 @@ impl Subscriptions {
             stopping: self.stopping.subscribe(),
             reported_in_flight: 0,
             pushes_running: 0,
+            router: self.router.clone(),
+            remote_in_flight: HashSet::new(),
+            starting: BTreeSet::new(),
+            retry_at: HashMap::new(),
         };
         let _ = tx.try_send(Command::Members(members));
         tokio::spawn(task.run());
@@ -436,6 +466,13 @@ impl Subscriptions {
         })?;
         result.unknown.extend(unknown);
         Ok(result)
+    }
+
+    /// Whether a push subscription on this agent reads `topic`.
+    pub fn has_push_subscriber(&self, topic: &str) -> bool {
+        lock(&self.subs)
+            .values()
+            .any(|s| s.topic == topic && s.push_path.is_some())
     }
 
     /// Sends a request to one push subscriber of `topic` and returns its response.
@@ -630,7 +667,7 @@ fn build_push(
 /// that already reads the topic, the partition's first offset (everything in
 /// it arrived after the group existed); else the group's start position. The
 /// choice is committed at once, so a restart resumes from it.
-fn start_offset(p: &Partition, group: &str, start: &StartPosition, established: bool) -> u64 {
+pub fn start_offset(p: &Partition, group: &str, start: &StartPosition, established: bool) -> u64 {
     if let Some(c) = p.committed_offset(group) {
         return c;
     }
@@ -675,24 +712,155 @@ struct GroupTask {
     stopping: watch::Receiver<bool>,
     reported_in_flight: i64,
     pushes_running: usize,
+    router: RouterCell,
+    /// Partitions with a fetch under way at their home agent.
+    remote_in_flight: HashSet<u32>,
+    /// Remote partitions dealt to this agent whose resume offset the home has not told yet.
+    starting: BTreeSet<u32>,
+    /// When to fetch again from a home that answered with an error.
+    retry_at: HashMap<u32, Instant>,
 }
 
 impl GroupTask {
+    fn router(&self) -> Option<Arc<Router>> {
+        self.router.get().and_then(Weak::upgrade)
+    }
+
     fn sync_partitions(&mut self) {
-        let known = self.core.partitions().count() as u32;
         let parts = self.topic.partitions();
-        if parts.len() as u32 > known {
-            for p in &parts[known as usize..] {
-                // A partition new to a running group holds only messages
-                // published after the group existed: read all of it.
-                let start = start_offset(p, &self.group, &self.start, true);
-                self.core.add_partition(p.id, start);
+        let router = self.router();
+        let assigned: BTreeSet<u32> = match &router {
+            Some(r) => r
+                .assigned(&self.topic.name, &self.group, parts.len() as u32)
+                .into_iter()
+                .collect(),
+            None => parts.iter().map(|p| p.id).collect(),
+        };
+        let known: Vec<u32> = self.core.partitions().collect();
+        for pid in known {
+            if !assigned.contains(&pid) {
+                tracing::debug!(topic = %self.topic.name, group = %self.group, partition = pid, "partition dealt to another agent");
+                self.core.remove_partition(pid);
             }
+        }
+        self.starting.retain(|p| assigned.contains(p));
+        for pid in assigned {
+            if self.core.has_partition(pid) || self.starting.contains(&pid) {
+                continue;
+            }
+            let local = match &router {
+                None => true,
+                Some(r) => r.home(&self.topic.name, pid) == Home::Me,
+            };
+            match parts.get(pid as usize) {
+                Some(p) if local && p.role() == crate::topic::Role::Serving => {
+                    // A partition new to a running group holds only messages
+                    // published after the group existed: read all of it.
+                    let start = start_offset(p, &self.group, &self.start, true);
+                    self.core.add_partition(p.id, start);
+                }
+                // Home elsewhere (or still arriving here): the home says where the group resumes.
+                _ if router.is_some() => {
+                    self.starting.insert(pid);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Starts a fetch at a partition's home agent unless one is under way.
+    fn fetch_remote(
+        &mut self,
+        router: &Arc<Router>,
+        pid: u32,
+        from: Option<u64>,
+        max: usize,
+        now: Instant,
+    ) {
+        if self.remote_in_flight.contains(&pid) || self.retry_at.get(&pid).is_some_and(|t| *t > now)
+        {
+            return;
+        }
+        self.remote_in_flight.insert(pid);
+        let router = router.clone();
+        let tx = self.tx.clone();
+        let topic = self.topic.name.to_string();
+        let group = self.group.to_string();
+        let start = self.start.clone();
+        tokio::spawn(async move {
+            let result = router.fetch(&topic, pid, &group, &start, from, max).await;
+            let _ = tx
+                .send(Command::Fetched {
+                    partition: pid,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn on_remote_fetched(
+        &mut self,
+        pid: u32,
+        result: Result<shoal_proto::FetchedBatch, ApiError>,
+        now: Instant,
+    ) {
+        self.remote_in_flight.remove(&pid);
+        let batch = match result {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(topic = %self.topic.name, group = %self.group, partition = pid, error = %e.message, "fetch from the home agent failed; retrying");
+                self.retry_at.insert(pid, now + REMOTE_FETCH_RETRY);
+                return;
+            }
+        };
+        self.retry_at.remove(&pid);
+        if self.starting.remove(&pid) {
+            self.core.add_partition(pid, batch.start);
+        }
+        if !self.core.has_partition(pid) {
+            return;
+        }
+        if batch.first_index > batch.start {
+            self.core.on_compacted(pid, batch.first_index);
+        }
+        let fed = batch
+            .entries
+            .into_iter()
+            .map(|e| {
+                (
+                    e.index,
+                    e.timestamp_ms,
+                    Message::decode(&Bytes::from(e.data)),
+                )
+            })
+            .collect();
+        let outcome = self
+            .core
+            .on_fetched(pid, fed, crate::time::now_ms(), now.into_std());
+        self.topic
+            .metrics
+            .expired
+            .inc_by(u64::from(outcome.expired));
+    }
+
+    fn commit(&self, pid: u32, offset: u64) {
+        let router = self.router();
+        let local = match &router {
+            None => true,
+            Some(r) => r.home(&self.topic.name, pid) == Home::Me,
+        };
+        if local {
+            if let Some(part) = self.topic.partition(pid) {
+                part.commit_offset(&self.group, offset);
+            }
+        } else if let Some(r) = router {
+            r.commit(&self.topic.name, pid, &self.group, offset);
         }
     }
 
     async fn run(mut self) {
         let mut changed = self.topic.changed.subscribe();
+        let mut placement = self.router().map(|r| r.watch());
         let mut stop: Option<(Instant, oneshot::Sender<()>)> = None;
         tracing::debug!(topic = %self.topic.name, group = %self.group, "consumer group started");
         loop {
@@ -718,9 +886,7 @@ impl GroupTask {
                 .expired
                 .inc_by(u64::from(self.core.take_expired()));
             for (p, offset) in self.core.take_commits() {
-                if let Some(part) = self.topic.partition(p) {
-                    part.commit_offset(&self.group, offset);
-                }
+                self.commit(p, offset);
             }
             self.report_in_flight();
             // Pulled and streamed messages are redelivered after a restart;
@@ -734,6 +900,22 @@ impl GroupTask {
             if let Some(w) = self.waiters.iter().map(|w| w.deadline).min() {
                 wake = Some(wake.map_or(w, |t| t.min(w)));
             }
+            if let Some(w) = self.retry_at.values().min().copied() {
+                wake = Some(wake.map_or(w, |t| t.min(w)));
+            }
+            if placement.is_none() {
+                placement = self.router().map(|r| r.watch());
+            }
+            let placement_changed = async {
+                match placement.as_mut() {
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             if let Some((deadline, _)) = &stop {
                 wake = Some(wake.map_or(*deadline, |t| t.min(*deadline)));
             }
@@ -759,6 +941,7 @@ impl GroupTask {
                         break;
                     }
                 }
+                _ = placement_changed, if stop.is_none() => {}
                 _ = sleep => {}
             }
             // Drain whatever else is queued before the next round.
@@ -770,9 +953,7 @@ impl GroupTask {
             }
         }
         for (p, offset) in self.core.take_commits() {
-            if let Some(part) = self.topic.partition(p) {
-                part.commit_offset(&self.group, offset);
-            }
+            self.commit(p, offset);
         }
         self.metrics
             .in_flight
@@ -791,10 +972,44 @@ impl GroupTask {
 
     fn fetch(&mut self, now: Instant) {
         let now_ms = crate::time::now_ms();
+        let router = self.router();
+        if let Some(r) = &router {
+            let starting: Vec<u32> = self.starting.iter().copied().collect();
+            for pid in starting {
+                if matches!(r.home(&self.topic.name, pid), Home::Peer { .. }) {
+                    self.fetch_remote(r, pid, None, crate::group::FETCH_WINDOW, now);
+                } else if r.home(&self.topic.name, pid) == Home::Me
+                    && self
+                        .topic
+                        .partition(pid)
+                        .is_some_and(|p| p.role() == crate::topic::Role::Serving)
+                {
+                    // The partition arrived here: read it locally.
+                    self.starting.remove(&pid);
+                    if let Some(p) = self.topic.partition(pid) {
+                        let start = start_offset(&p, &self.group, &self.start, false);
+                        self.core.add_partition(pid, start);
+                    }
+                }
+            }
+        }
         for (pid, from, max) in self.core.wanted_fetches() {
+            if let Some(r) = &router {
+                match r.home(&self.topic.name, pid) {
+                    Home::Me => {}
+                    Home::Peer { .. } => {
+                        self.fetch_remote(r, pid, Some(from), max, now);
+                        continue;
+                    }
+                    Home::Down { .. } | Home::Nobody => continue,
+                }
+            }
             let Some(partition) = self.topic.partition(pid) else {
                 continue;
             };
+            if router.is_some() && partition.role() != crate::topic::Role::Serving {
+                continue;
+            }
             match partition.read(from, max, FETCH_BYTES) {
                 Ok(entries) if entries.is_empty() => {
                     let first = partition.first_index();
@@ -908,6 +1123,9 @@ impl GroupTask {
                     self.core
                         .park_failed(partition, offset, now, DEAD_LETTER_RETRY);
                 }
+            }
+            Command::Fetched { partition, result } => {
+                self.on_remote_fetched(partition, result, Instant::now());
             }
             Command::Stop { .. } => {}
         }
@@ -1058,9 +1276,14 @@ impl GroupTask {
             ("shoaldlqattempts".to_string(), d.attempts.to_string()),
         ]);
         let broker = self.broker.clone();
+        let router = self.router();
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let stored = match broker.publish(&dlq, vec![m]).await {
+            let published = match &router {
+                Some(r) => r.publish(&dlq, vec![m]).await,
+                None => broker.publish(&dlq, vec![m]).await,
+            };
+            let stored = match published {
                 Ok(results) => results.iter().all(|r| r.is_ok()),
                 Err(_) => false,
             };

@@ -211,6 +211,29 @@ impl GroupCore {
         self.assign();
     }
 
+    /// Drops a partition another agent's members now read: its messages in
+    /// flight here are forgotten (their acks answer "unknown") and will be
+    /// redelivered from the committed offset by the new reader.
+    pub fn remove_partition(&mut self, partition: u32) {
+        let Some(part) = self.parts.remove(&partition) else {
+            return;
+        };
+        for pending in part.pending.values() {
+            if let State::InFlight { member, .. } = &pending.state {
+                if let Some(m) = self.members.get_mut(member) {
+                    m.in_flight = m.in_flight.saturating_sub(1);
+                }
+            }
+        }
+        self.timers.retain(|t| t.1 != partition);
+        self.assign();
+    }
+
+    /// Whether the group reads `partition`.
+    pub fn has_partition(&self, partition: u32) -> bool {
+        self.parts.contains_key(&partition)
+    }
+
     /// Partitions known.
     pub fn partitions(&self) -> impl Iterator<Item = u32> + '_ {
         self.parts.keys().copied()

@@ -27,6 +27,7 @@ pub mod mesh;
 pub mod message;
 pub mod metrics;
 pub mod names;
+pub mod router;
 pub mod run;
 pub mod subscription;
 pub mod time;

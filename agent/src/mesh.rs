@@ -14,10 +14,12 @@ use shoal_mesh::certs::{CertSource, DevCertSource};
 use shoal_mesh::tls::CertStore;
 use shoal_mesh::transport::Endpoint;
 use shoal_mesh::SpiffeId;
+use shoal_proto::Message;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -32,6 +34,154 @@ pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// Datagrams queued for the membership task before new ones are dropped
 /// (gossip tolerates loss; memory must stay bounded).
 const DATAGRAM_QUEUE: usize = 4096;
+/// Frames queued for one peer before senders wait: backpressure, not memory.
+const LINK_QUEUE: usize = 4096;
+/// Bytes combined into one stream write.
+const MAX_COALESCED_WRITE: usize = 256 * 1024;
+/// Requests one stream may have under way before new ones are refused.
+const MAX_REQUESTS_PER_STREAM: usize = 4096;
+/// Longest a dial may take before a call fails.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Handles what peers send: requests (answered through the [`Replier`]) and
+/// one-way messages. The agent's router implements it.
+pub trait Handler: Send + Sync + 'static {
+    /// A message from the peer at `from`.
+    fn handle(self: Arc<Self>, from: SocketAddr, msg: Message, reply: Replier);
+    /// A connection to the peer at `addr` is up.
+    fn connected(self: Arc<Self>, addr: SocketAddr);
+}
+
+/// Sends answers back on the stream a request came in on.
+#[derive(Clone, Debug)]
+pub struct Replier {
+    tx: mpsc::UnboundedSender<Message>,
+    under_way: Arc<AtomicUsize>,
+}
+
+impl Replier {
+    /// Sends the answer (dropped if the stream is gone).
+    pub fn send(&self, answer: Message) {
+        self.under_way.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.tx.send(answer);
+    }
+}
+
+/// Why a call to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No connection could be made.
+    #[error("cannot reach {0}")]
+    Unreachable(SocketAddr),
+    /// The connection or stream closed before the answer came.
+    #[error("the connection to {0} closed")]
+    Closed(SocketAddr),
+    /// No answer in time.
+    #[error("no answer from {0} in time")]
+    Timeout(SocketAddr),
+}
+
+/// One long-lived stream to a peer: requests and one-way messages go out
+/// through a writer that combines small frames into one write; answers come
+/// back on the same stream and complete their calls by request id.
+struct Link {
+    tx: mpsc::Sender<Message>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>,
+    conn: shoal_mesh::quinn::Connection,
+}
+
+impl Link {
+    fn open(conn: shoal_mesh::quinn::Connection, metrics: Arc<Metrics>) -> Arc<Link> {
+        let (tx, mut rx) = mpsc::channel::<Message>(LINK_QUEUE);
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>> = Default::default();
+        let link = Arc::new(Link {
+            tx,
+            pending: pending.clone(),
+            conn: conn.clone(),
+        });
+        tokio::spawn(async move {
+            let Ok((mut send, recv)) = conn.open_bi().await else {
+                return;
+            };
+            tokio::spawn(read_answers(recv, pending.clone(), metrics.clone()));
+            let mut buf = bytes::BytesMut::new();
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                while let Some(m) = next.take() {
+                    if let Err(e) = shoal_proto::encode(&m, &mut buf) {
+                        tracing::error!(error = %e, "cannot encode a mesh message");
+                        if let Some(req) = m.req() {
+                            lock(&pending).remove(&req);
+                        }
+                    }
+                    if buf.len() < MAX_COALESCED_WRITE {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                metrics.mesh_frames_out.inc();
+                metrics.mesh_bytes_out.inc_by(buf.len() as u64);
+                if send.write_all(&buf).await.is_err() {
+                    break;
+                }
+                buf.clear();
+            }
+            let _ = send.finish();
+            // Callers waiting on this stream learn it closed.
+            lock(&pending).clear();
+        });
+        link
+    }
+
+    fn usable(&self) -> bool {
+        !self.tx.is_closed() && self.conn.close_reason().is_none()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn read_answers(
+    mut recv: shoal_mesh::quinn::RecvStream,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        loop {
+            match shoal_proto::decode::<Message>(&mut buf) {
+                Ok(Some(m)) => {
+                    metrics.mesh_frames_in.inc();
+                    if let Some(req) = m.req() {
+                        if let Some(waiter) = lock(&pending).remove(&req) {
+                            let _ = waiter.send(m);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad answer frame from a peer; closing the stream");
+                    lock(&pending).clear();
+                    return;
+                }
+            }
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => {
+                metrics.mesh_bytes_in.inc_by(chunk.bytes.len() as u64);
+                if buf.len() + chunk.bytes.len() > MAX_STREAM_BUFFER {
+                    lock(&pending).clear();
+                    return;
+                }
+                buf.extend_from_slice(&chunk.bytes);
+            }
+            Ok(None) | Err(_) => {
+                lock(&pending).clear();
+                return;
+            }
+        }
+    }
+}
 
 /// What the mesh needs to start.
 #[derive(Clone, Debug)]
@@ -108,6 +258,8 @@ struct Peers {
     input: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
     node: String,
+    handler: Arc<OnceLock<Arc<dyn Handler>>>,
+    links: Arc<Mutex<HashMap<SocketAddr, Arc<Link>>>>,
 }
 
 impl Peers {
@@ -131,7 +283,11 @@ impl Peers {
             conn.clone(),
             self.metrics.clone(),
             self.node.clone(),
+            self.handler.clone(),
         ));
+        if let Some(h) = self.handler.get() {
+            h.clone().connected(addr);
+        }
         tokio::spawn(async move {
             while let Ok(d) = conn.read_datagram().await {
                 metrics.mesh_datagrams_in.inc();
@@ -166,10 +322,43 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// The link to `to`, dialing first if there is no connection.
+    async fn link(&self, to: SocketAddr) -> Result<Arc<Link>, CallError> {
+        if let Some(l) = lock(&self.links).get(&to).filter(|l| l.usable()) {
+            return Ok(l.clone());
+        }
+        let conn = match self.conn(&to) {
+            Some(c) => c,
+            None => {
+                let peer = tokio::time::timeout(DIAL_TIMEOUT, self.endpoint.connect(to))
+                    .await
+                    .map_err(|_| CallError::Unreachable(to))?
+                    .map_err(|e| {
+                        tracing::debug!(peer = %to, error = %e, "cannot reach peer");
+                        CallError::Unreachable(to)
+                    })?;
+                self.adopt(to, peer.connection.clone());
+                peer.connection
+            }
+        };
+        let mut links = lock(&self.links);
+        if let Some(l) = links.get(&to).filter(|l| l.usable()) {
+            return Ok(l.clone());
+        }
+        let link = Link::open(conn, self.metrics.clone());
+        links.insert(to, link.clone());
+        Ok(link)
+    }
+}
+
+static NEXT_REQ: AtomicU64 = AtomicU64::new(1);
+
 /// A running mesh.
 pub struct Mesh {
     view: watch::Receiver<ClusterView>,
     input: mpsc::Sender<Input>,
+    peers: Peers,
     endpoint: Endpoint,
     /// The bound mesh address.
     pub local_addr: SocketAddr,
@@ -266,6 +455,8 @@ impl Mesh {
             input: input_tx.clone(),
             metrics: metrics.clone(),
             node: settings.node.clone(),
+            handler: Default::default(),
+            links: Default::default(),
         };
         {
             let peers = peers.clone();
@@ -303,15 +494,65 @@ impl Mesh {
             view_tx,
             metrics.clone(),
         ));
-        spawn_stats(peers, metrics);
+        spawn_stats(peers.clone(), metrics);
         tracing::info!(addr = %local_addr, id = %spiffe, "mesh listening (QUIC, mTLS, ALPN shoal/1)");
         Ok(Mesh {
             view: view_rx,
             input: input_tx,
+            peers,
             endpoint,
             local_addr,
             id: spiffe,
         })
+    }
+
+    /// Installs what handles peers' messages (once, before traffic flows).
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        let _ = self.peers.handler.set(handler);
+    }
+
+    /// Sends a request built around a fresh request id and waits for its answer.
+    pub async fn call(
+        &self,
+        to: SocketAddr,
+        timeout: Duration,
+        build: impl FnOnce(u64) -> Message,
+    ) -> Result<Message, CallError> {
+        let req = NEXT_REQ.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let link = tokio::time::timeout_at(deadline, self.peers.link(to))
+            .await
+            .map_err(|_| CallError::Timeout(to))??;
+        let (tx, rx) = oneshot::channel();
+        lock(&link.pending).insert(req, tx);
+        let forget = || {
+            lock(&link.pending).remove(&req);
+        };
+        match tokio::time::timeout_at(deadline, link.tx.send(build(req))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                forget();
+                return Err(CallError::Closed(to));
+            }
+            Err(_) => {
+                forget();
+                return Err(CallError::Timeout(to));
+            }
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(CallError::Closed(to)),
+            Err(_) => {
+                forget();
+                Err(CallError::Timeout(to))
+            }
+        }
+    }
+
+    /// Sends a one-way message, in order with the other messages to `to`.
+    pub async fn tell(&self, to: SocketAddr, msg: Message) -> Result<(), CallError> {
+        let link = self.peers.link(to).await?;
+        link.tx.send(msg).await.map_err(|_| CallError::Closed(to))
     }
 
     /// The cluster now.
@@ -496,9 +737,22 @@ async fn run_membership(
 /// Serves the streams a peer opens: framed [`shoal_proto::Message`]s. A bad
 /// frame ends that stream with a `Refuse` frame and a metric; the connection,
 /// its other streams and the agent go on.
-async fn serve_streams(conn: shoal_mesh::quinn::Connection, metrics: Arc<Metrics>, node: String) {
+async fn serve_streams(
+    conn: shoal_mesh::quinn::Connection,
+    metrics: Arc<Metrics>,
+    node: String,
+    handler: Arc<OnceLock<Arc<dyn Handler>>>,
+) {
+    let from = conn.remote_address();
     while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream(send, recv, metrics.clone(), node.clone()));
+        tokio::spawn(serve_stream(
+            send,
+            recv,
+            metrics.clone(),
+            node.clone(),
+            handler.get().cloned(),
+            from,
+        ));
     }
 }
 
@@ -510,26 +764,85 @@ async fn serve_stream(
     mut recv: shoal_mesh::quinn::RecvStream,
     metrics: Arc<Metrics>,
     node: String,
+    handler: Option<Arc<dyn Handler>>,
+    from: SocketAddr,
 ) {
-    use shoal_proto::{FrameError, Message};
+    use shoal_proto::FrameError;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let under_way = Arc::new(AtomicUsize::new(0));
+    let replier = Replier {
+        tx,
+        under_way: under_way.clone(),
+    };
+    // Answers go out in as few writes as possible: everything queued is
+    // encoded into one buffer before each write.
+    let writer_metrics = metrics.clone();
+    let writer = tokio::spawn(async move {
+        let mut out = bytes::BytesMut::new();
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            let mut refused = false;
+            while let Some(m) = next.take() {
+                refused |= matches!(m, Message::Refuse { .. });
+                if let Err(e) = shoal_proto::encode(&m, &mut out) {
+                    tracing::error!(error = %e, "cannot encode a mesh answer");
+                }
+                if out.len() < MAX_COALESCED_WRITE && !refused {
+                    next = rx.try_recv().ok();
+                }
+            }
+            writer_metrics.mesh_frames_out.inc();
+            writer_metrics.mesh_bytes_out.inc_by(out.len() as u64);
+            if send.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+            if refused {
+                break;
+            }
+        }
+        let _ = send.finish();
+    });
     let mut buf = bytes::BytesMut::new();
-    let mut out = bytes::BytesMut::new();
     loop {
         loop {
             match shoal_proto::decode::<Message>(&mut buf) {
                 Ok(Some(msg)) => {
-                    let reply = match msg {
-                        Message::Ping { seq } => Some(Message::Pong { seq }),
-                        Message::Hello { .. } => Some(Message::Hello {
-                            node: node.clone(),
-                            incarnation: 0,
-                            broker: true,
-                        }),
-                        Message::Pong { .. } | Message::Refuse { .. } => None,
-                    };
-                    if let Some(r) = reply {
-                        if shoal_proto::encode(&r, &mut out).is_err() {
-                            return;
+                    metrics.mesh_frames_in.inc();
+                    match msg {
+                        Message::Ping { seq } => {
+                            let _ = replier.tx.send(Message::Pong { seq });
+                        }
+                        Message::Hello { .. } => {
+                            let _ = replier.tx.send(Message::Hello {
+                                node: node.clone(),
+                                incarnation: 0,
+                                broker: true,
+                            });
+                        }
+                        Message::Pong { .. } | Message::Refuse { .. } => {}
+                        msg => {
+                            let Some(h) = &handler else { continue };
+                            if let Some(req) = msg.req().filter(|_| !msg.is_answer()) {
+                                if under_way.fetch_add(1, Ordering::AcqRel)
+                                    >= MAX_REQUESTS_PER_STREAM
+                                {
+                                    under_way.fetch_sub(1, Ordering::AcqRel);
+                                    let _ = replier.tx.send(Message::Failed {
+                                        req,
+                                        error: shoal_proto::WireError {
+                                            status: 503,
+                                            code: "peer_busy".into(),
+                                            message:
+                                                "too many requests under way on one mesh stream"
+                                                    .into(),
+                                            retry_after: 1,
+                                        },
+                                    });
+                                    continue;
+                                }
+                            }
+                            h.clone().handle(from, msg, replier.clone());
                         }
                     }
                 }
@@ -546,35 +859,29 @@ async fn serve_stream(
                         .get_or_create(&crate::metrics::ReasonLabel { reason })
                         .inc();
                     tracing::warn!(error = %e, "closing a mesh stream after a bad frame");
-                    let _ = shoal_proto::encode(
-                        &Message::Refuse {
-                            reason: e.to_string(),
-                        },
-                        &mut out,
-                    );
-                    let _ = send.write_all(&out).await;
-                    let _ = send.finish();
+                    let _ = replier.tx.send(Message::Refuse {
+                        reason: e.to_string(),
+                    });
+                    drop(replier);
+                    let _ = writer.await;
                     let _ = recv.stop(1u32.into());
                     return;
                 }
             }
         }
-        // Replies of everything decoded so far go out in one write.
-        if !out.is_empty() {
-            if send.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-        }
         match recv.read_chunk(64 * 1024, true).await {
             Ok(Some(chunk)) => {
+                metrics.mesh_bytes_in.inc_by(chunk.bytes.len() as u64);
                 if buf.len() + chunk.bytes.len() > MAX_STREAM_BUFFER {
                     return;
                 }
                 buf.extend_from_slice(&chunk.bytes);
             }
             Ok(None) | Err(_) => {
-                let _ = send.finish();
+                // The peer finished sending: answers still under way go out,
+                // then the writer finishes the stream.
+                drop(replier);
+                let _ = writer.await;
                 return;
             }
         }

@@ -182,6 +182,29 @@ pub struct Metrics {
     pub mesh_rtt: Family<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// QUIC packets lost per peer over the connection's life.
     pub mesh_lost_packets: Family<PeerLabel, Gauge>,
+    /// Mesh stream frames received.
+    pub mesh_frames_in: Counter,
+    /// Mesh stream writes (each combining one or more frames).
+    pub mesh_frames_out: Counter,
+    /// Publishes forwarded to a partition's home agent, by outcome.
+    pub forwarded: Family<CodeLabel, Counter>,
+    /// Round trip of a forwarded publish (send to answer).
+    pub forward_latency: Histogram,
+    /// Partitions this agent is home to.
+    pub partitions_homed: Gauge,
+    /// Partition hand-offs by direction (`sent`, `received`) and outcome.
+    pub handoffs: Family<HandoffLabels, Counter>,
+    /// Remote fetches for consumer groups served by this agent (as a partition's home).
+    pub fetches_served: Counter,
+}
+
+/// Labels of a hand-off counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoffLabels {
+    /// `sent` or `received`.
+    pub direction: &'static str,
+    /// `ok` or `failed`.
+    pub outcome: &'static str,
 }
 
 /// Metric handles of one topic.
@@ -262,6 +285,13 @@ impl Metrics {
             mesh_bad_frames: Family::default(),
             mesh_rtt: Family::default(),
             mesh_lost_packets: Family::default(),
+            mesh_frames_in: Counter::default(),
+            mesh_frames_out: Counter::default(),
+            forwarded: Family::default(),
+            forward_latency: latency_histogram(),
+            partitions_homed: Gauge::default(),
+            handoffs: Family::default(),
+            fetches_served: Counter::default(),
         };
         let r = &mut registry;
         r.register(
@@ -449,6 +479,42 @@ impl Metrics {
             "shoal_mesh_lost_packets",
             "QUIC packets lost per peer over the connection",
             m.mesh_lost_packets.clone(),
+        );
+        r.register(
+            "shoal_mesh_frames_received",
+            "Mesh stream frames received",
+            m.mesh_frames_in.clone(),
+        );
+        r.register(
+            "shoal_mesh_writes",
+            "Mesh stream writes, each combining one or more frames",
+            m.mesh_frames_out.clone(),
+        );
+        r.register(
+            "shoal_forwarded_publishes",
+            "Publishes forwarded to the partition's home agent, by outcome",
+            m.forwarded.clone(),
+        );
+        r.register_with_unit(
+            "shoal_forward_duration",
+            "Round trip of a publish forwarded to the partition's home agent",
+            Unit::Seconds,
+            m.forward_latency.clone(),
+        );
+        r.register(
+            "shoal_partitions_homed",
+            "Partitions this agent is home to",
+            m.partitions_homed.clone(),
+        );
+        r.register(
+            "shoal_handoffs",
+            "Partition hand-offs by direction and outcome",
+            m.handoffs.clone(),
+        );
+        r.register(
+            "shoal_fetches_served",
+            "Consumer-group fetches served to other agents as a partition's home",
+            m.fetches_served.clone(),
         );
         r.register(
             "shoal_build",

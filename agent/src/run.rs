@@ -95,6 +95,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             dedupe_window: config.dedupe_window,
             max_pending_bytes: config.max_pending_bytes,
             log: shoal_storage::LogConfig::default(),
+            meshed: config.dev,
         },
         metrics.clone(),
         config.fsync_interval,
@@ -155,7 +156,20 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         tracing::info!("mesh off: no identity source (start with --dev to join other agents)");
         None
     };
+    let router = mesh.as_ref().map(|m| {
+        let r = crate::router::Router::new(
+            node.clone(),
+            config.namespace(),
+            m.clone(),
+            broker.clone(),
+            metrics.clone(),
+        );
+        subs.attach_router(&r);
+        r.start(&subs);
+        r
+    });
     let state = Arc::new(AppState {
+        router: router.clone(),
         mesh: mesh.clone(),
         namespace: config.namespace(),
         broker: broker.clone(),
@@ -220,6 +234,11 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         tracing::info!("stopping: no new requests; in-flight deliveries may finish");
         admin.ready.store(false, Ordering::Release);
         let deadline = tokio::time::Instant::now() + shutdown_timeout;
+        // Partitions go to their next homes before this agent leaves the
+        // mesh, so nothing acknowledged stays behind on a stopped agent.
+        if let Some(r) = &router {
+            r.leave().await;
+        }
         if let Some(m) = &mesh {
             m.leave().await;
         }

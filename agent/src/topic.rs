@@ -259,6 +259,41 @@ pub struct Offsets {
     pub dirty: bool,
 }
 
+/// What this agent does with a partition in a mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// Home: accepts publishes and serves reads.
+    Serving = 0,
+    /// Not home, and this agent's copy (if any) is not the partition's truth.
+    Idle = 1,
+    /// Home, waiting for the previous home to hand the partition over.
+    Acquiring = 2,
+    /// No longer home but holding the partition's truth until it is handed off.
+    Retired = 3,
+}
+
+impl Role {
+    fn from_u8(v: u8) -> Role {
+        match v {
+            0 => Role::Serving,
+            2 => Role::Acquiring,
+            3 => Role::Retired,
+            _ => Role::Idle,
+        }
+    }
+
+    /// Label for logs and the cluster view.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Serving => "serving",
+            Role::Idle => "idle",
+            Role::Acquiring => "acquiring",
+            Role::Retired => "retired",
+        }
+    }
+}
+
 /// One partition of a topic.
 #[derive(Debug)]
 pub struct Partition {
@@ -282,6 +317,7 @@ pub struct Partition {
     unsynced: Mutex<Option<SyncHandle>>,
     /// The topic's change generation, bumped when entries become visible.
     pub topic_changed: Arc<watch::Sender<u64>>,
+    role: AtomicU8,
 }
 
 impl Partition {
@@ -311,6 +347,7 @@ impl Partition {
             }),
             unsynced: Mutex::new(None),
             topic_changed,
+            role: AtomicU8::new(Role::Serving as u8),
         }
     }
 
@@ -328,7 +365,39 @@ impl Partition {
             offsets: Mutex::new(Offsets::default()),
             unsynced: Mutex::new(None),
             topic_changed,
+            role: AtomicU8::new(Role::Serving as u8),
         }
+    }
+
+    /// What this agent does with the partition.
+    pub fn role(&self) -> Role {
+        Role::from_u8(self.role.load(Ordering::Acquire))
+    }
+
+    /// Changes the role. Publishes check the role under the store lock, so
+    /// once this returns no publish is appended under the old role.
+    pub fn set_role(&self, role: Role) {
+        let _store = self.store();
+        self.role.store(role as u8, Ordering::Release);
+    }
+
+    /// Changes the role if it is `from`; returns whether it did.
+    pub fn swap_role(&self, from: Role, to: Role) -> bool {
+        let _store = self.store();
+        self.role
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The role read under a held store lock (the publish path).
+    pub fn role_locked(&self, _store: &Store) -> Role {
+        Role::from_u8(self.role.load(Ordering::Acquire))
+    }
+
+    /// Sets the last visible index, down as well as up (a hand-off replaced the log).
+    pub fn reset_committed(&self, index: u64) {
+        self.committed.send_replace(index);
+        self.topic_changed.send_modify(|g| *g += 1);
     }
 
     /// The fsync policy now.
@@ -573,6 +642,9 @@ pub struct Topic {
     pub changed: Arc<watch::Sender<u64>>,
     /// Metric handles labelled with this topic.
     pub metrics: TopicMetrics,
+    /// Catalog version of the configuration: milliseconds since the epoch
+    /// of the last explicit change, 0 for a topic created with defaults.
+    pub version: AtomicU64,
 }
 
 impl Topic {

@@ -77,6 +77,263 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// Messages for partitions this agent's peer is home to. Answered by
+    /// [`Message::Published`] with one result per entry, in order.
+    Publish {
+        /// Request id, echoed in the answer.
+        req: u64,
+        /// Topic.
+        topic: String,
+        /// The messages and the partitions the publishing agent chose.
+        entries: Vec<PublishEntry>,
+    },
+    /// Answer to [`Message::Publish`].
+    Published {
+        /// The request's id.
+        req: u64,
+        /// One result per entry, in order.
+        results: Vec<PublishResult>,
+    },
+    /// Reads a partition for a consumer group, waiting up to `wait_ms` for
+    /// entries at or after `from`. Answered by [`Message::Fetched`].
+    Fetch {
+        /// Request id.
+        req: u64,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Consumer group.
+        group: String,
+        /// Where a group new to the partition starts (JSON of the start position).
+        start: String,
+        /// First offset wanted; `None` asks the home where the group resumes.
+        from: Option<u64>,
+        /// Most entries to return.
+        max: u32,
+        /// Longest wait for new entries, in milliseconds.
+        wait_ms: u32,
+    },
+    /// Answer to [`Message::Fetch`].
+    Fetched {
+        /// The request's id.
+        req: u64,
+        /// Entries, or why not.
+        result: Result<FetchedBatch, WireError>,
+    },
+    /// A consumer group's next offset on a partition, stored by its home. One way.
+    Commit {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Consumer group.
+        group: String,
+        /// The next offset the group will read.
+        next: u64,
+    },
+    /// A topic's configuration, shared with every agent. One way; the higher
+    /// version wins.
+    Topic {
+        /// Topic name.
+        name: String,
+        /// The configuration, JSON.
+        config: String,
+        /// Version: milliseconds since the epoch of the change, 0 for a topic
+        /// created implicitly with defaults.
+        version: u64,
+    },
+    /// The consumer groups an agent has members in, replacing what it said
+    /// before. One way.
+    Subscribers {
+        /// The agent's node name.
+        node: String,
+        /// Its subscriptions.
+        subs: Vec<SubscriberRef>,
+    },
+    /// A request for one push subscriber of a topic on the receiving agent.
+    /// Answered by [`Message::Reply`].
+    Request {
+        /// Request id.
+        req: u64,
+        /// Topic.
+        topic: String,
+        /// The encoded message.
+        message: Vec<u8>,
+        /// How long the requester waits, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// Answer to [`Message::Request`]: the subscriber app's response.
+    Reply {
+        /// The request's id.
+        req: u64,
+        /// The response, or why there is none.
+        result: Result<ReplyBody, WireError>,
+    },
+    /// A partition's log and committed offsets moving to its new home.
+    /// Answered by [`Message::HandoffAck`].
+    Handoff {
+        /// Request id.
+        req: u64,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// True on the first chunk: the receiver replaces its copy,
+        /// starting at `first_index`.
+        reset: bool,
+        /// The sender's first offset.
+        first_index: u64,
+        /// Entries of this chunk, in order.
+        entries: Vec<WireEntry>,
+        /// Committed offsets of the consumer groups (on the last chunk).
+        offsets: Vec<(String, u64)>,
+        /// True on the last chunk: the receiver may serve the partition.
+        last: bool,
+    },
+    /// Answer to [`Message::Handoff`] and [`Message::HandoffRequest`].
+    HandoffAck {
+        /// The request's id.
+        req: u64,
+        /// Stored, or why not.
+        result: Result<(), WireError>,
+    },
+    /// Asks the partition's previous home to hand it off to the sender, its new home.
+    HandoffRequest {
+        /// Request id.
+        req: u64,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+    },
+    /// The sender stops gracefully and has handed off its partitions: take it
+    /// out of placement now. One way.
+    Leaving {
+        /// The agent's node name.
+        node: String,
+    },
+    /// A request could not be handled at all.
+    Failed {
+        /// The request's id.
+        req: u64,
+        /// Why.
+        error: WireError,
+    },
+}
+
+impl Message {
+    /// The request id of a request or an answer, if it is one.
+    pub fn req(&self) -> Option<u64> {
+        match self {
+            Message::Publish { req, .. }
+            | Message::Published { req, .. }
+            | Message::Fetch { req, .. }
+            | Message::Fetched { req, .. }
+            | Message::Request { req, .. }
+            | Message::Reply { req, .. }
+            | Message::Handoff { req, .. }
+            | Message::HandoffAck { req, .. }
+            | Message::HandoffRequest { req, .. }
+            | Message::Failed { req, .. } => Some(*req),
+            _ => None,
+        }
+    }
+
+    /// Whether this answers a request (rather than asking or informing).
+    pub fn is_answer(&self) -> bool {
+        matches!(
+            self,
+            Message::Published { .. }
+                | Message::Fetched { .. }
+                | Message::Reply { .. }
+                | Message::HandoffAck { .. }
+                | Message::Failed { .. }
+                | Message::Pong { .. }
+        )
+    }
+}
+
+/// A message to store, with the partition the publishing agent chose.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishEntry {
+    /// Partition.
+    pub partition: u32,
+    /// The encoded message.
+    pub message: Vec<u8>,
+}
+
+/// Where a forwarded message was stored, or why not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PublishResult {
+    /// Stored (or found within the dedupe window).
+    Stored {
+        /// Partition.
+        partition: u32,
+        /// Offset.
+        offset: u64,
+        /// True when nothing new was stored because the id was seen before.
+        duplicate: bool,
+    },
+    /// Not stored.
+    Failed(WireError),
+}
+
+/// An error as the app API would answer it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// HTTP status.
+    pub status: u16,
+    /// The documented error code.
+    pub code: String,
+    /// For people.
+    pub message: String,
+    /// Seconds to wait before retrying, 0 for none.
+    pub retry_after: u32,
+}
+
+/// A log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// Offset.
+    pub index: u64,
+    /// When it was stored.
+    pub timestamp_ms: u64,
+    /// The encoded message.
+    pub data: Vec<u8>,
+}
+
+/// Entries read for a consumer group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchedBatch {
+    /// Where the group resumes (the `from` of the fetch, or the home's answer to `None`).
+    pub start: u64,
+    /// The partition's first offset (retention may have moved it past `start`).
+    pub first_index: u64,
+    /// Entries from `start` on.
+    pub entries: Vec<WireEntry>,
+}
+
+/// A consumer group an agent has members in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SubscriberRef {
+    /// Topic.
+    pub topic: String,
+    /// Group.
+    pub group: String,
+    /// Whether a member pushes to the app (can answer requests).
+    pub push: bool,
+}
+
+/// A subscriber app's response to a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyBody {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    pub body: Vec<u8>,
 }
 
 /// Appends one frame holding `msg` to `out`.

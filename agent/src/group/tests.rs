@@ -328,3 +328,28 @@ fn a_ttl_that_passes_before_a_redelivery_drops_the_message() {
     assert_eq!(g.take_expired(), 1);
     assert_eq!(g.committed(0), Some(2));
 }
+
+#[test]
+fn a_removed_partition_frees_its_in_flight_slots_and_acks_turn_unknown() {
+    let now = Instant::now();
+    let mut g = GroupCore::new();
+    g.add_partition(0, 1);
+    g.add_partition(1, 1);
+    g.set_members(vec![spec("a")]);
+    for p in [0, 1] {
+        let fed = vec![(1, 0, Ok(msg("x"))), (2, 0, Ok(msg("y")))];
+        g.on_fetched(p, fed, 0, now);
+    }
+    let taken = g.take("a", 10, now);
+    assert_eq!(taken.len(), 4);
+    assert_eq!(g.in_flight(), 4);
+    g.remove_partition(1);
+    assert!(!g.has_partition(1));
+    assert_eq!(g.in_flight(), 2, "partition 1's deliveries no longer count");
+    let gone = taken.iter().find(|d| d.ack_id.partition == 1).unwrap();
+    assert!(
+        !g.ack(&gone.ack_id),
+        "an ack for a removed partition is unknown"
+    );
+    assert!(g.wanted_fetches().iter().all(|(p, _, _)| *p == 0));
+}

@@ -1,0 +1,1574 @@
+//! The mesh as one broker: which agent is home to each partition, publishes
+//! forwarded to it, consumer groups that span agents, request/reply across
+//! agents, the shared topic catalog, and partitions handed between agents
+//! when membership changes.
+//!
+//! Placement is decided by [`shoal_cluster::placement`] over the members this
+//! agent knows; each partition's [`Role`] on this agent says what it may do
+//! with it. A partition moves in one direction only: the agent that held it
+//! (serving or retired) seals it, sends its log and committed offsets to the
+//! new home, and only then does the new home serve it. An agent that crashed
+//! keeps its partitions (publishes to them get 503 with `Retry-After`) until
+//! it returns; one that stops gracefully hands them off and says it leaves.
+
+use crate::broker::{choose_partition, Broker, PublishOutcome};
+use crate::delivery::Subscriptions;
+use crate::error::ApiError;
+use crate::mesh::{CallError, Handler, Mesh, Replier};
+use crate::message::Message as AppMessage;
+use crate::metrics::{CodeLabel, HandoffLabels, Metrics};
+use crate::subscription::StartPosition;
+use crate::topic::{Partition, Role, Topic, TopicConfig};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::Serialize;
+use shoal_cluster::membership::Liveness;
+use shoal_cluster::placement::{self, Member, PartitionKey};
+use shoal_proto::{
+    FetchedBatch, Message, PublishEntry, PublishResult, ReplyBody, SubscriberRef, WireEntry,
+    WireError,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Longest a forwarded publish waits for its home's answer (storage included).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
+/// How long a publish keeps retrying, inside the agent, a partition that is
+/// moving between agents before the app gets 503.
+pub const MOVE_RETRY_WINDOW: Duration = Duration::from_secs(3);
+/// Pause between those retries.
+pub const MOVE_RETRY_STEP: Duration = Duration::from_millis(25);
+/// Longest a home holds a consumer group's fetch open waiting for entries.
+pub const FETCH_WAIT: Duration = Duration::from_secs(2);
+/// Bytes of entries per fetch answer and per hand-off chunk.
+pub const CHUNK_BYTES: usize = 4 << 20;
+/// Longest one hand-off chunk may take to be stored by the new home.
+pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause before asking a previous home again for a partition.
+pub const ACQUIRE_RETRY: Duration = Duration::from_millis(200);
+/// Longest a one-way message or a short call waits for its peer.
+const SHORT_CALL: Duration = Duration::from_secs(5);
+
+/// What the agent knows of a member, including ones gossip has forgotten.
+#[derive(Clone, Debug)]
+struct Known {
+    addr: SocketAddr,
+    broker: bool,
+    state: Liveness,
+    incarnation: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    known: BTreeMap<String, Known>,
+    /// Members that said they leave, with the incarnation that left.
+    departed: HashMap<String, u64>,
+    /// Consumer groups other agents have members in.
+    remote_subs: HashMap<String, Vec<SubscriberRef>>,
+    /// Members placement counts: known brokers that did not leave.
+    members: Vec<Member>,
+}
+
+/// A partition's home as this agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Home {
+    /// This agent.
+    Me,
+    /// Another agent, reachable as far as gossip knows.
+    Peer {
+        /// Node name.
+        node: String,
+        /// Mesh address.
+        addr: SocketAddr,
+    },
+    /// Another agent that is down: the partition is unavailable until it returns.
+    Down {
+        /// Node name.
+        node: String,
+    },
+    /// No broker member at all.
+    Nobody,
+}
+
+/// The mesh-wide broker of one agent.
+pub struct Router {
+    me: String,
+    namespace: String,
+    mesh: Arc<Mesh>,
+    broker: Arc<Broker>,
+    subs: OnceLock<Weak<Subscriptions>>,
+    metrics: Arc<Metrics>,
+    inner: Mutex<Inner>,
+    joined: AtomicBool,
+    stopping: AtomicBool,
+    changed: watch::Sender<u64>,
+    request_rr: AtomicUsize,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("me", &self.me).finish()
+    }
+}
+
+/// A message waiting to be stored: its index in the request, its partition, the message.
+type Placed = (usize, u32, AppMessage);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn wire_error(e: &ApiError) -> WireError {
+    WireError {
+        status: e.status.as_u16(),
+        code: e.code.to_string(),
+        message: e.message.clone(),
+        retry_after: e.retry_after.unwrap_or(0),
+    }
+}
+
+/// Error codes a peer may answer with, as the static strings the API uses.
+const KNOWN_CODES: &[&str] = &[
+    "not_home",
+    "not_ready",
+    "partition_unknown",
+    "topic_unknown",
+    "home_unavailable",
+    "storage_busy",
+    "storage_timeout",
+    "storage_error",
+    "invalid_message",
+    "invalid_name",
+    "no_subscriber",
+    "app_unreachable",
+    "request_timeout",
+    "peer_busy",
+    "shutting_down",
+    "internal",
+];
+
+fn api_error(w: WireError) -> ApiError {
+    let code = KNOWN_CODES
+        .iter()
+        .find(|c| **c == w.code)
+        .copied()
+        .unwrap_or("peer_error");
+    let status = StatusCode::from_u16(w.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut e = ApiError::new(status, code, w.message);
+    if w.retry_after > 0 {
+        e.retry_after = Some(w.retry_after);
+    }
+    e
+}
+
+fn call_error(node: &str, e: &CallError) -> ApiError {
+    ApiError::unavailable(
+        "home_unavailable",
+        format!("agent {node} does not answer ({e}); retry shortly"),
+        1,
+    )
+}
+
+fn retryable(e: &ApiError) -> bool {
+    matches!(
+        e.code,
+        "not_home" | "partition_unknown" | "topic_unknown" | "not_ready"
+    )
+}
+
+impl Router {
+    /// A router over a started mesh; call [`Router::start`] next.
+    pub fn new(
+        me: String,
+        namespace: String,
+        mesh: Arc<Mesh>,
+        broker: Arc<Broker>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Router> {
+        Arc::new(Router {
+            me,
+            namespace,
+            mesh,
+            broker,
+            subs: OnceLock::new(),
+            metrics,
+            inner: Mutex::new(Inner::default()),
+            joined: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            changed: watch::Sender::new(0),
+            request_rr: AtomicUsize::new(0),
+        })
+    }
+
+    /// Connects the router to the subscriptions, the broker's topic changes
+    /// and the mesh, and follows membership.
+    pub fn start(self: &Arc<Self>, subs: &Arc<Subscriptions>) {
+        let _ = self.subs.set(Arc::downgrade(subs));
+        let weak = Arc::downgrade(self);
+        self.broker.set_topic_hook(Box::new(move |name| {
+            if let Some(r) = weak.upgrade() {
+                r.share_topic(name);
+            }
+        }));
+        self.mesh.set_handler(self.clone());
+        let mut view = self.mesh.watch();
+        let router = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(r) = router.upgrade() else { return };
+                r.on_view();
+                drop(r);
+                if view.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Bumped whenever placement, the catalog or group membership changes.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    fn subs(&self) -> Option<Arc<Subscriptions>> {
+        self.subs.get().and_then(Weak::upgrade)
+    }
+
+    fn on_view(self: &Arc<Self>) {
+        let view = self.mesh.view();
+        {
+            let mut inner = lock(&self.inner);
+            for m in view.me.iter().chain(view.members.iter()) {
+                if m.node.is_empty() {
+                    continue;
+                }
+                if inner
+                    .departed
+                    .get(&m.node)
+                    .is_some_and(|inc| m.incarnation > *inc && m.state != Liveness::Down)
+                {
+                    inner.departed.remove(&m.node);
+                }
+                let known = inner.known.get(&m.node);
+                // A stale record of an older incarnation says nothing new.
+                if known.is_some_and(|k| k.incarnation > m.incarnation) {
+                    continue;
+                }
+                inner.known.insert(
+                    m.node.clone(),
+                    Known {
+                        addr: m.addr,
+                        broker: m.broker,
+                        state: m.state,
+                        incarnation: m.incarnation,
+                    },
+                );
+            }
+            // Members gossip forgot are down until they return.
+            let listed: BTreeSet<&str> = view
+                .me
+                .iter()
+                .chain(view.members.iter())
+                .map(|m| m.node.as_str())
+                .collect();
+            for (node, k) in inner.known.iter_mut() {
+                if !listed.contains(node.as_str()) {
+                    k.state = Liveness::Down;
+                }
+            }
+            // A down agent's consumers are gone: others take its partitions.
+            let down: Vec<String> = inner
+                .known
+                .iter()
+                .filter(|(_, k)| k.state == Liveness::Down)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in down {
+                inner.remote_subs.remove(&n);
+            }
+            Self::recompute_members(&mut inner);
+        }
+        if view.joined && !self.joined.swap(true, Ordering::AcqRel) {
+            tracing::info!("router: joined; taking up partitions");
+        }
+        self.reconcile();
+        self.bump();
+    }
+
+    fn recompute_members(inner: &mut Inner) {
+        let mut members: Vec<Member> = inner
+            .known
+            .iter()
+            .filter(|(n, _)| !inner.departed.contains_key(*n))
+            .map(|(n, k)| Member {
+                id: n.clone(),
+                broker: k.broker,
+            })
+            .collect();
+        members.sort();
+        inner.members = members;
+    }
+
+    fn key<'a>(&'a self, topic: &'a str, partition: u32) -> PartitionKey<'a> {
+        PartitionKey {
+            namespace: &self.namespace,
+            topic,
+            partition,
+        }
+    }
+
+    /// The home of a partition as this agent sees it.
+    pub fn home(&self, topic: &str, partition: u32) -> Home {
+        let inner = lock(&self.inner);
+        self.home_in(&inner, &inner.members, topic, partition)
+    }
+
+    fn home_in(&self, inner: &Inner, members: &[Member], topic: &str, partition: u32) -> Home {
+        let Some(m) = placement::home(members, &self.key(topic, partition)) else {
+            return Home::Nobody;
+        };
+        if m.id == self.me {
+            return Home::Me;
+        }
+        match inner.known.get(&m.id) {
+            Some(k) if k.state != Liveness::Down => Home::Peer {
+                node: m.id.clone(),
+                addr: k.addr,
+            },
+            _ => Home::Down { node: m.id.clone() },
+        }
+    }
+
+    /// The home a partition would have without this agent (its previous home
+    /// when this agent just joined, its next when it leaves).
+    fn home_without_me(&self, topic: &str, partition: u32) -> Home {
+        let inner = lock(&self.inner);
+        let members: Vec<Member> = inner
+            .members
+            .iter()
+            .filter(|m| m.id != self.me)
+            .cloned()
+            .collect();
+        self.home_in(&inner, &members, topic, partition)
+    }
+
+    fn addr_of(&self, node: &str) -> Option<SocketAddr> {
+        lock(&self.inner).known.get(node).map(|k| k.addr)
+    }
+
+    /// Brings every partition's role in line with placement: partitions this
+    /// agent no longer homes retire; new ones are acquired from their
+    /// previous home.
+    fn reconcile(self: &Arc<Self>) {
+        if !self.joined.load(Ordering::Acquire) || self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let mut homed = 0i64;
+        for topic in self.broker.topics() {
+            for p in topic.partitions() {
+                let mine = self.home(&topic.name, p.id) == Home::Me;
+                homed += i64::from(mine);
+                match (mine, p.role()) {
+                    (true, Role::Retired) => {
+                        p.swap_role(Role::Retired, Role::Serving);
+                    }
+                    (true, Role::Idle) => {
+                        if p.is_ephemeral() {
+                            p.swap_role(Role::Idle, Role::Serving);
+                        } else if p.swap_role(Role::Idle, Role::Acquiring) {
+                            tokio::spawn(self.clone().acquire(topic.clone(), p.clone()));
+                        }
+                    }
+                    (false, Role::Serving) => {
+                        let to = if p.is_ephemeral() {
+                            Role::Idle
+                        } else {
+                            Role::Retired
+                        };
+                        p.swap_role(Role::Serving, to);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.metrics.partitions_homed.set(homed);
+    }
+
+    /// Asks the previous home for a partition this agent now homes, until it
+    /// hands it over, says it holds nothing, or this agent is home no more.
+    async fn acquire(self: Arc<Self>, topic: Arc<Topic>, p: Arc<Partition>) {
+        loop {
+            if p.role() != Role::Acquiring || self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if self.home(&topic.name, p.id) != Home::Me {
+                p.swap_role(Role::Acquiring, Role::Idle);
+                return;
+            }
+            let (node, addr) = match self.home_without_me(&topic.name, p.id) {
+                Home::Nobody | Home::Me => {
+                    p.swap_role(Role::Acquiring, Role::Serving);
+                    return;
+                }
+                // The previous home crashed with the partition: wait for it.
+                Home::Down { .. } => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Home::Peer { node, addr } => (node, addr),
+            };
+            let (name, pid) = (topic.name.to_string(), p.id);
+            let asked = self
+                .mesh
+                .call(addr, HANDOFF_TIMEOUT * 4, |req| Message::HandoffRequest {
+                    req,
+                    topic: name,
+                    partition: pid,
+                })
+                .await;
+            match asked {
+                Ok(Message::HandoffAck { result: Ok(()), .. }) => {
+                    if p.swap_role(Role::Acquiring, Role::Serving) {
+                        tracing::info!(topic = %topic.name, partition = p.id, from = %node, "serving a partition");
+                        self.bump();
+                    }
+                    return;
+                }
+                Ok(Message::HandoffAck { result: Err(e), .. }) => {
+                    tracing::debug!(topic = %topic.name, partition = p.id, from = %node, error = %e.message, "previous home not ready to hand off");
+                }
+                Ok(other) => {
+                    tracing::debug!(?other, "unexpected answer to a hand-off request");
+                }
+                Err(e) => {
+                    tracing::debug!(topic = %topic.name, partition = p.id, from = %node, error = %e, "cannot ask the previous home");
+                }
+            }
+            tokio::time::sleep(ACQUIRE_RETRY).await;
+        }
+    }
+
+    /// Seals a partition this agent holds the truth of and sends its log and
+    /// committed offsets to `node`. On success this agent's copy is idle.
+    async fn hand_off(&self, topic: &Arc<Topic>, p: &Arc<Partition>, node: &str) -> bool {
+        let Some(addr) = self.addr_of(node) else {
+            return false;
+        };
+        let role = p.role();
+        if role != Role::Serving && role != Role::Retired {
+            return false;
+        }
+        p.set_role(Role::Retired);
+        let ok = self.send_partition(topic, p, addr).await;
+        let labels = HandoffLabels {
+            direction: "sent",
+            outcome: if ok { "ok" } else { "failed" },
+        };
+        self.metrics.handoffs.get_or_create(&labels).inc();
+        if ok {
+            p.swap_role(Role::Retired, Role::Idle);
+            tracing::info!(topic = %topic.name, partition = p.id, to = %node, "handed off a partition");
+        } else {
+            tracing::warn!(topic = %topic.name, partition = p.id, to = %node, "hand-off failed; keeping the partition");
+        }
+        ok
+    }
+
+    async fn send_partition(
+        &self,
+        topic: &Arc<Topic>,
+        p: &Arc<Partition>,
+        addr: SocketAddr,
+    ) -> bool {
+        // The receiver must know the topic before its data.
+        if let Some(msg) = self.topic_message(&topic.name) {
+            if self.mesh.tell(addr, msg).await.is_err() {
+                return false;
+            }
+        }
+        if p.write_now().is_err() {
+            return false;
+        }
+        let first_index = p.first_index();
+        let mut next = first_index;
+        let mut reset = true;
+        loop {
+            let entries = match p.read(next, usize::MAX, CHUNK_BYTES) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(topic = %topic.name, partition = p.id, error = %e, "reading a partition to hand off failed");
+                    return false;
+                }
+            };
+            let last =
+                entries.is_empty() || entries.last().is_some_and(|e| e.index >= p.committed());
+            if let Some(e) = entries.last() {
+                next = e.index + 1;
+            }
+            let offsets: Vec<(String, u64)> = if last {
+                lock(&p.offsets)
+                    .committed
+                    .iter()
+                    .map(|(g, o)| (g.clone(), *o))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let wire: Vec<WireEntry> = entries
+                .into_iter()
+                .map(|e| WireEntry {
+                    index: e.index,
+                    timestamp_ms: e.timestamp_ms,
+                    data: e.data.to_vec(),
+                })
+                .collect();
+            let (name, pid) = (topic.name.to_string(), p.id);
+            let answer = self
+                .mesh
+                .call(addr, HANDOFF_TIMEOUT, |req| Message::Handoff {
+                    req,
+                    topic: name,
+                    partition: pid,
+                    reset,
+                    first_index,
+                    entries: wire,
+                    offsets,
+                    last,
+                })
+                .await;
+            match answer {
+                Ok(Message::HandoffAck { result: Ok(()), .. }) => {}
+                Ok(Message::HandoffAck { result: Err(e), .. }) => {
+                    tracing::warn!(error = %e.message, "the new home refused a hand-off chunk");
+                    return false;
+                }
+                Ok(_) => return false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "hand-off chunk not delivered");
+                    return false;
+                }
+            }
+            reset = false;
+            if last {
+                return true;
+            }
+        }
+    }
+
+    /// Graceful stop: hands every partition this agent holds to its next
+    /// home, then tells every member it leaves.
+    pub async fn leave(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let mut moved = 0usize;
+        for topic in self.broker.topics() {
+            for p in topic.partitions() {
+                let role = p.role();
+                if role != Role::Serving && role != Role::Retired && role != Role::Acquiring {
+                    continue;
+                }
+                if role == Role::Acquiring {
+                    p.set_role(Role::Idle);
+                    continue;
+                }
+                if p.is_ephemeral() {
+                    p.set_role(Role::Idle);
+                    continue;
+                }
+                match self.home_without_me(&topic.name, p.id) {
+                    Home::Peer { node, .. } => {
+                        if self.hand_off(&topic, &p, &node).await {
+                            moved += 1;
+                        }
+                    }
+                    Home::Down { node } => {
+                        tracing::warn!(topic = %topic.name, partition = p.id, next = %node, "the next home is down; the partition stays here until this agent returns");
+                        p.set_role(Role::Idle);
+                    }
+                    Home::Nobody | Home::Me => p.set_role(Role::Idle),
+                }
+            }
+        }
+        if moved > 0 {
+            tracing::info!(partitions = moved, "handed off partitions before leaving");
+        }
+        let peers: Vec<SocketAddr> = lock(&self.inner)
+            .known
+            .iter()
+            .filter(|(n, k)| **n != self.me && k.state != Liveness::Down)
+            .map(|(_, k)| k.addr)
+            .collect();
+        for addr in peers {
+            let msg = Message::Leaving {
+                node: self.me.clone(),
+            };
+            let _ = tokio::time::timeout(SHORT_CALL, self.mesh.tell(addr, msg)).await;
+        }
+    }
+
+    // ----- publishing -----
+
+    /// Publishes messages: each goes to its partition's home, here or on
+    /// another agent; results are per message, in order.
+    pub async fn publish(
+        &self,
+        topic_name: &str,
+        messages: Vec<AppMessage>,
+    ) -> Result<Vec<Result<PublishOutcome, ApiError>>, ApiError> {
+        let topic = self.broker.topic_or_create(topic_name)?;
+        let mut results: Vec<Option<Result<PublishOutcome, ApiError>>> =
+            (0..messages.len()).map(|_| None).collect();
+        let mut todo: Vec<Placed> = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| (i, choose_partition(&topic, &m), m))
+            .collect();
+        let deadline = Instant::now() + MOVE_RETRY_WINDOW;
+        loop {
+            let mut by_home: HashMap<Option<(String, SocketAddr)>, Vec<Placed>> = HashMap::new();
+            for (i, pid, m) in todo.drain(..) {
+                match self.home(topic_name, pid) {
+                    Home::Me => by_home.entry(None).or_default().push((i, pid, m)),
+                    Home::Peer { node, addr } => by_home
+                        .entry(Some((node, addr)))
+                        .or_default()
+                        .push((i, pid, m)),
+                    Home::Down { node } => {
+                        results[i] = Some(Err(ApiError::unavailable(
+                            "home_unavailable",
+                            format!("partition {pid} of topic {topic_name:?} lives on agent {node}, which is down; it is unavailable until that agent returns"),
+                            5,
+                        )));
+                    }
+                    Home::Nobody => {
+                        results[i] = Some(Err(ApiError::unavailable(
+                            "home_unavailable",
+                            "no broker agent in the mesh can store messages",
+                            5,
+                        )));
+                    }
+                }
+            }
+            let mut calls = Vec::new();
+            let topic = &topic;
+            for (home, batch) in by_home {
+                calls.push(async move {
+                    let outcome = match &home {
+                        None => self.publish_here(topic, &batch).await,
+                        Some((node, addr)) => self.forward(topic, node, *addr, &batch).await,
+                    };
+                    (batch, outcome)
+                });
+            }
+            let answered = join_all(calls).await;
+            let retry_allowed = Instant::now() < deadline && !self.stopping.load(Ordering::Acquire);
+            for (batch, outcome) in answered {
+                for ((i, pid, m), r) in batch.into_iter().zip(outcome) {
+                    match r {
+                        Err(e) if retry_allowed && retryable(&e) => todo.push((i, pid, m)),
+                        r => results[i] = Some(r),
+                    }
+                }
+            }
+            if todo.is_empty() {
+                break;
+            }
+            tokio::time::sleep(MOVE_RETRY_STEP).await;
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ApiError::internal("publish lost a result"))))
+            .collect())
+    }
+
+    async fn publish_here(
+        &self,
+        topic: &Arc<Topic>,
+        batch: &[Placed],
+    ) -> Vec<Result<PublishOutcome, ApiError>> {
+        if !self.joined.load(Ordering::Acquire) {
+            return batch.iter().map(|_| Err(not_ready())).collect();
+        }
+        let placed = batch.iter().map(|(_, p, m)| (*p, m.clone())).collect();
+        self.broker.append(topic, placed).await
+    }
+
+    async fn forward(
+        &self,
+        topic: &Arc<Topic>,
+        node: &str,
+        addr: SocketAddr,
+        batch: &[Placed],
+    ) -> Vec<Result<PublishOutcome, ApiError>> {
+        let started = Instant::now();
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut encoded: Vec<Option<ApiError>> = Vec::with_capacity(batch.len());
+        for (_, pid, m) in batch {
+            match m.encode() {
+                Ok(data) => {
+                    entries.push(PublishEntry {
+                        partition: *pid,
+                        message: data.to_vec(),
+                    });
+                    encoded.push(None);
+                }
+                Err(what) => encoded.push(Some(ApiError::bad_request(
+                    "invalid_message",
+                    format!("message {what} is too long"),
+                ))),
+            }
+        }
+        let name = topic.name.to_string();
+        let answer = self
+            .mesh
+            .call(addr, FORWARD_TIMEOUT, |req| Message::Publish {
+                req,
+                topic: name,
+                entries,
+            })
+            .await;
+        self.metrics
+            .forward_latency
+            .observe(started.elapsed().as_secs_f64());
+        let mut stored = match answer {
+            Ok(Message::Published { results, .. }) => results.into_iter(),
+            Ok(Message::Failed { error, .. }) => {
+                let e = api_error(error);
+                return batch.iter().map(|_| Err(e.clone())).collect();
+            }
+            Ok(_) => {
+                return batch
+                    .iter()
+                    .map(|_| Err(ApiError::internal("unexpected answer from the home agent")))
+                    .collect()
+            }
+            Err(e) => {
+                self.count_forward("unreachable", batch.len());
+                let err = call_error(node, &e);
+                return batch.iter().map(|_| Err(err.clone())).collect();
+            }
+        };
+        let mut out = Vec::with_capacity(batch.len());
+        for ((_, _, m), bad) in batch.iter().zip(encoded) {
+            if let Some(e) = bad {
+                out.push(Err(e));
+                continue;
+            }
+            out.push(match stored.next() {
+                Some(PublishResult::Stored {
+                    partition,
+                    offset,
+                    duplicate,
+                }) => {
+                    self.count_forward("stored", 1);
+                    Ok(PublishOutcome {
+                        topic: topic.name.to_string(),
+                        partition,
+                        offset,
+                        id: m.id.clone(),
+                        duplicate,
+                    })
+                }
+                Some(PublishResult::Failed(w)) => {
+                    self.count_forward("failed", 1);
+                    Err(api_error(w))
+                }
+                None => Err(ApiError::internal(
+                    "the home agent answered too few results",
+                )),
+            });
+        }
+        out
+    }
+
+    fn count_forward(&self, code: &'static str, n: usize) {
+        self.metrics
+            .forwarded
+            .get_or_create(&CodeLabel { code })
+            .inc_by(n as u64);
+    }
+
+    // ----- consumer groups -----
+
+    /// The partitions of `topic` this agent's members of `group` read: the
+    /// topic's partitions dealt in turn to the agents with members in the
+    /// group, in node-name order, so every agent computes the same split.
+    pub fn assigned(&self, topic: &str, group: &str, partitions: u32) -> Vec<u32> {
+        let mut nodes: BTreeSet<String> = BTreeSet::new();
+        nodes.insert(self.me.clone());
+        {
+            let inner = lock(&self.inner);
+            for (node, subs) in &inner.remote_subs {
+                let alive = inner
+                    .known
+                    .get(node)
+                    .is_some_and(|k| k.state != Liveness::Down)
+                    && !inner.departed.contains_key(node);
+                if alive && subs.iter().any(|s| s.topic == topic && s.group == group) {
+                    nodes.insert(node.clone());
+                }
+            }
+        }
+        let nodes: Vec<String> = nodes.into_iter().collect();
+        let Some(me) = nodes.iter().position(|n| *n == self.me) else {
+            return Vec::new();
+        };
+        (0..partitions)
+            .filter(|p| *p as usize % nodes.len() == me)
+            .collect()
+    }
+
+    /// Reads a partition at its home for a consumer group.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        group: &str,
+        start: &StartPosition,
+        from: Option<u64>,
+        max: usize,
+    ) -> Result<FetchedBatch, ApiError> {
+        let (node, addr) = match self.home(topic, partition) {
+            Home::Peer { node, addr } => (node, addr),
+            Home::Me => return Err(not_home_here()),
+            Home::Down { node } => {
+                return Err(ApiError::unavailable(
+                    "home_unavailable",
+                    format!("agent {node} is down"),
+                    5,
+                ))
+            }
+            Home::Nobody => {
+                return Err(ApiError::unavailable(
+                    "home_unavailable",
+                    "no broker agent",
+                    5,
+                ))
+            }
+        };
+        let start = serde_json::to_string(start).unwrap_or_default();
+        let (t, g) = (topic.to_string(), group.to_string());
+        let answer = self
+            .mesh
+            .call(addr, FETCH_WAIT + SHORT_CALL, |req| Message::Fetch {
+                req,
+                topic: t,
+                partition,
+                group: g,
+                start,
+                from,
+                max: u32::try_from(max).unwrap_or(u32::MAX),
+                wait_ms: FETCH_WAIT.as_millis() as u32,
+            })
+            .await;
+        match answer {
+            Ok(Message::Fetched { result, .. }) => result.map_err(api_error),
+            Ok(Message::Failed { error, .. }) => Err(api_error(error)),
+            Ok(_) => Err(ApiError::internal("unexpected answer to a fetch")),
+            Err(e) => Err(call_error(&node, &e)),
+        }
+    }
+
+    /// Tells a partition's home where a consumer group resumes.
+    pub fn commit(self: &Arc<Self>, topic: &str, partition: u32, group: &str, next: u64) {
+        let Home::Peer { addr, .. } = self.home(topic, partition) else {
+            return;
+        };
+        let msg = Message::Commit {
+            topic: topic.to_string(),
+            partition,
+            group: group.to_string(),
+            next,
+        };
+        let router = self.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(SHORT_CALL, router.mesh.tell(addr, msg)).await;
+        });
+    }
+
+    /// Tells every member which consumer groups this agent has members in.
+    pub fn share_subscriptions(self: &Arc<Self>) {
+        let msg = self.subscribers_message();
+        for addr in self.peer_addrs() {
+            let router = self.clone();
+            let msg = msg.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(SHORT_CALL, router.mesh.tell(addr, msg)).await;
+            });
+        }
+        self.bump();
+    }
+
+    fn subscribers_message(&self) -> Message {
+        let mut subs: Vec<SubscriberRef> = self
+            .subs()
+            .map(|s| s.list())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| SubscriberRef {
+                topic: s.topic,
+                group: s.group,
+                push: s.push_path.is_some(),
+            })
+            .collect();
+        subs.sort();
+        subs.dedup();
+        Message::Subscribers {
+            node: self.me.clone(),
+            subs,
+        }
+    }
+
+    fn peer_addrs(&self) -> Vec<SocketAddr> {
+        lock(&self.inner)
+            .known
+            .iter()
+            .filter(|(n, k)| **n != self.me && k.state != Liveness::Down)
+            .map(|(_, k)| k.addr)
+            .collect()
+    }
+
+    fn topic_message(&self, name: &str) -> Option<Message> {
+        let topic = self.broker.topic(name)?;
+        let config = serde_json::to_string(&topic.config()).ok()?;
+        Some(Message::Topic {
+            name: name.to_string(),
+            config,
+            version: topic.version.load(Ordering::Relaxed),
+        })
+    }
+
+    fn share_topic(self: &Arc<Self>, name: &str) {
+        let Some(msg) = self.topic_message(name) else {
+            return;
+        };
+        for addr in self.peer_addrs() {
+            let router = self.clone();
+            let msg = msg.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(SHORT_CALL, router.mesh.tell(addr, msg)).await;
+            });
+        }
+        self.reconcile();
+        self.bump();
+    }
+
+    // ----- request/reply -----
+
+    /// Sends a request to a push subscriber of `topic`: on this agent if it
+    /// has one, else on another agent that does.
+    pub async fn request(
+        &self,
+        topic: &str,
+        message: AppMessage,
+        timeout: Duration,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ApiError> {
+        let subs = self
+            .subs()
+            .ok_or_else(|| ApiError::unavailable("shutting_down", "the agent is stopping", 1))?;
+        if subs.has_push_subscriber(topic) {
+            return subs.request(topic, message, timeout).await;
+        }
+        let targets: Vec<(String, SocketAddr)> = {
+            let inner = lock(&self.inner);
+            inner
+                .remote_subs
+                .iter()
+                .filter(|(_, s)| s.iter().any(|s| s.topic == topic && s.push))
+                .filter_map(|(n, _)| {
+                    inner
+                        .known
+                        .get(n)
+                        .filter(|k| k.state != Liveness::Down)
+                        .map(|k| (n.clone(), k.addr))
+                })
+                .collect()
+        };
+        if targets.is_empty() {
+            return subs.request(topic, message, timeout).await;
+        }
+        let (node, addr) =
+            &targets[self.request_rr.fetch_add(1, Ordering::Relaxed) % targets.len()];
+        let data = message
+            .encode()
+            .map_err(|what| {
+                ApiError::bad_request("invalid_message", format!("message {what} is too long"))
+            })?
+            .to_vec();
+        let t = topic.to_string();
+        let answer = self
+            .mesh
+            .call(*addr, timeout + SHORT_CALL, |req| Message::Request {
+                req,
+                topic: t,
+                message: data,
+                timeout_ms: timeout.as_millis() as u64,
+            })
+            .await;
+        match answer {
+            Ok(Message::Reply { result: Ok(r), .. }) => {
+                let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let mut headers = HeaderMap::new();
+                for (k, v) in r.headers {
+                    if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+                        headers.append(k, v);
+                    }
+                }
+                Ok((status, headers, Bytes::from(r.body)))
+            }
+            Ok(Message::Reply { result: Err(e), .. }) | Ok(Message::Failed { error: e, .. }) => {
+                Err(api_error(e))
+            }
+            Ok(_) => Err(ApiError::internal("unexpected answer to a request")),
+            Err(e) => Err(ApiError::unavailable(
+                "no_subscriber",
+                format!("the subscriber's agent {node} does not answer ({e})"),
+                1,
+            )),
+        }
+    }
+
+    // ----- the cluster view -----
+
+    /// Partitions of every topic and their homes, for `GET /v1/cluster`.
+    pub fn partition_view(&self) -> Vec<PartitionView> {
+        let mut out = Vec::new();
+        for topic in self.broker.topics() {
+            for p in topic.partitions() {
+                let (home, available) = match self.home(&topic.name, p.id) {
+                    Home::Me => (self.me.clone(), p.role() == Role::Serving),
+                    Home::Peer { node, .. } => (node, true),
+                    Home::Down { node } => (node, false),
+                    Home::Nobody => (String::new(), false),
+                };
+                out.push(PartitionView {
+                    topic: topic.name.to_string(),
+                    partition: p.id,
+                    home,
+                    available,
+                    role: p.role().as_str(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Nodes that left gracefully and have not returned.
+    pub fn departed(&self) -> Vec<String> {
+        lock(&self.inner).departed.keys().cloned().collect()
+    }
+
+    // ----- serving peers -----
+
+    fn serve_publish(
+        self: Arc<Self>,
+        topic: String,
+        entries: Vec<PublishEntry>,
+        reply: Replier,
+        req: u64,
+    ) {
+        tokio::spawn(async move {
+            let fail = |e: ApiError| PublishResult::Failed(wire_error(&e));
+            let Some(t) = self.broker.topic(&topic) else {
+                let e = ApiError::unavailable(
+                    "topic_unknown",
+                    format!("topic {topic:?} is not known here yet"),
+                    1,
+                );
+                reply.send(Message::Published {
+                    req,
+                    results: entries.iter().map(|_| fail(e.clone())).collect(),
+                });
+                return;
+            };
+            let mut results: Vec<Option<PublishResult>> = Vec::with_capacity(entries.len());
+            let mut placed = Vec::with_capacity(entries.len());
+            for e in entries {
+                if self.home(&topic, e.partition) != Home::Me {
+                    results.push(Some(fail(crate::broker::not_home(&topic, e.partition))));
+                    continue;
+                }
+                match AppMessage::decode(&Bytes::from(e.message)) {
+                    Ok(m) => {
+                        results.push(None);
+                        placed.push((e.partition, m));
+                    }
+                    Err(err) => results.push(Some(fail(ApiError::bad_request(
+                        "invalid_message",
+                        format!("undecodable forwarded message: {err}"),
+                    )))),
+                }
+            }
+            let stored = if placed.is_empty() {
+                Vec::new()
+            } else {
+                self.broker.append(&t, placed).await
+            };
+            let mut stored = stored.into_iter();
+            let results = results
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| match stored.next() {
+                        Some(Ok(o)) => PublishResult::Stored {
+                            partition: o.partition,
+                            offset: o.offset,
+                            duplicate: o.duplicate,
+                        },
+                        Some(Err(e)) => fail(e),
+                        None => fail(ApiError::internal("missing result")),
+                    })
+                })
+                .collect();
+            reply.send(Message::Published { req, results });
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn serve_fetch(
+        self: Arc<Self>,
+        req: u64,
+        topic: String,
+        partition: u32,
+        group: String,
+        start: String,
+        from: Option<u64>,
+        max: u32,
+        wait_ms: u32,
+        reply: Replier,
+    ) {
+        tokio::spawn(async move {
+            let result = self
+                .fetch_here(&topic, partition, &group, &start, from, max, wait_ms)
+                .await
+                .map_err(|e| wire_error(&e));
+            self.metrics.fetches_served.inc();
+            reply.send(Message::Fetched { req, result });
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_here(
+        &self,
+        topic: &str,
+        partition: u32,
+        group: &str,
+        start: &str,
+        from: Option<u64>,
+        max: u32,
+        wait_ms: u32,
+    ) -> Result<FetchedBatch, ApiError> {
+        let t = self.broker.topic(topic).ok_or_else(|| {
+            ApiError::unavailable(
+                "topic_unknown",
+                format!("topic {topic:?} is not known here yet"),
+                1,
+            )
+        })?;
+        let p = t.partition(partition).ok_or_else(|| {
+            ApiError::unavailable("partition_unknown", "no such partition here yet", 1)
+        })?;
+        if p.role() != Role::Serving || self.home(topic, partition) != Home::Me {
+            return Err(crate::broker::not_home(topic, partition));
+        }
+        let start_at = match from {
+            Some(f) => f,
+            None => {
+                let start: StartPosition = serde_json::from_str(start).unwrap_or_default();
+                crate::delivery::start_offset(&p, group, &start, false)
+            }
+        };
+        let max = (max as usize).clamp(1, 4096);
+        let mut changed = t.changed.subscribe();
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(u64::from(wait_ms)).min(FETCH_WAIT);
+        loop {
+            let entries = match p.read(start_at, max, CHUNK_BYTES) {
+                Ok(e) => e,
+                Err(shoal_storage::StorageError::Compacted { .. }) => Vec::new(),
+                Err(e) => return Err(ApiError::internal(format!("reading the partition: {e}"))),
+            };
+            if !entries.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || p.role() != Role::Serving
+            {
+                return Ok(FetchedBatch {
+                    start: start_at,
+                    first_index: p.first_index(),
+                    entries: entries
+                        .into_iter()
+                        .map(|e| WireEntry {
+                            index: e.index,
+                            timestamp_ms: e.timestamp_ms,
+                            data: e.data.to_vec(),
+                        })
+                        .collect(),
+                });
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+        }
+    }
+
+    fn serve_handoff_request(
+        self: Arc<Self>,
+        req: u64,
+        from: SocketAddr,
+        topic: String,
+        partition: u32,
+        reply: Replier,
+    ) {
+        tokio::spawn(async move {
+            let result =
+                async {
+                    let t = self.broker.topic(&topic).ok_or_else(|| {
+                        ApiError::unavailable("topic_unknown", "unknown topic", 1)
+                    })?;
+                    let p = t.partition(partition).ok_or_else(|| {
+                        ApiError::unavailable("partition_unknown", "unknown partition", 1)
+                    })?;
+                    match p.role() {
+                        Role::Idle => return Ok(()),
+                        Role::Acquiring => {
+                            return Err(ApiError::unavailable(
+                                "not_ready",
+                                "this agent is still acquiring the partition",
+                                1,
+                            ))
+                        }
+                        Role::Serving | Role::Retired => {}
+                    }
+                    // Hand off only to the agent this agent's own view makes home.
+                    let requester =
+                        match self.home(&topic, partition) {
+                            Home::Peer { node, addr } if addr == from => node,
+                            _ => return Err(ApiError::unavailable(
+                                "not_ready",
+                                "this agent does not see the requester as the partition's home yet",
+                                1,
+                            )),
+                        };
+                    if self.hand_off(&t, &p, &requester).await {
+                        Ok(())
+                    } else {
+                        Err(ApiError::unavailable(
+                            "not_ready",
+                            "the hand-off failed; retry",
+                            1,
+                        ))
+                    }
+                }
+                .await;
+            reply.send(Message::HandoffAck {
+                req,
+                result: result.map_err(|e| wire_error(&e)),
+            });
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn serve_handoff(
+        self: Arc<Self>,
+        req: u64,
+        topic: String,
+        partition: u32,
+        reset: bool,
+        first_index: u64,
+        entries: Vec<WireEntry>,
+        offsets: Vec<(String, u64)>,
+        last: bool,
+        reply: Replier,
+    ) {
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                let t = self
+                    .broker
+                    .topic(&topic)
+                    .ok_or_else(|| ApiError::unavailable("topic_unknown", "unknown topic", 1))?;
+                let p = t.partition(partition).ok_or_else(|| {
+                    ApiError::unavailable("partition_unknown", "unknown partition", 1)
+                })?;
+                if p.role() == Role::Serving {
+                    return Err(ApiError::conflict(
+                        "already_serving",
+                        "this agent already serves the partition",
+                    ));
+                }
+                let entries = entries
+                    .into_iter()
+                    .map(|e| shoal_storage::Entry {
+                        index: e.index,
+                        term: 0,
+                        timestamp_ms: e.timestamp_ms,
+                        data: Bytes::from(e.data),
+                    })
+                    .collect();
+                self.broker
+                    .apply_handoff(&t, &p, reset, first_index, entries)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                if last {
+                    {
+                        let mut o = lock(&p.offsets);
+                        o.committed = offsets.into_iter().collect();
+                        o.dirty = true;
+                    }
+                    // The truth lives here now: serve it if home, else hold it.
+                    let role = if self.home(&topic, partition) == Home::Me {
+                        Role::Serving
+                    } else {
+                        Role::Retired
+                    };
+                    p.set_role(role);
+                    self.metrics
+                        .handoffs
+                        .get_or_create(&HandoffLabels {
+                            direction: "received",
+                            outcome: "ok",
+                        })
+                        .inc();
+                    tracing::info!(topic = %topic, partition, role = role.as_str(), "received a partition");
+                }
+                Ok(())
+            })();
+            if result.is_err() {
+                self.metrics
+                    .handoffs
+                    .get_or_create(&HandoffLabels {
+                        direction: "received",
+                        outcome: "failed",
+                    })
+                    .inc();
+            }
+            reply.send(Message::HandoffAck {
+                req,
+                result: result.map_err(|e| wire_error(&e)),
+            });
+            self.bump();
+        });
+    }
+
+    fn serve_request(
+        self: Arc<Self>,
+        req: u64,
+        topic: String,
+        message: Vec<u8>,
+        timeout_ms: u64,
+        reply: Replier,
+    ) {
+        tokio::spawn(async move {
+            let result = async {
+                let subs = self
+                    .subs()
+                    .ok_or_else(|| ApiError::unavailable("shutting_down", "stopping", 1))?;
+                let m = AppMessage::decode(&Bytes::from(message))
+                    .map_err(|e| ApiError::bad_request("invalid_message", e.to_string()))?;
+                let timeout =
+                    Duration::from_millis(timeout_ms).min(crate::subscription::MAX_ACK_TIMEOUT);
+                let (status, headers, body) = subs.request(&topic, m, timeout).await?;
+                Ok::<_, ApiError>(ReplyBody {
+                    status: status.as_u16(),
+                    headers: headers
+                        .iter()
+                        .filter_map(|(k, v)| {
+                            v.to_str().ok().map(|v| (k.to_string(), v.to_string()))
+                        })
+                        .collect(),
+                    body: body.to_vec(),
+                })
+            }
+            .await;
+            reply.send(Message::Reply {
+                req,
+                result: result.map_err(|e| wire_error(&e)),
+            });
+        });
+    }
+}
+
+fn not_ready() -> ApiError {
+    ApiError::unavailable("not_ready", "this agent has not joined the mesh yet", 1)
+}
+
+fn not_home_here() -> ApiError {
+    ApiError::internal("fetch asked of a remote home that is this agent")
+}
+
+/// A partition in `GET /v1/cluster`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartitionView {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Home agent's node name.
+    pub home: String,
+    /// Whether publishes to it can be stored now.
+    pub available: bool,
+    /// This agent's role for it.
+    pub role: &'static str,
+}
+
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut set = Vec::with_capacity(futures.len());
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut out = Vec::with_capacity(set.len());
+    // Every call was sent when its future first ran; awaiting in order costs
+    // no extra latency because the answers come back concurrently.
+    for f in set {
+        out.push(f.await);
+    }
+    out
+}
+
+impl Handler for Router {
+    fn handle(self: Arc<Self>, from: SocketAddr, msg: Message, reply: Replier) {
+        match msg {
+            Message::Publish {
+                req,
+                topic,
+                entries,
+            } => self.serve_publish(topic, entries, reply, req),
+            Message::Fetch {
+                req,
+                topic,
+                partition,
+                group,
+                start,
+                from: f,
+                max,
+                wait_ms,
+            } => self.serve_fetch(req, topic, partition, group, start, f, max, wait_ms, reply),
+            Message::Commit {
+                topic,
+                partition,
+                group,
+                next,
+            } => {
+                if let Some(p) = self
+                    .broker
+                    .topic(&topic)
+                    .and_then(|t| t.partition(partition))
+                {
+                    if matches!(p.role(), Role::Serving | Role::Retired) {
+                        p.commit_offset(&group, next);
+                    }
+                }
+            }
+            Message::Topic {
+                name,
+                config,
+                version,
+            } => match serde_json::from_str::<TopicConfig>(&config) {
+                Ok(c) => match self.broker.apply_catalog(&name, c, version) {
+                    Ok(true) => {
+                        self.reconcile();
+                        self.bump();
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(topic = %name, error = %e.message, "refused a shared topic")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(topic = %name, error = %e, "unreadable shared topic configuration")
+                }
+            },
+            Message::Subscribers { node, subs } => {
+                if node != self.me {
+                    lock(&self.inner).remote_subs.insert(node, subs);
+                    self.bump();
+                }
+            }
+            Message::Request {
+                req,
+                topic,
+                message,
+                timeout_ms,
+            } => self.serve_request(req, topic, message, timeout_ms, reply),
+            Message::Handoff {
+                req,
+                topic,
+                partition,
+                reset,
+                first_index,
+                entries,
+                offsets,
+                last,
+            } => self.serve_handoff(
+                req,
+                topic,
+                partition,
+                reset,
+                first_index,
+                entries,
+                offsets,
+                last,
+                reply,
+            ),
+            Message::HandoffRequest {
+                req,
+                topic,
+                partition,
+            } => self.serve_handoff_request(req, from, topic, partition, reply),
+            Message::Leaving { node } => {
+                {
+                    let mut inner = lock(&self.inner);
+                    let inc = inner.known.get(&node).map_or(0, |k| k.incarnation);
+                    inner.departed.insert(node.clone(), inc);
+                    inner.remote_subs.remove(&node);
+                    Self::recompute_members(&mut inner);
+                }
+                tracing::info!(node = %node, "member leaves; its partitions move");
+                self.reconcile();
+                self.bump();
+            }
+            other => {
+                if let Some(req) = other.req() {
+                    if !other.is_answer() {
+                        reply.send(Message::Failed {
+                            req,
+                            error: WireError {
+                                status: 400,
+                                code: "unexpected".into(),
+                                message: "this message is not a request".into(),
+                                retry_after: 0,
+                            },
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn connected(self: Arc<Self>, addr: SocketAddr) {
+        tokio::spawn(async move {
+            let mut msgs: Vec<Message> = self
+                .broker
+                .topics()
+                .iter()
+                .filter_map(|t| self.topic_message(&t.name))
+                .collect();
+            msgs.push(self.subscribers_message());
+            for m in msgs {
+                if tokio::time::timeout(SHORT_CALL, self.mesh.tell(addr, m))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
