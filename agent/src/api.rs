@@ -838,6 +838,29 @@ fn cluster(state: &AppState) -> Response<Body> {
         .as_ref()
         .map(|r| r.departed())
         .unwrap_or_default();
+    let mut local_groups: Vec<(String, String)> = state
+        .subs
+        .list()
+        .into_iter()
+        .map(|s| (s.topic, s.group))
+        .collect();
+    local_groups.sort();
+    local_groups.dedup();
+    let groups: Vec<Value> = local_groups
+        .into_iter()
+        .map(|(topic, group)| {
+            let count = state
+                .broker
+                .topic(&topic)
+                .map_or(0, |t| t.partition_count());
+            let read = state
+                .router
+                .as_ref()
+                .map(|r| r.assigned(&topic, &group, count))
+                .unwrap_or_default();
+            json!({"topic": topic, "group": group, "partitions": read})
+        })
+        .collect();
     let describe = |m: &crate::mesh::MemberView, me: bool| {
         let mut v = serde_json::to_value(m).unwrap_or_else(|_| json!({}));
         if let Value::Object(o) = &mut v {
@@ -857,7 +880,7 @@ fn cluster(state: &AppState) -> Response<Body> {
         .collect();
     json_response(
         StatusCode::OK,
-        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members, "departed": departed, "unavailable": unavailable}),
+        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members, "departed": departed, "unavailable": unavailable, "groups": groups}),
     )
 }
 

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::Serialize;
 use shoal_cluster::membership::Liveness;
-use shoal_cluster::placement::{self, Member, PartitionKey};
+use shoal_cluster::placement::{self, Assignment, Member, OwnedPartitionKey, PartitionKey};
 use shoal_proto::{
     FetchedBatch, Message, PublishEntry, PublishResult, ReplyBody, SubscriberRef, WireEntry,
     WireError,
@@ -71,6 +71,12 @@ struct Inner {
     remote_subs: HashMap<String, Vec<SubscriberRef>>,
     /// Members placement counts: known brokers that did not leave.
     members: Vec<Member>,
+    /// Homes of every partition in the catalog, balanced (bounded loads).
+    assignment: Assignment,
+    /// The same without this agent: the next homes when it leaves.
+    assignment_without_me: Assignment,
+    /// The homes before the last change of members or catalog.
+    previous: Assignment,
 }
 
 /// A partition's home as this agent sees it.
@@ -296,6 +302,7 @@ impl Router {
             }
             Self::recompute_members(&mut inner);
         }
+        self.refresh_assignment();
         if view.joined && !self.joined.swap(true, Ordering::AcqRel) {
             tracing::info!("router: joined; taking up partitions");
         }
@@ -317,6 +324,32 @@ impl Router {
         inner.members = members;
     }
 
+    /// Recomputes the balanced homes of every partition in the catalog over
+    /// the current members. Every agent with the same members and catalog
+    /// computes the same homes.
+    fn refresh_assignment(&self) {
+        let mut keys = Vec::new();
+        for t in self.broker.topics() {
+            for p in 0..t.partition_count() {
+                keys.push(OwnedPartitionKey::new(self.namespace.as_str(), &*t.name, p));
+            }
+        }
+        let members = lock(&self.inner).members.clone();
+        let without: Vec<Member> = members
+            .iter()
+            .filter(|m| m.id != self.me)
+            .cloned()
+            .collect();
+        let all = Assignment::compute(&members, &keys, placement::DEFAULT_LOAD_EPSILON);
+        let rest = Assignment::compute(&without, &keys, placement::DEFAULT_LOAD_EPSILON);
+        let mut inner = lock(&self.inner);
+        // Members changed meanwhile: the next refresh is on its way.
+        if inner.members == members && inner.assignment != all {
+            inner.previous = std::mem::replace(&mut inner.assignment, all);
+            inner.assignment_without_me = rest;
+        }
+    }
+
     fn key<'a>(&'a self, topic: &'a str, partition: u32) -> PartitionKey<'a> {
         PartitionKey {
             namespace: &self.namespace,
@@ -328,22 +361,34 @@ impl Router {
     /// The home of a partition as this agent sees it.
     pub fn home(&self, topic: &str, partition: u32) -> Home {
         let inner = lock(&self.inner);
-        self.home_in(&inner, &inner.members, topic, partition)
+        self.home_in(&inner, &inner.assignment, &inner.members, topic, partition)
     }
 
-    fn home_in(&self, inner: &Inner, members: &[Member], topic: &str, partition: u32) -> Home {
-        let Some(m) = placement::home(members, &self.key(topic, partition)) else {
-            return Home::Nobody;
+    /// The home by the balanced assignment; a partition the assignment does
+    /// not know yet (a topic arriving right now) falls back to plain
+    /// rendezvous hashing.
+    fn home_in(
+        &self,
+        inner: &Inner,
+        assignment: &Assignment,
+        members: &[Member],
+        topic: &str,
+        partition: u32,
+    ) -> Home {
+        let key = self.key(topic, partition);
+        let node = match assignment.home(&key) {
+            Some(n) => n.to_string(),
+            None => match placement::home(members, &key) {
+                Some(m) => m.id.clone(),
+                None => return Home::Nobody,
+            },
         };
-        if m.id == self.me {
+        if node == self.me {
             return Home::Me;
         }
-        match inner.known.get(&m.id) {
-            Some(k) if k.state != Liveness::Down => Home::Peer {
-                node: m.id.clone(),
-                addr: k.addr,
-            },
-            _ => Home::Down { node: m.id.clone() },
+        match inner.known.get(&node) {
+            Some(k) if k.state != Liveness::Down => Home::Peer { addr: k.addr, node },
+            _ => Home::Down { node },
         }
     }
 
@@ -357,7 +402,13 @@ impl Router {
             .filter(|m| m.id != self.me)
             .cloned()
             .collect();
-        self.home_in(&inner, &members, topic, partition)
+        self.home_in(
+            &inner,
+            &inner.assignment_without_me,
+            &members,
+            topic,
+            partition,
+        )
     }
 
     fn addr_of(&self, node: &str) -> Option<SocketAddr> {
@@ -413,46 +464,75 @@ impl Router {
                 p.swap_role(Role::Acquiring, Role::Idle);
                 return;
             }
-            let (node, addr) = match self.home_without_me(&topic.name, p.id) {
-                Home::Nobody | Home::Me => {
-                    p.swap_role(Role::Acquiring, Role::Serving);
-                    return;
-                }
-                // The previous home crashed with the partition: wait for it.
-                Home::Down { .. } => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-                Home::Peer { node, addr } => (node, addr),
+            // The partition's previous home crashed with it: wait for its return.
+            if let Some(node) = self.previous_home_down(&topic.name, p.id) {
+                tracing::debug!(topic = %topic.name, partition = p.id, previous = %node, "waiting for the previous home to return");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            // Bounded-load placement may move a partition between any two
+            // agents, so every live peer is asked: the one holding the
+            // partition hands it over, the others answer that they hold nothing.
+            let peers: Vec<(String, SocketAddr)> = {
+                let inner = lock(&self.inner);
+                inner
+                    .known
+                    .iter()
+                    .filter(|(n, k)| {
+                        **n != self.me
+                            && k.state != Liveness::Down
+                            && !inner.departed.contains_key(*n)
+                    })
+                    .map(|(n, k)| (n.clone(), k.addr))
+                    .collect()
             };
-            let (name, pid) = (topic.name.to_string(), p.id);
-            let asked = self
-                .mesh
-                .call(addr, HANDOFF_TIMEOUT * 4, |req| Message::HandoffRequest {
-                    req,
-                    topic: name,
-                    partition: pid,
-                })
-                .await;
-            match asked {
-                Ok(Message::HandoffAck { result: Ok(()), .. }) => {
-                    if p.swap_role(Role::Acquiring, Role::Serving) {
-                        tracing::info!(topic = %topic.name, partition = p.id, from = %node, "serving a partition");
-                        self.bump();
+            let mesh = &self.mesh;
+            let asks = peers.iter().map(|(node, addr)| {
+                let (name, pid) = (topic.name.to_string(), p.id);
+                async move {
+                    let answer = mesh
+                        .call(*addr, HANDOFF_TIMEOUT * 4, |req| Message::HandoffRequest {
+                            req,
+                            topic: name,
+                            partition: pid,
+                        })
+                        .await;
+                    match answer {
+                        Ok(Message::HandoffAck { result: Ok(()), .. }) => true,
+                        Ok(Message::HandoffAck { result: Err(e), .. }) => {
+                            tracing::debug!(partition = pid, peer = %node, error = %e.message, "peer not ready to hand off");
+                            false
+                        }
+                        Ok(_) => false,
+                        Err(e) => {
+                            tracing::debug!(partition = pid, peer = %node, error = %e, "cannot ask a peer for a partition");
+                            false
+                        }
                     }
-                    return;
                 }
-                Ok(Message::HandoffAck { result: Err(e), .. }) => {
-                    tracing::debug!(topic = %topic.name, partition = p.id, from = %node, error = %e.message, "previous home not ready to hand off");
+            });
+            let answers = join_all(asks.collect()).await;
+            if answers.iter().all(|ok| *ok) {
+                if p.swap_role(Role::Acquiring, Role::Serving) {
+                    tracing::info!(topic = %topic.name, partition = p.id, "serving a partition");
+                    self.bump();
                 }
-                Ok(other) => {
-                    tracing::debug!(?other, "unexpected answer to a hand-off request");
-                }
-                Err(e) => {
-                    tracing::debug!(topic = %topic.name, partition = p.id, from = %node, error = %e, "cannot ask the previous home");
-                }
+                return;
             }
             tokio::time::sleep(ACQUIRE_RETRY).await;
+        }
+    }
+
+    /// The partition's home before the last placement change, if that agent is down now.
+    fn previous_home_down(&self, topic: &str, partition: u32) -> Option<String> {
+        let inner = lock(&self.inner);
+        let node = inner.previous.home(&self.key(topic, partition))?;
+        if node == self.me || inner.departed.contains_key(node) {
+            return None;
+        }
+        match inner.known.get(node) {
+            Some(k) if k.state == Liveness::Down => Some(node.to_string()),
+            _ => None,
         }
     }
 
@@ -956,6 +1036,7 @@ impl Router {
                 let _ = tokio::time::timeout(SHORT_CALL, router.mesh.tell(addr, msg)).await;
             });
         }
+        self.refresh_assignment();
         self.reconcile();
         self.bump();
     }
@@ -1473,6 +1554,7 @@ impl Handler for Router {
             } => match serde_json::from_str::<TopicConfig>(&config) {
                 Ok(c) => match self.broker.apply_catalog(&name, c, version) {
                     Ok(true) => {
+                        self.refresh_assignment();
                         self.reconcile();
                         self.bump();
                     }
@@ -1531,6 +1613,7 @@ impl Handler for Router {
                     Self::recompute_members(&mut inner);
                 }
                 tracing::info!(node = %node, "member leaves; its partitions move");
+                self.refresh_assignment();
                 self.reconcile();
                 self.bump();
             }

@@ -32,6 +32,17 @@ fn free_udp_port() -> u16 {
 }
 
 fn start(root: &Path, ca: &str, name: &str, mesh_port: u16, join: Option<u16>) -> MeshAgent {
+    start_with(root, ca, name, mesh_port, join, &[])
+}
+
+fn start_with(
+    root: &Path,
+    ca: &str,
+    name: &str,
+    mesh_port: u16,
+    join: Option<u16>,
+    extra: &[&str],
+) -> MeshAgent {
     let (app, admin) = (free_port(), free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-agent"));
     cmd.args(["--dev", "--node-name", name])
@@ -49,6 +60,10 @@ fn start(root: &Path, ca: &str, name: &str, mesh_port: u16, join: Option<u16>) -
         .stderr(Stdio::null());
     if let Some(seed) = join {
         cmd.arg("--join").arg(format!("127.0.0.1:{seed}"));
+    }
+    cmd.args(extra);
+    if std::env::var_os("SHOAL_TEST_LOGS").is_some() {
+        cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
     }
     MeshAgent {
         child: cmd.spawn().unwrap(),
@@ -393,4 +408,533 @@ async fn five_agents_form_one_mesh_and_agree_on_homes() {
     for a in &agents[1..] {
         assert_eq!(homes(cluster(a).await.unwrap()), first, "agents agree");
     }
+}
+
+// ----- routing: the mesh acting as one broker -----
+
+fn sigterm(a: &MeshAgent) {
+    Command::new("kill")
+        .args(["-TERM", &a.child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+/// Starts `n` agents (agent-1 is the seed) and waits until each sees all alive.
+async fn mesh_of(root: &Path, n: usize) -> Vec<MeshAgent> {
+    let seed = free_udp_port();
+    let mut agents = vec![start(root, "ca", "agent-1", seed, None)];
+    for i in 2..=n {
+        agents.push(start(
+            root,
+            "ca",
+            &format!("agent-{i}"),
+            free_udp_port(),
+            Some(seed),
+        ));
+    }
+    for a in &agents {
+        wait_until("every agent sees every member alive", || async {
+            let m = members(a).await;
+            m.len() == n && m.iter().all(|(_, s, _)| s == "alive")
+        })
+        .await;
+    }
+    agents
+}
+
+/// Partition → home node, as `a` sees it, for `topic`.
+async fn homes(a: &MeshAgent, topic: &str) -> std::collections::BTreeMap<u32, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(v) = cluster(a).await else {
+        return out;
+    };
+    for m in v["members"].as_array().into_iter().flatten() {
+        let node = m["node"].as_str().unwrap_or("").to_string();
+        for p in m["partitions"].as_array().into_iter().flatten() {
+            let p = p.as_str().unwrap_or("");
+            if let Some(n) = p.strip_prefix(&format!("{topic}/")) {
+                out.insert(n.parse().unwrap(), node.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Waits until every agent knows all `partitions` of `topic`, agrees on
+/// their homes, and none is unavailable; returns the homes.
+async fn settled(
+    agents: &[&MeshAgent],
+    topic: &str,
+    partitions: u32,
+) -> std::collections::BTreeMap<u32, String> {
+    wait_until(
+        &format!("the agents agree on the homes of {topic}"),
+        || async {
+            let mut seen = Vec::new();
+            for a in agents {
+                let h = homes(a, topic).await;
+                let unavailable = cluster(a)
+                    .await
+                    .map(|v| v["unavailable"].as_array().map_or(1, |u| u.len()))
+                    .unwrap_or(1);
+                if h.len() != partitions as usize || unavailable != 0 {
+                    return false;
+                }
+                seen.push(h);
+            }
+            seen.windows(2).all(|w| w[0] == w[1])
+        },
+    )
+    .await;
+    homes(agents[0], topic).await
+}
+
+/// The partitions `a`'s members of `group` read.
+async fn group_partitions(a: &MeshAgent, topic: &str, group: &str) -> Vec<u64> {
+    let Some(v) = cluster(a).await else {
+        return Vec::new();
+    };
+    v["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["topic"] == topic && g["group"] == group)
+        .map(|g| {
+            g["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_u64)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_message_published_on_one_agent_is_stored_at_its_home_and_read_on_another() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = mesh_of(root.path(), 3).await;
+    let (a1, a3) = (&agents[0], &agents[2]);
+    expect_status(
+        &put_topic(&a1.client, "orders", serde_json::json!({"partitions": 6})).await,
+        201,
+        "create orders",
+    );
+    let homes = settled(&agents.iter().collect::<Vec<_>>(), "orders", 6).await;
+    for node in ["agent-1", "agent-2", "agent-3"] {
+        assert!(
+            homes.values().any(|h| h == node),
+            "every agent is home to some partition: {homes:?}"
+        );
+    }
+    put_sub(
+        &a3.client,
+        "billing",
+        serde_json::json!({"topic": "orders", "start": "earliest"}),
+    )
+    .await;
+    let mut published = std::collections::BTreeMap::new();
+    for i in 0..60 {
+        let v = publish(&a1.client, "orders", &[], format!("m{i}")).await;
+        let at = (
+            v["partition"].as_u64().unwrap(),
+            v["offset"].as_u64().unwrap(),
+        );
+        published.insert(format!("m{i}"), at);
+    }
+    let got = pull_ack_n(&a3.client, "billing", 60).await;
+    let mut received = std::collections::BTreeMap::new();
+    for e in &got {
+        assert!(
+            received.insert(text_of(e), position(e)).is_none(),
+            "delivered once: {e}"
+        );
+    }
+    assert_eq!(
+        received, published,
+        "every message, at the offset its publisher was told"
+    );
+    let m1 = metrics(&a1.admin).await;
+    assert!(
+        m1.contains("shoal_forwarded_publishes_total{code=\"stored\"}"),
+        "agent-1 forwarded to the other homes: {m1}"
+    );
+    let m3 = metrics(&a3.admin).await;
+    assert!(
+        metric_value(&m3, "shoal_mesh_frames_received_total").unwrap_or(0.0) > 0.0,
+        "{m3}"
+    );
+}
+
+#[tokio::test]
+async fn a_group_spread_over_three_agents_shares_the_work_once() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = mesh_of(root.path(), 3).await;
+    let refs: Vec<&MeshAgent> = agents.iter().collect();
+    expect_status(
+        &put_topic(
+            &agents[0].client,
+            "jobs",
+            serde_json::json!({"partitions": 6}),
+        )
+        .await,
+        201,
+        "create jobs",
+    );
+    settled(&refs, "jobs", 6).await;
+    for a in &agents {
+        put_sub(
+            &a.client,
+            "worker",
+            serde_json::json!({"topic": "jobs", "group": "workers", "start": "earliest"}),
+        )
+        .await;
+    }
+    wait_until(
+        "the group's partitions are dealt once over the three agents",
+        || async {
+            let mut all = Vec::new();
+            for a in &agents {
+                let mine = group_partitions(a, "jobs", "workers").await;
+                if mine.is_empty() {
+                    return false;
+                }
+                all.extend(mine);
+            }
+            all.sort_unstable();
+            all == (0..6).collect::<Vec<u64>>()
+        },
+    )
+    .await;
+    let total = 300;
+    for i in 0..total {
+        let a = &agents[i % 3];
+        publish(&a.client, "jobs", &[], format!("job-{i}")).await;
+    }
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut per_agent = [0usize; 3];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.len() < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {total} jobs arrived",
+            seen.len()
+        );
+        for (k, a) in agents.iter().enumerate() {
+            let got = pull(&a.client, "worker", 100, "100ms").await;
+            if got.is_empty() {
+                continue;
+            }
+            let ids: Vec<String> = got.iter().map(ackid).collect();
+            ack(&a.client, "worker", &ids).await;
+            for e in &got {
+                per_agent[k] += 1;
+                *seen.entry(text_of(e)).or_default() += 1;
+            }
+        }
+    }
+    let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        doubled.is_empty(),
+        "each job to one member once: {doubled:?}"
+    );
+    assert!(
+        per_agent.iter().all(|n| *n > 0),
+        "every agent's member worked: {per_agent:?}"
+    );
+    // Nothing more arrives: every job was acknowledged once.
+    for a in &agents {
+        assert!(pull(&a.client, "worker", 100, "300ms").await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_graceful_stop_during_a_publish_loop_loses_nothing_acknowledged() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = mesh_of(root.path(), 3).await;
+    let refs: Vec<&MeshAgent> = agents.iter().collect();
+    expect_status(
+        &put_topic(
+            &agents[0].client,
+            "ledger",
+            serde_json::json!({"partitions": 8}),
+        )
+        .await,
+        201,
+        "create ledger",
+    );
+    let homes = settled(&refs, "ledger", 8).await;
+    assert!(homes.values().any(|h| h == "agent-2"), "{homes:?}");
+    let client = agents[0].client.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let publisher = {
+        let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire)
+                && i < 20_000
+                && started.elapsed() < std::time::Duration::from_secs(60)
+            {
+                let id = format!("entry-{i}");
+                for _attempt in 0..200 {
+                    let r = client
+                        .publish("ledger", &[("shoal-id", id.as_str())], id.clone())
+                        .await
+                        .unwrap();
+                    match r.status.as_u16() {
+                        200 | 201 => {
+                            acknowledged.lock().unwrap().push(id.clone());
+                            break;
+                        }
+                        503 => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                        other => panic!("publish {id}: {other} {}", r.text()),
+                    }
+                }
+                i += 1;
+            }
+        })
+    };
+    wait_until("200 publishes acknowledged", || async {
+        acknowledged.lock().unwrap().len() >= 200
+    })
+    .await;
+    sigterm(&agents[1]);
+    let mut agents = agents;
+    let status = agents[1].child.wait().unwrap();
+    assert!(status.success(), "graceful stop exits 0: {status}");
+    let at_stop = acknowledged.lock().unwrap().len();
+    wait_until("200 more publishes acknowledged after the stop", || async {
+        acknowledged.lock().unwrap().len() >= at_stop + 200
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    publisher.await.unwrap();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let m2 = cluster(&agents[0]).await.unwrap();
+    assert!(
+        m2["departed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d == "agent-2"),
+        "{m2}"
+    );
+    let reader = &agents[2];
+    put_sub(
+        &reader.client,
+        "audit",
+        serde_json::json!({"topic": "ledger", "start": "earliest"}),
+    )
+    .await;
+    let got = pull_ack_n(&reader.client, "audit", acknowledged.len()).await;
+    let mut stored: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in &got {
+        *stored.entry(text_of(e)).or_default() += 1;
+    }
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains_key(*id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "stored once per Shoal-Id: {twice:?}");
+}
+
+#[tokio::test]
+async fn a_joining_agent_takes_over_its_share_with_the_data() {
+    let root = tempfile::tempdir().unwrap();
+    let seed = free_udp_port();
+    let a1 = start(root.path(), "ca", "agent-1", seed, None);
+    let a2 = start(root.path(), "ca", "agent-2", free_udp_port(), Some(seed));
+    wait_until("agent-2 joined", || async {
+        state_of(&a1, "agent-2").await.as_deref() == Some("alive")
+    })
+    .await;
+    expect_status(
+        &put_topic(&a1.client, "history", serde_json::json!({"partitions": 6})).await,
+        201,
+        "create history",
+    );
+    settled(&[&a1, &a2], "history", 6).await;
+    for i in 0..120 {
+        publish(&a1.client, "history", &[], format!("old-{i}")).await;
+    }
+    let a3 = start(root.path(), "ca", "agent-3", free_udp_port(), Some(seed));
+    let homes = settled(&[&a1, &a2, &a3], "history", 6).await;
+    assert!(
+        homes.values().any(|h| h == "agent-3"),
+        "the new agent is home to its share: {homes:?}"
+    );
+    let m3 = metrics(&a3.admin).await;
+    assert!(
+        m3.contains("shoal_handoffs_total{direction=\"received\",outcome=\"ok\"}"),
+        "{m3}"
+    );
+    for i in 0..30 {
+        publish(&a3.client, "history", &[], format!("new-{i}")).await;
+    }
+    put_sub(
+        &a2.client,
+        "reader",
+        serde_json::json!({"topic": "history", "start": "earliest"}),
+    )
+    .await;
+    let got = pull_ack_n(&a2.client, "reader", 150).await;
+    let texts: std::collections::BTreeSet<String> = got.iter().map(text_of).collect();
+    assert_eq!(texts.len(), 150, "every message once, old and new");
+    for i in 0..120 {
+        assert!(
+            texts.contains(&format!("old-{i}")),
+            "old-{i} moved with its partition"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_app_gets_503_not_a_hang_when_its_partition_home_was_killed() {
+    let root = tempfile::tempdir().unwrap();
+    let seed = free_udp_port();
+    let a1 = start(root.path(), "ca", "agent-1", seed, None);
+    let mut a2 = start(root.path(), "ca", "agent-2", free_udp_port(), Some(seed));
+    wait_until("agent-2 joined", || async {
+        state_of(&a1, "agent-2").await.as_deref() == Some("alive")
+    })
+    .await;
+    expect_status(
+        &put_topic(&a1.client, "fragile", serde_json::json!({"partitions": 4})).await,
+        201,
+        "create fragile",
+    );
+    let homes = settled(&[&a1, &a2], "fragile", 4).await;
+    assert!(homes.values().any(|h| h == "agent-2"), "{homes:?}");
+    a2.child.kill().unwrap();
+    a2.child.wait().unwrap();
+    wait_until("agent-2 is declared down", || async {
+        state_of(&a1, "agent-2").await.as_deref() == Some("down")
+    })
+    .await;
+    let (mut stored, mut refused) = (0, 0);
+    for i in 0..8 {
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            a1.client.publish("fragile", &[], format!("p{i}")),
+        )
+        .await
+        .expect("a publish to a crashed home answers, it does not hang")
+        .unwrap();
+        match r.status.as_u16() {
+            201 => stored += 1,
+            503 => {
+                expect_error(&r, 503, "home_unavailable", "publish to a crashed home");
+                assert!(
+                    r.headers.contains_key("retry-after"),
+                    "503 carries Retry-After"
+                );
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert!(refused > 0, "partitions homed on the crashed agent refuse");
+    assert!(stored > 0, "partitions homed on the live agent still store");
+    let v = cluster(&a1).await.unwrap();
+    assert!(!v["unavailable"].as_array().unwrap().is_empty(), "{v}");
+}
+
+#[tokio::test]
+async fn request_reply_and_ephemeral_fan_out_cross_agents() {
+    let root = tempfile::tempdir().unwrap();
+    let seed = free_udp_port();
+    let app = FakeApp::start(|p| {
+        AppReply::status(200)
+            .header("content-type", "text/plain")
+            .body(format!("pong:{}", String::from_utf8_lossy(&p.body)))
+    })
+    .await;
+    let port = app.port.to_string();
+    let a1 = start(root.path(), "ca", "agent-1", seed, None);
+    let a2 = start_with(
+        root.path(),
+        "ca",
+        "agent-2",
+        free_udp_port(),
+        Some(seed),
+        &["--app-port", &port],
+    );
+    wait_until("agent-2 joined", || async {
+        state_of(&a1, "agent-2").await.as_deref() == Some("alive")
+    })
+    .await;
+    put_sub(
+        &a2.client,
+        "answers",
+        serde_json::json!({"topic": "ping", "pushPath": "/ping"}),
+    )
+    .await;
+    wait_until("agent-1 learns agent-2 answers ping", || async {
+        let r = a1
+            .client
+            .call(
+                http::Method::POST,
+                "/v1/topics/ping/requests?timeout=2s",
+                &[],
+                "hello",
+            )
+            .await
+            .unwrap();
+        r.status == 200 && r.text() == "pong:hello"
+    })
+    .await;
+    // Ephemeral: nothing stored, fanned out to a subscriber on another agent.
+    expect_status(
+        &put_topic(
+            &a1.client,
+            "ticks",
+            serde_json::json!({"kind": "ephemeral", "partitions": 2}),
+        )
+        .await,
+        201,
+        "create ticks",
+    );
+    settled(&[&a1, &a2], "ticks", 2).await;
+    put_sub(&a2.client, "watch", serde_json::json!({"topic": "ticks"})).await;
+    wait_until("agent-2's group reads both partitions", || async {
+        group_partitions(&a2, "ticks", "watch").await.len() == 2
+    })
+    .await;
+    // Fetches start right after the declaration; give each home a fetch to hold.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for i in 0..10 {
+        publish(&a1.client, "ticks", &[], format!("tick-{i}")).await;
+    }
+    let got = pull_ack_n(&a2.client, "watch", 10).await;
+    let texts: std::collections::BTreeSet<String> = got.iter().map(text_of).collect();
+    assert_eq!(texts.len(), 10);
+    for agent in ["agent-1", "agent-2"] {
+        let dir = root.path().join(agent).join("topics/ticks");
+        assert_eq!(
+            files_under(&dir),
+            0,
+            "ephemeral topics store nothing: {dir:?}"
+        );
+    }
+}
+
+fn files_under(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                files_under(&p)
+            } else {
+                usize::from(p.extension().is_some_and(|x| x == "log"))
+            }
+        })
+        .sum()
 }

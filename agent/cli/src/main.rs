@@ -9,9 +9,11 @@ use http::Method;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use shoal_agent::client::{AgentClient, ClientError, Reply, DEFAULT_URL};
+use std::future::Future;
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
+mod dev;
 mod inject;
 
 /// Talk to a Shoal agent: publish, subscribe, list topics.
@@ -37,6 +39,11 @@ enum Command {
     Status,
     /// Add the agent sidecar to Kubernetes YAML or JSON, offline (as the webhook would).
     Inject(inject::InjectArgs),
+    /// Start a local mesh of agents on loopback (three by default), each its own process; Ctrl-C stops them.
+    Dev(dev::DevArgs),
+    /// Run one agent, as `shoal-agent` does (the agents of `shoal dev`).
+    #[command(hide = true)]
+    Agent(dev::AgentArgs),
 }
 
 #[derive(Args, Debug)]
@@ -142,17 +149,39 @@ fn api_error(reply: &Reply) -> String {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = AgentClient::new(&cli.url);
-    let result = match cli.command {
-        Command::Pub(a) => publish(&client, a).await,
-        Command::Sub(a) => subscribe(&client, a).await,
-        Command::Topics(a) => topics(&client, a).await,
-        Command::Status => status(&client).await,
-        Command::Inject(a) => return inject::run(a),
-    };
+    let url = cli.url;
+    match cli.command {
+        Command::Inject(a) => inject::run(a),
+        // The agent builds its own runtime, as shoal-agent does.
+        Command::Agent(a) => dev::run_agent(a),
+        Command::Dev(a) => block_on(dev::run(a)),
+        Command::Pub(a) => {
+            block_on(async move { outcome(publish(&AgentClient::new(&url), a).await) })
+        }
+        Command::Sub(a) => {
+            block_on(async move { outcome(subscribe(&AgentClient::new(&url), a).await) })
+        }
+        Command::Topics(a) => {
+            block_on(async move { outcome(topics(&AgentClient::new(&url), a).await) })
+        }
+        Command::Status => block_on(async move { outcome(status(&AgentClient::new(&url)).await) }),
+    }
+}
+
+/// Runs a command on a single-threaded runtime.
+fn block_on(command: impl Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(command),
+        Err(e) => fail(format!("cannot start the runtime: {e}")),
+    }
+}
+
+fn outcome(result: Result<ExitCode, ClientError>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => fail(e),

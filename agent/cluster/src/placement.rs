@@ -212,7 +212,7 @@ pub const DEFAULT_LOAD_EPSILON: f64 = 0.15;
 
 /// Homes of a set of partitions, balanced: no broker member holds more than
 /// `ceil(mean × (1 + epsilon))` partitions.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Assignment {
     /// Distinct broker member ids, sorted.
     members: Vec<String>,
