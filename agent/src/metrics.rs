@@ -196,6 +196,8 @@ pub struct Metrics {
     pub handoffs: Family<HandoffLabels, Counter>,
     /// Remote fetches for consumer groups served by this agent (as a partition's home).
     pub fetches_served: Counter,
+    /// Well-framed mesh messages refused for their content, by reason.
+    pub mesh_invalid_messages: Family<ReasonLabel, Counter>,
 }
 
 /// Labels of a hand-off counter.
@@ -292,6 +294,7 @@ impl Metrics {
             partitions_homed: Gauge::default(),
             handoffs: Family::default(),
             fetches_served: Counter::default(),
+            mesh_invalid_messages: Family::default(),
         };
         let r = &mut registry;
         r.register(
@@ -515,6 +518,11 @@ impl Metrics {
             "shoal_fetches_served",
             "Consumer-group fetches served to other agents as a partition's home",
             m.fetches_served.clone(),
+        );
+        r.register(
+            "shoal_mesh_invalid_messages",
+            "Well-framed mesh messages refused for their content, by reason",
+            m.mesh_invalid_messages.clone(),
         );
         r.register(
             "shoal_build",

@@ -868,6 +868,13 @@ impl Router {
         out
     }
 
+    fn count_invalid(&self, reason: &'static str) {
+        self.metrics
+            .mesh_invalid_messages
+            .get_or_create(&crate::metrics::ReasonLabel { reason })
+            .inc();
+    }
+
     fn count_forward(&self, code: &'static str, n: usize) {
         self.metrics
             .forwarded
@@ -1181,10 +1188,13 @@ impl Router {
                         results.push(None);
                         placed.push((e.partition, m));
                     }
-                    Err(err) => results.push(Some(fail(ApiError::bad_request(
-                        "invalid_message",
-                        format!("undecodable forwarded message: {err}"),
-                    )))),
+                    Err(err) => {
+                        self.count_invalid("undecodable_message");
+                        results.push(Some(fail(ApiError::bad_request(
+                            "invalid_message",
+                            format!("undecodable forwarded message: {err}"),
+                        ))))
+                    }
                 }
             }
             let stored = if placed.is_empty() {
@@ -1421,7 +1431,8 @@ impl Router {
                 }
                 Ok(())
             })();
-            if result.is_err() {
+            if let Err(e) = &result {
+                tracing::warn!(topic = %topic, partition, error = %e.message, "refused a hand-off chunk");
                 self.metrics
                     .handoffs
                     .get_or_create(&HandoffLabels {
@@ -1560,10 +1571,12 @@ impl Handler for Router {
                     }
                     Ok(false) => {}
                     Err(e) => {
+                        self.count_invalid("invalid_topic");
                         tracing::warn!(topic = %name, error = %e.message, "refused a shared topic")
                     }
                 },
                 Err(e) => {
+                    self.count_invalid("invalid_topic");
                     tracing::warn!(topic = %name, error = %e, "unreadable shared topic configuration")
                 }
             },

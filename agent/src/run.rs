@@ -236,8 +236,12 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         let deadline = tokio::time::Instant::now() + shutdown_timeout;
         // Partitions go to their next homes before this agent leaves the
         // mesh, so nothing acknowledged stays behind on a stopped agent.
+        // A hand-off cut short by the deadline leaves the agent as if it
+        // crashed: its remaining partitions wait for its return elsewhere.
         if let Some(r) = &router {
-            r.leave().await;
+            if tokio::time::timeout_at(deadline, r.leave()).await.is_err() {
+                tracing::warn!("hand-off did not finish before --shutdown-timeout; partitions left here are unavailable until this agent returns");
+            }
         }
         if let Some(m) = &mesh {
             m.leave().await;

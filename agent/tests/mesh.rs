@@ -938,3 +938,125 @@ fn files_under(dir: &Path) -> usize {
         })
         .sum()
 }
+
+#[tokio::test]
+async fn well_framed_but_invalid_peer_messages_get_errors_and_metrics() {
+    use shoal_proto::{Message, PublishEntry, PublishResult, WireEntry};
+    let root = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let agent = start(root.path(), "ca", "agent-1", port, None);
+    wait_until("the agent is ready", || ready(&agent)).await;
+    expect_status(
+        &put_topic(&agent.client, "t", serde_json::json!({"partitions": 1})).await,
+        201,
+        "create t",
+    );
+    let peer = raw_peer(root.path(), "ca").await;
+    let conn = peer
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap()
+        .connection;
+    let mut frames = bytes::BytesMut::new();
+    for m in [
+        Message::Topic {
+            name: "bad".into(),
+            config: "{not json".into(),
+            version: 1,
+        },
+        Message::Publish {
+            req: 1,
+            topic: "t".into(),
+            entries: vec![
+                PublishEntry {
+                    partition: 0,
+                    message: vec![0xff, 0x00],
+                },
+                PublishEntry {
+                    partition: 7,
+                    message: shoal_agent::message::Message {
+                        id: "x".into(),
+                        client_id: false,
+                        key: None,
+                        content_type: None,
+                        expires_at_ms: None,
+                        deliver_at_ms: None,
+                        attributes: Vec::new(),
+                        payload: bytes::Bytes::from_static(b"x"),
+                    }
+                    .encode()
+                    .unwrap()
+                    .to_vec(),
+                },
+            ],
+        },
+        Message::Handoff {
+            req: 2,
+            topic: "t".into(),
+            partition: 0,
+            reset: false,
+            first_index: 1,
+            entries: vec![WireEntry {
+                index: 99,
+                timestamp_ms: 0,
+                data: vec![1],
+            }],
+            offsets: vec![],
+            last: true,
+        },
+        Message::Fetch {
+            req: 3,
+            topic: "nope".into(),
+            partition: 0,
+            group: "g".into(),
+            start: "\"earliest\"".into(),
+            from: None,
+            max: 10,
+            wait_ms: 0,
+        },
+    ] {
+        shoal_proto::encode(&m, &mut frames).unwrap();
+    }
+    let mut answers = exchange(&conn, &frames).await;
+    answers.sort_by_key(|m| m.req());
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    match &answers[0] {
+        Message::Published { req: 1, results } => {
+            assert!(
+                matches!(&results[0], PublishResult::Failed(e) if e.code == "invalid_message" && e.status == 400),
+                "{results:?}"
+            );
+            assert!(
+                matches!(&results[1], PublishResult::Failed(e) if e.code == "partition_unknown"),
+                "{results:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        matches!(&answers[1], Message::HandoffAck { req: 2, result: Err(e) } if e.code == "already_serving"),
+        "a hand-off of a partition this agent serves is refused: {:?}",
+        answers[1]
+    );
+    assert!(
+        matches!(&answers[2], Message::Fetched { req: 3, result: Err(e) } if e.code == "topic_unknown"),
+        "{:?}",
+        answers[2]
+    );
+    // Nothing was stored from those, and the agent carries on.
+    assert!(put_topic(&agent.client, "bad", serde_json::json!({}))
+        .await
+        .status
+        .is_success());
+    let v = publish(&agent.client, "t", &[], "real").await;
+    assert_eq!(v["offset"], 1, "the refused messages stored nothing: {v}");
+    let m = metrics(&agent.admin).await;
+    for reason in ["invalid_topic", "undecodable_message"] {
+        assert!(
+            m.contains(&format!(
+                "shoal_mesh_invalid_messages_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {m}"
+        );
+    }
+}
