@@ -120,6 +120,12 @@ pub struct Config {
     #[arg(long, env = "SHOAL_MAX_PENDING_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_pending_bytes: u64,
 
+    /// Most publish requests forwarded to home agents and not yet answered;
+    /// more get 503 until a home catches up (a slow home slows its publishers
+    /// and memory stays bounded).
+    #[arg(long, env = "SHOAL_MAX_FORWARDS", default_value_t = crate::router::DEFAULT_MAX_FORWARDS)]
+    pub max_forwards: usize,
+
     /// How long a graceful stop (SIGTERM, SIGINT) may take.
     #[arg(long, env = "SHOAL_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration_arg)]
     pub shutdown_timeout: Duration,

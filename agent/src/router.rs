@@ -50,6 +50,8 @@ pub const CHUNK_BYTES: usize = 4 << 20;
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause before asking a previous home again for a partition.
 pub const ACQUIRE_RETRY: Duration = Duration::from_millis(200);
+/// Publish requests forwarded and unanswered before more get 503.
+pub const DEFAULT_MAX_FORWARDS: usize = 1024;
 /// Longest a one-way message or a short call waits for its peer.
 const SHORT_CALL: Duration = Duration::from_secs(5);
 
@@ -113,6 +115,7 @@ pub struct Router {
     stopping: AtomicBool,
     changed: watch::Sender<u64>,
     request_rr: AtomicUsize,
+    forwards: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Router {
@@ -139,6 +142,7 @@ fn wire_error(e: &ApiError) -> WireError {
 
 /// Error codes a peer may answer with, as the static strings the API uses.
 const KNOWN_CODES: &[&str] = &[
+    "home_busy",
     "not_home",
     "not_ready",
     "partition_unknown",
@@ -194,6 +198,7 @@ impl Router {
         mesh: Arc<Mesh>,
         broker: Arc<Broker>,
         metrics: Arc<Metrics>,
+        max_forwards: usize,
     ) -> Arc<Router> {
         Arc::new(Router {
             me,
@@ -207,6 +212,7 @@ impl Router {
             stopping: AtomicBool::new(false),
             changed: watch::Sender::new(0),
             request_rr: AtomicUsize::new(0),
+            forwards: Arc::new(tokio::sync::Semaphore::new(max_forwards.max(1))),
         })
     }
 
@@ -787,6 +793,15 @@ impl Router {
         addr: SocketAddr,
         batch: &[Placed],
     ) -> Vec<Result<PublishOutcome, ApiError>> {
+        let Ok(_slot) = self.forwards.clone().try_acquire_owned() else {
+            self.count_forward("busy", batch.len());
+            let e = ApiError::unavailable(
+                "home_busy",
+                format!("too many publishes are waiting for home agents (agent {node} among them); retry shortly"),
+                1,
+            );
+            return batch.iter().map(|_| Err(e.clone())).collect();
+        };
         let started = Instant::now();
         let mut entries = Vec::with_capacity(batch.len());
         let mut encoded: Vec<Option<ApiError>> = Vec::with_capacity(batch.len());

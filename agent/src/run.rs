@@ -163,6 +163,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             m.clone(),
             broker.clone(),
             metrics.clone(),
+            config.max_forwards,
         );
         subs.attach_router(&r);
         r.start(&subs);

@@ -1060,3 +1060,82 @@ async fn well_framed_but_invalid_peer_messages_get_errors_and_metrics() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_slow_home_slows_its_publishers_with_503_and_bounded_waiting() {
+    let root = tempfile::tempdir().unwrap();
+    let seed = free_udp_port();
+    let a1 = start_with(
+        root.path(),
+        "ca",
+        "agent-1",
+        seed,
+        None,
+        &["--max-forwards", "4"],
+    );
+    let a2 = start(root.path(), "ca", "agent-2", free_udp_port(), Some(seed));
+    wait_until("agent-2 joined", || async {
+        state_of(&a1, "agent-2").await.as_deref() == Some("alive")
+    })
+    .await;
+    // A one-partition topic whose home is agent-2.
+    let mut topic = None;
+    for i in 0..32 {
+        let name = format!("slow-{i}");
+        expect_status(
+            &put_topic(&a1.client, &name, serde_json::json!({"partitions": 1})).await,
+            201,
+            "create",
+        );
+        if settled(&[&a1, &a2], &name, 1)
+            .await
+            .get(&0)
+            .map(String::as_str)
+            == Some("agent-2")
+        {
+            topic = Some(name);
+            break;
+        }
+    }
+    let topic = topic.expect("some topic is homed on agent-2");
+    publish(&a1.client, &topic, &[], "warm").await;
+    // The home stops answering (paused, like a stalled pod).
+    let pid = a2.child.id().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut calls = Vec::new();
+    for i in 0..12 {
+        let (client, topic, busy) = (a1.client.clone(), topic.clone(), busy.clone());
+        calls.push(tokio::spawn(async move {
+            let r = client.publish(&topic, &[], format!("m{i}")).await.unwrap();
+            if r.status == 503 && r.json()["error"]["code"] == "home_busy" {
+                assert!(
+                    r.headers.contains_key("retry-after"),
+                    "503 carries Retry-After"
+                );
+                busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            }
+            r.status.as_u16()
+        }));
+    }
+    wait_until("all but the 4 forwards allowed are turned away", || async {
+        busy.load(std::sync::atomic::Ordering::Acquire) == 8
+    })
+    .await;
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let mut statuses = Vec::new();
+    for c in calls {
+        statuses.push(c.await.unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [201, 201, 201, 201, 503, 503, 503, 503, 503, 503, 503, 503],
+        "the 4 waiting publishes are stored once the home resumes"
+    );
+    let m = metrics(&a1.admin).await;
+    assert!(
+        m.contains("shoal_forwarded_publishes_total{code=\"busy\"} 8"),
+        "{m}"
+    );
+}
