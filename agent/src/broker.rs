@@ -47,6 +47,8 @@ pub struct BrokerSettings {
 
 /// Called with a topic's name when its configuration changed here.
 pub type TopicHook = Box<dyn Fn(&str) + Send + Sync>;
+/// Names the consumer groups that read a topic now (anywhere in the mesh).
+pub type GroupsHook = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
 /// Where a published message was stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -76,9 +78,12 @@ pub struct Broker {
     pub metrics: Arc<Metrics>,
 }
 
-/// Holds the topic hook; a type of its own so the broker stays `Debug`.
+/// Holds the hooks; a type of its own so the broker stays `Debug`.
 #[derive(Default)]
-struct HookCell(std::sync::OnceLock<TopicHook>);
+struct HookCell(
+    std::sync::OnceLock<TopicHook>,
+    std::sync::RwLock<Option<GroupsHook>>,
+);
 
 impl std::fmt::Debug for HookCell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,6 +185,7 @@ impl Broker {
             retention: Retention::default(),
             fsync: FsyncPolicy::Interval,
             dedupe_window: self.settings.dedupe_window,
+            max_backlog: None,
         }
     }
 
@@ -333,6 +339,22 @@ impl Broker {
         let _ = self.topic_hook.0.set(hook);
     }
 
+    /// Installs the function that names a topic's live consumer groups
+    /// (for `maxBacklog`); the last one installed wins.
+    pub fn set_groups_hook(&self, hook: GroupsHook) {
+        *self.topic_hook.1.write().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    fn live_groups(&self, topic: &str) -> Vec<String> {
+        self.topic_hook
+            .1
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|h| h(topic))
+            .unwrap_or_default()
+    }
+
     fn topic_changed_here(&self, name: &str) {
         if let Some(h) = self.topic_hook.0.get() {
             h(name);
@@ -402,6 +424,7 @@ impl Broker {
             retention: Some(wanted.retention.clone()),
             fsync: Some(wanted.fsync),
             dedupe_window: Some(wanted.dedupe_window),
+            max_backlog: wanted.max_backlog,
         };
         let (topic, _) = self.put_topic_local(name, &spec)?;
         let v = version.max(local_version);
@@ -512,6 +535,11 @@ impl Broker {
         let config = topic.config();
         let partitions = topic.partitions();
         let now = crate::time::now_ms();
+        let groups = if config.max_backlog.is_some() {
+            self.live_groups(topic_name)
+        } else {
+            Vec::new()
+        };
         let mut results = Vec::with_capacity(messages.len());
         let mut waits: HashMap<u32, u64> = HashMap::new();
         let mut published_bytes = 0u64;
@@ -547,6 +575,19 @@ impl Broker {
                     )));
                     continue;
                 };
+                if config
+                    .max_backlog
+                    .is_some_and(|max| partition.backlog(&groups) >= max)
+                {
+                    results.push(Err(ApiError::too_many(
+                        "backlog_full",
+                        format!(
+                            "partition {pid} of topic {topic_name:?} holds maxBacklog messages its slowest consumer group has not acknowledged; retry when it catches up"
+                        ),
+                        1,
+                    )));
+                    continue;
+                }
                 if partition.pending_bytes.load(Ordering::Relaxed) > self.settings.max_pending_bytes
                 {
                     results.push(Err(ApiError::unavailable(

@@ -176,6 +176,10 @@ impl Subscriptions {
             stopping: watch::Sender::new(false),
             router: Arc::new(OnceLock::new()),
         });
+        let weak = Arc::downgrade(&s);
+        s.broker.set_groups_hook(Box::new(move |topic| {
+            weak.upgrade().map_or_else(Vec::new, |s| s.groups_of(topic))
+        }));
         let keys: Vec<(String, String)> = lock(&s.subs)
             .values()
             .map(|sub| (sub.topic.clone(), sub.group.clone()))
@@ -466,6 +470,18 @@ impl Subscriptions {
         })?;
         result.unknown.extend(unknown);
         Ok(result)
+    }
+
+    /// Consumer groups with members on this agent that read `topic`.
+    pub fn groups_of(&self, topic: &str) -> Vec<String> {
+        let mut g: Vec<String> = lock(&self.subs)
+            .values()
+            .filter(|s| s.topic == topic)
+            .map(|s| s.group.clone())
+            .collect();
+        g.sort();
+        g.dedup();
+        g
     }
 
     /// Whether a push subscription on this agent reads `topic`.

@@ -142,6 +142,7 @@ fn wire_error(e: &ApiError) -> WireError {
 
 /// Error codes a peer may answer with, as the static strings the API uses.
 const KNOWN_CODES: &[&str] = &[
+    "backlog_full",
     "home_busy",
     "not_home",
     "not_ready",
@@ -225,6 +226,10 @@ impl Router {
             if let Some(r) = weak.upgrade() {
                 r.share_topic(name);
             }
+        }));
+        let weak = Arc::downgrade(self);
+        self.broker.set_groups_hook(Box::new(move |topic| {
+            weak.upgrade().map_or_else(Vec::new, |r| r.groups_of(topic))
         }));
         self.mesh.set_handler(self.clone());
         let mut view = self.mesh.watch();
@@ -976,6 +981,24 @@ impl Router {
             Ok(_) => Err(ApiError::internal("unexpected answer to a fetch")),
             Err(e) => Err(call_error(&node, &e)),
         }
+    }
+
+    /// Consumer groups reading `topic` anywhere in the mesh.
+    pub fn groups_of(&self, topic: &str) -> Vec<String> {
+        let mut groups = self.subs().map(|s| s.groups_of(topic)).unwrap_or_default();
+        {
+            let inner = lock(&self.inner);
+            for subs in inner.remote_subs.values() {
+                groups.extend(
+                    subs.iter()
+                        .filter(|s| s.topic == topic)
+                        .map(|s| s.group.clone()),
+                );
+            }
+        }
+        groups.sort();
+        groups.dedup();
+        groups
     }
 
     /// Tells a partition's home where a consumer group resumes.

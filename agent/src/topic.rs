@@ -91,6 +91,11 @@ pub struct TopicConfig {
     /// Window within which a repeated `Shoal-Id` is stored once.
     #[serde(with = "crate::time::serde_duration")]
     pub dedupe_window: Duration,
+    /// Most messages a partition may hold that some consumer group has not
+    /// acknowledged yet; publishes beyond it get 429 until the slowest group
+    /// catches up. None: no limit (retention alone bounds the log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_backlog: Option<u64>,
 }
 
 /// A create or configure request: every field optional.
@@ -110,6 +115,8 @@ pub struct TopicSpec {
     /// Dedupe window.
     #[serde(default, with = "crate::time::serde_opt_duration")]
     pub dedupe_window: Option<Duration>,
+    /// Backlog limit.
+    pub max_backlog: Option<u64>,
 }
 
 impl TopicSpec {
@@ -178,6 +185,15 @@ impl TopicSpec {
                 ));
             }
             c.dedupe_window = w;
+        }
+        if let Some(b) = self.max_backlog {
+            if b == 0 {
+                return Err(ApiError::bad_request(
+                    "invalid_config",
+                    "maxBacklog must be positive (omit it for no limit)",
+                ));
+            }
+            c.max_backlog = Some(b);
         }
         if c.kind == TopicKind::Ephemeral {
             c.replicas = 0;
@@ -564,6 +580,18 @@ impl Partition {
         }
     }
 
+    /// Messages the slowest of `groups` has not acknowledged here; 0 without groups.
+    pub fn backlog(&self, groups: &[String]) -> u64 {
+        let end = self.committed() + 1;
+        let o = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
+        groups
+            .iter()
+            .filter_map(|g| o.committed.get(g))
+            .map(|next| end.saturating_sub(*next))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// A group's committed offset, if it has one here.
     pub fn committed_offset(&self, group: &str) -> Option<u64> {
         self.offsets
@@ -732,6 +760,7 @@ mod tests {
             retention: Retention::default(),
             fsync: FsyncPolicy::Interval,
             dedupe_window: Duration::from_secs(120),
+            max_backlog: None,
         };
         let shrink = TopicSpec {
             partitions: Some(2),

@@ -836,3 +836,52 @@ async fn a_redeclared_subscription_resumes_its_groups_committed_offsets() {
     );
     assert!(pull(c, "r2", 10, "300ms").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_group_holds_publishers_at_max_backlog() {
+    let dir = tempdir();
+    let agent = start_agent(dir.path(), &[]).await;
+    let c = &agent.client;
+    let r = put_topic(c, "capped", json!({"partitions": 1, "maxBacklog": 5})).await;
+    expect_status(&r, 201, "create capped");
+    assert_eq!(r.json()["maxBacklog"], 5);
+    expect_error(
+        &put_topic(c, "zero", json!({"maxBacklog": 0})).await,
+        400,
+        "invalid_config",
+        "maxBacklog 0",
+    );
+    // Without a consumer group nothing is behind: no limit.
+    for i in 0..7 {
+        publish(c, "capped", &[], format!("early-{i}")).await;
+    }
+    put_sub(c, "slow", json!({"topic": "capped", "start": "latest"})).await;
+    for i in 0..5 {
+        publish(c, "capped", &[], format!("m{i}")).await;
+    }
+    let r = c.publish("capped", &[], "one too many").await.unwrap();
+    expect_error(&r, 429, "backlog_full", "publish past maxBacklog");
+    assert!(r.headers.contains_key("retry-after"));
+    // The group catches up by three: three more fit.
+    let got = pull_ack_n(c, "slow", 3).await;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        ["m0", "m1", "m2"]
+    );
+    for i in 5..8 {
+        publish(c, "capped", &[], format!("m{i}")).await;
+    }
+    expect_error(
+        &c.publish("capped", &[], "again").await.unwrap(),
+        429,
+        "backlog_full",
+        "full again",
+    );
+    // A deleted subscription's group holds nobody back.
+    let r = c
+        .call(http::Method::DELETE, "/v1/subscriptions/slow", &[], "")
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{}", r.text());
+    publish(c, "capped", &[], "free").await;
+}

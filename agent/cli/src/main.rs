@@ -456,7 +456,19 @@ async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
         "{:<24} {:<22} {:<8} {:>7}  partitions",
         "MEMBER", "ADDRESS", "STATE", "BROKER"
     );
+    let departed: Vec<&str> = v["departed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
     for m in v["members"].as_array().into_iter().flatten() {
+        let node = m["node"].as_str().unwrap_or("");
+        let state = if departed.contains(&node) {
+            "left"
+        } else {
+            m["state"].as_str().unwrap_or("")
+        };
         let parts: Vec<&str> = m["partitions"]
             .as_array()
             .into_iter()
@@ -475,7 +487,7 @@ async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
                 }
             ),
             m["addr"].as_str().unwrap_or(""),
-            m["state"].as_str().unwrap_or(""),
+            state,
             if m["broker"] == json!(true) {
                 "yes"
             } else {
@@ -485,6 +497,36 @@ async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
                 "-".to_string()
             } else {
                 parts.join(" ")
+            }
+        );
+    }
+    let unavailable: Vec<&str> = v["unavailable"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !unavailable.is_empty() {
+        println!(
+            "unavailable until their home returns: {}",
+            unavailable.join(" ")
+        );
+    }
+    for g in v["groups"].as_array().into_iter().flatten() {
+        let parts: Vec<String> = g["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p.to_string())
+            .collect();
+        println!(
+            "group {} on {}: this agent reads partitions {}",
+            g["group"].as_str().unwrap_or(""),
+            g["topic"].as_str().unwrap_or(""),
+            if parts.is_empty() {
+                "none".to_string()
+            } else {
+                parts.join(",")
             }
         );
     }
