@@ -108,17 +108,22 @@ impl Link {
             while let Some(first) = rx.recv().await {
                 let mut next = Some(first);
                 while let Some(m) = next.take() {
-                    if let Err(e) = shoal_proto::encode(&m, &mut buf) {
-                        tracing::error!(error = %e, "cannot encode a mesh message");
-                        if let Some(req) = m.req() {
-                            lock(&pending).remove(&req);
+                    match shoal_proto::encode(&m, &mut buf) {
+                        Ok(()) => {
+                            metrics.mesh_frames_out.inc();
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode a mesh message");
+                            if let Some(req) = m.req() {
+                                lock(&pending).remove(&req);
+                            }
                         }
                     }
                     if buf.len() < MAX_COALESCED_WRITE {
                         next = rx.try_recv().ok();
                     }
                 }
-                metrics.mesh_frames_out.inc();
+                metrics.mesh_writes.inc();
                 metrics.mesh_bytes_out.inc_by(buf.len() as u64);
                 if send.write_all(&buf).await.is_err() {
                     break;
@@ -784,14 +789,17 @@ async fn serve_stream(
             let mut refused = false;
             while let Some(m) = next.take() {
                 refused |= matches!(m, Message::Refuse { .. });
-                if let Err(e) = shoal_proto::encode(&m, &mut out) {
-                    tracing::error!(error = %e, "cannot encode a mesh answer");
+                match shoal_proto::encode(&m, &mut out) {
+                    Ok(()) => {
+                        writer_metrics.mesh_frames_out.inc();
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot encode a mesh answer"),
                 }
                 if out.len() < MAX_COALESCED_WRITE && !refused {
                     next = rx.try_recv().ok();
                 }
             }
-            writer_metrics.mesh_frames_out.inc();
+            writer_metrics.mesh_writes.inc();
             writer_metrics.mesh_bytes_out.inc_by(out.len() as u64);
             if send.write_all(&out).await.is_err() {
                 return;

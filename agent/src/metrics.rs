@@ -184,8 +184,10 @@ pub struct Metrics {
     pub mesh_lost_packets: Family<PeerLabel, Gauge>,
     /// Mesh stream frames received.
     pub mesh_frames_in: Counter,
-    /// Mesh stream writes (each combining one or more frames).
+    /// Mesh stream frames sent.
     pub mesh_frames_out: Counter,
+    /// Mesh stream writes (each combining one or more frames).
+    pub mesh_writes: Counter,
     /// Publishes forwarded to a partition's home agent, by outcome.
     pub forwarded: Family<CodeLabel, Counter>,
     /// Round trip of a forwarded publish (send to answer).
@@ -289,6 +291,7 @@ impl Metrics {
             mesh_lost_packets: Family::default(),
             mesh_frames_in: Counter::default(),
             mesh_frames_out: Counter::default(),
+            mesh_writes: Counter::default(),
             forwarded: Family::default(),
             forward_latency: latency_histogram(),
             partitions_homed: Gauge::default(),
@@ -489,9 +492,14 @@ impl Metrics {
             m.mesh_frames_in.clone(),
         );
         r.register(
+            "shoal_mesh_frames_sent",
+            "Mesh stream frames sent",
+            m.mesh_frames_out.clone(),
+        );
+        r.register(
             "shoal_mesh_writes",
             "Mesh stream writes, each combining one or more frames",
-            m.mesh_frames_out.clone(),
+            m.mesh_writes.clone(),
         );
         r.register(
             "shoal_forwarded_publishes",

@@ -1139,3 +1139,65 @@ async fn a_slow_home_slows_its_publishers_with_503_and_bounded_waiting() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn a_client_only_agent_homes_nothing_but_publishes_and_reads() {
+    let root = tempfile::tempdir().unwrap();
+    let seed = free_udp_port();
+    let a1 = start(root.path(), "ca", "agent-1", seed, None);
+    let a2 = start_with(
+        root.path(),
+        "ca",
+        "agent-2",
+        free_udp_port(),
+        Some(seed),
+        &["--broker", "false"],
+    );
+    wait_until("agent-2 joined", || async {
+        state_of(&a1, "agent-2").await.as_deref() == Some("alive")
+    })
+    .await;
+    expect_status(
+        &put_topic(&a2.client, "jobs", serde_json::json!({"partitions": 4})).await,
+        201,
+        "create jobs on the client-only agent",
+    );
+    let homes = settled(&[&a1, &a2], "jobs", 4).await;
+    assert!(homes.values().all(|h| h == "agent-1"), "{homes:?}");
+    put_sub(
+        &a2.client,
+        "reader",
+        serde_json::json!({"topic": "jobs", "start": "earliest"}),
+    )
+    .await;
+    for i in 0..8 {
+        publish(&a2.client, "jobs", &[], format!("j{i}")).await;
+    }
+    let got = pull_ack_n(&a2.client, "reader", 8).await;
+    assert_eq!(got.len(), 8);
+    // Every log file on the client-only agent is as long as an empty one:
+    // its header alone.
+    let empty = log_sizes_under(&root.path().join("agent-2/topics/jobs"));
+    let full = log_sizes_under(&root.path().join("agent-1/topics/jobs"));
+    assert!(
+        !empty.is_empty() && empty.iter().all(|s| *s == empty[0]),
+        "{empty:?}"
+    );
+    assert!(full.iter().any(|s| *s > empty[0]), "{full:?} vs {empty:?}");
+}
+
+fn log_sizes_under(dir: &Path) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(log_sizes_under(&p));
+        } else if p.extension().is_some_and(|x| x == "log") {
+            out.push(e.metadata().map_or(0, |m| m.len()));
+        }
+    }
+    out
+}
