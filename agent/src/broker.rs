@@ -202,7 +202,13 @@ impl Broker {
     ) -> Result<Arc<Partition>, AgentError> {
         let partition = self.open_partition_inner(name, id, config, changed)?;
         if self.settings.meshed {
-            partition.set_role(crate::topic::Role::Idle);
+            // What this agent held when it stopped it holds still: retired
+            // until placement says whether it serves it or hands it on.
+            partition.set_role(if partition.was_holder() {
+                crate::topic::Role::Retired
+            } else {
+                crate::topic::Role::Idle
+            });
         }
         Ok(partition)
     }

@@ -88,6 +88,7 @@ enum Command {
     },
     Fetched {
         partition: u32,
+        from: Option<u64>,
         result: Result<shoal_proto::FetchedBatch, ApiError>,
     },
 }
@@ -808,6 +809,7 @@ impl GroupTask {
             let _ = tx
                 .send(Command::Fetched {
                     partition: pid,
+                    from,
                     result,
                 })
                 .await;
@@ -817,6 +819,7 @@ impl GroupTask {
     fn on_remote_fetched(
         &mut self,
         pid: u32,
+        from: Option<u64>,
         result: Result<shoal_proto::FetchedBatch, ApiError>,
         now: Instant,
     ) {
@@ -831,6 +834,11 @@ impl GroupTask {
         };
         self.retry_at.remove(&pid);
         if self.starting.remove(&pid) {
+            self.core.add_partition(pid, batch.start);
+        } else if from.is_some_and(|f| batch.start < f) && self.core.has_partition(pid) {
+            // The home restarted the partition's offsets (an ephemeral
+            // partition that moved): read on from its answer.
+            self.core.remove_partition(pid);
             self.core.add_partition(pid, batch.start);
         }
         if !self.core.has_partition(pid) {
@@ -1140,8 +1148,12 @@ impl GroupTask {
                         .park_failed(partition, offset, now, DEAD_LETTER_RETRY);
                 }
             }
-            Command::Fetched { partition, result } => {
-                self.on_remote_fetched(partition, result, Instant::now());
+            Command::Fetched {
+                partition,
+                from,
+                result,
+            } => {
+                self.on_remote_fetched(partition, from, result, Instant::now());
             }
             Command::Stop { .. } => {}
         }

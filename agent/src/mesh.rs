@@ -52,17 +52,28 @@ pub trait Handler: Send + Sync + 'static {
     fn connected(self: Arc<Self>, addr: SocketAddr);
 }
 
-/// Sends answers back on the stream a request came in on.
-#[derive(Clone, Debug)]
+/// Sends the answer to one request back on the stream it came in on. The
+/// request's slot on the stream is freed when the replier is dropped, so
+/// each request counts once whatever its handler does (even if it panics).
+#[derive(Debug)]
 pub struct Replier {
     tx: mpsc::UnboundedSender<Message>,
-    under_way: Arc<AtomicUsize>,
+    _slot: Option<Slot>,
+}
+
+/// A request under way on a stream.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Replier {
     /// Sends the answer (dropped if the stream is gone).
-    pub fn send(&self, answer: Message) {
-        self.under_way.fetch_sub(1, Ordering::AcqRel);
+    pub fn send(self, answer: Message) {
         let _ = self.tx.send(answer);
     }
 }
@@ -165,13 +176,19 @@ async fn read_answers(
                 }
                 Ok(None) => break,
                 Err(e) => {
+                    metrics
+                        .mesh_bad_frames
+                        .get_or_create(&crate::metrics::ReasonLabel {
+                            reason: "bad_answer",
+                        })
+                        .inc();
                     tracing::warn!(error = %e, "bad answer frame from a peer; closing the stream");
                     lock(&pending).clear();
                     return;
                 }
             }
         }
-        match recv.read_chunk(64 * 1024, true).await {
+        match recv.read_chunk(READ_CHUNK, true).await {
             Ok(Some(chunk)) => {
                 metrics.mesh_bytes_in.inc_by(chunk.bytes.len() as u64);
                 if buf.len() + chunk.bytes.len() > MAX_STREAM_BUFFER {
@@ -282,6 +299,19 @@ impl Peers {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(addr, conn.clone());
+        // A new connection from an address usually means the peer restarted:
+        // the link over the old one may be dead without knowing it yet.
+        // New calls go over the newest connection; the old one is left to
+        // close by itself (when both agents dial at once, both stay alive).
+        {
+            let mut links = lock(&self.links);
+            if links
+                .get(&addr)
+                .is_some_and(|l| l.conn.stable_id() != conn.stable_id())
+            {
+                links.remove(&addr);
+            }
+        }
         let input = self.input.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(serve_streams(
@@ -513,7 +543,14 @@ impl Mesh {
 
     /// Installs what handles peers' messages (once, before traffic flows).
     pub fn set_handler(&self, handler: Arc<dyn Handler>) {
-        let _ = self.peers.handler.set(handler);
+        if self.peers.handler.set(handler.clone()).is_err() {
+            return;
+        }
+        // Connections made before now missed their greeting.
+        let addrs: Vec<SocketAddr> = lock(&self.peers.conns).keys().copied().collect();
+        for addr in addrs {
+            handler.clone().connected(addr);
+        }
     }
 
     /// Sends a request built around a fresh request id and waits for its answer.
@@ -755,30 +792,31 @@ async fn serve_streams(
             recv,
             metrics.clone(),
             node.clone(),
-            handler.get().cloned(),
+            handler.clone(),
             from,
         ));
     }
 }
 
-/// Most bytes one stream may buffer before a whole frame arrives.
-const MAX_STREAM_BUFFER: usize = shoal_proto::MAX_FRAME_BYTES + shoal_proto::HEADER_LEN;
+/// Bytes read from a stream at once.
+const READ_CHUNK: usize = 64 * 1024;
+/// Most bytes one stream may buffer: a whole largest frame, plus the chunk
+/// that completed it.
+const MAX_STREAM_BUFFER: usize =
+    shoal_proto::MAX_FRAME_BYTES + shoal_proto::HEADER_LEN + READ_CHUNK;
 
 async fn serve_stream(
     mut send: shoal_mesh::quinn::SendStream,
     mut recv: shoal_mesh::quinn::RecvStream,
     metrics: Arc<Metrics>,
     node: String,
-    handler: Option<Arc<dyn Handler>>,
+    handler: Arc<OnceLock<Arc<dyn Handler>>>,
     from: SocketAddr,
 ) {
     use shoal_proto::FrameError;
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     let under_way = Arc::new(AtomicUsize::new(0));
-    let replier = Replier {
-        tx,
-        under_way: under_way.clone(),
-    };
+    let replier = Replier { tx, _slot: None };
     // Answers go out in as few writes as possible: everything queued is
     // encoded into one buffer before each write.
     let writer_metrics = metrics.clone();
@@ -830,7 +868,23 @@ async fn serve_stream(
                         }
                         Message::Pong { .. } | Message::Refuse { .. } => {}
                         msg => {
-                            let Some(h) = &handler else { continue };
+                            // Looked up per message: a stream accepted before the
+                            // router was installed is served once it is.
+                            let Some(h) = handler.get() else {
+                                if let Some(req) = msg.req().filter(|_| !msg.is_answer()) {
+                                    let _ = replier.tx.send(Message::Failed {
+                                        req,
+                                        error: shoal_proto::WireError {
+                                            status: 503,
+                                            code: "not_ready".into(),
+                                            message: "the agent is still starting".into(),
+                                            retry_after: 1,
+                                        },
+                                    });
+                                }
+                                continue;
+                            };
+                            let mut slot = None;
                             if let Some(req) = msg.req().filter(|_| !msg.is_answer()) {
                                 if under_way.fetch_add(1, Ordering::AcqRel)
                                     >= MAX_REQUESTS_PER_STREAM
@@ -849,8 +903,13 @@ async fn serve_stream(
                                     });
                                     continue;
                                 }
+                                slot = Some(Slot(under_way.clone()));
                             }
-                            h.clone().handle(from, msg, replier.clone());
+                            let reply = Replier {
+                                tx: replier.tx.clone(),
+                                _slot: slot,
+                            };
+                            h.clone().handle(from, msg, reply);
                         }
                     }
                 }
@@ -877,10 +936,16 @@ async fn serve_stream(
                 }
             }
         }
-        match recv.read_chunk(64 * 1024, true).await {
+        match recv.read_chunk(READ_CHUNK, true).await {
             Ok(Some(chunk)) => {
                 metrics.mesh_bytes_in.inc_by(chunk.bytes.len() as u64);
                 if buf.len() + chunk.bytes.len() > MAX_STREAM_BUFFER {
+                    metrics
+                        .mesh_bad_frames
+                        .get_or_create(&crate::metrics::ReasonLabel {
+                            reason: "too_large",
+                        })
+                        .inc();
                     return;
                 }
                 buf.extend_from_slice(&chunk.bytes);

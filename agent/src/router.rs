@@ -25,8 +25,8 @@ use serde::Serialize;
 use shoal_cluster::membership::Liveness;
 use shoal_cluster::placement::{self, Assignment, Member, OwnedPartitionKey, PartitionKey};
 use shoal_proto::{
-    FetchedBatch, Message, PublishEntry, PublishResult, ReplyBody, SubscriberRef, WireEntry,
-    WireError,
+    FetchedBatch, Message, PublishEntry, PublishResult, ReplyBody, RosterMember, SubscriberRef,
+    WireEntry, WireError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -77,8 +77,8 @@ struct Inner {
     assignment: Assignment,
     /// The same without this agent: the next homes when it leaves.
     assignment_without_me: Assignment,
-    /// The homes before the last change of members or catalog.
-    previous: Assignment,
+    /// For each partition whose home changed, the home it had before.
+    previous: HashMap<(String, u32), String>,
 }
 
 /// A partition's home as this agent sees it.
@@ -143,6 +143,7 @@ fn wire_error(e: &ApiError) -> WireError {
 /// Error codes a peer may answer with, as the static strings the API uses.
 const KNOWN_CODES: &[&str] = &[
     "backlog_full",
+    "reply_too_large",
     "home_busy",
     "not_home",
     "not_ready",
@@ -356,7 +357,16 @@ impl Router {
         let mut inner = lock(&self.inner);
         // Members changed meanwhile: the next refresh is on its way.
         if inner.members == members && inner.assignment != all {
-            inner.previous = std::mem::replace(&mut inner.assignment, all);
+            let mut moved = Vec::new();
+            for (key, home) in all.iter() {
+                if let Some(before) = inner.assignment.home(&key) {
+                    if before != home {
+                        moved.push(((key.topic.to_string(), key.partition), before.to_string()));
+                    }
+                }
+            }
+            inner.previous.extend(moved);
+            inner.assignment = all;
             inner.assignment_without_me = rest;
         }
     }
@@ -440,6 +450,7 @@ impl Router {
                 homed += i64::from(mine);
                 match (mine, p.role()) {
                     (true, Role::Retired) => {
+                        p.set_holder(true);
                         p.swap_role(Role::Retired, Role::Serving);
                     }
                     (true, Role::Idle) => {
@@ -524,6 +535,8 @@ impl Router {
             });
             let answers = join_all(asks.collect()).await;
             if answers.iter().all(|ok| *ok) {
+                // Recorded before serving, so a crash from here on keeps it.
+                p.set_holder(true);
                 if p.swap_role(Role::Acquiring, Role::Serving) {
                     tracing::info!(topic = %topic.name, partition = p.id, "serving a partition");
                     self.bump();
@@ -537,14 +550,24 @@ impl Router {
     /// The partition's home before the last placement change, if that agent is down now.
     fn previous_home_down(&self, topic: &str, partition: u32) -> Option<String> {
         let inner = lock(&self.inner);
-        let node = inner.previous.home(&self.key(topic, partition))?;
-        if node == self.me || inner.departed.contains_key(node) {
-            return None;
-        }
-        match inner.known.get(node) {
-            Some(k) if k.state == Liveness::Down => Some(node.to_string()),
-            _ => None,
-        }
+        // The home before the last change seen here, and the home the others
+        // give it without this agent (its previous home when this agent just
+        // joined or returned).
+        let candidates = [
+            inner.previous.get(&(topic.to_string(), partition)).cloned(),
+            inner
+                .assignment_without_me
+                .home(&self.key(topic, partition))
+                .map(str::to_string),
+        ];
+        candidates.into_iter().flatten().find(|node| {
+            *node != self.me
+                && !inner.departed.contains_key(node)
+                && inner
+                    .known
+                    .get(node)
+                    .is_some_and(|k| k.state == Liveness::Down)
+        })
     }
 
     /// Seals a partition this agent holds the truth of and sends its log and
@@ -566,6 +589,7 @@ impl Router {
         self.metrics.handoffs.get_or_create(&labels).inc();
         if ok {
             p.swap_role(Role::Retired, Role::Idle);
+            p.set_holder(false);
             tracing::info!(topic = %topic.name, partition = p.id, to = %node, "handed off a partition");
         } else {
             tracing::warn!(topic = %topic.name, partition = p.id, to = %node, "hand-off failed; keeping the partition");
@@ -659,6 +683,7 @@ impl Router {
     pub async fn leave(&self) {
         self.stopping.store(true, Ordering::Release);
         let mut moved = 0usize;
+        let mut kept = 0usize;
         for topic in self.broker.topics() {
             for p in topic.partitions() {
                 let role = p.role();
@@ -677,18 +702,34 @@ impl Router {
                     Home::Peer { node, .. } => {
                         if self.hand_off(&topic, &p, &node).await {
                             moved += 1;
+                        } else {
+                            kept += 1;
                         }
                     }
                     Home::Down { node } => {
                         tracing::warn!(topic = %topic.name, partition = p.id, next = %node, "the next home is down; the partition stays here until this agent returns");
-                        p.set_role(Role::Idle);
+                        p.set_role(Role::Retired);
+                        kept += 1;
                     }
-                    Home::Nobody | Home::Me => p.set_role(Role::Idle),
+                    Home::Nobody | Home::Me => {
+                        p.set_role(Role::Retired);
+                        kept += 1;
+                    }
                 }
             }
         }
         if moved > 0 {
             tracing::info!(partitions = moved, "handed off partitions before leaving");
+        }
+        if kept > 0 {
+            // Saying "leaving" would let others serve these partitions
+            // without their data: stop as if crashed instead, so they wait
+            // (503) until this agent returns.
+            tracing::warn!(
+                partitions = kept,
+                "some partitions could not be handed off; stopping without leaving the placement"
+            );
+            return;
         }
         let peers: Vec<SocketAddr> = lock(&self.inner)
             .known
@@ -749,7 +790,11 @@ impl Router {
             }
             let mut calls = Vec::new();
             let topic = &topic;
-            for (home, batch) in by_home {
+            for (home, batch) in by_home.into_iter().flat_map(|(home, batch)| {
+                split_by_bytes(batch)
+                    .into_iter()
+                    .map(move |b| (home.clone(), b))
+            }) {
                 calls.push(async move {
                     let outcome = match &home {
                         None => self.publish_here(topic, &batch).await,
@@ -840,6 +885,7 @@ impl Router {
         let mut stored = match answer {
             Ok(Message::Published { results, .. }) => results.into_iter(),
             Ok(Message::Failed { error, .. }) => {
+                self.count_forward("failed", batch.len());
                 let e = api_error(error);
                 return batch.iter().map(|_| Err(e.clone())).collect();
             }
@@ -886,6 +932,95 @@ impl Router {
             });
         }
         out
+    }
+
+    fn roster(&self) -> Message {
+        let inner = lock(&self.inner);
+        Message::Roster {
+            members: inner
+                .known
+                .iter()
+                .map(|(node, k)| RosterMember {
+                    node: node.clone(),
+                    addr: k.addr,
+                    broker: k.broker,
+                    incarnation: inner.departed.get(node).copied().unwrap_or(k.incarnation),
+                    departed: inner.departed.contains_key(node),
+                })
+                .collect(),
+        }
+    }
+
+    /// Learns members a peer knows: down ones gossip forgot still hold their
+    /// partitions, and departed ones hold none.
+    fn merge_roster(self: &Arc<Self>, members: Vec<RosterMember>) {
+        let mut changed = false;
+        {
+            let mut inner = lock(&self.inner);
+            for m in members {
+                if m.node.is_empty() || m.node == self.me {
+                    continue;
+                }
+                match inner.known.get(&m.node) {
+                    None => {
+                        inner.known.insert(
+                            m.node.clone(),
+                            Known {
+                                addr: m.addr,
+                                broker: m.broker,
+                                state: Liveness::Down,
+                                incarnation: m.incarnation,
+                            },
+                        );
+                        changed = true;
+                    }
+                    Some(k) if k.state == Liveness::Down && m.incarnation > k.incarnation => {
+                        let state = k.state;
+                        inner.known.insert(
+                            m.node.clone(),
+                            Known {
+                                addr: m.addr,
+                                broker: m.broker,
+                                state,
+                                incarnation: m.incarnation,
+                            },
+                        );
+                        changed = true;
+                    }
+                    _ => {}
+                }
+                let current = inner.known.get(&m.node).map_or(0, |k| k.incarnation);
+                if m.departed && m.incarnation >= current && !inner.departed.contains_key(&m.node) {
+                    inner.departed.insert(m.node.clone(), m.incarnation);
+                    inner.remote_subs.remove(&m.node);
+                    changed = true;
+                }
+            }
+            if changed {
+                Self::recompute_members(&mut inner);
+            }
+        }
+        if changed {
+            self.refresh_assignment();
+            self.reconcile();
+            self.bump();
+        }
+    }
+
+    /// Whether `node` is a member this agent knows at `from`.
+    fn is_member_at(&self, node: &str, from: SocketAddr) -> bool {
+        lock(&self.inner)
+            .known
+            .get(node)
+            .is_some_and(|k| k.addr == from)
+    }
+
+    /// Whether `from` is the address of a member other than this agent.
+    fn is_member_addr(&self, from: SocketAddr) -> bool {
+        lock(&self.inner)
+            .known
+            .iter()
+            .any(|(n, k)| *n != self.me && k.addr == from)
     }
 
     fn count_invalid(&self, reason: &'static str) {
@@ -1307,6 +1442,9 @@ impl Router {
             return Err(crate::broker::not_home(topic, partition));
         }
         let start_at = match from {
+            // An ephemeral partition restarts its offsets when it moves: a
+            // reader ahead of its end resumes at the end.
+            Some(f) if p.is_ephemeral() && f > p.committed() + 1 => p.committed() + 1,
             Some(f) => f,
             None => {
                 let start: StartPosition = serde_json::from_str(start).unwrap_or_default();
@@ -1358,46 +1496,49 @@ impl Router {
         reply: Replier,
     ) {
         tokio::spawn(async move {
-            let result =
-                async {
-                    let t = self.broker.topic(&topic).ok_or_else(|| {
-                        ApiError::unavailable("topic_unknown", "unknown topic", 1)
-                    })?;
-                    let p = t.partition(partition).ok_or_else(|| {
-                        ApiError::unavailable("partition_unknown", "unknown partition", 1)
-                    })?;
-                    match p.role() {
-                        Role::Idle => return Ok(()),
-                        Role::Acquiring => {
-                            return Err(ApiError::unavailable(
-                                "not_ready",
-                                "this agent is still acquiring the partition",
-                                1,
-                            ))
-                        }
-                        Role::Serving | Role::Retired => {}
-                    }
-                    // Hand off only to the agent this agent's own view makes home.
-                    let requester =
-                        match self.home(&topic, partition) {
-                            Home::Peer { node, addr } if addr == from => node,
-                            _ => return Err(ApiError::unavailable(
-                                "not_ready",
-                                "this agent does not see the requester as the partition's home yet",
-                                1,
-                            )),
-                        };
-                    if self.hand_off(&t, &p, &requester).await {
-                        Ok(())
-                    } else {
-                        Err(ApiError::unavailable(
+            let result = async {
+                // A topic or partition unknown here is one this agent holds nothing of.
+                let Some(t) = self.broker.topic(&topic) else {
+                    return Ok(());
+                };
+                let Some(p) = t.partition(partition) else {
+                    return Ok(());
+                };
+                // Only the agent this agent's own view makes home may take
+                // the partition, or hear that nothing is held here: until the
+                // views agree, the answer is to wait.
+                let requester = match self.home(&topic, partition) {
+                    Home::Peer { node, addr } if addr == from => node,
+                    _ => {
+                        return Err(ApiError::unavailable(
                             "not_ready",
-                            "the hand-off failed; retry",
+                            "this agent does not see the requester as the partition's home yet",
                             1,
                         ))
                     }
+                };
+                match p.role() {
+                    Role::Idle => return Ok(()),
+                    Role::Acquiring => {
+                        return Err(ApiError::unavailable(
+                            "not_ready",
+                            "this agent is still acquiring the partition",
+                            1,
+                        ))
+                    }
+                    Role::Serving | Role::Retired => {}
                 }
-                .await;
+                if self.hand_off(&t, &p, &requester).await {
+                    Ok(())
+                } else {
+                    Err(ApiError::unavailable(
+                        "not_ready",
+                        "the hand-off failed; retry",
+                        1,
+                    ))
+                }
+            }
+            .await;
             reply.send(Message::HandoffAck {
                 req,
                 result: result.map_err(|e| wire_error(&e)),
@@ -1452,6 +1593,7 @@ impl Router {
                         o.dirty = true;
                     }
                     // The truth lives here now: serve it if home, else hold it.
+                    p.set_holder(true);
                     let role = if self.home(&topic, partition) == Home::Me {
                         Role::Serving
                     } else {
@@ -1505,6 +1647,13 @@ impl Router {
                 let timeout =
                     Duration::from_millis(timeout_ms).min(crate::subscription::MAX_ACK_TIMEOUT);
                 let (status, headers, body) = subs.request(&topic, m, timeout).await?;
+                if body.len() > MAX_REPLY_BYTES {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "reply_too_large",
+                        format!("the subscriber's reply is larger than {MAX_REPLY_BYTES} bytes"),
+                    ));
+                }
                 Ok::<_, ApiError>(ReplyBody {
                     status: status.as_u16(),
                     headers: headers
@@ -1523,6 +1672,30 @@ impl Router {
             });
         });
     }
+}
+
+/// Bytes of messages per forwarded publish frame: big batches go in several,
+/// well under the frame limit.
+const FORWARD_FRAME_BYTES: usize = 8 << 20;
+/// Largest reply body carried back across the mesh.
+pub const MAX_REPLY_BYTES: usize = 16 << 20;
+
+/// Splits messages bound for one home into batches that each fit a frame.
+fn split_by_bytes(batch: Vec<Placed>) -> Vec<Vec<Placed>> {
+    let mut out = vec![Vec::new()];
+    let mut bytes = 0usize;
+    for placed in batch {
+        let size = placed.2.payload.len() + 512;
+        if bytes + size > FORWARD_FRAME_BYTES && out.last().is_some_and(|b| !b.is_empty()) {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(last) = out.last_mut() {
+            last.push(placed);
+        }
+    }
+    out
 }
 
 fn not_ready() -> ApiError {
@@ -1619,10 +1792,14 @@ impl Handler for Router {
                 }
             },
             Message::Subscribers { node, subs } => {
-                if node != self.me {
-                    lock(&self.inner).remote_subs.insert(node, subs);
-                    self.bump();
+                // A restarted agent may greet before gossip shows its new
+                // address, so only this agent's own name is refused here.
+                if node == self.me {
+                    self.count_invalid("unknown_sender");
+                    return;
                 }
+                lock(&self.inner).remote_subs.insert(node, subs);
+                self.bump();
             }
             Message::Request {
                 req,
@@ -1630,6 +1807,18 @@ impl Handler for Router {
                 message,
                 timeout_ms,
             } => self.serve_request(req, topic, message, timeout_ms, reply),
+            Message::Handoff { req, .. } if !self.is_member_addr(from) => {
+                self.count_invalid("unknown_sender");
+                reply.send(Message::HandoffAck {
+                    req,
+                    result: Err(WireError {
+                        status: 403,
+                        code: "unknown_sender".into(),
+                        message: "hand-offs are taken only from members of the mesh".into(),
+                        retry_after: 0,
+                    }),
+                });
+            }
             Message::Handoff {
                 req,
                 topic,
@@ -1655,7 +1844,12 @@ impl Handler for Router {
                 topic,
                 partition,
             } => self.serve_handoff_request(req, from, topic, partition, reply),
+            Message::Roster { members } => self.merge_roster(members),
             Message::Leaving { node } => {
+                if !self.is_member_at(&node, from) {
+                    self.count_invalid("unknown_sender");
+                    return;
+                }
                 {
                     let mut inner = lock(&self.inner);
                     let inc = inner.known.get(&node).map_or(0, |k| k.incarnation);
@@ -1688,12 +1882,13 @@ impl Handler for Router {
 
     fn connected(self: Arc<Self>, addr: SocketAddr) {
         tokio::spawn(async move {
-            let mut msgs: Vec<Message> = self
-                .broker
-                .topics()
-                .iter()
-                .filter_map(|t| self.topic_message(&t.name))
-                .collect();
+            let mut msgs: Vec<Message> = vec![self.roster()];
+            msgs.extend(
+                self.broker
+                    .topics()
+                    .iter()
+                    .filter_map(|t| self.topic_message(&t.name)),
+            );
             msgs.push(self.subscribers_message());
             for m in msgs {
                 if tokio::time::timeout(SHORT_CALL, self.mesh.tell(addr, m))

@@ -202,6 +202,9 @@ impl TopicSpec {
     }
 }
 
+/// File whose presence says this agent holds a partition's truth, inside its directory.
+pub const HOLDER_FILE: &str = "holder";
+
 /// A bounded in-memory log for ephemeral partitions: the oldest entries fall off.
 #[derive(Debug)]
 pub struct MemLog {
@@ -403,6 +406,32 @@ impl Partition {
         self.role
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// Records on disk whether this agent holds the partition's truth
+    /// (serving it, or retired and not yet handed off), so a restart after a
+    /// crash knows. Ephemeral partitions hold nothing worth recording.
+    pub fn set_holder(&self, holder: bool) {
+        let Some(dir) = &self.dir else { return };
+        let file = dir.join(HOLDER_FILE);
+        if holder {
+            if !file.exists() {
+                if let Err(e) = shoal_storage::meta::write_atomic(&file, b"") {
+                    tracing::error!(file = %file.display(), error = %e, "cannot record that this agent holds the partition");
+                }
+            }
+        } else if let Err(e) = std::fs::remove_file(&file) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::error!(file = %file.display(), error = %e, "cannot record that the partition moved away");
+            }
+        }
+    }
+
+    /// Whether the disk says this agent held the partition's truth when it stopped.
+    pub fn was_holder(&self) -> bool {
+        self.dir
+            .as_ref()
+            .is_some_and(|d| d.join(HOLDER_FILE).exists())
     }
 
     /// The role read under a held store lock (the publish path).

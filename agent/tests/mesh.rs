@@ -1034,8 +1034,8 @@ async fn well_framed_but_invalid_peer_messages_get_errors_and_metrics() {
         other => panic!("{other:?}"),
     }
     assert!(
-        matches!(&answers[1], Message::HandoffAck { req: 2, result: Err(e) } if e.code == "already_serving"),
-        "a hand-off of a partition this agent serves is refused: {:?}",
+        matches!(&answers[1], Message::HandoffAck { req: 2, result: Err(e) } if e.code == "unknown_sender"),
+        "a hand-off from a peer that is not a member is refused: {:?}",
         answers[1]
     );
     assert!(
@@ -1051,7 +1051,7 @@ async fn well_framed_but_invalid_peer_messages_get_errors_and_metrics() {
     let v = publish(&agent.client, "t", &[], "real").await;
     assert_eq!(v["offset"], 1, "the refused messages stored nothing: {v}");
     let m = metrics(&agent.admin).await;
-    for reason in ["invalid_topic", "undecodable_message"] {
+    for reason in ["invalid_topic", "undecodable_message", "unknown_sender"] {
         assert!(
             m.contains(&format!(
                 "shoal_mesh_invalid_messages_total{{reason=\"{reason}\"}} 1"
@@ -1200,4 +1200,51 @@ fn log_sizes_under(dir: &Path) -> Vec<u64> {
         }
     }
     out
+}
+
+#[tokio::test]
+async fn a_crashed_home_keeps_its_partitions_through_a_join_and_hands_them_on_return() {
+    let root = tempfile::tempdir().unwrap();
+    let seed = free_udp_port();
+    let a1 = start(root.path(), "ca", "agent-1", seed, None);
+    let x_port = free_udp_port();
+    let mut x = start(root.path(), "ca", "agent-2", x_port, Some(seed));
+    wait_until("agent-2 joined", || async {
+        state_of(&a1, "agent-2").await.as_deref() == Some("alive")
+    })
+    .await;
+    expect_status(
+        &put_topic(&a1.client, "keep", serde_json::json!({"partitions": 6})).await,
+        201,
+        "create keep",
+    );
+    let before = settled(&[&a1, &x], "keep", 6).await;
+    assert!(before.values().any(|h| h == "agent-2"), "{before:?}");
+    for i in 0..60 {
+        publish(&a1.client, "keep", &[], format!("k{i}")).await;
+    }
+    // agent-2 crashes; a new agent joins while it is down.
+    x.child.kill().unwrap();
+    x.child.wait().unwrap();
+    wait_until("agent-2 is declared down", || async {
+        state_of(&a1, "agent-2").await.as_deref() == Some("down")
+    })
+    .await;
+    let a3 = start(root.path(), "ca", "agent-3", free_udp_port(), Some(seed));
+    wait_until("agent-3 joined", || async {
+        state_of(&a1, "agent-3").await.as_deref() == Some("alive")
+    })
+    .await;
+    // agent-2 returns with its data; every partition is served again.
+    let x = start(root.path(), "ca", "agent-2", x_port, Some(seed));
+    settled(&[&a1, &x, &a3], "keep", 6).await;
+    put_sub(
+        &a1.client,
+        "check",
+        serde_json::json!({"topic": "keep", "start": "earliest"}),
+    )
+    .await;
+    let got = pull_ack_n(&a1.client, "check", 60).await;
+    let texts: std::collections::BTreeSet<String> = got.iter().map(text_of).collect();
+    assert_eq!(texts.len(), 60, "nothing acknowledged was lost");
 }

@@ -220,6 +220,28 @@ pub enum Message {
         /// Why.
         error: WireError,
     },
+    /// Every member the sender knows, including down ones gossip forgot and
+    /// ones that left: placement counts them, so a joining agent must too.
+    /// One way, sent when a connection comes up.
+    Roster {
+        /// The members.
+        members: Vec<RosterMember>,
+    },
+}
+
+/// A member as [`Message::Roster`] describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterMember {
+    /// Node name.
+    pub node: String,
+    /// Mesh address.
+    pub addr: std::net::SocketAddr,
+    /// Whether it stores partitions.
+    pub broker: bool,
+    /// Its incarnation as last seen.
+    pub incarnation: u64,
+    /// True when it left gracefully (with that incarnation).
+    pub departed: bool,
 }
 
 impl Message {
