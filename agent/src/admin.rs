@@ -18,6 +18,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once storage is recovered and listeners are bound; cleared when stopping.
     pub ready: AtomicBool,
+    /// The broker, once open: its consumer lag is computed at each scrape.
+    pub broker: std::sync::OnceLock<std::sync::Weak<crate::broker::Broker>>,
 }
 
 /// Serves one admin request.
@@ -27,6 +29,9 @@ pub async fn serve<B>(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
+            if let Some(b) = state.broker.get().and_then(std::sync::Weak::upgrade) {
+                b.refresh_lag_metrics();
+            }
             (StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode())
         }
         (&Method::GET, "/livez") => (StatusCode::OK, "text/plain", "ok\n".to_string()),

@@ -635,6 +635,11 @@ where
         let mut m = crate::cloudevents::from_json(v)
             .map_err(|e| ApiError::bad_request("invalid_event", e))?;
         let h = publish_headers(&parts.headers)?;
+        for (k, v) in crate::cloudevents::trace_context(&parts.headers)? {
+            if !m.attributes.iter().any(|(a, _)| *a == k) {
+                m.attributes.push((k, v));
+            }
+        }
         m.key = m.key.or(h.key);
         m.expires_at_ms = h.expires_at_ms;
         m.deliver_at_ms = h.deliver_at_ms;
@@ -695,6 +700,7 @@ where
         }
         Some("application/x-ndjson") | Some("application/jsonl") | Some("application/json-seq") => {
             let h = publish_headers(&parts.headers)?;
+            let trace = crate::cloudevents::trace_context(&parts.headers)?;
             if h.id.is_some() {
                 return Err(ApiError::bad_request(
                     "invalid_header",
@@ -725,7 +731,7 @@ where
                         content_type: Some("application/json".into()),
                         expires_at_ms: h.expires_at_ms,
                         deliver_at_ms: h.deliver_at_ms,
-                        attributes: Vec::new(),
+                        attributes: trace.clone(),
                         payload: body.slice_ref(line),
                     }),
                     Err(e) => Err(ApiError::bad_request("invalid_json", format!("line is not JSON: {e}"))),

@@ -754,6 +754,54 @@ impl Broker {
         Ok(())
     }
 
+    /// Recomputes `shoal_consumer_lag_messages` for the partitions this agent
+    /// serves and the consumer groups that read them now.
+    pub fn refresh_lag_metrics(&self) {
+        let per_topic = self.metrics.topic_labels();
+        let mut totals: BTreeMap<String, i64> = BTreeMap::new();
+        self.metrics.consumer_lag.clear();
+        for topic in self.topics() {
+            let groups = self.live_groups(&topic.name);
+            if groups.is_empty() {
+                continue;
+            }
+            for p in topic.partitions() {
+                if p.role() != crate::topic::Role::Serving {
+                    continue;
+                }
+                let end = p.committed() + 1;
+                for g in &groups {
+                    let Some(next) = p.committed_offset(g) else {
+                        continue;
+                    };
+                    let lag = i64::try_from(end.saturating_sub(next)).unwrap_or(i64::MAX);
+                    if per_topic {
+                        self.metrics
+                            .consumer_lag
+                            .get_or_create(&crate::metrics::LagLabels {
+                                topic: topic.name.to_string(),
+                                group: g.clone(),
+                                partition: p.id.to_string(),
+                            })
+                            .set(lag);
+                    } else {
+                        *totals.entry(g.clone()).or_default() += lag;
+                    }
+                }
+            }
+        }
+        for (group, lag) in totals {
+            self.metrics
+                .consumer_lag
+                .get_or_create(&crate::metrics::LagLabels {
+                    topic: crate::metrics::ALL_TOPICS.to_string(),
+                    group,
+                    partition: crate::metrics::ALL_TOPICS.to_string(),
+                })
+                .set(lag);
+        }
+    }
+
     /// Writes everything buffered, checkpoints offsets and stops the flusher.
     pub fn shutdown(&self) {
         self.flusher.stop();

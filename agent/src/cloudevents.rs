@@ -67,6 +67,11 @@ pub fn from_binary_headers(headers: &HeaderMap) -> Result<BinaryAttributes, ApiE
             }
         }
     }
+    for (k, v) in trace_context(headers)? {
+        if !attrs.iter().any(|(a, _)| *a == k) {
+            attrs.push((k, v));
+        }
+    }
     Ok((id, attrs))
 }
 
@@ -324,6 +329,52 @@ mod base64_lite {
             assert!(super::decode("!!!!").is_none());
         }
     }
+}
+
+/// The W3C trace context of a request (`traceparent`, `tracestate`), as the
+/// CloudEvents distributed-tracing extension attributes of the same names: it
+/// travels with the message and reaches the subscriber, so the app's own
+/// tracing links publish and delivery.
+pub fn trace_context(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out = Vec::new();
+    if let Some(v) = headers.get("traceparent") {
+        let v = v
+            .to_str()
+            .ok()
+            .filter(|v| valid_traceparent(v))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_header",
+                    "traceparent must be a W3C trace context: 00-<32 hex>-<16 hex>-<2 hex>",
+                )
+            })?;
+        out.push(("traceparent".to_string(), v.to_string()));
+        if let Some(state) = headers.get("tracestate").and_then(|s| s.to_str().ok()) {
+            if state.len() <= 512 {
+                out.push(("tracestate".to_string(), state.to_string()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `version-traceid-parentid-flags`, lowercase hex, ids not all zero.
+pub fn valid_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+        && (parts[0] != "00" || parts.len() == 4)
 }
 
 #[cfg(test)]

@@ -676,6 +676,20 @@ fn build_push(
             b = b.header("shoal-key", v);
         }
     }
+    // The publisher's trace context, as plain W3C headers too, so tracing
+    // middleware in the app picks it up without knowing CloudEvents.
+    for (name, value) in &m.attributes {
+        let valid = match name.as_str() {
+            "traceparent" => crate::cloudevents::valid_traceparent(value),
+            "tracestate" => true,
+            _ => false,
+        };
+        if valid {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                b = b.header(name.as_str(), v);
+            }
+        }
+    }
     b.body(Full::new(m.payload.clone()))
         .map_err(|e| ApiError::internal(format!("building the push request: {e}")))
 }

@@ -200,6 +200,22 @@ pub struct Metrics {
     pub fetches_served: Counter,
     /// Well-framed mesh messages refused for their content, by reason.
     pub mesh_invalid_messages: Family<ReasonLabel, Counter>,
+    /// Messages each live consumer group has not acknowledged, per partition
+    /// this agent serves (refreshed at each scrape).
+    pub consumer_lag: Family<LagLabels, Gauge>,
+    /// Partitions whose home is down or missing in this agent's view.
+    pub partitions_unavailable: Gauge,
+}
+
+/// Labels of the consumer-lag gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LagLabels {
+    /// Topic (or `_all` with topic labels off).
+    pub topic: String,
+    /// Consumer group.
+    pub group: String,
+    /// Partition number (or `_all` with topic labels off).
+    pub partition: String,
 }
 
 /// Labels of a hand-off counter.
@@ -298,6 +314,8 @@ impl Metrics {
             handoffs: Family::default(),
             fetches_served: Counter::default(),
             mesh_invalid_messages: Family::default(),
+            consumer_lag: Family::default(),
+            partitions_unavailable: Gauge::default(),
         };
         let r = &mut registry;
         r.register(
@@ -533,12 +551,27 @@ impl Metrics {
             m.mesh_invalid_messages.clone(),
         );
         r.register(
+            "shoal_consumer_lag_messages",
+            "Messages a live consumer group has not acknowledged, per partition this agent serves",
+            m.consumer_lag.clone(),
+        );
+        r.register(
+            "shoal_partitions_unavailable",
+            "Partitions whose home is down or missing in this agent's view",
+            m.partitions_unavailable.clone(),
+        );
+        r.register(
             "shoal_build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
+    }
+
+    /// Whether metrics carry topic names.
+    pub fn topic_labels(&self) -> bool {
+        self.topic_labels
     }
 
     /// Label value for a topic.

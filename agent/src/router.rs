@@ -444,10 +444,13 @@ impl Router {
             return;
         }
         let mut homed = 0i64;
+        let mut unavailable = 0i64;
         for topic in self.broker.topics() {
             for p in topic.partitions() {
-                let mine = self.home(&topic.name, p.id) == Home::Me;
+                let home = self.home(&topic.name, p.id);
+                let mine = home == Home::Me;
                 homed += i64::from(mine);
+                unavailable += i64::from(matches!(home, Home::Down { .. } | Home::Nobody));
                 match (mine, p.role()) {
                     (true, Role::Retired) => {
                         p.set_holder(true);
@@ -473,6 +476,7 @@ impl Router {
             }
         }
         self.metrics.partitions_homed.set(homed);
+        self.metrics.partitions_unavailable.set(unavailable);
     }
 
     /// Asks the previous home for a partition this agent now homes, until it

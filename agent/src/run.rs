@@ -65,6 +65,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     let admin = Arc::new(AdminState {
         metrics: metrics.clone(),
         ready: false.into(),
+        broker: std::sync::OnceLock::new(),
     });
     let admin_listener = bind(config.admin_addr).await?;
     let admin_addr = admin_listener
@@ -100,6 +101,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         metrics.clone(),
         config.fsync_interval,
     )?;
+    let _ = admin.broker.set(Arc::downgrade(&broker));
     let subs = Subscriptions::open(
         broker.clone(),
         &config.data_dir,

@@ -812,3 +812,102 @@ async fn a_ttl_passing_after_the_subscription_fetched_the_message_still_drops_it
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publishers_trace_context_reaches_the_subscriber() {
+    let app = FakeApp::ok().await;
+    let dir = tempdir();
+    let agent = start_agent_with_app(dir.path(), app.port, &[]).await;
+    let c = &agent.client;
+    put_sub(
+        c,
+        "traced",
+        json!({"topic": "orders", "pushPath": "/orders", "start": "earliest"}),
+    )
+    .await;
+    put_sub(c, "pulled", json!({"topic": "orders", "start": "earliest"})).await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    publish(
+        c,
+        "orders",
+        &[("traceparent", parent), ("tracestate", "vendor=1")],
+        "hello",
+    )
+    .await;
+    let p = app.recv("the push").await;
+    assert_eq!(
+        p.header("traceparent"),
+        parent,
+        "W3C header for tracing middleware"
+    );
+    assert_eq!(p.header("tracestate"), "vendor=1");
+    assert_eq!(
+        p.header("ce-traceparent"),
+        parent,
+        "CloudEvents distributed tracing extension"
+    );
+    let got = pull_ack_n(c, "pulled", 1).await;
+    assert_eq!(
+        got[0]["traceparent"], parent,
+        "pulled events carry it too: {}",
+        got[0]
+    );
+    // Batches carry the request's trace context on every entry.
+    let r = c
+        .call(
+            http::Method::POST,
+            "/v1/topics/orders/messages/batch",
+            &[
+                ("content-type", "application/x-ndjson"),
+                ("traceparent", parent),
+            ],
+            "{\"a\":1}\n{\"b\":2}\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    for _ in 0..2 {
+        assert_eq!(app.recv("a batch push").await.header("traceparent"), parent);
+    }
+    let bad = c
+        .publish("orders", &[("traceparent", "00-zz-11-01")], "x")
+        .await
+        .unwrap();
+    expect_error(&bad, 400, "invalid_header", "a malformed traceparent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_is_exported_per_group_and_partition() {
+    let dir = tempdir();
+    let agent = start_agent(dir.path(), &[]).await;
+    let c = &agent.client;
+    expect_status(
+        &put_topic(c, "work", json!({"partitions": 2})).await,
+        201,
+        "create",
+    );
+    put_sub(c, "slow", json!({"topic": "work", "start": "earliest"})).await;
+    for i in 0..6 {
+        publish(c, "work", &[], format!("m{i}")).await;
+    }
+    let lag = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("shoal_consumer_lag_messages{") && l.contains("group=\"slow\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let m = metrics(&agent.admin).await;
+    assert!(
+        m.contains("shoal_consumer_lag_messages{topic=\"work\",group=\"slow\",partition=\"0\"} 3"),
+        "{m}"
+    );
+    assert_eq!(lag(&m), 6.0);
+    pull_ack_n(c, "slow", 6).await;
+    wait_until(
+        "the lag falls to zero once everything is acknowledged",
+        || async { lag(&metrics(&agent.admin).await) == 0.0 },
+    )
+    .await;
+}
