@@ -44,8 +44,11 @@ pub const MOVE_RETRY_WINDOW: Duration = Duration::from_secs(3);
 pub const MOVE_RETRY_STEP: Duration = Duration::from_millis(25);
 /// Longest a home holds a consumer group's fetch open waiting for entries.
 pub const FETCH_WAIT: Duration = Duration::from_secs(2);
-/// Bytes of entries per fetch answer and per hand-off chunk.
+/// Bytes of entries per hand-off chunk.
 pub const CHUNK_BYTES: usize = 4 << 20;
+/// Bytes of entries per fetch answer: small enough that a subscribing agent's
+/// buffers stay small, large enough to carry a full fetch window of small messages.
+pub const FETCH_ANSWER_BYTES: usize = 1 << 20;
 /// Longest one hand-off chunk may take to be stored by the new home.
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause before asking a previous home again for a partition.
@@ -1460,7 +1463,7 @@ impl Router {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(u64::from(wait_ms)).min(FETCH_WAIT);
         loop {
-            let entries = match p.read(start_at, max, CHUNK_BYTES) {
+            let entries = match p.read(start_at, max, FETCH_ANSWER_BYTES) {
                 Ok(e) => e,
                 Err(shoal_storage::StorageError::Compacted { .. }) => Vec::new(),
                 Err(e) => return Err(ApiError::internal(format!("reading the partition: {e}"))),
