@@ -658,6 +658,9 @@ impl Broker {
                 continue;
             };
             if p.is_ephemeral() {
+                // In-memory entries are visible at once: wake the readers
+                // (local groups and the long polls of remote ones).
+                p.topic_changed.send_modify(|g| *g += 1);
                 continue;
             }
             match p.fsync() {

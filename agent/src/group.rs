@@ -510,6 +510,26 @@ impl GroupCore {
         if id.attempt == 0 || id.attempt > pending.attempts {
             return false;
         }
+        // The delivery's timer goes with it: timers of acknowledged messages
+        // would otherwise stay until their deadline (memory grows with rate ×
+        // ack timeout).
+        let timer = match pending.state {
+            State::InFlight { deadline, .. } => Some((
+                deadline,
+                id.partition,
+                id.offset,
+                pending.attempts,
+                TimerKind::Deadline,
+            )),
+            State::Waiting { until } => Some((
+                until,
+                id.partition,
+                id.offset,
+                pending.attempts,
+                TimerKind::Retry,
+            )),
+            _ => None,
+        };
         if matches!(pending.state, State::InFlight { .. }) {
             self.release(id);
         }
@@ -525,7 +545,15 @@ impl GroupCore {
         part.pending.remove(&id.offset);
         part.ready.remove(&id.offset);
         part.recompute_committed();
+        if let Some(t) = timer {
+            self.timers.remove(&t);
+        }
         true
+    }
+
+    /// Timers scheduled (deadlines and retries), for tests and metrics.
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
     }
 
     /// Gives a delivery back for redelivery after `delay` (or dead-letters it

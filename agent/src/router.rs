@@ -1465,10 +1465,13 @@ impl Router {
         loop {
             let entries = match p.read(start_at, max, FETCH_ANSWER_BYTES) {
                 Ok(e) => e,
+                // Gone (retention, or an ephemeral ring that moved on): the
+                // answer says where the partition starts now, at once.
                 Err(shoal_storage::StorageError::Compacted { .. }) => Vec::new(),
                 Err(e) => return Err(ApiError::internal(format!("reading the partition: {e}"))),
             };
             if !entries.is_empty()
+                || start_at < p.first_index()
                 || tokio::time::Instant::now() >= deadline
                 || p.role() != Role::Serving
             {

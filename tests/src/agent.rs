@@ -2,6 +2,7 @@
 //! reading its memory and CPU from `/proc`, and stopping it whatever happens.
 
 use crate::BoxError;
+use std::ffi::OsString;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ pub struct AgentProcess {
     pub app_addr: SocketAddr,
     /// Admin address.
     pub admin_addr: SocketAddr,
+    /// Mesh (QUIC) address.
+    pub mesh_addr: SocketAddr,
+    /// Node name.
+    pub node_name: String,
     log_path: PathBuf,
     // Dropped after `Drop::drop` has stopped the process.
     _data: tempfile::TempDir,
@@ -53,6 +58,19 @@ impl AgentProcess {
     /// Starts `bin` on free loopback ports with a fresh data directory; pushes
     /// go to `app_port`.
     pub fn start(bin: &Path, app_port: u16) -> Result<AgentProcess, BoxError> {
+        AgentProcess::start_with(
+            bin,
+            &AgentOptions {
+                node_name: "shoal-bench".into(),
+                app_port: Some(app_port),
+                extra: Vec::new(),
+            },
+        )
+    }
+
+    /// Starts `bin` on free loopback ports with a fresh data directory, the
+    /// given node name and app port, and extra arguments (mesh flags).
+    pub fn start_with(bin: &Path, opts: &AgentOptions) -> Result<AgentProcess, BoxError> {
         if !bin.is_file() {
             return Err(format!("no agent binary at {}", bin.display()).into());
         }
@@ -62,26 +80,34 @@ impl AgentProcess {
         let mesh_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let log_path = data.path().join("agent.log");
         let log = File::create(&log_path)?;
-        let child = Command::new(bin)
-            .arg("--app-addr")
+        let mut cmd = Command::new(bin);
+        cmd.arg("--app-addr")
             .arg(app_addr.to_string())
             .arg("--admin-addr")
             .arg(admin_addr.to_string())
             .arg("--mesh-addr")
             .arg(mesh_addr.to_string())
-            .arg("--app-port")
-            .arg(app_port.to_string())
             .arg("--data-dir")
             .arg(data.path().join("data"))
             .arg("--node-name")
-            .arg("shoal-bench")
+            .arg(&opts.node_name);
+        if let Some(port) = opts.app_port {
+            cmd.arg("--app-port").arg(port.to_string());
+        }
+        let child = cmd
+            .args(&opts.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let push = opts.app_port.map_or_else(
+            || "no app port".to_string(),
+            |p| format!("push to 127.0.0.1:{p}"),
+        );
         println!(
-            "==> agent pid {} (app {app_addr}, admin {admin_addr}, push to 127.0.0.1:{app_port}, data {})",
+            "==> {} pid {} (app {app_addr}, admin {admin_addr}, mesh {mesh_addr}, {push}, data {})",
+            opts.node_name,
             child.id(),
             data.path().display()
         );
@@ -89,6 +115,8 @@ impl AgentProcess {
             child,
             app_addr,
             admin_addr,
+            mesh_addr,
+            node_name: opts.node_name.clone(),
             log_path,
             _data: data,
         })
@@ -101,9 +129,25 @@ impl AgentProcess {
 
     /// The end of the agent's log, for error messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// The agent's whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Asks the process to stop (SIGTERM) without waiting; `Drop` waits.
+    pub fn terminate(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 
     /// Fails if the process has exited.
@@ -161,15 +205,25 @@ impl Drop for AgentProcess {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                println!("==> agent pid {pid} stopped");
+                println!("==> {} pid {pid} stopped", self.node_name);
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        println!("==> agent pid {pid} killed");
+        println!("==> {} pid {pid} killed", self.node_name);
     }
+}
+
+/// How to start an agent.
+pub struct AgentOptions {
+    /// `--node-name`.
+    pub node_name: String,
+    /// `--app-port` (where pushes and requests go), if any.
+    pub app_port: Option<u16>,
+    /// More arguments, such as the mesh flags.
+    pub extra: Vec<OsString>,
 }
 
 /// Memory and CPU of a process from `/proc`.

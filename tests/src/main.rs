@@ -1,22 +1,27 @@
-//! `shoal-bench`: benchmarks one release `shoal-agent` (issue 2).
+//! `shoal-bench`: benchmarks one release `shoal-agent` (issue 2), then a
+//! mesh of three on this machine.
 //!
 //! ```sh
-//! cargo run --release -p shoal-bench -- [--quick] [--out docs/benchmarks.md]
+//! cargo run --release -p shoal-bench -- [--quick] [--only single|mesh] [--out docs/benchmarks.md]
 //! ```
 //!
 //! Builds the release agent, starts it on free loopback ports with a fresh
 //! data directory, measures publish throughput (single and batched), open-loop
 //! publish latency, publish-to-pull and publish-to-push latency, memory and
 //! CPU, stops the agent (also on error and Ctrl-C), and writes its section of
-//! `docs/benchmarks.md`.
+//! `docs/benchmarks.md`. The mesh part ([`mesh`]) then starts three agents
+//! (publish on agent 1, partition home on agent 2, subscriber behind agent 3)
+//! and writes its own section.
 
 mod agent;
 mod conn;
+mod mesh;
+mod mesh_report;
 mod report;
 mod workloads;
 
 use agent::AgentProcess;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use report::{Delivery, Machine, Report};
 use shoal_agent::client::AgentClient;
 use std::path::{Path, PathBuf};
@@ -29,14 +34,28 @@ use workloads::{ClosedLoop, Ctx, OpenLoopSpec, PushSink, Recorder};
 /// The error type of the bench: any error, with a readable message.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Benchmarks one release shoal-agent: throughput, latency, memory, CPU.
+/// A part of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Part {
+    /// One agent.
+    Single,
+    /// Three agents in a mesh.
+    Mesh,
+}
+
+/// Benchmarks one release shoal-agent, then a mesh of three: throughput,
+/// latency, memory, CPU.
 #[derive(Debug, Parser)]
 #[command(name = "shoal-bench", about, long_about = None)]
 struct Cli {
-    /// Small counts (a smoke run of under ~30 s); writes no file unless --out is given.
+    /// Small counts (a smoke run of under about a minute per part); writes no file unless --out is given.
     #[arg(long)]
     quick: bool,
-    /// Markdown file whose "Single agent (issue 2)" section is rewritten
+    /// Run only this part (default: both, single agent first).
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+    /// Markdown file whose sections ("Single agent (issue 2)", "Mesh of three
+    /// agents") are rewritten
     /// (default: docs/benchmarks.md of the workspace; none with --quick).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -58,6 +77,12 @@ struct Cli {
     /// Messages per batched publish.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Keep-alive connections of the mesh's single-publish run.
+    #[arg(long, default_value_t = 64)]
+    mesh_connections: usize,
+    /// Connections of the mesh's batched-publish run.
+    #[arg(long, default_value_t = 8)]
+    mesh_batch_connections: usize,
 }
 
 /// Counts and durations of one run.
@@ -132,7 +157,7 @@ fn main() -> ExitCode {
                 }
             },
             _ = tokio::signal::ctrl_c() => {
-                eprintln!("shoal-bench: interrupted; stopping the agent");
+                eprintln!("shoal-bench: interrupted; stopping the agents");
                 ExitCode::from(130)
             }
         }
@@ -142,9 +167,80 @@ fn main() -> ExitCode {
     code
 }
 
+/// The command line as `cargo run` would take it.
+fn command_line() -> String {
+    let mut command = "cargo run --release -p shoal-bench --".to_string();
+    for a in std::env::args().skip(1) {
+        command.push(' ');
+        command.push_str(&a);
+    }
+    command
+}
+
+/// Where to write the report, if anywhere.
+fn out_path(cli: &Cli, workspace: &Path) -> Option<PathBuf> {
+    match (&cli.out, cli.quick, cli.no_write) {
+        (_, _, true) => None,
+        (Some(p), _, _) => Some(p.clone()),
+        (None, false, _) => Some(workspace.join("docs/benchmarks.md")),
+        (None, true, _) => None,
+    }
+}
+
+async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
+    if cli.only != Some(Part::Mesh) {
+        run_single(cli, workspace).await?;
+    }
+    if cli.only != Some(Part::Single) {
+        if cli.only.is_none() {
+            settle().await;
+        }
+        run_mesh(cli, workspace).await?;
+    }
+    Ok(())
+}
+
+async fn run_mesh(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
+    let bin = cli
+        .agent_bin
+        .clone()
+        .unwrap_or_else(|| workspace.join("target/release/shoal-agent"));
+    println!("==> mesh of three agents");
+    let plan = mesh::MeshPlan::new(cli.quick);
+    let opts = mesh::MeshOptions {
+        connections: cli.mesh_connections,
+        batch_connections: cli.mesh_batch_connections,
+        batch_size: cli.batch_size,
+    };
+    let started = Instant::now();
+    let results = mesh::run(&bin, &plan, &opts, agent::clock_ticks_per_sec()).await?;
+    println!(
+        "==> mesh part took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let report = mesh_report::MeshReport {
+        quick: cli.quick,
+        command: command_line(),
+        machine: Machine::detect(workspace),
+        plan,
+        opts,
+        results,
+    };
+    let md = report.markdown();
+    println!("{md}");
+    if let Some(path) = out_path(cli, workspace) {
+        report::write_marked(&path, mesh_report::BEGIN_PREFIX, mesh_report::END, &md)?;
+        println!("==> wrote {}", path.display());
+    }
+    if report.results.any_failed() {
+        return Err("a mesh workload failed; see its row in the report".into());
+    }
+    Ok(())
+}
+
 /// Lets the disk catch up between phases: `sync(1)` (bounded by 60 s), then a
 /// second of rest, so one phase's writeback does not land in the next one.
-async fn settle() {
+pub async fn settle() {
     let started = Instant::now();
     let synced = tokio::time::timeout(
         Duration::from_secs(60),
@@ -172,7 +268,7 @@ async fn setup(
     Ok(r.json())
 }
 
-async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
+async fn run_single(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     let plan = Plan::new(cli.quick);
     let bin = cli
         .agent_bin
@@ -401,14 +497,9 @@ async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     let push = Delivery { publish, received };
     agent.check_alive()?;
 
-    let mut command = "cargo run --release -p shoal-bench --".to_string();
-    for a in std::env::args().skip(1) {
-        command.push(' ');
-        command.push_str(&a);
-    }
     let report = Report {
         quick: cli.quick,
-        command,
+        command: command_line(),
         machine: Machine::detect(workspace),
         idle_rss_kib: idle.rss_kib,
         loaded_rss_kib,
@@ -421,13 +512,7 @@ async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     };
     let md = report.markdown();
     println!("{md}");
-    let out = match (&cli.out, cli.quick, cli.no_write) {
-        (_, _, true) => None,
-        (Some(p), _, _) => Some(p.clone()),
-        (None, false, _) => Some(workspace.join("docs/benchmarks.md")),
-        (None, true, _) => None,
-    };
-    if let Some(path) = out {
+    if let Some(path) = out_path(cli, workspace) {
         report::write_section(&path, &md)?;
         println!("==> wrote {}", path.display());
     }

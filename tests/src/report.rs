@@ -108,11 +108,13 @@ pub struct Report {
     pub push: Delivery,
 }
 
-fn ms(us: u64) -> String {
+/// Microseconds as milliseconds with three decimals.
+pub fn ms(us: u64) -> String {
     format!("{:.3}", us as f64 / 1000.0)
 }
 
-fn quantiles(h: &Histogram<u64>) -> String {
+/// "p50 / p99 / p99.9 / max ms" of a histogram in microseconds.
+pub fn quantiles(h: &Histogram<u64>) -> String {
     if h.is_empty() {
         return "no samples".into();
     }
@@ -125,7 +127,8 @@ fn quantiles(h: &Histogram<u64>) -> String {
     )
 }
 
-fn thousands(n: u64) -> String {
+/// An integer with thousands separators.
+pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -137,7 +140,8 @@ fn thousands(n: u64) -> String {
     out
 }
 
-fn mb(kib: u64) -> String {
+/// KiB as "x.y MB (n KiB)".
+pub fn mb(kib: u64) -> String {
     format!(
         "{:.1} MB ({} KiB)",
         kib as f64 * 1024.0 / 1e6,
@@ -145,7 +149,8 @@ fn mb(kib: u64) -> String {
     )
 }
 
-fn verdict(ok: bool) -> &'static str {
+/// "met" or "**missed**".
+pub fn verdict(ok: bool) -> &'static str {
     if ok {
         "met"
     } else {
@@ -314,14 +319,25 @@ impl Report {
 /// Replaces this bench's section of `path` (between the markers), or appends
 /// it; the rest of the file is kept as it is.
 pub fn write_section(path: &Path, section: &str) -> Result<(), BoxError> {
+    write_marked(path, BEGIN_PREFIX, END, section)
+}
+
+/// Replaces the part of `path` from the line starting with `begin_prefix`
+/// through `end` with `section` (which carries both markers), or appends it.
+pub fn write_marked(
+    path: &Path,
+    begin_prefix: &str,
+    end: &str,
+    section: &str,
+) -> Result<(), BoxError> {
     let old = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display()).into()),
     };
-    let new = match (old.find(BEGIN_PREFIX), old.find(END)) {
+    let new = match (old.find(begin_prefix), old.find(end)) {
         (Some(b), Some(e)) if e > b => {
-            let after = &old[e + END.len()..];
+            let after = &old[e + end.len()..];
             let after = after.strip_prefix('\n').unwrap_or(after);
             format!("{}{section}{after}", &old[..b])
         }
@@ -367,6 +383,36 @@ mod tests {
         assert!(text.contains("two") && !text.contains("one\n"));
         assert!(text.contains("## Mesh\n\nother figures\n"));
         assert_eq!(text.matches(END).count(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn single_and_mesh_sections_live_side_by_side() -> Result<(), BoxError> {
+        use crate::mesh_report as m;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("benchmarks.md");
+        write_section(&path, &format!("{BEGIN}\nsingle one\n{END}\n"))?;
+        write_marked(
+            &path,
+            m::BEGIN_PREFIX,
+            m::END,
+            &format!("{}\nmesh one\n{}\n", m::BEGIN, m::END),
+        )?;
+        let notes = "\n### Notes written by hand\n";
+        std::fs::write(&path, format!("{}{notes}", std::fs::read_to_string(&path)?))?;
+        write_section(&path, &format!("{BEGIN}\nsingle two\n{END}\n"))?;
+        write_marked(
+            &path,
+            m::BEGIN_PREFIX,
+            m::END,
+            &format!("{}\nmesh two\n{}\n", m::BEGIN, m::END),
+        )?;
+        let text = std::fs::read_to_string(&path)?;
+        assert!(text.contains("single two") && text.contains("mesh two"));
+        assert!(!text.contains("single one") && !text.contains("mesh one"));
+        assert!(text.find("single two") < text.find("mesh two"));
+        assert!(text.ends_with(notes));
+        assert_eq!(text.matches(m::END).count(), 1);
         Ok(())
     }
 }

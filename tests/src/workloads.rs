@@ -31,7 +31,8 @@ pub fn new_histogram() -> Result<Histogram<u64>, BoxError> {
     Ok(Histogram::new_with_bounds(1, HIST_MAX_US, 3)?)
 }
 
-fn record(h: &mut Histogram<u64>, d: Duration) {
+/// Records a duration in microseconds (at least 1, saturating at the top).
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
     let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
     h.saturating_record(us);
 }
@@ -545,6 +546,10 @@ pub struct Recorder {
     pub duplicates: u64,
     /// Deliveries the bench could not read.
     pub unreadable: u64,
+    /// When the first distinct message arrived.
+    pub first_at: Option<Instant>,
+    /// When the last distinct message arrived.
+    pub last_at: Option<Instant>,
 }
 
 impl Recorder {
@@ -557,13 +562,22 @@ impl Recorder {
             unique: 0,
             duplicates: 0,
             unreadable: 0,
+            first_at: None,
+            last_at: None,
         })
     }
 
     /// Records a delivered payload (`{"t":..,"seq":..}`) received at `now`.
     pub fn record(&mut self, data: Option<&Value>, now: Instant) {
-        let fields = data.and_then(|d| Some((d.get("t")?.as_u64()?, d.get("seq")?.as_u64()?)));
-        let Some((t, seq)) = fields else {
+        let t = data.and_then(|d| d.get("t")?.as_u64());
+        let seq = data.and_then(|d| d.get("seq")?.as_u64());
+        self.record_parts(t, seq, now);
+    }
+
+    /// Records a delivered message by its send time `t` (nanoseconds since
+    /// the epoch) and sequence number, received at `now`.
+    pub fn record_parts(&mut self, t: Option<u64>, seq: Option<u64>, now: Instant) {
+        let (Some(t), Some(seq)) = (t, seq) else {
             self.unreadable += 1;
             return;
         };
@@ -577,6 +591,8 @@ impl Recorder {
         }
         *slot = true;
         self.unique += 1;
+        self.first_at.get_or_insert(now);
+        self.last_at = Some(now);
         let sent = self.epoch + Duration::from_nanos(t);
         record(&mut self.latency, now.saturating_duration_since(sent));
     }
@@ -585,8 +601,12 @@ impl Recorder {
 /// Where the push receiver records: set while a push run is on.
 pub type PushSink = Arc<Mutex<Option<Recorder>>>;
 
+/// Body the bench's app answers to a request (`POST /reply`).
+pub const REPLY_BODY: &[u8] = b"{\"ok\":true}";
+
 /// Serves the app's side of push delivery: `POST /push` records the payload
-/// and answers 204 (an ack); any other path gets 404.
+/// and answers 204 (an ack); `POST /reply` answers a request/reply with 200
+/// and [`REPLY_BODY`]; any other path gets 404.
 pub async fn serve_push(listener: tokio::net::TcpListener, sink: PushSink) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -613,6 +633,12 @@ pub async fn serve_push(listener: tokio::net::TcpListener, sink: PushSink) {
                             rec.record(v.as_ref(), now);
                         }
                         *resp.status_mut() = StatusCode::NO_CONTENT;
+                    } else if parts.method == Method::POST && parts.uri.path() == "/reply" {
+                        *resp.body_mut() = Full::new(Bytes::from_static(REPLY_BODY));
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        );
                     } else {
                         *resp.status_mut() = StatusCode::NOT_FOUND;
                     }

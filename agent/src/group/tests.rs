@@ -353,3 +353,20 @@ fn a_removed_partition_frees_its_in_flight_slots_and_acks_turn_unknown() {
     );
     assert!(g.wanted_fetches().iter().all(|(p, _, _)| *p == 0));
 }
+
+#[test]
+fn an_ack_drops_the_deliverys_deadline_timer() {
+    let now = Instant::now();
+    let mut g = GroupCore::new();
+    g.add_partition(0, 1);
+    g.set_members(vec![spec("a")]);
+    let fed = (1..=100).map(|i| (i, 0, Ok(msg("x")))).collect();
+    g.on_fetched(0, fed, 0, now);
+    let taken = g.take("a", 100, now);
+    assert_eq!(g.timer_count(), 100, "one deadline per delivery in flight");
+    for d in &taken {
+        assert!(g.ack(&d.ack_id));
+    }
+    assert_eq!(g.timer_count(), 0, "acknowledged deliveries keep no timer");
+    assert_eq!(g.next_timer(), None);
+}
