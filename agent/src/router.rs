@@ -145,6 +145,8 @@ fn wire_error(e: &ApiError) -> WireError {
 
 /// Error codes a peer may answer with, as the static strings the API uses.
 const KNOWN_CODES: &[&str] = &[
+    "stale_copy",
+    "already_serving",
     "backlog_full",
     "reply_too_large",
     "home_busy",
@@ -456,8 +458,13 @@ impl Router {
                 unavailable += i64::from(matches!(home, Home::Down { .. } | Home::Nobody));
                 match (mine, p.role()) {
                     (true, Role::Retired) => {
-                        p.set_holder(true);
-                        p.swap_role(Role::Retired, Role::Serving);
+                        // Even a copy held here is checked with every peer
+                        // first: another may hold a longer one.
+                        if p.is_ephemeral() {
+                            p.swap_role(Role::Retired, Role::Serving);
+                        } else if p.swap_role(Role::Retired, Role::Acquiring) {
+                            tokio::spawn(self.clone().acquire(topic.clone(), p.clone()));
+                        }
                     }
                     (true, Role::Idle) => {
                         if p.is_ephemeral() {
@@ -578,7 +585,8 @@ impl Router {
     }
 
     /// Seals a partition this agent holds the truth of and sends its log and
-    /// committed offsets to `node`. On success this agent's copy is idle.
+    /// committed offsets to `node`. On success this agent's copy is idle; so
+    /// it is when `node` answers that it holds a longer copy already.
     async fn hand_off(&self, topic: &Arc<Topic>, p: &Arc<Partition>, node: &str) -> bool {
         let Some(addr) = self.addr_of(node) else {
             return false;
@@ -588,7 +596,14 @@ impl Router {
             return false;
         }
         p.set_role(Role::Retired);
-        let ok = self.send_partition(topic, p, addr).await;
+        let sent = self.send_partition(topic, p, addr).await;
+        if sent == Err(Some("stale_copy".to_string())) {
+            p.swap_role(Role::Retired, Role::Idle);
+            p.set_holder(false);
+            tracing::warn!(topic = %topic.name, partition = p.id, to = %node, "the new home holds a longer copy; this agent's copy is dropped from the truth");
+            return true;
+        }
+        let ok = sent.is_ok();
         let labels = HandoffLabels {
             direction: "sent",
             outcome: if ok { "ok" } else { "failed" },
@@ -609,16 +624,16 @@ impl Router {
         topic: &Arc<Topic>,
         p: &Arc<Partition>,
         addr: SocketAddr,
-    ) -> bool {
+    ) -> Result<(), Option<String>> {
         // The receiver must know the topic before its data.
         if let Some(msg) = self.topic_message(&topic.name) {
             if self.mesh.tell(addr, msg).await.is_err() {
-                return false;
+                return Err(None);
             }
         }
-        if p.write_now().is_err() {
-            return false;
-        }
+        let Ok(end_index) = p.write_now() else {
+            return Err(None);
+        };
         let first_index = p.first_index();
         let mut next = first_index;
         let mut reset = true;
@@ -627,7 +642,7 @@ impl Router {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::error!(topic = %topic.name, partition = p.id, error = %e, "reading a partition to hand off failed");
-                    return false;
+                    return Err(None);
                 }
             };
             let last =
@@ -661,6 +676,7 @@ impl Router {
                     partition: pid,
                     reset,
                     first_index,
+                    end_index,
                     entries: wire,
                     offsets,
                     last,
@@ -670,17 +686,17 @@ impl Router {
                 Ok(Message::HandoffAck { result: Ok(()), .. }) => {}
                 Ok(Message::HandoffAck { result: Err(e), .. }) => {
                     tracing::warn!(error = %e.message, "the new home refused a hand-off chunk");
-                    return false;
+                    return Err(Some(e.code));
                 }
-                Ok(_) => return false,
+                Ok(_) => return Err(None),
                 Err(e) => {
                     tracing::warn!(error = %e, "hand-off chunk not delivered");
-                    return false;
+                    return Err(None);
                 }
             }
             reset = false;
             if last {
-                return true;
+                return Ok(());
             }
         }
     }
@@ -1563,7 +1579,7 @@ impl Router {
         topic: String,
         partition: u32,
         reset: bool,
-        first_index: u64,
+        (first_index, end_index): (u64, u64),
         entries: Vec<WireEntry>,
         offsets: Vec<(String, u64)>,
         last: bool,
@@ -1578,7 +1594,28 @@ impl Router {
                 let p = t.partition(partition).ok_or_else(|| {
                     ApiError::unavailable("partition_unknown", "unknown partition", 1)
                 })?;
+                if self.stopping.load(Ordering::Acquire) {
+                    return Err(ApiError::unavailable(
+                        "shutting_down",
+                        "this agent is stopping and takes no partitions",
+                        1,
+                    ));
+                }
+                // Logs only grow, so of two copies the longer is the newer: a
+                // shorter one (say, an empty copy an agent served while alone)
+                // never replaces it.
+                let local_end = p.committed();
+                if reset
+                    && (end_index < local_end
+                        || (p.role() == Role::Serving && end_index == local_end))
+                {
+                    return Err(ApiError::conflict(
+                        "stale_copy",
+                        format!("this agent holds a longer copy (to offset {local_end}) than the one offered (to {end_index})"),
+                    ));
+                }
                 if p.role() == Role::Serving {
+                    tracing::error!(topic = %topic, partition, local_end, end_index, "two agents hold diverging copies of a partition; keeping this one");
                     return Err(ApiError::conflict(
                         "already_serving",
                         "this agent already serves the partition",
@@ -1602,9 +1639,13 @@ impl Router {
                         o.committed = offsets.into_iter().collect();
                         o.dirty = true;
                     }
-                    // The truth lives here now: serve it if home, else hold it.
+                    // The truth lives here now: serve it if home, else hold
+                    // it. A home still acquiring serves once every peer has
+                    // answered, so a longer copy elsewhere can still win.
                     p.set_holder(true);
-                    let role = if self.home(&topic, partition) == Home::Me {
+                    let role = if p.role() == Role::Acquiring {
+                        Role::Acquiring
+                    } else if self.home(&topic, partition) == Home::Me {
                         Role::Serving
                     } else {
                         Role::Retired
@@ -1835,6 +1876,7 @@ impl Handler for Router {
                 partition,
                 reset,
                 first_index,
+                end_index,
                 entries,
                 offsets,
                 last,
@@ -1843,7 +1885,7 @@ impl Handler for Router {
                 topic,
                 partition,
                 reset,
-                first_index,
+                (first_index, end_index),
                 entries,
                 offsets,
                 last,

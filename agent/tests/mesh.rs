@@ -996,6 +996,7 @@ async fn well_framed_but_invalid_peer_messages_get_errors_and_metrics() {
             partition: 0,
             reset: false,
             first_index: 1,
+            end_index: 99,
             entries: vec![WireEntry {
                 index: 99,
                 timestamp_ms: 0,
@@ -1247,4 +1248,76 @@ async fn a_crashed_home_keeps_its_partitions_through_a_join_and_hands_them_on_re
     let got = pull_ack_n(&a1.client, "check", 60).await;
     let texts: std::collections::BTreeSet<String> = got.iter().map(text_of).collect();
     assert_eq!(texts.len(), 60, "nothing acknowledged was lost");
+}
+
+#[tokio::test]
+async fn a_whole_mesh_stopped_and_started_again_keeps_every_acknowledged_message() {
+    let root = tempfile::tempdir().unwrap();
+    let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
+    let start_all = || {
+        let mut agents = vec![start(root.path(), "ca", "agent-1", ports[0], None)];
+        for (i, port) in ports.iter().enumerate().skip(1) {
+            agents.push(start(
+                root.path(),
+                "ca",
+                &format!("agent-{}", i + 1),
+                *port,
+                Some(ports[0]),
+            ));
+        }
+        agents
+    };
+    let mut acknowledged = 0;
+    for round in 0..3 {
+        let agents = start_all();
+        let refs: Vec<&MeshAgent> = agents.iter().collect();
+        for a in &agents {
+            wait_until("every agent sees every member alive", || async {
+                let m = members(a).await;
+                m.len() == 3 && m.iter().all(|(_, s, _)| s == "alive")
+            })
+            .await;
+        }
+        if round == 0 {
+            expect_status(
+                &put_topic(
+                    &agents[0].client,
+                    "durable",
+                    serde_json::json!({"partitions": 6}),
+                )
+                .await,
+                201,
+                "create durable",
+            );
+        }
+        settled(&refs, "durable", 6).await;
+        // Everything acknowledged in earlier rounds is still there.
+        let group = format!("check-{round}");
+        put_sub(
+            &agents[2].client,
+            &group,
+            serde_json::json!({"topic": "durable", "start": "earliest"}),
+        )
+        .await;
+        let got = pull_ack_n(&agents[2].client, &group, acknowledged).await;
+        let texts: std::collections::BTreeSet<String> = got.iter().map(text_of).collect();
+        assert_eq!(
+            texts.len(),
+            acknowledged,
+            "round {round}: every acknowledged message, once"
+        );
+        for i in 0..40 {
+            let a = &agents[i % 3];
+            publish(&a.client, "durable", &[], format!("r{round}-{i}")).await;
+        }
+        acknowledged += 40;
+        // Stop every agent at once, as Ctrl-C on `shoal dev` does.
+        for a in &agents {
+            sigterm(a);
+        }
+        for mut a in agents {
+            let status = a.child.wait().unwrap();
+            assert!(status.success(), "graceful stop exits 0: {status}");
+        }
+    }
 }

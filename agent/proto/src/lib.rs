@@ -184,6 +184,9 @@ pub enum Message {
         reset: bool,
         /// The sender's first offset.
         first_index: u64,
+        /// The sender's last offset: a receiver holding a longer copy keeps
+        /// its own and answers `stale_copy`.
+        end_index: u64,
         /// Entries of this chunk, in order.
         entries: Vec<WireEntry>,
         /// Committed offsets of the consumer groups (on the last chunk).
