@@ -720,12 +720,23 @@ fn banner(plans: &[Plan], args: &DevArgs) -> String {
         s,
         "  curl 'localhost:{z}/v1/subscriptions/billing/messages?wait=5s'"
     );
-    let _ = writeln!(s, "  # follow the topic on {} with the CLI", last.name);
-    let _ = writeln!(s, "  shoal {}sub orders", url_flag(last));
+    let _ = writeln!(
+        s,
+        "  # follow the topic on {} with the CLI (target/release/shoal after cargo build --release)",
+        last.name
+    );
+    let _ = writeln!(s, "  shoal {}sub orders --from earliest", url_flag(last));
     let _ = writeln!(s, "  # members and the partitions each is home to");
     let _ = writeln!(s, "  shoal {}status", url_flag(first));
     let _ = writeln!(s);
-    let _ = writeln!(s, "Ctrl-C stops all agents.");
+    let _ = writeln!(
+        s,
+        "Ctrl-C stops all agents (data is kept in the data directory for the next run)."
+    );
+    let _ = writeln!(
+        s,
+        "Stopping one agent stops them all; to stop and restart single agents, start them one by one (docs/configuration.md)."
+    );
     s
 }
 
@@ -883,7 +894,7 @@ mod tests {
         assert_eq!(p[2].admin, loopback(4722));
         assert_eq!(p[1].data_dir, Path::new("./shoal-dev/agent-2"));
         assert!(banner(&p, &a).contains("shoal status"));
-        assert!(banner(&p, &a).contains("shoal --url http://127.0.0.1:4720 sub orders"));
+        assert!(banner(&p, &a).contains("shoal --url http://127.0.0.1:4720 sub orders --from earliest"));
     }
 
     #[test]
