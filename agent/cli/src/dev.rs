@@ -894,7 +894,9 @@ mod tests {
         assert_eq!(p[2].admin, loopback(4722));
         assert_eq!(p[1].data_dir, Path::new("./shoal-dev/agent-2"));
         assert!(banner(&p, &a).contains("shoal status"));
-        assert!(banner(&p, &a).contains("shoal --url http://127.0.0.1:4720 sub orders --from earliest"));
+        assert!(
+            banner(&p, &a).contains("shoal --url http://127.0.0.1:4720 sub orders --from earliest")
+        );
     }
 
     #[test]
