@@ -8,8 +8,11 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Content type of the Prometheus text format.
+/// Content type of the classic Prometheus text format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Content type of OpenMetrics text, served when the scraper asks for it.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What the admin port reports.
 #[derive(Debug)]
@@ -32,7 +35,26 @@ pub async fn serve<B>(
             if let Some(b) = state.broker.get().and_then(std::sync::Weak::upgrade) {
                 b.refresh_lag_metrics();
             }
-            (StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode())
+            // Prometheus asks for OpenMetrics first; curl and promtool get
+            // the classic text format.
+            let openmetrics = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            if openmetrics {
+                (
+                    StatusCode::OK,
+                    OPENMETRICS_CONTENT_TYPE,
+                    state.metrics.encode(),
+                )
+            } else {
+                (
+                    StatusCode::OK,
+                    METRICS_CONTENT_TYPE,
+                    state.metrics.encode_text(),
+                )
+            }
         }
         (&Method::GET, "/livez") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/readyz") => {

@@ -8,7 +8,6 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 
@@ -560,10 +559,16 @@ impl Metrics {
             "Partitions whose home is down or missing in this agent's view",
             m.partitions_unavailable.clone(),
         );
+        // A gauge fixed at 1 rather than an OpenMetrics `info`: the classic
+        // text format (and `promtool check metrics`) has no info type.
+        let build = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        build
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
         r.register(
-            "shoal_build",
-            "Build information",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+            "shoal_build_info",
+            "Build information: the version label; always 1",
+            build,
         );
         registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
@@ -616,7 +621,13 @@ impl Metrics {
         self.api_errors.get_or_create(&CodeLabel { code }).inc();
     }
 
-    /// The Prometheus text exposition.
+    /// The classic Prometheus text format (version 0.0.4), for scrapers and
+    /// tools that do not ask for OpenMetrics (`promtool check metrics`, curl).
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -624,6 +635,41 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Rewrites OpenMetrics text as the classic Prometheus text format: a
+/// counter family `x` becomes `x_total` in its HELP and TYPE lines (its
+/// samples already carry the suffix), and `# UNIT` and `# EOF` lines go.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len() + 16 * counters.len());
+    for line in om.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find(|p| line.starts_with(p));
+        if let Some(prefix) = meta {
+            let rest = &line[prefix.len()..];
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Standard `process_*` metrics read from /proc on each scrape.
@@ -733,5 +779,30 @@ impl prometheus_client::collector::Collector for ProcessCollector {
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_classic_text_format_names_counters_with_total_and_has_no_openmetrics_lines() {
+        let m = Metrics::new(true);
+        m.topic("orders").published.inc();
+        let text = m.encode_text();
+        assert!(
+            text.contains("# HELP shoal_messages_published_total "),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE shoal_messages_published_total counter\n"));
+        assert!(text.contains("shoal_messages_published_total{topic=\"orders\"} 1\n"));
+        assert!(text.contains("# TYPE process_cpu_seconds_total counter\n"));
+        assert!(text.contains("# TYPE shoal_build_info gauge\n"));
+        assert!(!text.contains("# UNIT ") && !text.contains("# EOF"));
+        assert!(!text.contains(" info\n"), "no OpenMetrics info type");
+        let om = m.encode();
+        assert!(om.ends_with("# EOF\n"));
+        assert!(om.contains("# TYPE shoal_messages_published counter\n"));
     }
 }
