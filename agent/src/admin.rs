@@ -8,11 +8,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Content type of the classic Prometheus text format.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-/// Content type of OpenMetrics text, served when the scraper asks for it.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use shoal_exposition::Format;
 
 /// What the admin port reports.
 #[derive(Debug)]
@@ -37,24 +33,16 @@ pub async fn serve<B>(
             }
             // Prometheus asks for OpenMetrics first; curl and promtool get
             // the classic text format.
-            let openmetrics = req
-                .headers()
-                .get(http::header::ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|a| a.contains("application/openmetrics-text"));
-            if openmetrics {
-                (
-                    StatusCode::OK,
-                    OPENMETRICS_CONTENT_TYPE,
-                    state.metrics.encode(),
-                )
-            } else {
-                (
-                    StatusCode::OK,
-                    METRICS_CONTENT_TYPE,
-                    state.metrics.encode_text(),
-                )
-            }
+            let format = Format::negotiate(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            (
+                StatusCode::OK,
+                format.content_type(),
+                state.metrics.encode_as(format),
+            )
         }
         (&Method::GET, "/livez") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/readyz") => {

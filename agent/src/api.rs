@@ -84,10 +84,15 @@ impl AppState {
         topic: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Result<PublishOutcome, ApiError>>, ApiError> {
-        match &self.router {
+        let started = std::time::Instant::now();
+        let published = match &self.router {
             Some(r) => r.publish(topic, messages).await,
             None => self.broker.publish(topic, messages).await,
-        }
+        };
+        self.metrics
+            .publish_latency
+            .observe(started.elapsed().as_secs_f64());
+        published
     }
 }
 
@@ -140,7 +145,7 @@ where
         .http_requests
         .get_or_create(&HttpLabels {
             route,
-            method: method.as_str().to_string(),
+            method: crate::metrics::method_label(&method),
             status: response.status().as_u16(),
         })
         .inc();

@@ -706,7 +706,7 @@ impl Broker {
         topic.metrics.published.inc_by(published);
         topic.metrics.published_bytes.inc_by(published_bytes);
         self.metrics
-            .publish_latency
+            .store_latency
             .observe(started.elapsed().as_secs_f64());
         results
     }

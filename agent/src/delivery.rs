@@ -7,7 +7,7 @@ use crate::broker::Broker;
 use crate::error::ApiError;
 use crate::group::{AckId, DeadLetter, Delivery, GroupCore, MemberSpec, FETCH_BYTES};
 use crate::message::Message;
-use crate::metrics::{CodeLabel, Metrics, Mode, ModeLabel, ReasonLabels};
+use crate::metrics::{Metrics, Mode, ModeLabel, ReasonLabels};
 use crate::router::{Home, Router};
 use crate::subscription::{StartPosition, Subscription, SubscriptionSpec};
 use crate::topic::{Partition, Topic};
@@ -505,12 +505,7 @@ impl Subscriptions {
             .filter(|s| s.topic == topic && s.push_path.is_some())
             .cloned()
             .collect();
-        let count = |code| {
-            self.metrics
-                .requests
-                .get_or_create(&CodeLabel { code })
-                .inc()
-        };
+        let count = |outcome| self.metrics.count_request_reply(outcome);
         let Some(port) = self.app_port else {
             count("no_subscriber");
             return Err(ApiError::unavailable(

@@ -650,8 +650,23 @@ fn spawn_cert_reload(
     });
 }
 
+/// Packets lost since the last reading, given the last reading `seen`
+/// (connection id, its lost-packet count then), which it updates. A new
+/// connection to the same peer starts counting from zero.
+fn newly_lost(seen: &mut (usize, u64), connection: usize, lost: u64) -> u64 {
+    if seen.0 != connection {
+        *seen = (connection, 0);
+    }
+    let new = lost.saturating_sub(seen.1);
+    seen.1 = lost;
+    new
+}
+
 fn spawn_stats(peers: Peers, metrics: Arc<Metrics>) {
     tokio::spawn(async move {
+        // Per peer: the connection last read and its lost-packet count then,
+        // so the counter grows by what each connection lost since.
+        let mut lost_seen: HashMap<SocketAddr, (usize, u64)> = HashMap::new();
         loop {
             tokio::time::sleep(STATS_INTERVAL).await;
             let conns: Vec<(SocketAddr, shoal_mesh::quinn::Connection)> = peers
@@ -673,6 +688,7 @@ fn spawn_stats(peers: Peers, metrics: Arc<Metrics>) {
                         .remove(&addr);
                     metrics.mesh_rtt.remove(&label);
                     metrics.mesh_lost_packets.remove(&label);
+                    lost_seen.remove(&addr);
                     continue;
                 }
                 let stats = c.stats();
@@ -680,10 +696,11 @@ fn spawn_stats(peers: Peers, metrics: Arc<Metrics>) {
                     .mesh_rtt
                     .get_or_create(&label)
                     .set(stats.path.rtt.as_secs_f64());
+                let seen = lost_seen.entry(addr).or_insert((c.stable_id(), 0));
                 metrics
                     .mesh_lost_packets
                     .get_or_create(&label)
-                    .set(stats.path.lost_packets as i64);
+                    .inc_by(newly_lost(seen, c.stable_id(), stats.path.lost_packets));
             }
         }
     });
@@ -968,3 +985,6 @@ fn liveness_label(l: Liveness) -> &'static str {
         Liveness::Down => "down",
     }
 }
+
+#[cfg(test)]
+mod tests;

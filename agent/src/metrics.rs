@@ -4,12 +4,11 @@
 //! path increments an atomic instead of looking up a label set.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use std::sync::atomic::AtomicU64;
 
 /// Latency buckets in seconds, from 50 µs to 10 s: sub-millisecond paths need fine low buckets.
 pub const LATENCY_BUCKETS: [f64; 17] = [
@@ -32,7 +31,7 @@ pub struct TopicLabel {
 }
 
 /// How a message reached the app.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Mode {
     /// POSTed to the app.
     Push,
@@ -40,6 +39,26 @@ pub enum Mode {
     Pull,
     /// Sent as a server-sent event.
     Stream,
+}
+
+impl Mode {
+    /// Label value, lowercase as Prometheus label values are by convention.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Push => "push",
+            Mode::Pull => "pull",
+            Mode::Stream => "stream",
+        }
+    }
+}
+
+impl EncodeLabelValue for Mode {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
 }
 
 /// `topic` and `mode` labels.
@@ -72,11 +91,52 @@ pub struct ReasonLabels {
 pub struct HttpLabels {
     /// Route template, such as `/v1/topics/{topic}/messages`.
     pub route: &'static str,
-    /// Method.
-    pub method: String,
+    /// Method: one of [`HTTP_METHODS`], or `other`, so a client cannot
+    /// grow the label set.
+    pub method: &'static str,
     /// Status code.
     pub status: u16,
 }
+
+/// Methods counted by name in `shoal_http_requests_total`; any other is `other`.
+pub const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"];
+
+/// The `method` label value of an HTTP method.
+pub fn method_label(method: &http::Method) -> &'static str {
+    HTTP_METHODS
+        .into_iter()
+        .find(|m| *m == method.as_str())
+        .unwrap_or("other")
+}
+
+/// `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// What happened.
+    pub outcome: &'static str,
+}
+
+/// Outcomes of a request/reply exchange.
+pub const REQUEST_REPLY_OUTCOMES: [&str; 4] = [
+    "answered",
+    "no_subscriber",
+    "app_unreachable",
+    "request_timeout",
+];
+
+/// Outcomes of a message forwarded to its partition's home.
+pub const FORWARD_OUTCOMES: [&str; 4] = ["stored", "failed", "unreachable", "busy"];
+
+/// Storage operations counted in `shoal_storage_errors_total`.
+pub const STORAGE_OPS: [&str; 6] = ["append", "write", "read", "fsync", "offsets", "retention"];
+
+/// Reasons a mesh stream frame is refused.
+pub const BAD_FRAME_REASONS: [&str; 5] =
+    ["version", "too_large", "empty", "malformed", "bad_answer"];
+
+/// Reasons a well-framed mesh message is refused.
+pub const INVALID_MESSAGE_REASONS: [&str; 3] =
+    ["undecodable_message", "invalid_topic", "unknown_sender"];
 
 /// `code` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,8 +189,11 @@ pub struct Metrics {
     pub dead_lettered: Family<ReasonLabels, Counter>,
     /// Messages dropped (ephemeral overflow, max deliveries without a dead-letter topic), by reason.
     pub dropped: Family<ReasonLabels, Counter>,
-    /// Publish latency, request received to answer ready.
+    /// Publish latency at the app API, request received to answer ready
+    /// (forwarding and retries included).
     pub publish_latency: Histogram,
+    /// Time a partition's home took to store a batch of messages, per attempt.
+    pub store_latency: Histogram,
     /// Publish-to-delivery latency.
     pub delivery_latency: Family<ModeLabel, Histogram, fn() -> Histogram>,
     /// Time the app took to answer a push.
@@ -160,7 +223,7 @@ pub struct Metrics {
     /// Errors answered to apps, by code.
     pub api_errors: Family<CodeLabel, Counter>,
     /// Request/reply exchanges by outcome.
-    pub requests: Family<CodeLabel, Counter>,
+    pub request_reply: Family<OutcomeLabel, Counter>,
     /// Mesh members by state (this agent counted as alive).
     pub mesh_members: Family<StateLabel, Gauge>,
     /// Mesh peers refused during the TLS handshake, by reason.
@@ -179,16 +242,16 @@ pub struct Metrics {
     pub mesh_bad_frames: Family<ReasonLabel, Counter>,
     /// QUIC round-trip time per peer.
     pub mesh_rtt: Family<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    /// QUIC packets lost per peer over the connection's life.
-    pub mesh_lost_packets: Family<PeerLabel, Gauge>,
+    /// QUIC packets lost per peer.
+    pub mesh_lost_packets: Family<PeerLabel, Counter>,
     /// Mesh stream frames received.
     pub mesh_frames_in: Counter,
     /// Mesh stream frames sent.
     pub mesh_frames_out: Counter,
     /// Mesh stream writes (each combining one or more frames).
     pub mesh_writes: Counter,
-    /// Publishes forwarded to a partition's home agent, by outcome.
-    pub forwarded: Family<CodeLabel, Counter>,
+    /// Messages forwarded to a partition's home agent, by outcome.
+    pub forwarded: Family<OutcomeLabel, Counter>,
     /// Round trip of a forwarded publish (send to answer).
     pub forward_latency: Histogram,
     /// Partitions this agent is home to.
@@ -279,6 +342,7 @@ impl Metrics {
             dead_lettered: Family::default(),
             dropped: Family::default(),
             publish_latency: latency_histogram(),
+            store_latency: latency_histogram(),
             delivery_latency: Family::new_with_constructor(latency_histogram),
             push_duration: latency_histogram(),
             in_flight: Gauge::default(),
@@ -293,7 +357,7 @@ impl Metrics {
             retention_deleted_segments: Counter::default(),
             http_requests: Family::default(),
             api_errors: Family::default(),
-            requests: Family::default(),
+            request_reply: Family::default(),
             mesh_members: Family::default(),
             mesh_handshake_failures: Family::default(),
             mesh_datagrams_in: Counter::default(),
@@ -366,9 +430,15 @@ impl Metrics {
         );
         r.register_with_unit(
             "shoal_publish_duration",
-            "Time from a publish request to its answer",
+            "Time from a publish request to its answer, on the agent the app called",
             Unit::Seconds,
             m.publish_latency.clone(),
+        );
+        r.register_with_unit(
+            "shoal_store_duration",
+            "Time a partition's home took to store a batch of published messages",
+            Unit::Seconds,
+            m.store_latency.clone(),
         );
         r.register_with_unit(
             "shoal_delivery_latency",
@@ -446,9 +516,9 @@ impl Metrics {
             m.api_errors.clone(),
         );
         r.register(
-            "shoal_requests",
+            "shoal_request_reply_exchanges",
             "Request/reply exchanges by outcome",
-            m.requests.clone(),
+            m.request_reply.clone(),
         );
         r.register(
             "shoal_mesh_members",
@@ -500,7 +570,7 @@ impl Metrics {
         );
         r.register(
             "shoal_mesh_lost_packets",
-            "QUIC packets lost per peer over the connection",
+            "QUIC packets lost per peer",
             m.mesh_lost_packets.clone(),
         );
         r.register(
@@ -519,8 +589,8 @@ impl Metrics {
             m.mesh_writes.clone(),
         );
         r.register(
-            "shoal_forwarded_publishes",
-            "Publishes forwarded to the partition's home agent, by outcome",
+            "shoal_forwarded_messages",
+            "Messages forwarded to their partition's home agent, by outcome",
             m.forwarded.clone(),
         );
         r.register_with_unit(
@@ -559,19 +629,58 @@ impl Metrics {
             "Partitions whose home is down or missing in this agent's view",
             m.partitions_unavailable.clone(),
         );
-        // A gauge fixed at 1 rather than an OpenMetrics `info`: the classic
-        // text format (and `promtool check metrics`) has no info type.
-        let build = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
-        build
-            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
-            .set(1);
-        r.register(
-            "shoal_build_info",
-            "Build information: the version label; always 1",
-            build,
-        );
-        registry.register_collector(Box::new(ProcessCollector));
+        shoal_exposition::register_build_info(r, "shoal_build_info", env!("CARGO_PKG_VERSION"));
+        registry.register_collector(Box::new(shoal_exposition::ProcessCollector));
+        m.create_known_series();
         Metrics { registry, ..m }
+    }
+
+    /// Creates every series whose label values are known up front at 0, so
+    /// `rate()` and `increase()` see the first event instead of a series
+    /// appearing from nowhere.
+    fn create_known_series(&self) {
+        for outcome in REQUEST_REPLY_OUTCOMES {
+            self.request_reply
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(0);
+        }
+        for outcome in FORWARD_OUTCOMES {
+            self.forwarded
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(0);
+        }
+        for op in STORAGE_OPS {
+            self.storage_errors.get_or_create(&OpLabel { op }).inc_by(0);
+        }
+        for reason in BAD_FRAME_REASONS {
+            self.mesh_bad_frames
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
+        for reason in INVALID_MESSAGE_REASONS {
+            self.mesh_invalid_messages
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
+        for reason in shoal_mesh::tls::Refusal::ALL.map(shoal_mesh::tls::Refusal::as_str) {
+            self.mesh_handshake_failures
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
+        for direction in ["sent", "received"] {
+            for outcome in ["ok", "failed"] {
+                self.handoffs
+                    .get_or_create(&HandoffLabels { direction, outcome })
+                    .inc_by(0);
+            }
+        }
+    }
+
+    /// Counts a request/reply exchange.
+    pub fn count_request_reply(&self, outcome: &'static str) {
+        self.request_reply
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     /// Whether metrics carry topic names.
@@ -624,167 +733,30 @@ impl Metrics {
     /// The classic Prometheus text format (version 0.0.4), for scrapers and
     /// tools that do not ask for OpenMetrics (`promtool check metrics`, curl).
     pub fn encode_text(&self) -> String {
-        openmetrics_to_text(&self.encode())
+        self.encode_as(shoal_exposition::Format::Text)
     }
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        self.encode_as(shoal_exposition::Format::OpenMetrics)
     }
-}
 
-/// Rewrites OpenMetrics text as the classic Prometheus text format: a
-/// counter family `x` becomes `x_total` in its HELP and TYPE lines (its
-/// samples already carry the suffix), and `# UNIT` and `# EOF` lines go.
-pub fn openmetrics_to_text(om: &str) -> String {
-    let counters: std::collections::HashSet<&str> = om
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(om.len() + 16 * counters.len());
-    for line in om.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find(|p| line.starts_with(p));
-        if let Some(prefix) = meta {
-            let rest = &line[prefix.len()..];
-            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-            if counters.contains(name) {
-                out.push_str(prefix);
-                out.push_str(name);
-                out.push_str("_total ");
-                out.push_str(tail);
-                out.push('\n');
-                continue;
-            }
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
-/// Standard `process_*` metrics read from /proc on each scrape.
-#[derive(Debug)]
-struct ProcessCollector;
-
-/// Kernel clock ticks per second for /proc CPU times (USER_HZ, fixed at 100 on Linux).
-const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
-
-#[derive(Default)]
-struct ProcessStats {
-    cpu_seconds: f64,
-    resident_bytes: i64,
-    virtual_bytes: i64,
-    open_fds: i64,
-    max_fds: i64,
-    threads: i64,
-}
-
-fn read_process_stats() -> ProcessStats {
-    let mut s = ProcessStats::default();
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            s.cpu_seconds = (num(11) + num(12)) / CLOCK_TICKS_PER_SECOND;
-            s.threads = num(17) as i64;
-            s.virtual_bytes = num(20) as i64;
-        }
-    }
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        for line in status.lines() {
-            if let Some(v) = line.strip_prefix("VmRSS:") {
-                let kb: i64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-                s.resident_bytes = kb * 1024;
-            }
-        }
-    }
-    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        s.open_fds = dir.count() as i64;
-    }
-    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
-        if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
-            s.max_fds = line
-                .split_whitespace()
-                .nth(3)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-        }
-    }
-    s
-}
-
-static PROCESS_START: AtomicU64 = AtomicU64::new(0);
-
-/// Remembers when the process started, for `process_start_time_seconds`.
-pub fn mark_process_start() {
-    PROCESS_START.store(crate::time::now_ms(), std::sync::atomic::Ordering::Relaxed);
-}
-
-impl prometheus_client::collector::Collector for ProcessCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
-    ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
-        let s = read_process_stats();
-        let start = PROCESS_START.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
-        let counter = ConstCounter::new(s.cpu_seconds);
-        counter.encode(encoder.encode_descriptor(
-            "process_cpu_seconds",
-            "CPU time used by the process",
-            None,
-            counter.metric_type(),
-        )?)?;
-        let gauges: [(&str, &str, f64); 6] = [
-            (
-                "process_resident_memory_bytes",
-                "Resident memory",
-                s.resident_bytes as f64,
-            ),
-            (
-                "process_virtual_memory_bytes",
-                "Virtual memory",
-                s.virtual_bytes as f64,
-            ),
-            (
-                "process_open_fds",
-                "Open file descriptors",
-                s.open_fds as f64,
-            ),
-            (
-                "process_max_fds",
-                "Limit of open file descriptors",
-                s.max_fds as f64,
-            ),
-            ("process_threads", "OS threads", s.threads as f64),
-            (
-                "process_start_time_seconds",
-                "Start time since the Unix epoch",
-                start,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let g = ConstGauge::new(value);
-            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
-        }
-        Ok(())
+    /// The exposition in `format`.
+    pub fn encode_as(&self, format: shoal_exposition::Format) -> String {
+        format.encode(&self.registry)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_http_methods_are_counted_as_other() {
+        assert_eq!(method_label(&http::Method::POST), "POST");
+        let brew = http::Method::from_bytes(b"BREW").unwrap();
+        assert_eq!(method_label(&brew), "other");
+    }
 
     #[test]
     fn the_classic_text_format_names_counters_with_total_and_has_no_openmetrics_lines() {
@@ -801,6 +773,18 @@ mod tests {
         assert!(text.contains("# TYPE shoal_build_info gauge\n"));
         assert!(!text.contains("# UNIT ") && !text.contains("# EOF"));
         assert!(!text.contains(" info\n"), "no OpenMetrics info type");
+        assert!(
+            text.contains("shoal_messages_delivered_total{topic=\"orders\",mode=\"push\"} 0\n"),
+            "lowercase mode: {text}"
+        );
+        assert!(
+            text.contains("shoal_forwarded_messages_total{outcome=\"busy\"} 0\n"),
+            "known outcomes at 0: {text}"
+        );
+        assert!(
+            text.contains("shoal_mesh_handshake_failures_total{reason=\"unknown_ca\"} 0\n"),
+            "{text}"
+        );
         let om = m.encode();
         assert!(om.ends_with("# EOF\n"));
         assert!(om.contains("# TYPE shoal_messages_published counter\n"));

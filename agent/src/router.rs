@@ -16,7 +16,7 @@ use crate::delivery::Subscriptions;
 use crate::error::ApiError;
 use crate::mesh::{CallError, Handler, Mesh, Replier};
 use crate::message::Message as AppMessage;
-use crate::metrics::{CodeLabel, HandoffLabels, Metrics};
+use crate::metrics::{HandoffLabels, Metrics};
 use crate::subscription::StartPosition;
 use crate::topic::{Partition, Role, Topic, TopicConfig};
 use bytes::Bytes;
@@ -1053,10 +1053,10 @@ impl Router {
             .inc();
     }
 
-    fn count_forward(&self, code: &'static str, n: usize) {
+    fn count_forward(&self, outcome: &'static str, n: usize) {
         self.metrics
             .forwarded
-            .get_or_create(&CodeLabel { code })
+            .get_or_create(&crate::metrics::OutcomeLabel { outcome })
             .inc_by(n as u64);
     }
 

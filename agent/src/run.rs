@@ -59,7 +59,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
 /// Binds the listeners, recovers storage, and serves until stopped.
 pub async fn start(config: Config) -> Result<Running, AgentError> {
     config.validate()?;
-    crate::metrics::mark_process_start();
+    shoal_exposition::mark_process_start();
     let node = config.node_name();
     let metrics = Arc::new(Metrics::new(config.metrics_topic_labels));
     let admin = Arc::new(AdminState {

@@ -756,6 +756,23 @@ async fn admin_port_answers_probes_and_metrics() {
         "topic label on metrics"
     );
     assert!(metric_value(&text, "process_resident_memory_bytes").unwrap() > 0.0);
+    // A method the app made up is counted as `other`, so apps cannot grow
+    // the label set.
+    let brew = http::Method::from_bytes(b"BREW").unwrap();
+    let r = agent
+        .client
+        .call(brew, "/v1/topics/measured/messages", &[], "")
+        .await
+        .unwrap();
+    expect_status(&r, 405, "an unknown method");
+    let text = metrics(a).await;
+    assert!(text.contains("method=\"other\""), "{text}");
+    assert!(!text.contains("BREW"), "{text}");
+    // Known outcomes exist at 0 before their first event.
+    assert!(
+        text.contains("shoal_request_reply_exchanges_total{outcome=\"request_timeout\"} 0\n"),
+        "{text}"
+    );
     let r = a.get("/nothing").await.unwrap();
     expect_status(&r, 404, "unknown admin route");
     let r = a.call(Method::POST, "/metrics", &[], "").await.unwrap();

@@ -514,7 +514,7 @@ async fn group_partitions(a: &MeshAgent, topic: &str, group: &str) -> Vec<u64> {
 async fn a_message_published_on_one_agent_is_stored_at_its_home_and_read_on_another() {
     let root = tempfile::tempdir().unwrap();
     let agents = mesh_of(root.path(), 3).await;
-    let (a1, a3) = (&agents[0], &agents[2]);
+    let (a1, a2, a3) = (&agents[0], &agents[1], &agents[2]);
     expect_status(
         &put_topic(&a1.client, "orders", serde_json::json!({"partitions": 6})).await,
         201,
@@ -556,8 +556,26 @@ async fn a_message_published_on_one_agent_is_stored_at_its_home_and_read_on_anot
     );
     let m1 = metrics(&a1.admin).await;
     assert!(
-        m1.contains("shoal_forwarded_publishes_total{code=\"stored\"}"),
+        series_value(&m1, "shoal_forwarded_messages_total{outcome=\"stored\"}").unwrap_or(0.0)
+            > 0.0,
         "agent-1 forwarded to the other homes: {m1}"
+    );
+    // Publish latency is counted once per request by the agent the app
+    // called, forwarded or not; the homes count their stores.
+    assert_eq!(
+        metric_value(&m1, "shoal_publish_duration_seconds_count"),
+        Some(60.0),
+        "{m1}"
+    );
+    let m2 = metrics(&a2.admin).await;
+    assert!(
+        metric_value(&m2, "shoal_store_duration_seconds_count").unwrap_or(0.0) > 0.0,
+        "agent-2 stored its partitions' messages: {m2}"
+    );
+    assert_eq!(
+        metric_value(&m2, "shoal_publish_duration_seconds_count"),
+        Some(0.0),
+        "agent-2 was not called by an app: {m2}"
     );
     let m3 = metrics(&a3.admin).await;
     assert!(
@@ -1136,7 +1154,7 @@ async fn a_slow_home_slows_its_publishers_with_503_and_bounded_waiting() {
     );
     let m = metrics(&a1.admin).await;
     assert!(
-        m.contains("shoal_forwarded_publishes_total{code=\"busy\"} 8"),
+        m.contains("shoal_forwarded_messages_total{outcome=\"busy\"} 8"),
         "{m}"
     );
 }

@@ -8,6 +8,7 @@ use clap::Parser as _;
 use shoal_injector::run::{init_logging, run, Args};
 
 fn main() -> ExitCode {
+    shoal_exposition::mark_process_start();
     let args = Args::parse();
     init_logging(&args);
     // rustls needs one process-wide provider for clients built by kube.

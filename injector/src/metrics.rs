@@ -1,6 +1,6 @@
 //! Prometheus metrics of the injector, served on the admin port.
 
-use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,6 +27,9 @@ pub struct AnnotationLabels {
     /// The annotation's key.
     pub annotation: String,
 }
+
+/// Kinds of rejected webhook request, created at 0 at start-up.
+pub const BAD_REQUEST_KINDS: [&str; 4] = ["body", "too_large", "method", "path"];
 
 /// Labels of a rejected HTTP request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,7 +67,14 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers the metrics under the `shoal_injector_` prefix.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("shoal_injector");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(shoal_exposition::ProcessCollector));
+        shoal_exposition::register_build_info(
+            &mut root,
+            "shoal_injector_build_info",
+            env!("CARGO_PKG_VERSION"),
+        );
+        let registry = root.sub_registry_with_prefix("shoal_injector");
         let admissions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "admissions",
@@ -107,8 +117,15 @@ impl Metrics {
             "When the self-bootstrapped serving certificate expires",
             cert_expiry.clone(),
         );
+        for kind in BAD_REQUEST_KINDS {
+            bad_requests
+                .get_or_create(&BadRequestLabels {
+                    kind: kind.to_owned(),
+                })
+                .inc_by(0);
+        }
         Metrics {
-            registry,
+            registry: root,
             admissions,
             latency,
             invalid_annotations,
@@ -147,11 +164,8 @@ impl Metrics {
             .inc();
     }
 
-    /// The metrics in Prometheus text format.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+    /// The metrics in `format`.
+    pub fn encode(&self, format: shoal_exposition::Format) -> String {
+        format.encode(&self.registry)
     }
 }

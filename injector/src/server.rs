@@ -184,11 +184,20 @@ pub fn handle_admin(
         );
     }
     match req.uri().path() {
-        "/metrics" => text_response(
-            StatusCode::OK,
-            metrics.encode(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        "/metrics" => {
+            // Prometheus asks for OpenMetrics; curl and promtool get the
+            // classic text format.
+            let format = shoal_exposition::Format::negotiate(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            text_response(
+                StatusCode::OK,
+                metrics.encode(format),
+                format.content_type(),
+            )
+        }
         "/livez" => text_response(StatusCode::OK, "ok\n".to_owned(), "text/plain"),
         "/readyz" if ready() => text_response(StatusCode::OK, "ok\n".to_owned(), "text/plain"),
         "/readyz" => text_response(

@@ -328,7 +328,7 @@ async fn certificate_files_reload_while_serving() {
         "old CA still accepted"
     );
     assert!(metrics
-        .encode()
+        .encode(shoal_exposition::Format::OpenMetrics)
         .contains("shoal_injector_cert_reloads_total 1"));
     let _ = tx.send(true);
     tokio::time::timeout(Duration::from_secs(5), task)
@@ -381,10 +381,95 @@ async fn admin_endpoints() {
         text.contains("shoal_injector_admission_duration_seconds_bucket"),
         "{text}"
     );
+    // curl and promtool get the classic text format: counters named with
+    // `_total`, no OpenMetrics-only lines.
+    assert!(
+        text.contains("# TYPE shoal_injector_admissions_total counter\n"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
+    let build = format!(
+        "shoal_injector_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.contains(&build), "{text}");
+    assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
+    assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");
+    // Known label values exist at 0 before their first event, so rate() and
+    // the ShoalInjectorErrors alert see the first one.
+    assert!(
+        text.contains("shoal_injector_bad_requests_total{kind=\"path\"} 0\n"),
+        "{text}"
+    );
+    promtool_check_metrics(&text);
+    for name in documented_injector_metrics("always") {
+        assert!(
+            text.contains(&format!("\n{name}")),
+            "{name} is in docs/metrics.md but not in the injector's scrape:\n{text}"
+        );
+    }
     assert_eq!(get(addr, "/nope").await.0, 404);
     let _ = tx.send(true);
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("shutdown")
         .unwrap();
+}
+
+/// Runs `promtool check metrics` on a scrape when promtool is installed
+/// (CI installs it and sets SHOAL_REQUIRE_PROMETHEUS=1, which makes it
+/// required).
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("SHOAL_REQUIRE_PROMETHEUS").is_none(),
+                "promtool is required (SHOAL_REQUIRE_PROMETHEUS is set): {e}"
+            );
+            eprintln!("skipping promtool check metrics: {e}");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool check metrics: {report}");
+    assert!(report.trim().is_empty(), "promtool check metrics: {report}");
+}
+
+/// The names in the "Injector metrics" table of docs/metrics.md whose
+/// "appears" column is `appears`.
+fn documented_injector_metrics(appears: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+        .unwrap();
+    let section = doc
+        .split("\n## ")
+        .find(|s| s.starts_with("Injector metrics"))
+        .expect("docs/metrics.md has an \"Injector metrics\" section");
+    let names: Vec<String> = section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>())
+        .filter(|cells| cells.get(5) == Some(&appears))
+        .map(|cells| cells[1].trim_matches('`').to_owned())
+        .collect();
+    assert!(names.len() >= 5, "{names:?}");
+    names
 }

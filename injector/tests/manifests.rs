@@ -13,10 +13,11 @@ use serde_json::Value;
 use shoal_injector::offline::{self, Format, OfflineOptions};
 
 /// Custom resources kubernetes-validate has no schema for; checked by shape here.
-const CUSTOM_KINDS: [&str; 3] = [
+const CUSTOM_KINDS: [&str; 4] = [
     "cert-manager.io/v1/Issuer",
     "cert-manager.io/v1/Certificate",
     "monitoring.coreos.com/v1/PodMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
 ];
 
 fn manifests_dir() -> PathBuf {

@@ -541,7 +541,7 @@ struct MetricsMark {
 
 /// Counters read from `/metrics` around a throughput run.
 const COUNTERS: [&str; 8] = [
-    "shoal_forwarded_publishes_total",
+    "shoal_forwarded_messages_total",
     "shoal_forward_duration_seconds_sum",
     "shoal_forward_duration_seconds_count",
     "shoal_mesh_writes_total",
@@ -598,7 +598,7 @@ fn mesh_counters(a: &MetricsMark, b: &MetricsMark) -> MeshCounters {
     };
     let calls = d(PUBLISHER, "shoal_forward_duration_seconds_count");
     MeshCounters {
-        forwarded: d(PUBLISHER, "shoal_forwarded_publishes_total"),
+        forwarded: d(PUBLISHER, "shoal_forwarded_messages_total"),
         forward_mean_s: d(PUBLISHER, "shoal_forward_duration_seconds_sum") / calls.max(1.0),
         forward_calls: calls,
         publisher_writes: d(PUBLISHER, "shoal_mesh_writes_total"),
@@ -1898,8 +1898,8 @@ mod tests {
             batch_counts(br#"{"failed":2,"published":62,"results":[]}"#),
             Some((62, 2))
         );
-        let text = "# HELP x\nshoal_forwarded_publishes_total{code=\"stored\"} 10\nshoal_forwarded_publishes_total{code=\"failed\"} 2\nshoal_mesh_writes_total 7\n";
-        assert_eq!(metric_sum(text, "shoal_forwarded_publishes_total"), 12.0);
+        let text = "# HELP x\nshoal_forwarded_messages_total{outcome=\"stored\"} 10\nshoal_forwarded_messages_total{outcome=\"failed\"} 2\nshoal_mesh_writes_total 7\n";
+        assert_eq!(metric_sum(text, "shoal_forwarded_messages_total"), 12.0);
         assert_eq!(metric_sum(text, "shoal_mesh_writes_total"), 7.0);
     }
 }

@@ -39,6 +39,15 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every reason, for creating their metric series up front.
+    pub const ALL: [Refusal; 5] = [
+        Refusal::UnknownCa,
+        Refusal::Expired,
+        Refusal::NoSpiffeId,
+        Refusal::BadCertificate,
+        Refusal::NoCertificate,
+    ];
+
     /// Label value.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -652,6 +652,14 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     found
 }
 
+/// The value of one series, written with its labels as the agent writes
+/// them (`name{label="value"}`); None if absent.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
+}
+
 /// GET /metrics from an admin client.
 pub async fn metrics(admin: &AgentClient) -> String {
     let r = admin.get("/metrics").await.unwrap();

@@ -78,7 +78,7 @@ async fn invalid_inject_annotation_is_counted_like_the_others() {
             "{v}"
         );
     }
-    let text = webhook.metrics().encode();
+    let text = webhook.metrics().encode(shoal_exposition::Format::Text);
     assert!(
         text.contains("shoal_injector_invalid_annotations_total{annotation=\"shoal.io/inject\"} 2"),
         "{text}"
