@@ -6,70 +6,11 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use shoal_agent::client::AgentClient;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-struct MeshAgent {
-    child: Child,
-    client: AgentClient,
-    admin: AgentClient,
-}
-
-impl Drop for MeshAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use std::process::Command;
 
 fn start(root: &Path, ca: &str, name: &str, mesh_port: u16, join: Option<u16>) -> MeshAgent {
-    start_with(root, ca, name, mesh_port, join, &[])
-}
-
-fn start_with(
-    root: &Path,
-    ca: &str,
-    name: &str,
-    mesh_port: u16,
-    join: Option<u16>,
-    extra: &[&str],
-) -> MeshAgent {
-    let (app, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-agent"));
-    cmd.args(["--dev", "--node-name", name])
-        .arg("--ca-dir")
-        .arg(root.join(ca))
-        .arg("--data-dir")
-        .arg(root.join(name))
-        .arg("--app-addr")
-        .arg(format!("127.0.0.1:{app}"))
-        .arg("--admin-addr")
-        .arg(format!("127.0.0.1:{admin}"))
-        .arg("--mesh-addr")
-        .arg(format!("127.0.0.1:{mesh_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(seed) = join {
-        cmd.arg("--join").arg(format!("127.0.0.1:{seed}"));
-    }
-    cmd.args(extra);
-    if std::env::var_os("SHOAL_TEST_LOGS").is_some() {
-        cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
-    }
-    MeshAgent {
-        child: cmd.spawn().unwrap(),
-        client: AgentClient::new(&format!("http://127.0.0.1:{app}")),
-        admin: AgentClient::new(&format!("http://127.0.0.1:{admin}")),
-    }
+    start_mesh_agent(root, ca, name, mesh_port, join, &[])
 }
 
 async fn cluster(a: &MeshAgent) -> Option<Value> {
@@ -873,7 +814,7 @@ async fn request_reply_and_ephemeral_fan_out_cross_agents() {
     .await;
     let port = app.port.to_string();
     let a1 = start(root.path(), "ca", "agent-1", seed, None);
-    let a2 = start_with(
+    let a2 = start_mesh_agent(
         root.path(),
         "ca",
         "agent-2",
@@ -1084,7 +1025,7 @@ async fn well_framed_but_invalid_peer_messages_get_errors_and_metrics() {
 async fn a_slow_home_slows_its_publishers_with_503_and_bounded_waiting() {
     let root = tempfile::tempdir().unwrap();
     let seed = free_udp_port();
-    let a1 = start_with(
+    let a1 = start_mesh_agent(
         root.path(),
         "ca",
         "agent-1",
@@ -1164,7 +1105,7 @@ async fn a_client_only_agent_homes_nothing_but_publishes_and_reads() {
     let root = tempfile::tempdir().unwrap();
     let seed = free_udp_port();
     let a1 = start(root.path(), "ca", "agent-1", seed, None);
-    let a2 = start_with(
+    let a2 = start_mesh_agent(
         root.path(),
         "ca",
         "agent-2",

@@ -529,66 +529,6 @@ fn promtool_checks_and_unit_tests_the_rules() {
 // The mesh (as in tests/mesh.rs)
 // ---------------------------------------------------------------------------
 
-struct MeshAgent {
-    child: Child,
-    client: AgentClient,
-    admin: AgentClient,
-    admin_addr: String,
-}
-
-impl Drop for MeshAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(
-    root: &Path,
-    ca: &str,
-    name: &str,
-    mesh_port: u16,
-    join: Option<u16>,
-    extra: &[&str],
-) -> MeshAgent {
-    let (app, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-agent"));
-    cmd.args(["--dev", "--node-name", name])
-        .arg("--ca-dir")
-        .arg(root.join(ca))
-        .arg("--data-dir")
-        .arg(root.join(name))
-        .arg("--app-addr")
-        .arg(format!("127.0.0.1:{app}"))
-        .arg("--admin-addr")
-        .arg(format!("127.0.0.1:{admin}"))
-        .arg("--mesh-addr")
-        .arg(format!("127.0.0.1:{mesh_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(seed) = join {
-        cmd.arg("--join").arg(format!("127.0.0.1:{seed}"));
-    }
-    cmd.args(extra);
-    if std::env::var_os("SHOAL_TEST_LOGS").is_some() {
-        cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
-    }
-    MeshAgent {
-        child: cmd.spawn().unwrap(),
-        client: AgentClient::new(&format!("http://127.0.0.1:{app}")),
-        admin: AgentClient::new(&format!("http://127.0.0.1:{admin}")),
-        admin_addr: format!("127.0.0.1:{admin}"),
-    }
-}
-
 async fn cluster(a: &MeshAgent) -> Option<Value> {
     let r = a.client.get("/v1/cluster").await.ok()?;
     (r.status == 200).then(|| r.json())
@@ -890,7 +830,7 @@ async fn a_real_prometheus_scrapes_the_mesh_and_runs_every_dashboard_and_alert_q
     .await;
     let app_port = app.port.to_string();
     let seed = free_udp_port();
-    let a1 = start(
+    let a1 = start_mesh_agent(
         root.path(),
         "ca",
         "agent-1",
@@ -898,7 +838,7 @@ async fn a_real_prometheus_scrapes_the_mesh_and_runs_every_dashboard_and_alert_q
         None,
         &["--app-port", &app_port],
     );
-    let a2 = start(
+    let a2 = start_mesh_agent(
         root.path(),
         "ca",
         "agent-2",
@@ -906,7 +846,7 @@ async fn a_real_prometheus_scrapes_the_mesh_and_runs_every_dashboard_and_alert_q
         Some(seed),
         &[],
     );
-    let mut a3 = start(
+    let mut a3 = start_mesh_agent(
         root.path(),
         "ca",
         "agent-3",
@@ -924,7 +864,7 @@ async fn a_real_prometheus_scrapes_the_mesh_and_runs_every_dashboard_and_alert_q
 
     // An agent with a certificate from another CA: it and the mesh refuse
     // each other's handshakes; it counts them, so it is scraped too.
-    let intruder = start(
+    let intruder = start_mesh_agent(
         root.path(),
         "other-ca",
         "intruder",

@@ -775,3 +775,77 @@ pub fn tempdir() -> tempfile::TempDir {
         .tempdir()
         .unwrap()
 }
+
+// ---------------------------------------------------------------------------
+// Mesh agents: the real binary, one process each
+// ---------------------------------------------------------------------------
+
+/// A `shoal-agent --dev` process in a test mesh; killed when dropped.
+pub struct MeshAgent {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its app API.
+    pub client: AgentClient,
+    /// Its admin port.
+    pub admin: AgentClient,
+    /// Its admin address, `127.0.0.1:PORT`.
+    pub admin_addr: String,
+}
+
+impl Drop for MeshAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free UDP port on loopback for an agent's mesh address.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `shoal-agent --dev` named `name`, with its data in `root/name`, the
+/// development CA in `root/ca`, QUIC on `mesh_port`, joining the agent whose
+/// mesh port is `join`, plus `extra` flags. `SHOAL_TEST_LOGS=1` shows its logs.
+pub fn start_mesh_agent(
+    root: &Path,
+    ca: &str,
+    name: &str,
+    mesh_port: u16,
+    join: Option<u16>,
+    extra: &[&str],
+) -> MeshAgent {
+    use std::process::{Command, Stdio};
+    let (app, admin) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-agent"));
+    cmd.args(["--dev", "--node-name", name])
+        .arg("--ca-dir")
+        .arg(root.join(ca))
+        .arg("--data-dir")
+        .arg(root.join(name))
+        .arg("--app-addr")
+        .arg(format!("127.0.0.1:{app}"))
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{admin}"))
+        .arg("--mesh-addr")
+        .arg(format!("127.0.0.1:{mesh_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(seed) = join {
+        cmd.arg("--join").arg(format!("127.0.0.1:{seed}"));
+    }
+    cmd.args(extra);
+    if std::env::var_os("SHOAL_TEST_LOGS").is_some() {
+        cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+    }
+    MeshAgent {
+        child: cmd.spawn().unwrap(),
+        client: AgentClient::new(&format!("http://127.0.0.1:{app}")),
+        admin: AgentClient::new(&format!("http://127.0.0.1:{admin}")),
+        admin_addr: format!("127.0.0.1:{admin}"),
+    }
+}
