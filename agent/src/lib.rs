@@ -20,6 +20,7 @@ pub mod client;
 pub mod cloudevents;
 pub mod config;
 pub mod delivery;
+pub mod entry;
 pub mod error;
 pub mod flusher;
 pub mod group;

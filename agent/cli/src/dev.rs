@@ -11,7 +11,6 @@
 use clap::Args;
 use http::StatusCode;
 use shoal_agent::client::{AgentClient, DEFAULT_URL};
-use shoal_agent::config::LogFormat;
 use shoal_agent::Config;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -127,67 +126,15 @@ fn parse_duration_arg(text: &str) -> Result<Duration, String> {
 // `shoal agent`
 // ---------------------------------------------------------------------------
 
-/// Logging as `shoal-agent` sets it up: `--log-level`, `--log-format`, stderr.
-/// With `outlive_stderr`, a log line that cannot be written is dropped without
-/// a word: tracing-subscriber would otherwise report it with `eprintln!`,
-/// which panics once the reader of stderr (`shoal dev`) is gone.
-fn init_logging(config: &Config, outlive_stderr: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
-        eprintln!(
-            "shoal agent: invalid --log-level {:?} ({e}); using info",
-            config.log_level
-        );
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .log_internal_errors(!outlive_stderr);
-    match config.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Plain => builder.init(),
-    }
-}
-
 /// Runs `shoal agent`: one agent until SIGTERM or SIGINT, as `shoal-agent` does.
 pub fn run_agent(args: AgentArgs) -> ExitCode {
-    let config = args.config;
-    init_logging(&config, args.stop_on_stdin_close);
-    // Two worker threads, as shoal-agent: a sidecar shares the pod's CPU with the app.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("shoal agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let options = shoal_agent::entry::Options {
+        program: "shoal agent",
+        outlive_stderr: args.stop_on_stdin_close,
     };
-    runtime.block_on(async {
-        let running = match shoal_agent::run::start(config).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("cannot start: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let stopper = running.stopper();
+    shoal_agent::entry::run(args.config, options, |stopper| {
         if args.stop_on_stdin_close {
-            stop_on_stdin_close(stopper.clone());
-        }
-        tokio::spawn(async move {
-            shoal_agent::run::signal().await;
-            stopper.send_replace(true);
-        });
-        match running.wait().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("stopped with an error: {e}");
-                ExitCode::FAILURE
-            }
+            stop_on_stdin_close(stopper);
         }
     })
 }
