@@ -397,6 +397,42 @@ pub struct OpenLoopSpec {
     pub max_messages: u64,
 }
 
+/// Starts a thread that hands out send `i` (with its due time) at
+/// `start + i / rate`, for `i` in `0..count`, and stops early when the
+/// receiver is dropped. Returns `start` and the receiver.
+///
+/// The thread paces with `std::thread::sleep` (tokio's timer has a 1 ms
+/// granularity, as coarse as the latencies measured).
+pub fn spawn_pacer(
+    rate: u64,
+    count: u64,
+) -> Result<
+    (
+        Instant,
+        tokio::sync::mpsc::UnboundedReceiver<(u64, Instant)>,
+    ),
+    BoxError,
+> {
+    let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let start = Instant::now() + Duration::from_millis(20);
+    std::thread::Builder::new()
+        .name("shoal-bench-pacer".into())
+        .spawn(move || {
+            for i in 0..count {
+                let at = start + period * u32::try_from(i).unwrap_or(u32::MAX);
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
+                if tx.send((i, at)).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok((start, rx))
+}
+
 /// Publishes at a fixed rate whatever the answers do: send `i` is due at
 /// `start + i / rate`, and its latency counts from that time, so a slow
 /// answer cannot hide the sends it delays (no coordinated omission).
@@ -420,22 +456,7 @@ pub async fn open_loop(
     let counters = Arc::new(Counters::default());
     let path: Arc<str> = Arc::from(spec.path.as_str());
 
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
-    let start = Instant::now() + Duration::from_millis(20);
-    std::thread::Builder::new()
-        .name("shoal-bench-pacer".into())
-        .spawn(move || {
-            for i in 0..count {
-                let at = start + period * u32::try_from(i).unwrap_or(u32::MAX);
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
-                }
-                if tx.send((i, at)).is_err() {
-                    break;
-                }
-            }
-        })?;
+    let (start, mut rx) = spawn_pacer(rate, count)?;
 
     println!(
         "[{}] {} msgs at {} msg/s (open loop, {:?})",
@@ -565,6 +586,19 @@ impl Recorder {
             first_at: None,
             last_at: None,
         })
+    }
+
+    /// Up to `n` sequence numbers below `below` that never arrived.
+    pub fn missing_sample(&self, below: u64, n: usize) -> Vec<u64> {
+        let below = usize::try_from(below).unwrap_or(usize::MAX);
+        self.seen
+            .iter()
+            .take(below)
+            .enumerate()
+            .filter(|(_, s)| !**s)
+            .take(n)
+            .map(|(i, _)| i as u64)
+            .collect()
     }
 
     /// Records a delivered payload (`{"t":..,"seq":..}`) received at `now`.
