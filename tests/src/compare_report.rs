@@ -492,7 +492,8 @@ impl CompareReport {
              the mesh section), and stops all five at the end, also on error or Ctrl-C. Messages are \
              JSON objects of exactly the given size carrying a sequence number and the send time; for \
              the open-loop runs the send time is the scheduled one, so a stall also counts against \
-             the messages queued behind it. Shoal's pub/sub runs use an **ephemeral** topic (like core \
+             the messages queued behind it (Shoal's open-loop publisher keeps at most 2,000 requests in \
+             flight, one connection each; a send that waits for one is late, and that counts). Shoal's pub/sub runs use an **ephemeral** topic (like core \
              NATS, nothing stored) and pull subscribers on agent-3 (`max=1000&wait=1s`, acks on a \
              second connection), each round with fresh subscriptions starting at `latest` and probed \
              until they deliver; NATS subscribers are separate connections, subscribed and flushed \

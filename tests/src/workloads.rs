@@ -23,6 +23,9 @@ use tokio::task::JoinSet;
 /// Payload size of every published message, in bytes.
 pub const PAYLOAD_BYTES: usize = 256;
 
+/// Most requests an open-loop run keeps in flight (and connections it opens).
+pub const MAX_OPEN_LOOP_CONNECTIONS: usize = 2_000;
+
 /// Largest latency a histogram holds, in microseconds (larger values saturate).
 const HIST_MAX_US: u64 = 60_000_000;
 
@@ -451,6 +454,11 @@ pub async fn open_loop(
         .max(1);
     let period = Duration::from_nanos(1_000_000_000 / rate);
     let pool = Pool::new(ctx.app, 8).await?;
+    // At most this many requests in flight (one connection each): an agent
+    // that answers in seconds must not exhaust the bench's file descriptors.
+    // A send that waits here is late, and its latency still counts from the
+    // scheduled time.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_LOOP_CONNECTIONS));
     let latency = Arc::new(Mutex::new(new_histogram()?));
     let lateness = Arc::new(Mutex::new(new_histogram()?));
     let counters = Arc::new(Counters::default());
@@ -479,7 +487,11 @@ pub async fn open_loop(
             path.clone(),
         );
         let ct = spec.content_type;
+        let in_flight = in_flight.clone();
         tasks.spawn(async move {
+            let Ok(_permit) = in_flight.acquire_owned().await else {
+                return;
+            };
             record(
                 &mut late_h.lock().unwrap_or_else(|p| p.into_inner()),
                 at.elapsed(),
