@@ -192,28 +192,34 @@ impl AgentProcess {
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
+        stop_child(&mut self.child, &self.node_name);
+    }
+}
+
+/// Stops a child process by its pid: SIGTERM, up to 5 s to exit, then
+/// SIGKILL; prints how it ended. Does nothing if it has already exited.
+pub fn stop_child(child: &mut Child, name: &str) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let pid = child.id();
+    // Graceful first (std has no SIGTERM, so ask kill(1)), then by force.
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            println!("==> {name} pid {pid} stopped");
             return;
         }
-        let pid = self.child.id();
-        // Graceful first (std has no SIGTERM, so ask kill(1)), then by force.
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                println!("==> {} pid {pid} stopped", self.node_name);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        println!("==> {} pid {pid} killed", self.node_name);
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = child.kill();
+    let _ = child.wait();
+    println!("==> {name} pid {pid} killed");
 }
 
 /// How to start an agent.

@@ -1,8 +1,9 @@
 //! `shoal-bench`: benchmarks one release `shoal-agent` (issue 2), then a
-//! mesh of three on this machine.
+//! mesh of three on this machine; on request, compares the mesh side by side
+//! with NATS and JetStream (issue 5).
 //!
 //! ```sh
-//! cargo run --release -p shoal-bench -- [--quick] [--only single|mesh] [--out docs/benchmarks.md]
+//! cargo run --release -p shoal-bench -- [--quick] [--only single|mesh|compare] [--out docs/benchmarks.md]
 //! ```
 //!
 //! Builds the release agent, starts it on free loopback ports with a fresh
@@ -11,12 +12,18 @@
 //! CPU, stops the agent (also on error and Ctrl-C), and writes its section of
 //! `docs/benchmarks.md`. The mesh part ([`mesh`]) then starts three agents
 //! (publish on agent 1, partition home on agent 2, subscriber behind agent 3)
-//! and writes its own section.
+//! and writes its own section. The comparison ([`compare`], only with
+//! `--only compare`) starts `nats-server` (installing Debian's package when
+//! it is missing) and the mesh, runs the same workloads against both,
+//! alternating, and writes its section and plots.
 
 mod agent;
+mod compare;
+mod compare_report;
 mod conn;
 mod mesh;
 mod mesh_report;
+mod nats;
 mod report;
 mod workloads;
 
@@ -41,17 +48,25 @@ enum Part {
     Single,
     /// Three agents in a mesh.
     Mesh,
+    /// The mesh side by side with NATS and JetStream (not part of the default run).
+    Compare,
 }
 
 /// Benchmarks one release shoal-agent, then a mesh of three: throughput,
-/// latency, memory, CPU.
+/// latency, memory, CPU. `--only compare` instead runs the mesh side by side
+/// with nats-server (core and JetStream) in one run.
 #[derive(Debug, Parser)]
-#[command(name = "shoal-bench", about, long_about = None)]
+#[command(
+    name = "shoal-bench",
+    about,
+    long_about = None,
+    after_help = "Examples:\n  cargo run --release -p shoal-bench --                      single agent, then the mesh\n  cargo run --release -p shoal-bench -- --only compare       Shoal vs NATS/JetStream (about 15 min; installs nats-server if missing)\n  cargo run --release -p shoal-bench -- --only compare --quick --no-write   smoke run (under 2 min)"
+)]
 struct Cli {
     /// Small counts (a smoke run of under about a minute per part); writes no file unless --out is given.
     #[arg(long)]
     quick: bool,
-    /// Run only this part (default: both, single agent first).
+    /// Run only this part (default: single, then mesh; `compare` runs only with --only compare).
     #[arg(long, value_enum)]
     only: Option<Part>,
     /// Markdown file whose sections ("Single agent (issue 2)", "Mesh of three
@@ -83,6 +98,15 @@ struct Cli {
     /// Connections of the mesh's batched-publish run.
     #[arg(long, default_value_t = 8)]
     mesh_batch_connections: usize,
+    /// Compare: fail when nats-server is missing instead of installing
+    /// Debian's package with .ci/nats.sh.
+    #[arg(long)]
+    no_install: bool,
+    /// Compare: run only these workloads (comma-separated keys: latency-1000,
+    /// latency-10000, request-reply, pubsub-single, pubsub-batch, fanout-5,
+    /// group-3, durable-sync, durable-inflight), e.g. to profile one.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
 }
 
 /// Counts and durations of one run.
@@ -188,6 +212,9 @@ fn out_path(cli: &Cli, workspace: &Path) -> Option<PathBuf> {
 }
 
 async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
+    if cli.only == Some(Part::Compare) {
+        return run_compare(cli, workspace).await;
+    }
     if cli.only != Some(Part::Mesh) {
         run_single(cli, workspace).await?;
     }
@@ -196,6 +223,96 @@ async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
             settle().await;
         }
         run_mesh(cli, workspace).await?;
+    }
+    Ok(())
+}
+
+/// `/proc/loadavg`'s three load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The first line of `bin --version`.
+fn version_of(bin: &Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+async fn run_compare(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
+    let bin = cli
+        .agent_bin
+        .clone()
+        .unwrap_or_else(|| workspace.join("target/release/shoal-agent"));
+    let nats_bin = nats::ensure_server(workspace, !cli.no_install)?;
+    let nats_version = nats::server_version(&nats_bin)?;
+    println!("==> Shoal vs NATS: {nats_version} ({})", nats_bin.display());
+    let mut plan = compare::ComparePlan::new(cli.quick);
+    plan.only = cli.workloads.clone();
+    let load_before = load_average();
+    let started = Instant::now();
+    let results = compare::run(&bin, &nats_bin, &plan, agent::clock_ticks_per_sec()).await?;
+    let took_s = started.elapsed().as_secs_f64();
+    println!("==> compare part took {took_s:.0} s");
+    let report = compare_report::CompareReport {
+        quick: cli.quick,
+        command: command_line(),
+        machine: Machine::detect(workspace),
+        nats_version,
+        shoal_version: version_of(&bin),
+        load_before,
+        load_after: load_average(),
+        took_s,
+        plan,
+        results,
+    };
+    let out = out_path(cli, workspace);
+    let plots = match &out {
+        Some(path) => {
+            let dir = path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(compare_report::PLOT_DIR);
+            report
+                .plots(&dir)?
+                .into_iter()
+                .map(|f| format!("{}/{f}", compare_report::PLOT_DIR))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let md = report.markdown(&plots);
+    println!("{md}");
+    if let Some(path) = &out {
+        report::write_marked(path, compare_report::BEGIN_PREFIX, compare_report::END, &md)?;
+        println!("==> wrote {} and {} plots", path.display(), plots.len());
+    }
+    let (expected, received, missing, failed, bad) = report.results.accounting();
+    let pids: Vec<String> = report
+        .results
+        .pids
+        .iter()
+        .map(|(_, p)| p.to_string())
+        .collect();
+    println!("compare: stopped pids {}", pids.join(" "));
+    println!(
+        "compare: summary expected={expected} received={received} missing={missing} failed={failed} failed_rounds={bad}"
+    );
+    if missing > 0 || failed > 0 || bad > 0 {
+        return Err(format!(
+            "compare: not every message was accounted for ({missing} missing, {failed} failed sends, {bad} failed rounds)"
+        )
+        .into());
     }
     Ok(())
 }

@@ -215,7 +215,8 @@ impl Mesh {
         Ok(())
     }
 
-    fn pids(&self) -> Vec<u32> {
+    /// The agents' process ids, in the order of [`NODES`].
+    pub fn pids(&self) -> Vec<u32> {
         self.agents.iter().map(AgentProcess::pid).collect()
     }
 
@@ -610,7 +611,8 @@ fn mesh_counters(a: &MetricsMark, b: &MetricsMark) -> MeshCounters {
 
 // ----- setup -----
 
-async fn delete(client: &AgentClient, path: &str) -> Result<(), BoxError> {
+/// `DELETE path`; fails unless the answer is 2xx.
+pub async fn delete(client: &AgentClient, path: &str) -> Result<(), BoxError> {
     let r = client.call(Method::DELETE, path, &[], Bytes::new()).await?;
     if !r.status.is_success() {
         return Err(format!("DELETE {path} answered {}: {}", r.status, r.text()).into());
@@ -618,7 +620,8 @@ async fn delete(client: &AgentClient, path: &str) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn put(client: &AgentClient, path: &str, body: Value) -> Result<Value, BoxError> {
+/// `PUT path` with a JSON body; the JSON answer, or an error unless 2xx.
+pub async fn put(client: &AgentClient, path: &str, body: Value) -> Result<Value, BoxError> {
     let r = client.put_json(path, &body).await?;
     if !r.status.is_success() {
         return Err(format!("PUT {path} answered {}: {}", r.status, r.text()).into());
@@ -649,7 +652,7 @@ pub struct Topics {
 /// spreads to the others) until enough have their home on agent-2. All are
 /// created before any is chosen, and none after: with balanced placement a
 /// new topic may move the home of an existing one.
-async fn choose_topics(mesh: &Mesh) -> Result<Topics, BoxError> {
+pub async fn choose_topics(mesh: &Mesh) -> Result<Topics, BoxError> {
     let client = &mesh.clients[PUBLISHER];
     let mut durable = Vec::new();
     let mut ephemeral = Vec::new();
@@ -725,7 +728,8 @@ struct Scanned<'a> {
     seq: Option<u64>,
 }
 
-fn number_after(s: &str, key: &str) -> Option<u64> {
+/// The unsigned number right after the first `key` in `s`.
+pub fn number_after(s: &str, key: &str) -> Option<u64> {
     let at = s.find(key)? + key.len();
     let digits = s[at..].trim_start();
     let end = digits
@@ -807,7 +811,7 @@ pub struct PullStats {
 /// is set or `deadline` passes, recording each event (and the count of
 /// distinct ones in `progress`); acks on a second connection so acking never
 /// delays the next poll.
-async fn pull_loop(
+pub async fn pull_loop(
     app: SocketAddr,
     subscription: String,
     max: u32,
@@ -907,7 +911,7 @@ async fn pull_loop(
 
 /// Waits until `rec` holds `target` distinct messages, or it made no
 /// progress for `idle`, or `limit` passed; returns how long it waited.
-async fn drain(
+pub async fn drain(
     rec: &Arc<Mutex<Recorder>>,
     target: u64,
     idle: Duration,
@@ -930,7 +934,8 @@ async fn drain(
     started.elapsed()
 }
 
-async fn stop_consumer(
+/// Stops a [`pull_loop`] task (bounded by 5 s) and returns what it saw.
+pub async fn stop_consumer(
     name: &str,
     stop: &AtomicBool,
     consumer: tokio::task::JoinHandle<Result<PullStats, BoxError>>,
@@ -943,7 +948,8 @@ async fn stop_consumer(
     }
 }
 
-fn take_recorder(rec: &Arc<Mutex<Recorder>>, epoch: Instant) -> Result<Recorder, BoxError> {
+/// Takes the recorder out of `rec`, leaving an empty one.
+pub fn take_recorder(rec: &Arc<Mutex<Recorder>>, epoch: Instant) -> Result<Recorder, BoxError> {
     Ok(std::mem::replace(
         &mut *rec.lock().unwrap_or_else(|p| p.into_inner()),
         Recorder::new(epoch, 0)?,
@@ -1002,7 +1008,7 @@ impl EndToEnd {
 /// An ndjson batch of `n` 256-byte JSON objects whose `t` and `seq` are
 /// fixed-width fields (numbers right-aligned in spaces, valid JSON), with
 /// the byte offsets of those fields.
-struct BatchTemplate {
+pub struct BatchTemplate {
     body: Vec<u8>,
     fields: Vec<(usize, usize)>,
 }
@@ -1010,13 +1016,20 @@ struct BatchTemplate {
 const NUM_WIDTH: usize = 20;
 
 impl BatchTemplate {
-    fn new(n: usize) -> BatchTemplate {
+    /// A batch of `n` objects of 256 bytes.
+    pub fn new(n: usize) -> BatchTemplate {
+        BatchTemplate::sized(n, PAYLOAD_BYTES)
+    }
+
+    /// A batch of `n` objects of `size` bytes each (at least the fixed
+    /// fields, 82 bytes), one per line.
+    pub fn sized(n: usize, size: usize) -> BatchTemplate {
         let head_t = b"{\"t\":";
         let head_seq = b",\"seq\":";
         let head_pad = b",\"pad\":\"";
         let fixed = head_t.len() + NUM_WIDTH + head_seq.len() + NUM_WIDTH + head_pad.len() + 2;
-        let pad = PAYLOAD_BYTES.saturating_sub(fixed);
-        let mut body = Vec::with_capacity(n * (PAYLOAD_BYTES + 1));
+        let pad = size.saturating_sub(fixed);
+        let mut body = Vec::with_capacity(n * (size.max(fixed) + 1));
         let mut fields = Vec::with_capacity(n);
         for _ in 0..n {
             body.extend_from_slice(head_t);
@@ -1034,7 +1047,7 @@ impl BatchTemplate {
     }
 
     /// The batch whose entries are `first_seq..`, all sent at `t` ns.
-    fn fill(&self, first_seq: u64, t: u64) -> Bytes {
+    pub fn fill(&self, first_seq: u64, t: u64) -> Bytes {
         let mut body = self.body.clone();
         for (seq, &(t_at, seq_at)) in (first_seq..).zip(self.fields.iter()) {
             write_num(&mut body[t_at..t_at + NUM_WIDTH], t);
@@ -1058,7 +1071,7 @@ fn write_num(field: &mut [u8], mut v: u64) {
 }
 
 /// Reads `"published":N` and `"failed":N` from the start of a batch answer.
-fn batch_counts(body: &[u8]) -> Option<(u64, u64)> {
+pub fn batch_counts(body: &[u8]) -> Option<(u64, u64)> {
     let head = std::str::from_utf8(&body[..body.len().min(200)]).ok()?;
     Some((
         number_after(head, "\"published\":")?,
@@ -1506,17 +1519,19 @@ pub struct RoundTrips {
     pub cpu: CpuUse,
 }
 
-async fn round_trips(
+/// Sequential request/reply round trips sent to agent `via`, each with
+/// `body`, answered by the bench's app; bounded by `max` and `limit`.
+pub async fn round_trips(
     mesh: &Mesh,
     via: usize,
     topic: &str,
+    body: Bytes,
     max: u64,
     limit: Duration,
     clk_tck: f64,
 ) -> Result<RoundTrips, BoxError> {
     let mut conn = Conn::open(mesh.agents[via].app_addr).await?;
     let path = format!("/v1/topics/{topic}/requests?timeout=5s");
-    let body = Bytes::from_static(b"{\"q\":1}");
     // Until the subscriber's agent is known to the sender (bounded).
     let started = Instant::now();
     loop {
@@ -1739,7 +1754,16 @@ pub async fn run(
         .await?;
         let rr = outcome(
             "mesh-rr",
-            round_trips(&mesh, PUBLISHER, &topics.rr, plan.rr_max, plan.rr_time, clk_tck).await,
+            round_trips(
+                &mesh,
+                PUBLISHER,
+                &topics.rr,
+                Bytes::from_static(b"{\"q\":1}"),
+                plan.rr_max,
+                plan.rr_time,
+                clk_tck,
+            )
+            .await,
         );
         let rr_local = outcome(
             "mesh-rr-local",
@@ -1747,6 +1771,7 @@ pub async fn run(
                 &mesh,
                 SUBSCRIBER,
                 &topics.rr,
+                Bytes::from_static(b"{\"q\":1}"),
                 plan.rr_max / 4,
                 plan.rr_time / 4,
                 clk_tck,

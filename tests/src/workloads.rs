@@ -23,6 +23,9 @@ use tokio::task::JoinSet;
 /// Payload size of every published message, in bytes.
 pub const PAYLOAD_BYTES: usize = 256;
 
+/// Most requests an open-loop run keeps in flight (and connections it opens).
+pub const MAX_OPEN_LOOP_CONNECTIONS: usize = 2_000;
+
 /// Largest latency a histogram holds, in microseconds (larger values saturate).
 const HIST_MAX_US: u64 = 60_000_000;
 
@@ -397,6 +400,42 @@ pub struct OpenLoopSpec {
     pub max_messages: u64,
 }
 
+/// Starts a thread that hands out send `i` (with its due time) at
+/// `start + i / rate`, for `i` in `0..count`, and stops early when the
+/// receiver is dropped. Returns `start` and the receiver.
+///
+/// The thread paces with `std::thread::sleep` (tokio's timer has a 1 ms
+/// granularity, as coarse as the latencies measured).
+pub fn spawn_pacer(
+    rate: u64,
+    count: u64,
+) -> Result<
+    (
+        Instant,
+        tokio::sync::mpsc::UnboundedReceiver<(u64, Instant)>,
+    ),
+    BoxError,
+> {
+    let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let start = Instant::now() + Duration::from_millis(20);
+    std::thread::Builder::new()
+        .name("shoal-bench-pacer".into())
+        .spawn(move || {
+            for i in 0..count {
+                let at = start + period * u32::try_from(i).unwrap_or(u32::MAX);
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
+                if tx.send((i, at)).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok((start, rx))
+}
+
 /// Publishes at a fixed rate whatever the answers do: send `i` is due at
 /// `start + i / rate`, and its latency counts from that time, so a slow
 /// answer cannot hide the sends it delays (no coordinated omission).
@@ -415,27 +454,17 @@ pub async fn open_loop(
         .max(1);
     let period = Duration::from_nanos(1_000_000_000 / rate);
     let pool = Pool::new(ctx.app, 8).await?;
+    // At most this many requests in flight (one connection each): an agent
+    // that answers in seconds must not exhaust the bench's file descriptors.
+    // A send that waits here is late, and its latency still counts from the
+    // scheduled time.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_LOOP_CONNECTIONS));
     let latency = Arc::new(Mutex::new(new_histogram()?));
     let lateness = Arc::new(Mutex::new(new_histogram()?));
     let counters = Arc::new(Counters::default());
     let path: Arc<str> = Arc::from(spec.path.as_str());
 
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
-    let start = Instant::now() + Duration::from_millis(20);
-    std::thread::Builder::new()
-        .name("shoal-bench-pacer".into())
-        .spawn(move || {
-            for i in 0..count {
-                let at = start + period * u32::try_from(i).unwrap_or(u32::MAX);
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
-                }
-                if tx.send((i, at)).is_err() {
-                    break;
-                }
-            }
-        })?;
+    let (start, mut rx) = spawn_pacer(rate, count)?;
 
     println!(
         "[{}] {} msgs at {} msg/s (open loop, {:?})",
@@ -458,7 +487,11 @@ pub async fn open_loop(
             path.clone(),
         );
         let ct = spec.content_type;
+        let in_flight = in_flight.clone();
         tasks.spawn(async move {
+            let Ok(_permit) = in_flight.acquire_owned().await else {
+                return;
+            };
             record(
                 &mut late_h.lock().unwrap_or_else(|p| p.into_inner()),
                 at.elapsed(),
@@ -565,6 +598,19 @@ impl Recorder {
             first_at: None,
             last_at: None,
         })
+    }
+
+    /// Up to `n` sequence numbers below `below` that never arrived.
+    pub fn missing_sample(&self, below: u64, n: usize) -> Vec<u64> {
+        let below = usize::try_from(below).unwrap_or(usize::MAX);
+        self.seen
+            .iter()
+            .take(below)
+            .enumerate()
+            .filter(|(_, s)| !**s)
+            .take(n)
+            .map(|(i, _)| i as u64)
+            .collect()
     }
 
     /// Records a delivered payload (`{"t":..,"seq":..}`) received at `now`.
