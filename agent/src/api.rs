@@ -1022,11 +1022,22 @@ async fn pull(state: &AppState, name: &str, query: &Query) -> Result<Response<Bo
     let max = query.usize("max", DEFAULT_PULL_MAX, MAX_PULL_MAX)?;
     let wait = query.duration("wait", DEFAULT_PULL_WAIT, MAX_PULL_WAIT)?;
     let (sub, deliveries) = state.subs.pull(name, max, wait, Mode::Pull).await?;
-    let events: Vec<Value> = deliveries
-        .iter()
-        .map(|d| crate::cloudevents::to_json(d, &sub.topic))
-        .collect();
-    let mut r = json_response(StatusCode::OK, &events);
+    let mut body = Vec::with_capacity(
+        deliveries
+            .iter()
+            .map(|d| d.message.payload.len() + 256)
+            .sum::<usize>()
+            + 2,
+    );
+    body.push(b'[');
+    for (i, d) in deliveries.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        crate::cloudevents::write_json(d, &sub.topic, &mut body);
+    }
+    body.push(b']');
+    let mut r = Response::new(full(body));
     r.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/cloudevents-batch+json"),
@@ -1147,13 +1158,13 @@ fn stream(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
                     }
                 }
                 Ok((sub, deliveries)) => {
-                    let mut out = String::new();
+                    let mut out = Vec::new();
                     for d in &deliveries {
-                        let event = crate::cloudevents::to_json(d, &sub.topic);
-                        out.push_str(&format!(
-                            "id: {}\nevent: message\ndata: {}\n\n",
-                            d.ack_id, event
-                        ));
+                        out.extend_from_slice(
+                            format!("id: {}\nevent: message\ndata: ", d.ack_id).as_bytes(),
+                        );
+                        crate::cloudevents::write_json(d, &sub.topic, &mut out);
+                        out.extend_from_slice(b"\n\n");
                     }
                     if let Err(back) = tx.send(Bytes::from(out)).await {
                         let ids: Vec<String> =

@@ -170,6 +170,129 @@ pub fn to_json(d: &Delivery, topic: &str) -> Value {
     Value::Object(e)
 }
 
+/// Writes a delivery as compact CloudEvents JSON, the same event as
+/// [`to_json`] but without building a JSON tree: the hot path of pull and
+/// stream delivery. JSON data without line breaks is copied as it is (once
+/// checked to be JSON), so the event stays on one line for server-sent events.
+pub fn write_json(d: &Delivery, topic: &str, out: &mut Vec<u8>) {
+    let m = &d.message;
+    let ct = m.content_type.as_deref();
+    let json_data = is_json(ct)
+        && !m.payload.contains(&b'\n')
+        && !m.payload.contains(&b'\r')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(&m.payload).is_ok();
+    let text_data = if is_text(ct) {
+        std::str::from_utf8(&m.payload).ok()
+    } else {
+        None
+    };
+    // A multi-line JSON payload is compacted through a tree, as to_json does.
+    let compacted = if is_json(ct) && !json_data {
+        serde_json::from_slice::<Value>(&m.payload).ok()
+    } else {
+        None
+    };
+    let has_data = json_data || text_data.is_some() || compacted.is_some();
+    // Fields written after the attributes replace attributes of the same name,
+    // and attributes replace the defaults, as inserting into a map would.
+    let written_later = |k: &str| {
+        (k == "datacontenttype" && ct.is_some())
+            || k == if has_data { "data" } else { "data_base64" }
+            || (k == PARTITION_KEY_ATTRIBUTE && m.key.is_some())
+            || [
+                ACK_ID_ATTRIBUTE,
+                "shoaltopic",
+                "shoalpartition",
+                "shoaloffset",
+                "shoaldeliveryattempt",
+            ]
+            .contains(&k)
+    };
+    let is_attribute = |k: &str| m.attributes.iter().any(|(a, _)| a == k);
+    let mut w = JsonObject::new(out);
+    if !is_attribute("specversion") {
+        w.string("specversion", SPEC_VERSION);
+    }
+    if !is_attribute("id") {
+        w.string("id", &m.id);
+    }
+    if !is_attribute("source") {
+        w.string("source", &default_source(topic));
+    }
+    if !is_attribute("type") {
+        w.string("type", DEFAULT_TYPE);
+    }
+    if !is_attribute("time") {
+        w.string("time", &crate::time::rfc3339_ms(d.timestamp_ms));
+    }
+    for (i, (k, v)) in m.attributes.iter().enumerate() {
+        let repeated_later = m.attributes[i + 1..].iter().any(|(a, _)| a == k);
+        if !repeated_later && !written_later(k) {
+            w.string(k, v);
+        }
+    }
+    if let Some(ct) = ct {
+        w.string("datacontenttype", ct);
+    }
+    if json_data {
+        w.key("data");
+        w.out.extend_from_slice(&m.payload);
+    } else if let Some(text) = text_data {
+        w.string("data", text);
+    } else if let Some(v) = &compacted {
+        w.key("data");
+        let _ = serde_json::to_writer(&mut *w.out, v);
+    } else {
+        w.string("data_base64", &b64::encode(&m.payload));
+    }
+    w.string(ACK_ID_ATTRIBUTE, &d.ack_id.to_string());
+    w.string("shoaltopic", topic);
+    w.number("shoalpartition", u64::from(d.ack_id.partition));
+    w.number("shoaloffset", d.ack_id.offset);
+    w.number("shoaldeliveryattempt", u64::from(d.ack_id.attempt));
+    if let Some(k) = &m.key {
+        w.string(PARTITION_KEY_ATTRIBUTE, k);
+    }
+    w.end();
+}
+
+/// A JSON object written field by field.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> JsonObject<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        JsonObject { out, first: true }
+    }
+
+    fn key(&mut self, key: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *self.out, key);
+        self.out.push(b':');
+    }
+
+    fn string(&mut self, key: &str, value: &str) {
+        self.key(key);
+        let _ = serde_json::to_writer(&mut *self.out, value);
+    }
+
+    fn number(&mut self, key: &str, value: u64) {
+        self.key(key);
+        self.out.extend_from_slice(value.to_string().as_bytes());
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
 /// A structured-mode CloudEvent (JSON object) as a message. `id` is optional:
 /// with one, the message is deduplicated by it.
 pub fn from_json(v: Value) -> Result<Message, String> {
@@ -380,6 +503,74 @@ pub fn valid_traceparent(v: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use bytes::Bytes;
+
+    fn delivery(m: Message) -> Delivery {
+        Delivery {
+            ack_id: crate::group::AckId {
+                partition: 2,
+                offset: 41,
+                attempt: 3,
+            },
+            timestamp_ms: 1_700_000_000_123,
+            message: std::sync::Arc::new(m),
+        }
+    }
+
+    #[test]
+    fn written_json_is_the_same_event_as_the_json_tree() {
+        let base = Message {
+            id: "m-1".into(),
+            payload: Bytes::from_static(b"{\"n\": [1, 2.5, \"x\"]}"),
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        };
+        let with = |f: &dyn Fn(&mut Message)| {
+            let mut m = base.clone();
+            f(&mut m);
+            m
+        };
+        let cases = [
+            base.clone(),
+            with(&|m| m.payload = Bytes::from_static(b"{\n  \"multi\": \"line\"\n}")),
+            with(&|m| m.payload = Bytes::from_static(b"not json")),
+            with(&|m| m.content_type = Some("text/plain; charset=utf-8".into())),
+            with(&|m| {
+                m.content_type = None;
+                m.payload = Bytes::from_static(&[0, 159, 146, 150]);
+            }),
+            with(&|m| m.key = Some("customer \"7\"".into())),
+            with(&|m| {
+                m.attributes = vec![
+                    ("source".into(), "/app".into()),
+                    ("type".into(), "order.created".into()),
+                    (
+                        "traceparent".into(),
+                        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                    ),
+                    ("note".into(), "first".into()),
+                    ("note".into(), "second \u{2028} \n".into()),
+                    ("shoaltopic".into(), "forged".into()),
+                    ("data".into(), "shadowed".into()),
+                ]
+            }),
+        ];
+        for m in cases {
+            let d = delivery(m);
+            let tree = to_json(&d, "orders/eu");
+            let mut written = Vec::new();
+            write_json(&d, "orders/eu", &mut written);
+            assert!(
+                !written.contains(&b'\n'),
+                "one line: {}",
+                String::from_utf8_lossy(&written)
+            );
+            let parsed: Value = serde_json::from_slice(&written)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&written)));
+            assert_eq!(parsed, tree);
+        }
+    }
 
     #[test]
     fn structured_event_to_message() {
