@@ -9,19 +9,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Builds the release agent with cargo, showing cargo's own progress.
+/// Builds the agent as it ships in its image (static, release) with cargo,
+/// showing cargo's own progress; [`default_binary`] is its path. The static
+/// build is the one measured: a dynamically linked binary also maps glibc,
+/// which adds about 2 MB of resident memory the sidecar does not have.
 pub fn build(workspace: &Path) -> Result<(), BoxError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    println!("==> building the agent: cargo build --release -p shoal-agent --bin shoal-agent");
+    let target = host_target()?;
+    println!(
+        "==> building the agent as shipped: RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target {target} -p shoal-agent --bin shoal-agent"
+    );
     let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "shoal-agent",
-            "--bin",
-            "shoal-agent",
-        ])
+        .args(["build", "--release", "--target", &target])
+        .args(["-p", "shoal-agent", "--bin", "shoal-agent"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .current_dir(workspace)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -29,6 +30,38 @@ pub fn build(workspace: &Path) -> Result<(), BoxError> {
         return Err(format!("cargo build of shoal-agent failed ({status})").into());
     }
     Ok(())
+}
+
+/// Where [`build`] puts the agent for `target`.
+pub fn shipped_binary(workspace: &Path, target: &str) -> PathBuf {
+    workspace
+        .join("target")
+        .join(target)
+        .join("release")
+        .join("shoal-agent")
+}
+
+/// The agent binary the bench runs when `--agent-bin` is not given: the
+/// static build of [`build`].
+pub fn default_binary(workspace: &Path) -> PathBuf {
+    match host_target() {
+        Ok(target) => shipped_binary(workspace, &target),
+        Err(_) => workspace.join("target/release/shoal-agent"),
+    }
+}
+
+/// The host's target triple, from `rustc -vV`.
+pub fn host_target() -> Result<String, BoxError> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+    let out = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .map_err(|e| format!("cannot run rustc -vV: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(|t| t.trim().to_string())
+        .ok_or_else(|| "rustc -vV printed no host line".into())
 }
 
 /// A free port on 127.0.0.1 (bound and released; the agent binds it right after).

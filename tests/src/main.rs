@@ -80,7 +80,7 @@ struct Cli {
     /// Skip `cargo build --release -p shoal-agent` and use the binary as it is.
     #[arg(long)]
     no_build: bool,
-    /// Agent binary (default: target/release/shoal-agent of the workspace).
+    /// Agent binary (default: the static release build, target/<host triple>/release/shoal-agent).
     #[arg(long)]
     agent_bin: Option<PathBuf>,
     /// Keep-alive connections of the single-publish run.
@@ -253,7 +253,7 @@ async fn run_compare(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     let bin = cli
         .agent_bin
         .clone()
-        .unwrap_or_else(|| workspace.join("target/release/shoal-agent"));
+        .unwrap_or_else(|| agent::default_binary(workspace));
     let nats_bin = nats::ensure_server(workspace, !cli.no_install)?;
     let nats_version = nats::server_version(&nats_bin)?;
     println!("==> Shoal vs NATS: {nats_version} ({})", nats_bin.display());
@@ -321,7 +321,7 @@ async fn run_mesh(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     let bin = cli
         .agent_bin
         .clone()
-        .unwrap_or_else(|| workspace.join("target/release/shoal-agent"));
+        .unwrap_or_else(|| agent::default_binary(workspace));
     println!("==> mesh of three agents");
     let plan = mesh::MeshPlan::new(cli.quick);
     let opts = mesh::MeshOptions {
@@ -390,7 +390,7 @@ async fn run_single(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     let bin = cli
         .agent_bin
         .clone()
-        .unwrap_or_else(|| workspace.join("target/release/shoal-agent"));
+        .unwrap_or_else(|| agent::default_binary(workspace));
     let push_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let push_port = push_listener.local_addr()?.port();
     let mut agent = AgentProcess::start(&bin, push_port)?;
