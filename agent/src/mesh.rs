@@ -13,7 +13,7 @@ use shoal_cluster::membership::{self, AgentId, Effects, Event, Liveness, Members
 use shoal_mesh::certs::{CertSource, DevCertSource};
 use shoal_mesh::tls::CertStore;
 use shoal_mesh::transport::Endpoint;
-use shoal_mesh::SpiffeId;
+use shoal_mesh::{MeshError, SpiffeId};
 use shoal_proto::Message;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -496,16 +496,29 @@ impl Mesh {
         {
             let peers = peers.clone();
             let endpoint = endpoint.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
-                while let Some(accepted) = endpoint.accept().await {
-                    match accepted {
-                        Ok(peer) => {
-                            let addr = peer.connection.remote_address();
-                            tracing::debug!(peer = %addr, id = %peer.id, "accepted");
-                            peers.adopt(addr, peer.connection);
+                while let Some(incoming) = endpoint.accept_incoming().await {
+                    let (peers, metrics) = (peers.clone(), metrics.clone());
+                    tokio::spawn(async move {
+                        match incoming.handshake().await {
+                            Ok(peer) => {
+                                let addr = peer.connection.remote_address();
+                                tracing::debug!(peer = %addr, id = %peer.id, "accepted");
+                                peers.adopt(addr, peer.connection);
+                            }
+                            Err(e @ MeshError::PeerRefused { .. }) => {
+                                metrics
+                                    .mesh_handshake_failures
+                                    .get_or_create(&crate::metrics::ReasonLabel {
+                                        reason: crate::metrics::PEER_REFUSED,
+                                    })
+                                    .inc();
+                                tracing::warn!(error = %e, "a peer refused this agent's certificate");
+                            }
+                            Err(e) => tracing::debug!(error = %e, "mesh handshake failed"),
                         }
-                        Err(e) => tracing::debug!(error = %e, "mesh handshake failed"),
-                    }
+                    });
                 }
             });
         }

@@ -134,6 +134,9 @@ pub const STORAGE_OPS: [&str; 6] = ["append", "write", "read", "fsync", "offsets
 pub const BAD_FRAME_REASONS: [&str; 5] =
     ["version", "too_large", "empty", "malformed", "bad_answer"];
 
+/// `reason` of a handshake the peer aborted, refusing this agent's certificate.
+pub const PEER_REFUSED: &str = "peer_refused";
+
 /// Reasons a well-framed mesh message is refused.
 pub const INVALID_MESSAGE_REASONS: [&str; 3] =
     ["undecodable_message", "invalid_topic", "unknown_sender"];
@@ -662,7 +665,8 @@ impl Metrics {
                 .get_or_create(&ReasonLabel { reason })
                 .inc_by(0);
         }
-        for reason in shoal_mesh::tls::Refusal::ALL.map(shoal_mesh::tls::Refusal::as_str) {
+        let refusals = shoal_mesh::tls::Refusal::ALL.map(shoal_mesh::tls::Refusal::as_str);
+        for reason in refusals.into_iter().chain([PEER_REFUSED]) {
             self.mesh_handshake_failures
                 .get_or_create(&ReasonLabel { reason })
                 .inc_by(0);

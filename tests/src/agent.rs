@@ -270,6 +270,10 @@ pub struct AgentOptions {
 pub struct ProcStats {
     /// Resident set size in KiB (`VmRSS`).
     pub rss_kib: u64,
+    /// Its private anonymous part in KiB (`RssAnon`: heap and stacks). The
+    /// rest is mostly the binary's pages, page cache that every process
+    /// running the same image on a node shares.
+    pub anon_kib: u64,
     /// User plus system CPU time in clock ticks.
     pub cpu_ticks: u64,
 }
@@ -284,8 +288,15 @@ impl ProcStats {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .ok_or("no VmRSS in /proc/<pid>/status")?;
+        let anon_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         Ok(ProcStats {
             rss_kib,
+            anon_kib,
             cpu_ticks: cpu_ticks(&format!("/proc/{pid}/stat"))?,
         })
     }

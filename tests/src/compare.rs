@@ -286,6 +286,9 @@ pub struct Idle {
     pub nats_kib: u64,
     /// nats-server with JetStream, KiB.
     pub nats_js_kib: u64,
+    /// The private (`RssAnon`) part of each: agent-1..3, nats-server,
+    /// nats-server with JetStream, KiB.
+    pub anon_kib: Vec<u64>,
 }
 
 /// Everything the comparison measured.
@@ -1414,10 +1417,18 @@ pub async fn run(
         }
         let epoch = Instant::now();
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let (core_stats, js_stats) = (core.stats()?, js.stats()?);
+        let mut anon_kib = mesh
+            .pids()
+            .iter()
+            .map(|p| Ok(ProcStats::read(*p)?.anon_kib))
+            .collect::<Result<Vec<u64>, BoxError>>()?;
+        anon_kib.extend([core_stats.anon_kib, js_stats.anon_kib]);
         let idle = Idle {
             agents_kib: rss_kib(&mesh.pids())?,
-            nats_kib: core.stats()?.rss_kib,
-            nats_js_kib: js.stats()?.rss_kib,
+            nats_kib: core_stats.rss_kib,
+            nats_js_kib: js_stats.rss_kib,
+            anon_kib,
         };
         println!(
             "==> idle RSS: agents {:?} KiB, nats-server {} KiB, with JetStream {} KiB",

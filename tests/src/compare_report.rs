@@ -469,6 +469,15 @@ impl CompareReport {
             mb(idle.nats_kib),
             mb(idle.nats_js_kib)
         ));
+        o.push_str(&format!(
+            "Of that, private memory (`RssAnon`: heap and stacks; the rest is mostly the binary's own pages, page cache shared by every container of the same image on a node): {}.\n\n",
+            ["agent-1", "agent-2", "agent-3", "nats-server", "nats-server with JetStream"]
+                .iter()
+                .zip(&idle.anon_kib)
+                .map(|(name, k)| format!("{name} {}", mb(*k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         for plot in plots {
             o.push_str(&format!("![{plot}]({plot})\n"));
         }

@@ -44,6 +44,15 @@ pub enum MeshError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The peer aborted the handshake with a TLS alert: it refused this
+    /// agent's certificate.
+    #[error("{addr} refused this agent's certificate: {reason}")]
+    PeerRefused {
+        /// The peer address.
+        addr: std::net::SocketAddr,
+        /// The peer's alert.
+        reason: String,
+    },
     /// A connection failed or was refused.
     #[error("connection to {addr}: {reason}")]
     Connect {

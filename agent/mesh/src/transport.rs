@@ -90,22 +90,59 @@ impl Endpoint {
     /// fail are skipped (the TLS layer has counted the refusal). `None` once
     /// the endpoint is closed.
     pub async fn accept(&self) -> Option<Result<Peer, MeshError>> {
-        let incoming = self.endpoint.accept().await?;
-        let addr = incoming.remote_address();
-        Some(match incoming.await {
-            Ok(connection) => peer_id(&connection)
-                .map(|id| Peer { id, connection })
-                .map_err(|reason| MeshError::Connect { addr, reason }),
-            Err(e) => Err(MeshError::Connect {
-                addr,
-                reason: e.to_string(),
-            }),
-        })
+        Some(self.accept_incoming().await?.handshake().await)
+    }
+
+    /// Waits for the next agent to start a handshake, without waiting for
+    /// it to finish: callers run [`Incoming::handshake`] on a task of its
+    /// own, so one slow or hostile peer does not hold up the others. `None`
+    /// once the endpoint is closed.
+    pub async fn accept_incoming(&self) -> Option<Incoming> {
+        self.endpoint.accept().await.map(Incoming)
     }
 
     /// Closes every connection and the socket.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"agent stopping");
+    }
+}
+
+/// A peer's connection attempt, not yet authenticated.
+#[derive(Debug)]
+pub struct Incoming(quinn::Incoming);
+
+/// QUIC transport error codes that carry a TLS alert (RFC 9001, 4.8).
+const CRYPTO_ERROR_CODES: std::ops::Range<u64> = 0x100..0x200;
+
+impl Incoming {
+    /// The address the attempt comes from.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.0.remote_address()
+    }
+
+    /// Completes the handshake and authenticates the peer.
+    /// [`MeshError::PeerRefused`] says the peer aborted it with a TLS alert,
+    /// refusing this agent's certificate (a peer of another CA, say); a
+    /// certificate this agent refuses is counted by the TLS layer.
+    pub async fn handshake(self) -> Result<Peer, MeshError> {
+        let addr = self.0.remote_address();
+        match self.0.await {
+            Ok(connection) => peer_id(&connection)
+                .map(|id| Peer { id, connection })
+                .map_err(|reason| MeshError::Connect { addr, reason }),
+            Err(quinn::ConnectionError::ConnectionClosed(close))
+                if CRYPTO_ERROR_CODES.contains(&u64::from(close.error_code)) =>
+            {
+                Err(MeshError::PeerRefused {
+                    addr,
+                    reason: close.to_string(),
+                })
+            }
+            Err(e) => Err(MeshError::Connect {
+                addr,
+                reason: e.to_string(),
+            }),
+        }
     }
 }
 

@@ -103,9 +103,16 @@ async fn a_server_from_another_ca_is_refused() {
     let b = agent(&theirs, "orders");
     let b_addr = b.endpoint.local_addr().unwrap();
     let server = b.endpoint.clone();
-    tokio::spawn(async move { while server.accept().await.is_some() {} });
+    let accepted = tokio::spawn(async move { accept_one(&server).await });
     assert!(a.endpoint.connect(b_addr).await.is_err());
     assert_eq!(*a.refusals.lock().unwrap(), vec![Refusal::UnknownCa]);
+    // The refused server learns why: the client's TLS alert.
+    let refused = accepted.await.unwrap();
+    assert!(
+        matches!(refused, Err(MeshError::PeerRefused { .. })),
+        "{refused:?}"
+    );
+    assert!(b.refusals.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
