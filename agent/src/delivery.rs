@@ -748,6 +748,28 @@ struct GroupTask {
 }
 
 impl GroupTask {
+    /// Counts messages the group skipped because its partition no longer
+    /// holds them: an ephemeral ring overran a slow group (`overrun`), or
+    /// retention removed them first (`retention`).
+    fn count_skipped(&self, partition: u32, skipped: u64) {
+        if skipped == 0 {
+            return;
+        }
+        let reason = if self.topic.is_ephemeral() {
+            "overrun"
+        } else {
+            "retention"
+        };
+        self.metrics
+            .dropped
+            .get_or_create(&ReasonLabels {
+                topic: self.topic.metrics.label.clone(),
+                reason,
+            })
+            .inc_by(skipped);
+        tracing::debug!(topic = %self.topic.name, group = %self.group, partition, skipped, reason, "the group skipped messages its partition no longer holds");
+    }
+
     fn router(&self) -> Option<Arc<Router>> {
         self.router.get().and_then(Weak::upgrade)
     }
@@ -854,7 +876,8 @@ impl GroupTask {
             return;
         }
         if batch.first_index > batch.start {
-            self.core.on_compacted(pid, batch.first_index);
+            let skipped = self.core.on_compacted(pid, batch.first_index);
+            self.count_skipped(pid, skipped);
         }
         let fed = batch
             .entries
@@ -1047,10 +1070,17 @@ impl GroupTask {
                 Ok(entries) if entries.is_empty() => {
                     let first = partition.first_index();
                     if from < first {
-                        self.core.on_compacted(pid, first);
+                        let skipped = self.core.on_compacted(pid, first);
+                        self.count_skipped(pid, skipped);
                     }
                 }
                 Ok(entries) => {
+                    // An ephemeral ring answers from its start when it has
+                    // moved past `from`: the group skips what it lost.
+                    if let Some(first) = entries.first().map(|e| e.index).filter(|i| *i > from) {
+                        let skipped = self.core.on_compacted(pid, first);
+                        self.count_skipped(pid, skipped);
+                    }
                     let fed = entries
                         .into_iter()
                         .map(|e| (e.index, e.timestamp_ms, Message::decode(&e.data)))
@@ -1072,7 +1102,8 @@ impl GroupTask {
                     }
                 }
                 Err(shoal_storage::StorageError::Compacted { first_index, .. }) => {
-                    self.core.on_compacted(pid, first_index);
+                    let skipped = self.core.on_compacted(pid, first_index);
+                    self.count_skipped(pid, skipped);
                 }
                 Err(e) => {
                     self.metrics

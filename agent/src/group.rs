@@ -378,14 +378,20 @@ impl GroupCore {
         outcome
     }
 
-    /// The partition's log no longer holds offsets below `first_index` (retention).
-    pub fn on_compacted(&mut self, partition: u32, first_index: u64) {
-        if let Some(part) = self.parts.get_mut(&partition) {
-            if part.fetched < first_index {
-                part.fetched = first_index;
-                part.recompute_committed();
-            }
+    /// The partition's log no longer holds offsets below `first_index`
+    /// (retention, or an ephemeral ring that moved on): the group skips to
+    /// it. Returns how many messages it skipped unread.
+    pub fn on_compacted(&mut self, partition: u32, first_index: u64) -> u64 {
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return 0;
+        };
+        if part.fetched >= first_index {
+            return 0;
         }
+        let skipped = first_index - part.fetched;
+        part.fetched = first_index;
+        part.recompute_committed();
+        skipped
     }
 
     /// Hands up to `max` ready messages to `member`, within its in-flight limit.

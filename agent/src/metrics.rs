@@ -125,7 +125,7 @@ pub const REQUEST_REPLY_OUTCOMES: [&str; 4] = [
 ];
 
 /// Outcomes of a message forwarded to its partition's home.
-pub const FORWARD_OUTCOMES: [&str; 4] = ["stored", "failed", "unreachable", "busy"];
+pub const FORWARD_OUTCOMES: [&str; 5] = ["stored", "moving", "failed", "unreachable", "busy"];
 
 /// Storage operations counted in `shoal_storage_errors_total`.
 pub const STORAGE_OPS: [&str; 6] = ["append", "write", "read", "fsync", "offsets", "retention"];
@@ -136,6 +136,21 @@ pub const BAD_FRAME_REASONS: [&str; 5] =
 
 /// `reason` of a handshake the peer aborted, refusing this agent's certificate.
 pub const PEER_REFUSED: &str = "peer_refused";
+
+/// Why a message went to a dead-letter topic.
+pub const DEAD_LETTER_REASONS: [&str; 2] = ["max_deliveries", "rejected"];
+
+/// Why a message was dropped: given up without a dead-letter topic
+/// (`max_deliveries`, `rejected`), unreadable (`undecodable`), or skipped
+/// unread by a group because an ephemeral ring overran it (`overrun`) or
+/// retention removed it first (`retention`).
+pub const DROP_REASONS: [&str; 5] = [
+    "max_deliveries",
+    "rejected",
+    "undecodable",
+    "overrun",
+    "retention",
+];
 
 /// Reasons a well-framed mesh message is refused.
 pub const INVALID_MESSAGE_REASONS: [&str; 3] =
@@ -715,6 +730,22 @@ impl Metrics {
                 })
                 .clone()
         };
+        for reason in DEAD_LETTER_REASONS {
+            self.dead_lettered
+                .get_or_create(&ReasonLabels {
+                    topic: label.clone(),
+                    reason,
+                })
+                .inc_by(0);
+        }
+        for reason in DROP_REASONS {
+            self.dropped
+                .get_or_create(&ReasonLabels {
+                    topic: label.clone(),
+                    reason,
+                })
+                .inc_by(0);
+        }
         TopicMetrics {
             published: self.published.get_or_create(&t).clone(),
             published_bytes: self.published_bytes.get_or_create(&t).clone(),

@@ -190,6 +190,16 @@ fn call_error(node: &str, e: &CallError) -> ApiError {
     )
 }
 
+/// The `outcome` of a forward the home refused: `moving` when the partition
+/// is between homes (the agent retries it), else `failed`.
+fn forward_outcome(e: &ApiError) -> &'static str {
+    if retryable(e) {
+        "moving"
+    } else {
+        "failed"
+    }
+}
+
 fn retryable(e: &ApiError) -> bool {
     matches!(
         e.code,
@@ -908,8 +918,8 @@ impl Router {
         let mut stored = match answer {
             Ok(Message::Published { results, .. }) => results.into_iter(),
             Ok(Message::Failed { error, .. }) => {
-                self.count_forward("failed", batch.len());
                 let e = api_error(error);
+                self.count_forward(forward_outcome(&e), batch.len());
                 return batch.iter().map(|_| Err(e.clone())).collect();
             }
             Ok(_) => {
@@ -946,8 +956,9 @@ impl Router {
                     })
                 }
                 Some(PublishResult::Failed(w)) => {
-                    self.count_forward("failed", 1);
-                    Err(api_error(w))
+                    let e = api_error(w);
+                    self.count_forward(forward_outcome(&e), 1);
+                    Err(e)
                 }
                 None => Err(ApiError::internal(
                     "the home agent answered too few results",

@@ -435,6 +435,55 @@ async fn ephemeral_topic_fans_out_and_stores_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_overrun_by_an_ephemeral_ring_counts_what_it_skipped() {
+    let dir = tempdir();
+    let agent = start_agent(dir.path(), &[]).await;
+    let c = &agent.client;
+    let r = put_topic(c, "burst", json!({"kind": "ephemeral", "partitions": 1})).await;
+    expect_status(&r, 201, "create ephemeral");
+    put_sub(c, "slow", json!({"topic": "burst", "start": "earliest"})).await;
+    // More than the ring holds, published while the group reads nothing.
+    let total = shoal_agent::topic::EPHEMERAL_CAPACITY_ENTRIES + 2_500;
+    let lines: Vec<String> = (0..total).map(|i| format!("{{\"n\":{i}}}")).collect();
+    for chunk in lines.chunks(500) {
+        let r = c
+            .call(
+                Method::POST,
+                "/v1/topics/burst/messages/batch",
+                &[("content-type", "application/x-ndjson")],
+                chunk.join("\n"),
+            )
+            .await
+            .unwrap();
+        expect_status(&r, 200, "ndjson batch");
+        assert_eq!(r.json()["published"], chunk.len(), "{}", r.json());
+    }
+    let mut received = 0;
+    loop {
+        let got = pull(c, "slow", 1000, "300ms").await;
+        if got.is_empty() {
+            break;
+        }
+        received += got.len();
+        let ids: Vec<String> = got.iter().map(ackid).collect();
+        ack(c, "slow", &ids).await;
+    }
+    let text = metrics(&agent.admin).await;
+    let overrun = series_value(
+        &text,
+        "shoal_messages_dropped_total{topic=\"burst\",reason=\"overrun\"}",
+    )
+    .unwrap_or(0.0) as usize;
+    assert!(overrun > 0, "the ring overran the group: {text}");
+    assert!(received > 0, "the group reads what the ring still holds");
+    assert_eq!(
+        received + overrun,
+        total,
+        "every message is delivered or counted as skipped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_documented_errors_and_the_agent_keeps_serving() {
     let app = FakeApp::ok().await;
     let dir = tempdir();

@@ -177,8 +177,29 @@ async fn an_agent_with_a_certificate_from_another_ca_is_refused() {
             .await
             .map(|r| r.text())
             .unwrap_or_default();
-        m.contains("shoal_mesh_handshake_failures_total{reason=\"unknown_ca\"}")
-            && metric_value(&m, "shoal_mesh_handshake_failures_total").unwrap_or(0.0) > 0.0
+        series_value(
+            &m,
+            "shoal_mesh_handshake_failures_total{reason=\"unknown_ca\"}",
+        )
+        .unwrap_or(0.0)
+            > 0.0
+    })
+    .await;
+    // The mesh agent it dialed sees the attempt too: the intruder aborted
+    // the handshake, refusing the mesh's certificate.
+    wait_until("the seed counts the aborted handshakes", || async {
+        let m = a1
+            .admin
+            .get("/metrics")
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default();
+        series_value(
+            &m,
+            "shoal_mesh_handshake_failures_total{reason=\"peer_refused\"}",
+        )
+        .unwrap_or(0.0)
+            > 0.0
     })
     .await;
     assert!(
@@ -517,6 +538,13 @@ async fn a_message_published_on_one_agent_is_stored_at_its_home_and_read_on_anot
         metric_value(&m2, "shoal_publish_duration_seconds_count"),
         Some(0.0),
         "agent-2 was not called by an app: {m2}"
+    );
+    // Publishing right after creating the topic meets homes that may not
+    // know it yet: those forwards are retried as `moving`, never `failed`.
+    assert_eq!(
+        series_value(&m1, "shoal_forwarded_messages_total{outcome=\"failed\"}"),
+        Some(0.0),
+        "{m1}"
     );
     let m3 = metrics(&a3.admin).await;
     assert!(
