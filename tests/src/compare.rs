@@ -229,6 +229,10 @@ pub struct Round {
     pub duplicates: u64,
     /// Refused or failed sends.
     pub failed: u64,
+    /// Messages the system itself reports it dropped (Shoal: the rise of
+    /// `shoal_messages_dropped_total` over the agents, such as an ephemeral
+    /// ring overrunning a slow subscriber, best effort by design; 0 for NATS).
+    pub dropped: u64,
     /// The first failure seen.
     pub first_error: Option<String>,
     /// First send to the last delivery (or answer).
@@ -251,9 +255,11 @@ impl Round {
         self.received as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    /// Expected but not received.
+    /// Expected but neither received nor reported dropped by the system.
     pub fn missing(&self) -> u64 {
-        self.expected.saturating_sub(self.received)
+        self.expected
+            .saturating_sub(self.received)
+            .saturating_sub(self.dropped)
     }
 
     /// CPU seconds of all the system's processes per million received.
@@ -304,15 +310,17 @@ pub struct CompareResults {
 }
 
 impl CompareResults {
-    /// (expected, received, missing, failed, failed rounds) over every round.
-    pub fn accounting(&self) -> (u64, u64, u64, u64, usize) {
-        let (mut e, mut r, mut m, mut f, mut bad) = (0, 0, 0, 0, 0);
+    /// (expected, received, dropped, missing, failed, failed rounds) over
+    /// every round.
+    pub fn accounting(&self) -> (u64, u64, u64, u64, u64, usize) {
+        let (mut e, mut r, mut d, mut m, mut f, mut bad) = (0, 0, 0, 0, 0, 0);
         for row in &self.rows {
             for o in row.shoal.iter().chain(&row.nats) {
                 match o {
                     Ok(x) => {
                         e += x.expected;
                         r += x.received.min(x.expected);
+                        d += x.dropped;
                         m += x.missing();
                         f += x.failed;
                     }
@@ -320,7 +328,7 @@ impl CompareResults {
                 }
             }
         }
-        (e, r, m, f, bad)
+        (e, r, d, m, f, bad)
     }
 }
 
@@ -765,6 +773,7 @@ impl ShoalSide {
             .subscribe(&topic, subs, count, &single, &stop, deadline)
             .await?;
         let c0 = cpu_ticks(&self.pids())?;
+        let dropped_before = mesh::dropped_total(&self.mesh).await;
         let started = Instant::now();
         let epoch = self.epoch;
         let t = single.clone();
@@ -792,7 +801,8 @@ impl ShoalSide {
             }
         }
         self.unsubscribe(&names).await?;
-        collect(
+        let dropped = mesh::dropped_total(&self.mesh).await - dropped_before;
+        let mut round = collect(
             &recs,
             publish.ok,
             publish.failed,
@@ -802,7 +812,9 @@ impl ShoalSide {
             cpu_between(&c0, &c1, self.clk_tck),
             end_rss,
             self.epoch,
-        )
+        )?;
+        round.dropped = dropped.max(0.0) as u64;
+        Ok(round)
     }
 
     /// Sequential requests on agent-1, answered by the bench's app behind agent-3.
@@ -820,6 +832,7 @@ impl ShoalSide {
         )
         .await?;
         Ok(Round {
+            dropped: 0,
             sent: r.ok + r.failed,
             expected: r.ok + r.failed,
             received: r.ok,
@@ -862,6 +875,7 @@ impl ShoalSide {
         .await?;
         let c1 = cpu_ticks(&self.pids())?;
         Ok(Round {
+            dropped: 0,
             sent: tp.messages + tp.rejected,
             expected: tp.messages + tp.rejected,
             received: tp.messages,
@@ -905,6 +919,7 @@ fn collect(
     }
     let per_message = if subs.group { 1 } else { subs.count as u64 };
     Ok(Round {
+        dropped: 0,
         sent: published,
         expected: published * per_message,
         received,
@@ -1239,6 +1254,7 @@ impl NatsSide {
             latency.value_at_quantile(0.99)
         );
         Ok(Round {
+            dropped: 0,
             sent: ok + failed,
             expected: ok + failed,
             received: ok,
@@ -1299,6 +1315,7 @@ impl NatsSide {
         let elapsed = t0.elapsed();
         let c1 = cpu_ticks(&pids)?;
         Ok(Round {
+            dropped: 0,
             sent,
             expected: sent,
             received: acked,
@@ -1372,13 +1389,14 @@ fn summary_line(sys: Sys, w: Workload, size: usize, r: &Round) -> String {
         )
     };
     format!(
-        "==> {:?} {} {} B: {:.0}/s, {} of {} received, {} missing, {} failed, {} redelivered{lat}, CPU {:.2} s/M",
+        "==> {:?} {} {} B: {:.0}/s, {} of {} received, {} dropped (counted), {} missing, {} failed, {} redelivered{lat}, CPU {:.2} s/M",
         sys,
         w.key(),
         size,
         r.rate(),
         r.received,
         r.expected,
+        r.dropped,
         r.missing(),
         r.failed,
         r.duplicates,

@@ -360,7 +360,7 @@ impl CompareReport {
                                 format!("{}/s", rate_text(r.rate()))
                             };
                             line.push_str(&format!(
-                                " [{}: {lat}, {} sent, {} of {} in {:.1} s{}{}]",
+                                " [{}: {lat}, {} sent, {} of {} in {:.1} s{}{}{}]",
                                 i + 1,
                                 thousands(r.sent),
                                 thousands(r.received),
@@ -368,6 +368,11 @@ impl CompareReport {
                                 r.elapsed.as_secs_f64(),
                                 if r.duplicates > 0 {
                                     format!(", {} redelivered", r.duplicates)
+                                } else {
+                                    String::new()
+                                },
+                                if r.dropped > 0 {
+                                    format!(", {} dropped and counted by Shoal (ephemeral ring overran the subscriber)", r.dropped)
                                 } else {
                                     String::new()
                                 },
@@ -405,7 +410,7 @@ impl CompareReport {
         let m = &self.machine;
         let p = &self.plan;
         let idle = &self.results.idle;
-        let (expected, received, missing, failed, bad) = self.results.accounting();
+        let (expected, received, dropped, missing, failed, bad) = self.results.accounting();
         let mut o = String::new();
         o.push_str(BEGIN);
         o.push_str("\n## Shoal side by side with NATS and JetStream (issue 5)\n\n");
@@ -485,9 +490,10 @@ impl CompareReport {
             o.push('\n');
         }
         o.push_str(&format!(
-            "Accounting: {} deliveries, answers and acks expected over all rounds, {} arrived, {} missing, {} sends failed, {} rounds failed.\n\n",
+            "Accounting: {} deliveries, answers and acks expected over all rounds, {} arrived, {} dropped and counted by Shoal (an ephemeral ring overrunning its subscriber under overload), {} missing without a trace, {} sends refused (Shoal: 503 `home_busy` under overload), {} rounds failed.\n\n",
             thousands(expected),
             thousands(received),
+            thousands(dropped),
             thousands(missing),
             thousands(failed),
             bad

@@ -552,6 +552,26 @@ const COUNTERS: [&str; 8] = [
     "shoal_storage_fsync_duration_seconds_sum",
 ];
 
+/// `shoal_messages_dropped_total` summed over the agents (0 for an agent
+/// that does not answer): the messages the mesh reports it dropped.
+pub async fn dropped_total(mesh: &Mesh) -> f64 {
+    let mut total = 0.0;
+    for a in &mesh.agents {
+        let Ok(mut conn) = Conn::open(a.admin_addr).await else {
+            continue;
+        };
+        if let Ok((status, body)) = conn.call(Method::GET, "/metrics", None, Bytes::new()).await {
+            if status.is_success() {
+                total += metric_sum(
+                    &String::from_utf8_lossy(&body),
+                    "shoal_messages_dropped_total",
+                );
+            }
+        }
+    }
+    total
+}
+
 async fn metrics_mark(mesh: &Mesh) -> MetricsMark {
     let mut m = MetricsMark::default();
     for (i, a) in mesh.agents.iter().enumerate() {

@@ -137,6 +137,7 @@ fn quick_compare_accounts_for_every_message_and_stops_every_process() {
     assert!(expected > 0, "nothing was measured: {summary}");
     assert_eq!(received, expected, "messages missing: {summary}");
     assert_eq!(field(summary, "missing"), Some(0), "{summary}");
+    assert_eq!(field(summary, "dropped"), Some(0), "{summary}");
     assert_eq!(field(summary, "failed"), Some(0), "{summary}");
     assert_eq!(field(summary, "failed_rounds"), Some(0), "{summary}");
 }
