@@ -774,22 +774,59 @@ where
         }
     }
     let mut published = state.publish(topic, valid).await?.into_iter();
-    let results: Vec<Value> = slots
+    let outcomes: Vec<Result<PublishOutcome, ApiError>> = slots
         .into_iter()
         .map(|s| s.or_else(|| published.next()).unwrap_or_else(|| Err(ApiError::internal("missing result"))))
+        .collect();
+    let mut failed = 0;
+    let results: Vec<EntryResult<'_>> = outcomes
+        .iter()
         .map(|r| match r {
-            Ok(o) => serde_json::to_value(o).unwrap_or(Value::Null),
+            Ok(o) => EntryResult::Published(o),
             Err(e) => {
+                failed += 1;
                 state.metrics.api_error(e.code);
-                json!({"error": {"code": e.code, "message": e.message, "status": e.status.as_u16()}})
+                EntryResult::Failed {
+                    error: EntryError {
+                        code: e.code,
+                        message: &e.message,
+                        status: e.status.as_u16(),
+                    },
+                }
             }
         })
         .collect();
-    let failed = results.iter().filter(|r| r.get("error").is_some()).count();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"published": results.len() - failed, "failed": failed, "results": results}),
+        &BatchAnswer {
+            published: results.len() - failed,
+            failed,
+            results,
+        },
     ))
+}
+
+/// The answer to a batch publish, serialized without building a JSON tree.
+#[derive(serde::Serialize)]
+struct BatchAnswer<'a> {
+    published: usize,
+    failed: usize,
+    results: Vec<EntryResult<'a>>,
+}
+
+/// One entry of a batch answer: where it was stored, or why not.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum EntryResult<'a> {
+    Published(&'a PublishOutcome),
+    Failed { error: EntryError<'a> },
+}
+
+#[derive(serde::Serialize)]
+struct EntryError<'a> {
+    code: &'a str,
+    message: &'a str,
+    status: u16,
 }
 
 fn topic_json(state: &AppState, topic: &crate::topic::Topic) -> Value {
