@@ -776,7 +776,10 @@ where
     let mut published = state.publish(topic, valid).await?.into_iter();
     let outcomes: Vec<Result<PublishOutcome, ApiError>> = slots
         .into_iter()
-        .map(|s| s.or_else(|| published.next()).unwrap_or_else(|| Err(ApiError::internal("missing result"))))
+        .map(|s| {
+            s.or_else(|| published.next())
+                .unwrap_or_else(|| Err(ApiError::internal("missing result")))
+        })
         .collect();
     let mut failed = 0;
     let results: Vec<EntryResult<'_>> = outcomes
