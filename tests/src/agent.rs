@@ -32,13 +32,21 @@ pub fn build(workspace: &Path) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Where [`build`] puts the agent for `target`.
+/// Where [`build`] puts the agent for `target`: under `CARGO_TARGET_DIR`
+/// when it is set (relative to the workspace, as cargo reads it), else
+/// under the workspace's `target`.
 pub fn shipped_binary(workspace: &Path, target: &str) -> PathBuf {
-    workspace
-        .join("target")
+    target_dir(workspace)
         .join(target)
         .join("release")
         .join("shoal-agent")
+}
+
+fn target_dir(workspace: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace.join(dir),
+        _ => workspace.join("target"),
+    }
 }
 
 /// The agent binary the bench runs when `--agent-bin` is not given: the
@@ -46,7 +54,7 @@ pub fn shipped_binary(workspace: &Path, target: &str) -> PathBuf {
 pub fn default_binary(workspace: &Path) -> PathBuf {
     match host_target() {
         Ok(target) => shipped_binary(workspace, &target),
-        Err(_) => workspace.join("target/release/shoal-agent"),
+        Err(_) => target_dir(workspace).join("release/shoal-agent"),
     }
 }
 

@@ -1362,6 +1362,11 @@ async fn run_one(
     }
 }
 
+/// The keys `--workloads` takes, in the order the workloads run.
+pub fn workload_keys(plan: &ComparePlan) -> Vec<String> {
+    all_workloads(plan).iter().map(Workload::key).collect()
+}
+
 /// The workloads in the order they run: light to heavy.
 pub fn all_workloads(plan: &ComparePlan) -> Vec<Workload> {
     let mut w: Vec<Workload> = plan.rates.iter().map(|r| Workload::Latency(*r)).collect();

@@ -152,7 +152,12 @@ fn workspace_root() -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.workloads.retain(|k| !k.trim().is_empty());
+    if let Err(e) = check_workloads(&cli) {
+        eprintln!("shoal-bench: {e}");
+        return ExitCode::from(2);
+    }
     let workspace = workspace_root();
     if !cli.no_build {
         if let Err(e) = agent::build(&workspace) {
@@ -184,11 +189,26 @@ fn main() -> ExitCode {
                 eprintln!("shoal-bench: interrupted; stopping the agents");
                 ExitCode::from(130)
             }
+            _ = terminated() => {
+                eprintln!("shoal-bench: terminated; stopping the agents");
+                ExitCode::from(143)
+            }
         }
     });
     // The agent was stopped when `run` was dropped; don't wait for stray tasks.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
+}
+
+/// Resolves on SIGTERM (`kill`, `timeout`, CI), so the servers this run
+/// started are stopped as on Ctrl-C.
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
+    }
 }
 
 /// The command line as `cargo run` would take it.
@@ -203,12 +223,44 @@ fn command_line() -> String {
 
 /// Where to write the report, if anywhere.
 fn out_path(cli: &Cli, workspace: &Path) -> Option<PathBuf> {
-    match (&cli.out, cli.quick, cli.no_write) {
+    // A run of some workloads only is never written over the full figures
+    // unless asked to with --out.
+    let partial = !cli.workloads.is_empty();
+    match (&cli.out, cli.quick || partial, cli.no_write) {
         (_, _, true) => None,
         (Some(p), _, _) => Some(p.clone()),
         (None, false, _) => Some(workspace.join("docs/benchmarks.md")),
         (None, true, _) => None,
     }
+}
+
+/// Refuses `--workloads` keys the comparison does not know, and
+/// `--workloads` without `--only compare`, before anything starts.
+fn check_workloads(cli: &Cli) -> Result<(), String> {
+    if cli.workloads.is_empty() {
+        return Ok(());
+    }
+    if cli.only != Some(Part::Compare) {
+        return Err("--workloads selects workloads of the comparison: add --only compare".into());
+    }
+    let known = compare::workload_keys(&compare::ComparePlan::new(cli.quick));
+    let unknown: Vec<&String> = cli
+        .workloads
+        .iter()
+        .filter(|k| !known.contains(k))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!(
+            "unknown --workloads {}: the keys are {}",
+            unknown
+                .iter()
+                .map(|k| format!("{k:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            known.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
