@@ -256,8 +256,8 @@ impl CompareReport {
             format!("met ({} ≤ {RSS_RATIO_TARGET}×)", ratio_text(ratio))
         } else {
             format!(
-                "**missed** by {} ({} > {RSS_RATIO_TARGET}×: the largest agent is {:.1} MB over 0.6 × nats-server)",
-                ratio_text(ratio / RSS_RATIO_TARGET),
+                "**missed** by {:.0} % ({} > {RSS_RATIO_TARGET}×: the largest agent is {:.1} MB over 0.6 × nats-server)",
+                (ratio / RSS_RATIO_TARGET - 1.0) * 100.0,
                 ratio_text(ratio),
                 (largest as f64 - idle.nats_kib as f64 * RSS_RATIO_TARGET) * 1024.0 / 1e6
             )
