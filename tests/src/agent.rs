@@ -240,10 +240,12 @@ impl Drop for AgentProcess {
 /// Stops a child process by its pid: SIGTERM, up to 5 s to exit, then
 /// SIGKILL; prints how it ended. Does nothing if it has already exited.
 pub fn stop_child(child: &mut Child, name: &str) {
-    if let Ok(Some(_)) = child.try_wait() {
+    let pid = child.id();
+    if let Ok(Some(status)) = child.try_wait() {
+        // Already gone: a mesh asks all its agents to stop at once.
+        println!("==> {name} pid {pid} exited ({status})");
         return;
     }
-    let pid = child.id();
     // Graceful first (std has no SIGTERM, so ask kill(1)), then by force.
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
