@@ -268,6 +268,14 @@ impl Round {
     }
 }
 
+/// What the publisher of a NATS round did.
+struct Sent {
+    published: u64,
+    failed: u64,
+    first_error: Option<String>,
+    started: Instant,
+}
+
 /// A round's result, or why it failed.
 pub type Outcome = Result<Round, String>;
 
@@ -1056,10 +1064,35 @@ impl NatsSide {
                 }
             }
         }
+        let sent = Sent {
+            published,
+            failed,
+            first_error,
+            started: t0,
+        };
+        self.finish(plan, sent, &recs, subs, &stop, tasks, &c0)
+            .await
+    }
+
+    /// Ends a pub/sub round: flushes the publisher, waits until the
+    /// subscribers have every published message (or the drain limit), reads
+    /// nats-server's CPU and memory, and stops the subscribers.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        plan: &ComparePlan,
+        mut sent: Sent,
+        recs: &[Arc<Mutex<Recorder>>],
+        subs: Subs,
+        stop: &AtomicBool,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+        c0: &[u64],
+    ) -> Result<Round, BoxError> {
         if let Err(e) = self.publisher.flush().await {
-            first_error.get_or_insert_with(|| e.to_string());
+            sent.first_error.get_or_insert_with(|| e.to_string());
         }
-        drain_all(&recs, published, plan.drain_limit).await;
+        drain_all(recs, sent.published, plan.drain_limit).await;
+        let pids = [self.core.pid()];
         let c1 = cpu_ticks(&pids)?;
         let end_rss = rss_kib(&pids)?;
         stop.store(true, Ordering::Relaxed);
@@ -1067,13 +1100,13 @@ impl NatsSide {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         collect(
-            &recs,
-            published,
-            failed,
-            first_error,
-            t0,
+            recs,
+            sent.published,
+            sent.failed,
+            sent.first_error,
+            sent.started,
             subs,
-            cpu_between(&c0, &c1, self.clk_tck),
+            cpu_between(c0, &c1, self.clk_tck),
             end_rss,
             self.epoch,
         )
@@ -1189,27 +1222,14 @@ impl NatsSide {
                 }
             }
         }
-        if let Err(e) = self.publisher.flush().await {
-            first_error.get_or_insert_with(|| e.to_string());
-        }
-        drain_all(&recs, published, plan.drain_limit).await;
-        let c1 = cpu_ticks(&pids)?;
-        let end_rss = rss_kib(&pids)?;
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
-        collect(
-            &recs,
+        let sent = Sent {
             published,
             failed,
             first_error,
-            start,
-            subs,
-            cpu_between(&c0, &c1, self.clk_tck),
-            end_rss,
-            self.epoch,
-        )
+            started: start,
+        };
+        self.finish(plan, sent, &recs, subs, &stop, tasks, &c0)
+            .await
     }
 
     /// Sequential `request`s, answered by the responder connection.
