@@ -12,6 +12,8 @@
 use bytes::{BufMut, BytesMut};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+pub mod raft;
+
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Bytes before a frame's body: the length and the version.
@@ -230,6 +232,8 @@ pub enum Message {
         /// The members.
         members: Vec<RosterMember>,
     },
+    /// Raft traffic of every group between the two agents (one-way; see [`raft`]).
+    Raft(raft::RaftBatch),
 }
 
 /// A member as [`Message::Roster`] describes it.

@@ -1,0 +1,702 @@
+//! The multi-raft driver: every group of one agent, driven together.
+//!
+//! - **One tick for all.** The shell calls [`Driver::tick`] every
+//!   [`DriverConfig::tick_ms`]; awake groups tick, hibernating ones do not.
+//! - **One batch per peer per round.** Every message of every group to one
+//!   agent goes out in one [`RaftBatch`], so a thousand groups' heartbeats
+//!   are one frame per agent pair per heartbeat interval.
+//! - **One sync phase per round.** [`Driver::process`] collects every
+//!   group's ready and writes, syncs each written store once, then sends
+//!   what promises durability and advances every group.
+//! - **Hibernation.** A leader whose group has nothing in flight for
+//!   [`DriverConfig::hibernate_after_ticks`] tells its followers and stops
+//!   ticking; they stop too. A proposal, a peer's message, a membership
+//!   change or a peer going down wakes a group.
+//! - **Paced membership changes.** Each group moves toward the voters the
+//!   shell wants ([`Driver::set_replicas`]): new replicas join as learners,
+//!   catch up, then one joint-consensus swap; at most
+//!   [`DriverConfig::max_concurrent_changes`] changes are proposed per tick.
+
+use crate::group::{Bootstrap, Group, GroupConfig, GroupEvent, GroupStatus};
+use crate::snapshot::SnapshotData;
+use crate::state::Applied;
+use crate::store::{LogStore, StoreError};
+use crate::wire;
+use crate::{group_name, Error, GroupId, NodeId};
+use raft::eraftpb::Message;
+use shoal_proto::raft::{GroupMessages, Hibernate, RaftBatch};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Default tick: 100 ms.
+pub const DEFAULT_TICK_MS: u64 = 100;
+/// Default election timeout: 10 ticks (1 s), randomized up to 2 s.
+pub const DEFAULT_ELECTION_TICKS: usize = 10;
+/// Default heartbeat interval: 2 ticks (200 ms).
+pub const DEFAULT_HEARTBEAT_TICKS: usize = 2;
+/// Default quiet time before a group hibernates: 30 ticks (3 s).
+pub const DEFAULT_HIBERNATE_AFTER_TICKS: u32 = 30;
+/// Default number of membership changes proposed per tick.
+pub const DEFAULT_MAX_CONCURRENT_CHANGES: usize = 8;
+/// Default largest append, in bytes of entry data.
+pub const DEFAULT_MAX_APPEND_BYTES: u64 = 1 << 20;
+
+/// Settings of a driver.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// How often the shell ticks, for reference (the driver counts ticks).
+    pub tick_ms: u64,
+    /// Election timeout in ticks.
+    pub election_ticks: usize,
+    /// Heartbeat interval in ticks.
+    pub heartbeat_ticks: usize,
+    /// Quiet ticks before a leader hibernates its group.
+    pub hibernate_after_ticks: u32,
+    /// Membership changes proposed per tick, over all groups.
+    pub max_concurrent_changes: usize,
+    /// A learner within this many entries of the commit index counts as
+    /// caught up.
+    pub catch_up_slack: u64,
+    /// Largest append message.
+    pub max_append_bytes: u64,
+    /// Appends in flight per follower.
+    pub max_inflight: usize,
+    /// Dedupe window of every partition.
+    pub dedupe_window_ms: u64,
+    /// Create a replica (empty, joining) when a leader's message arrives
+    /// for a group this agent does not have.
+    pub join_on_message: bool,
+    /// Report every applied entry as [`Event::Applied`] (the simulation's
+    /// checker reads them; the agent reads the log instead).
+    pub report_applied: bool,
+    /// Seed of the election timeouts (a simulation replays a seed exactly).
+    pub seed: u64,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            tick_ms: DEFAULT_TICK_MS,
+            election_ticks: DEFAULT_ELECTION_TICKS,
+            heartbeat_ticks: DEFAULT_HEARTBEAT_TICKS,
+            hibernate_after_ticks: DEFAULT_HIBERNATE_AFTER_TICKS,
+            max_concurrent_changes: DEFAULT_MAX_CONCURRENT_CHANGES,
+            catch_up_slack: 64,
+            max_append_bytes: DEFAULT_MAX_APPEND_BYTES,
+            max_inflight: 256,
+            dedupe_window_ms: crate::state::DEFAULT_DEDUPE_WINDOW_MS,
+            join_on_message: true,
+            report_applied: false,
+            seed: 0,
+        }
+    }
+}
+
+/// What happened, for the shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A proposal's entry was applied at `index`.
+    Committed {
+        /// The group.
+        group: GroupId,
+        /// The proposer's token.
+        token: u64,
+        /// Where the entry is.
+        index: u64,
+        /// What applying it did (a duplicate id names the original).
+        applied: Applied,
+    },
+    /// A proposal's entry was replaced by another leader's: it will never
+    /// be applied. Its publisher may try again (with the same id).
+    Dropped {
+        /// The group.
+        group: GroupId,
+        /// The proposer's token.
+        token: u64,
+    },
+    /// An entry was applied (only with [`DriverConfig::report_applied`]).
+    Applied {
+        /// The group.
+        group: GroupId,
+        /// Index.
+        index: u64,
+        /// Term.
+        term: u64,
+        /// The entry's data.
+        data: Vec<u8>,
+        /// What applying it did.
+        applied: Applied,
+    },
+    /// The group's leader or term changed, as this replica sees it.
+    Leader {
+        /// The group.
+        group: GroupId,
+        /// The leader, if any.
+        leader: Option<NodeId>,
+        /// The term.
+        term: u64,
+    },
+    /// This replica was removed from the group; the shell deletes its data.
+    Removed {
+        /// The group.
+        group: GroupId,
+    },
+    /// A peer's message was refused (bad form, wrong sender, unknown group).
+    Refused {
+        /// The sender.
+        from: NodeId,
+        /// Why, for logs and the metric label.
+        reason: &'static str,
+    },
+    /// An entry could not be applied (its data is unreadable); skipped.
+    BadEntry {
+        /// The group.
+        group: GroupId,
+        /// Index.
+        index: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A group stopped on a storage or raft error; the shell reopens it.
+    Failed {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Batches to send, by destination.
+pub type Outbox = BTreeMap<NodeId, RaftBatch>;
+
+/// Opens the store of a group this agent joins.
+pub type NewStore<S> = Box<dyn FnMut(&GroupId) -> Result<S, StoreError> + Send>;
+
+/// Counters of a driver's work, for metrics and the benchmark.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Ticks so far.
+    pub ticks: u64,
+    /// Groups that ticked, summed over ticks.
+    pub group_ticks: u64,
+    /// Batches handed out.
+    pub batches: u64,
+    /// Raft messages in them.
+    pub messages: u64,
+    /// Stores synced.
+    pub syncs: u64,
+    /// Rounds that synced at least one store.
+    pub sync_rounds: u64,
+    /// Membership changes proposed.
+    pub conf_changes: u64,
+}
+
+/// The multi-raft driver of one agent.
+pub struct Driver<S: LogStore> {
+    me: NodeId,
+    config: DriverConfig,
+    group_config: GroupConfig,
+    groups: BTreeMap<GroupId, Group<S>>,
+    new_store: NewStore<S>,
+    down: BTreeSet<NodeId>,
+    outbox: BTreeMap<NodeId, BTreeMap<GroupId, GroupMessages>>,
+    events: Vec<Event>,
+    stats: DriverStats,
+    rng: fastrand::Rng,
+}
+
+impl<S: LogStore> std::fmt::Debug for Driver<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("me", &self.me)
+            .field("groups", &self.groups.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: LogStore> Driver<S> {
+    /// A driver for the agent with Raft id `me`; `new_store` opens the
+    /// store of a group this agent joins.
+    pub fn new(me: NodeId, config: DriverConfig, new_store: NewStore<S>) -> Self {
+        let group_config = GroupConfig {
+            election_ticks: config.election_ticks,
+            heartbeat_ticks: config.heartbeat_ticks,
+            max_append_bytes: config.max_append_bytes,
+            max_inflight: config.max_inflight,
+            dedupe_window_ms: config.dedupe_window_ms,
+        };
+        let rng = fastrand::Rng::with_seed(config.seed ^ me);
+        Driver {
+            me,
+            config,
+            group_config,
+            groups: BTreeMap::new(),
+            new_store,
+            down: BTreeSet::new(),
+            outbox: BTreeMap::new(),
+            events: Vec::new(),
+            stats: DriverStats::default(),
+            rng,
+        }
+    }
+
+    /// This agent's Raft id.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// Opens a replica of `group` on `store`.
+    pub fn open_group(
+        &mut self,
+        group: GroupId,
+        store: S,
+        bootstrap: Bootstrap,
+    ) -> Result<(), Error> {
+        if self.groups.contains_key(&group) {
+            return Err(Error::GroupExists(group_name(&group)));
+        }
+        let mut g = Group::open(group.clone(), self.me, store, bootstrap, &self.group_config)?;
+        g.redraw_timeout(&mut self.rng, self.config.election_ticks);
+        self.groups.insert(group, g);
+        Ok(())
+    }
+
+    /// The groups held here.
+    pub fn groups(&self) -> impl Iterator<Item = &GroupId> {
+        self.groups.keys()
+    }
+
+    /// A group's replica.
+    pub fn group(&self, group: &GroupId) -> Option<&Group<S>> {
+        self.groups.get(group)
+    }
+
+    /// A group's status.
+    pub fn status(&self, group: &GroupId) -> Option<GroupStatus> {
+        self.groups.get(group).map(Group::status)
+    }
+
+    /// Work counters.
+    pub fn stats(&self) -> &DriverStats {
+        &self.stats
+    }
+
+    /// Proposes `data` (an encoded [`crate::command::Command`]) to the group
+    /// this agent leads. `token` comes back in [`Event::Committed`] or
+    /// [`Event::Dropped`]. Returns the entry's index.
+    pub fn propose(&mut self, group: &GroupId, token: u64, data: Vec<u8>) -> Result<u64, Error> {
+        let g = self
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| Error::UnknownGroup(group_name(group)))?;
+        g.propose(token, data)
+    }
+
+    /// The voters a group should have (placement's choice). The leader
+    /// moves toward them, paced.
+    pub fn set_replicas(&mut self, group: &GroupId, voters: &[NodeId]) {
+        if let Some(g) = self.groups.get_mut(group) {
+            let desired: BTreeSet<NodeId> = voters.iter().copied().collect();
+            if g.desired.as_ref() != Some(&desired) {
+                g.desired = Some(desired);
+                g.wake();
+            }
+        }
+    }
+
+    /// Membership says `node` is down (or up again). Groups it leads wake,
+    /// so their followers can elect another leader.
+    pub fn set_down(&mut self, node: NodeId, down: bool) {
+        let changed = if down {
+            self.down.insert(node)
+        } else {
+            self.down.remove(&node)
+        };
+        if !changed || !down {
+            return;
+        }
+        for g in self.groups.values_mut() {
+            if g.hibernating && (g.leader() == Some(node) || g.peers().contains(&node)) {
+                g.wake();
+            }
+        }
+    }
+
+    /// Steps the batch a peer sent. `from` is the sender's Raft id as its
+    /// certificate says; a message claiming another sender is refused.
+    pub fn step(&mut self, from: NodeId, batch: RaftBatch) {
+        for gm in batch.groups {
+            let GroupMessages {
+                group,
+                messages,
+                hibernate,
+                recovering,
+            } = gm;
+            if !self.groups.contains_key(&group) {
+                let leaderish = messages.iter().any(|m| {
+                    matches!(
+                        m.kind,
+                        shoal_proto::raft::RaftMessageKind::Append
+                            | shoal_proto::raft::RaftMessageKind::Heartbeat
+                            | shoal_proto::raft::RaftMessageKind::Snapshot
+                    )
+                });
+                if !(self.config.join_on_message && leaderish) {
+                    self.refuse(from, "unknown_group");
+                    continue;
+                }
+                match (self.new_store)(&group)
+                    .map_err(Error::from)
+                    .and_then(|store| {
+                        Group::open(
+                            group.clone(),
+                            self.me,
+                            store,
+                            Bootstrap::Join,
+                            &self.group_config,
+                        )
+                    }) {
+                    Ok(mut g) => {
+                        g.redraw_timeout(&mut self.rng, self.config.election_ticks);
+                        self.groups.insert(group.clone(), g);
+                    }
+                    Err(e) => {
+                        self.events.push(Event::Failed {
+                            group: group.clone(),
+                            reason: e.to_string(),
+                        });
+                        continue;
+                    }
+                }
+            }
+            let mut failed = None;
+            let mut refused = Vec::new();
+            if let Some(g) = self.groups.get_mut(&group) {
+                for m in messages {
+                    if m.from != from {
+                        refused.push("wrong_sender");
+                        continue;
+                    }
+                    if m.to != self.me {
+                        refused.push("wrong_receiver");
+                        continue;
+                    }
+                    if let Some(snap) = &m.snapshot {
+                        if SnapshotData::decode(&snap.data, snap.index, snap.term).is_err() {
+                            refused.push("bad_snapshot");
+                            continue;
+                        }
+                    }
+                    let msg = match wire::from_wire(m) {
+                        Ok(msg) => msg,
+                        Err(_) => {
+                            refused.push("malformed");
+                            continue;
+                        }
+                    };
+                    let stepped = g.step(msg);
+                    g.redraw_timeout(&mut self.rng, self.config.election_ticks);
+                    if let Err(e) = stepped {
+                        if !matches!(e, Error::Raft(raft::Error::StepPeerNotFound)) {
+                            failed = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                if let Some(h) = hibernate {
+                    g.hibernate_follower(from, h.term, h.commit);
+                }
+                g.peer_recovering(from, recovering);
+            }
+            for reason in refused {
+                self.refuse(from, reason);
+            }
+            if let Some(reason) = failed {
+                self.fail(&group, reason);
+            }
+        }
+    }
+
+    fn refuse(&mut self, from: NodeId, reason: &'static str) {
+        self.events.push(Event::Refused { from, reason });
+    }
+
+    fn fail(&mut self, group: &GroupId, reason: String) {
+        tracing::warn!(group = %group_name(group), %reason, "replica stopped");
+        self.groups.remove(group);
+        self.events.push(Event::Failed {
+            group: group.clone(),
+            reason,
+        });
+    }
+
+    /// One tick of every awake group, hibernation and paced membership
+    /// changes. Call [`Self::process`] afterwards.
+    pub fn tick(&mut self) {
+        self.stats.ticks += 1;
+        let mut changes = 0;
+        let mut failed = Vec::new();
+        let mut going_quiet = Vec::new();
+        for (id, g) in self.groups.iter_mut() {
+            if g.hibernating || g.removed {
+                continue;
+            }
+            if g.recovering() {
+                // No ticks: a replica that lost committed entries must not
+                // campaign. It still takes appends.
+                continue;
+            }
+            g.node.tick();
+            g.redraw_timeout(&mut self.rng, self.config.election_ticks);
+            g.drop_snapshot_if_unneeded();
+            if let Err(e) = g.build_snapshot() {
+                failed.push((id.clone(), e.to_string()));
+            }
+            self.stats.group_ticks += 1;
+            if g.is_leader() && changes < self.config.max_concurrent_changes {
+                match g.reconfigure(self.config.catch_up_slack) {
+                    Ok(true) => {
+                        changes += 1;
+                        self.stats.conf_changes += 1;
+                    }
+                    Ok(false) => {}
+                    Err(Error::Raft(raft::Error::ProposalDropped)) => {}
+                    Err(e) => failed.push((id.clone(), e.to_string())),
+                }
+            }
+            if g.quiet() {
+                g.quiet_ticks += 1;
+                if g.quiet_ticks >= self.config.hibernate_after_ticks {
+                    g.hibernating = true;
+                    going_quiet.push((
+                        id.clone(),
+                        g.peers(),
+                        g.node.raft.term,
+                        g.node.raft.raft_log.committed,
+                    ));
+                }
+            } else {
+                g.quiet_ticks = 0;
+            }
+        }
+        for (id, peers, term, commit) in going_quiet {
+            for peer in peers {
+                self.entry(peer, &id).hibernate = Some(Hibernate { term, commit });
+            }
+        }
+        for (id, reason) in failed {
+            self.fail(&id, reason);
+        }
+    }
+
+    fn entry(&mut self, to: NodeId, group: &GroupId) -> &mut GroupMessages {
+        self.outbox
+            .entry(to)
+            .or_default()
+            .entry(group.clone())
+            .or_insert_with(|| GroupMessages {
+                group: group.clone(),
+                messages: Vec::new(),
+                hibernate: None,
+                recovering: false,
+            })
+    }
+
+    fn send(&mut self, group: &GroupId, messages: Vec<Message>) {
+        let recovering = self.groups.get(group).is_some_and(|g| g.recovering());
+        for m in messages {
+            match wire::to_wire(&m) {
+                Ok(w) => {
+                    let entry = self.entry(m.to, group);
+                    entry.messages.push(w);
+                    entry.recovering |= recovering;
+                }
+                Err(e) => {
+                    tracing::warn!(group = %group_name(group), error = %e, "raft message not sent")
+                }
+            }
+        }
+    }
+
+    /// Runs every group's ready: collect and write, sync every written
+    /// store once, then send and advance. Returns the batches to send.
+    pub fn process(&mut self) -> Outbox {
+        let mut readies = Vec::new();
+        let mut failed = Vec::new();
+        let mut send = Vec::new();
+        let ids: Vec<GroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.node.has_ready())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            let Some(g) = self.groups.get_mut(id) else {
+                continue;
+            };
+            match g.collect(&mut send) {
+                Ok(Some(rd)) => readies.push((id.clone(), rd)),
+                Ok(None) => {}
+                Err(e) => failed.push((id.clone(), e.to_string())),
+            }
+            let out = std::mem::take(&mut send);
+            self.send(id, out);
+        }
+        let mut synced = 0;
+        for (id, _) in &readies {
+            let Some(g) = self.groups.get_mut(id) else {
+                continue;
+            };
+            match g.store_mut().sync() {
+                Ok(()) => synced += 1,
+                Err(e) => failed.push((id.clone(), e.to_string())),
+            }
+        }
+        if synced > 0 {
+            self.stats.syncs += synced;
+            self.stats.sync_rounds += 1;
+        }
+        for (id, rd) in readies {
+            if failed.iter().any(|(f, _)| *f == id) {
+                continue;
+            }
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            if let Err(e) = g.finish(rd, &mut send) {
+                failed.push((id.clone(), e.to_string()));
+            }
+            let out = std::mem::take(&mut send);
+            self.send(&id, out);
+        }
+        for id in &ids {
+            if let Some(g) = self.groups.get_mut(id) {
+                if let Err(e) = g.build_snapshot() {
+                    failed.push((id.clone(), e.to_string()));
+                }
+            }
+        }
+        for (id, reason) in failed {
+            self.fail(&id, reason);
+        }
+        self.drain_group_events();
+        let mut out = Outbox::new();
+        for (to, groups) in std::mem::take(&mut self.outbox) {
+            let batch = RaftBatch {
+                groups: groups.into_values().collect(),
+            };
+            self.stats.batches += 1;
+            self.stats.messages += batch
+                .groups
+                .iter()
+                .map(|g| g.messages.len() as u64)
+                .sum::<u64>();
+            out.insert(to, batch);
+        }
+        out
+    }
+
+    fn drain_group_events(&mut self) {
+        let report = self.config.report_applied;
+        for (id, g) in self.groups.iter_mut() {
+            for e in g.events.drain(..) {
+                let event = match e {
+                    GroupEvent::Committed {
+                        token,
+                        index,
+                        applied,
+                    } => Event::Committed {
+                        group: id.clone(),
+                        token,
+                        index,
+                        applied,
+                    },
+                    GroupEvent::Dropped { token } => Event::Dropped {
+                        group: id.clone(),
+                        token,
+                    },
+                    GroupEvent::Applied {
+                        index,
+                        term,
+                        data,
+                        applied,
+                    } => {
+                        if !report {
+                            continue;
+                        }
+                        Event::Applied {
+                            group: id.clone(),
+                            index,
+                            term,
+                            data,
+                            applied,
+                        }
+                    }
+                    GroupEvent::Leader { leader, term } => Event::Leader {
+                        group: id.clone(),
+                        leader,
+                        term,
+                    },
+                    GroupEvent::Removed => Event::Removed { group: id.clone() },
+                    GroupEvent::BadEntry { index, reason } => Event::BadEntry {
+                        group: id.clone(),
+                        index,
+                        reason,
+                    },
+                };
+                self.events.push(event);
+            }
+        }
+    }
+
+    /// Events since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Retention: drops a group's entries before `first_index` (never past
+    /// what it applied).
+    pub fn compact(&mut self, group: &GroupId, first_index: u64) -> Result<(), Error> {
+        let g = self
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| Error::UnknownGroup(group_name(group)))?;
+        g.compact(first_index)
+    }
+
+    /// A graceful stop: every group led here hands leadership to its most
+    /// caught-up voter. Returns how many transfers started.
+    pub fn transfer_all_leadership(&mut self) -> usize {
+        self.groups
+            .values_mut()
+            .filter_map(|g| g.transfer_leadership())
+            .count()
+    }
+
+    /// Groups this replica leads.
+    pub fn leading(&self) -> usize {
+        self.groups.values().filter(|g| g.is_leader()).count()
+    }
+
+    /// Groups not ticking.
+    pub fn hibernating(&self) -> usize {
+        self.groups.values().filter(|g| g.hibernating).count()
+    }
+
+    /// A peer is unreachable: its groups stop sending it appends until
+    /// it answers (raft-rs probes it).
+    pub fn report_unreachable(&mut self, node: NodeId) {
+        for g in self.groups.values_mut() {
+            if g.peers().contains(&node) {
+                g.node.report_unreachable(node);
+            }
+        }
+    }
+}
+
+impl<S: LogStore + Default> Driver<S> {
+    /// Closes a replica and hands back its store (to delete or reopen).
+    pub fn close_group(&mut self, group: &GroupId) -> Option<S> {
+        let mut g = self.groups.remove(group)?;
+        Some(std::mem::take(g.store_mut()))
+    }
+}

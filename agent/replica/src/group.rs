@@ -1,0 +1,988 @@
+//! One partition's replica: its raft-rs `RawNode`, its storage and its state
+//! machine.
+//!
+//! The driver calls [`Group`] in two phases per round so that every group's
+//! writes share one sync: [`Group::collect`] takes the node's `Ready`, sends
+//! what may leave before anything is durable (a leader's appends), applies
+//! committed entries and writes new entries and the hard state; then, after
+//! the driver synced every store, [`Group::finish`] sends what promises
+//! durability (votes, append acknowledgements) and advances the node.
+
+use crate::command::Command;
+use crate::snapshot::SnapshotData;
+use crate::state::{Applied, PartitionState};
+use crate::store::{LogStore, StoreError};
+use crate::wire;
+use crate::{group_name, Error, GroupId, NodeId};
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry,
+    EntryType, Message, Snapshot,
+};
+use raft::{GetEntriesContext, RaftState, RawNode, Ready, StateRole, Storage};
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Where a new group's log starts: after a snapshot at this index, which
+/// carries the first configuration. The first message is at index 6.
+pub const INITIAL_INDEX: u64 = 5;
+/// The term of that snapshot.
+pub const INITIAL_TERM: u64 = 5;
+
+/// How a replica starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// A new group with these voters. Every initial voter must be created
+    /// with the same list (one decider chooses it), or two groups could form.
+    Voters(Vec<NodeId>),
+    /// Joins an existing group: empty until its leader sends the log.
+    Join,
+    /// Reopens what the store holds (a restart).
+    Restart,
+}
+
+/// What the rest of the agent may know of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The group's leader, as far as this replica knows.
+    pub leader: Option<NodeId>,
+    /// This replica's term.
+    pub term: u64,
+    /// Whether this replica leads and has applied its own term's first
+    /// entry, so it may answer publishes and reads.
+    pub serving: bool,
+    /// Highest index known committed.
+    pub commit: u64,
+    /// Highest index applied.
+    pub applied: u64,
+    /// First index held.
+    pub first_index: u64,
+    /// Last index held.
+    pub last_index: u64,
+    /// Voters (both halves when joint).
+    pub voters: Vec<NodeId>,
+    /// Learners.
+    pub learners: Vec<NodeId>,
+    /// On the leader: each other replica's matched index.
+    pub matched: Vec<(NodeId, u64)>,
+    /// Not ticking.
+    pub hibernating: bool,
+    /// Its log was cut below what it had committed (a corrupt segment): it
+    /// neither votes nor campaigns until it has the log back.
+    pub recovering: bool,
+}
+
+/// The storage as raft-rs sees it.
+#[derive(Debug)]
+pub(crate) struct RaftStore<S> {
+    pub(crate) inner: S,
+    /// raft-rs asked for a snapshot that was not ready; the group builds
+    /// one after the round.
+    snapshot_wanted: Cell<bool>,
+    /// The last snapshot built, until no follower needs one.
+    snapshot: Option<Snapshot>,
+}
+
+fn raft_store_error(e: StoreError) -> raft::Error {
+    match e {
+        StoreError::Compacted { .. } => raft::Error::Store(raft::StorageError::Compacted),
+        StoreError::Unavailable { .. } => raft::Error::Store(raft::StorageError::Unavailable),
+        other => raft::Error::Store(raft::StorageError::Other(Box::new(other))),
+    }
+}
+
+impl<S: LogStore> Storage for RaftStore<S> {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let meta = self.inner.meta();
+        Ok(RaftState::new(
+            meta.hard_state.clone(),
+            meta.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max = max_size.into().unwrap_or(u64::MAX);
+        self.inner.entries(low, high, max).map_err(raft_store_error)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.inner.term(idx).map_err(raft_store_error)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.inner.first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.inner.last_index())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if let Some(snap) = &self.snapshot {
+            let index = snap.get_metadata().index;
+            // Usable while the entries after it are still held here.
+            if index >= request_index && index + 1 >= self.inner.first_index() {
+                return Ok(snap.clone());
+            }
+        }
+        self.snapshot_wanted.set(true);
+        Err(raft::Error::Store(
+            raft::StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}
+
+/// Settings of every group of a driver.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// Ticks without a leader before a follower campaigns (randomized up to
+    /// twice this).
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Largest append message, in bytes of entry data.
+    pub max_append_bytes: u64,
+    /// Appends in flight per follower.
+    pub max_inflight: usize,
+    /// The dedupe window of the state machine.
+    pub dedupe_window_ms: u64,
+}
+
+/// What a group tells the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum GroupEvent {
+    Committed {
+        token: u64,
+        index: u64,
+        applied: Applied,
+    },
+    Dropped {
+        token: u64,
+    },
+    Applied {
+        index: u64,
+        term: u64,
+        data: Vec<u8>,
+        applied: Applied,
+    },
+    Leader {
+        leader: Option<NodeId>,
+        term: u64,
+    },
+    Removed,
+    BadEntry {
+        index: u64,
+        reason: String,
+    },
+}
+
+/// One partition's replica.
+pub struct Group<S: LogStore> {
+    pub(crate) id: GroupId,
+    me: NodeId,
+    pub(crate) node: RawNode<RaftStore<S>>,
+    pub(crate) state: PartitionState,
+    window_ms: u64,
+    pub(crate) hibernating: bool,
+    pub(crate) quiet_ticks: u32,
+    /// Proposals awaiting their entry: index → (term, token).
+    pending: BTreeMap<u64, (u64, u64)>,
+    pub(crate) removed: bool,
+    pub(crate) desired: Option<BTreeSet<NodeId>>,
+    /// Its log lost entries it may have acknowledged (recovery cut a corrupt
+    /// segment): it neither votes nor campaigns until it has caught up with
+    /// a leader of the current term.
+    recovering: bool,
+    /// While recovering: the highest commit index a leader of the current
+    /// term sent; the replica votes again once it has committed that far.
+    recover_target: u64,
+    leader_seen: (Option<NodeId>, u64),
+    /// Peers known to be recovering whose progress this leader has reset.
+    reset_peers: BTreeSet<NodeId>,
+    pub(crate) events: Vec<GroupEvent>,
+}
+
+impl<S: LogStore> std::fmt::Debug for Group<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("id", &self.id)
+            .field("me", &self.me)
+            .field("applied", &self.state.applied())
+            .finish_non_exhaustive()
+    }
+}
+
+fn conf_nodes(cs: &ConfState) -> BTreeSet<NodeId> {
+    cs.voters
+        .iter()
+        .chain(&cs.learners)
+        .chain(&cs.voters_outgoing)
+        .chain(&cs.learners_next)
+        .copied()
+        .collect()
+}
+
+/// Repairs what a crash in the middle of a snapshot or a compaction left:
+/// the meta is written before the log is cut.
+fn repair<S: LogStore>(store: &mut S) -> Result<(), StoreError> {
+    let meta = store.meta().clone();
+    let at = meta.snapshot_index;
+    if at == 0 {
+        return Ok(());
+    }
+    let matches = at >= store.first_index()
+        && at <= store.last_index()
+        && store.term(at).ok() == Some(meta.snapshot_term);
+    if store.last_index() < at || (at >= store.first_index() && !matches) {
+        store.reset(at, meta.snapshot_term)?;
+    } else if store.first_index() <= at {
+        store.compact(at + 1)?;
+    }
+    Ok(())
+}
+
+impl<S: LogStore> Group<S> {
+    /// Opens a replica on `store`.
+    pub(crate) fn open(
+        id: GroupId,
+        me: NodeId,
+        mut store: S,
+        bootstrap: Bootstrap,
+        config: &GroupConfig,
+    ) -> Result<Self, Error> {
+        repair(&mut store)?;
+        // A replica that joins (or comes back with nothing) may once have
+        // acknowledged entries it no longer has: it votes again only after
+        // catching up with a leader of the current term.
+        let mut recovering =
+            store.lost_entries() || bootstrap == Bootstrap::Join || store.meta().recovering;
+        match &bootstrap {
+            Bootstrap::Voters(voters) => {
+                let mut meta = store.meta().clone();
+                if meta.conf_state == ConfState::default() && store.last_index() == 0 {
+                    // The log starts after a snapshot that holds the first
+                    // configuration, so a replica that joins later learns it
+                    // from that snapshot (it is in no entry).
+                    meta.conf_state = ConfState::from((voters.iter().copied(), []));
+                    meta.conf_index = INITIAL_INDEX;
+                    meta.snapshot_index = INITIAL_INDEX;
+                    meta.snapshot_term = INITIAL_TERM;
+                    meta.hard_state.term = INITIAL_TERM;
+                    meta.hard_state.commit = INITIAL_INDEX;
+                    store.set_meta(meta)?;
+                    store.reset(INITIAL_INDEX, INITIAL_TERM)?;
+                }
+            }
+            Bootstrap::Join | Bootstrap::Restart => {}
+        }
+        {
+            let mut meta = store.meta().clone();
+            let last = store.last_index();
+            let commit = meta.hard_state.commit;
+            if commit > last {
+                // The log lost entries it had committed.
+                recovering = true;
+            }
+            meta.hard_state.commit = commit.min(last).max(meta.snapshot_index);
+            if meta.hard_state.commit != commit || meta.recovering != recovering {
+                meta.recovering = recovering;
+                store.set_meta(meta)?;
+            }
+        }
+        let meta = store.meta().clone();
+        let mut state = PartitionState::decode_manifest(&meta.manifest, config.dedupe_window_ms)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        if state.applied() < meta.snapshot_index {
+            state.skip(meta.snapshot_index);
+        }
+        // The manifest may be newer than the commit index stored (it is
+        // written lazily); raft-rs must not be told more was applied.
+        let applied = state.applied().min(meta.hard_state.commit);
+        let raft_config = raft::Config {
+            id: me,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied,
+            max_size_per_msg: config.max_append_bytes,
+            max_inflight_msgs: config.max_inflight,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        let node = RawNode::new(
+            &raft_config,
+            RaftStore {
+                inner: store,
+                snapshot_wanted: Cell::new(false),
+                snapshot: None,
+            },
+            &crate::log::logger(),
+        )?;
+        let mut group = Group {
+            id,
+            me,
+            node,
+            state,
+            window_ms: config.dedupe_window_ms,
+            hibernating: false,
+            quiet_ticks: 0,
+            pending: BTreeMap::new(),
+            removed: false,
+            desired: None,
+            recovering,
+            recover_target: 0,
+            leader_seen: (None, 0),
+            reset_peers: BTreeSet::new(),
+            events: Vec::new(),
+        };
+        // Entries committed before a restart come back in the first ready
+        // (raft-rs starts from `applied`): the state machine is rebuilt from
+        // the manifest on, not stored per entry.
+        group.note_leader();
+        Ok(group)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.node.store().inner
+    }
+
+    pub(crate) fn store_mut(&mut self) -> &mut S {
+        &mut self.node.mut_store().inner
+    }
+
+    /// The state machine.
+    pub fn state(&self) -> &PartitionState {
+        &self.state
+    }
+
+    /// Whether this replica leads and its state machine is current.
+    pub fn serving(&self) -> bool {
+        let raft = &self.node.raft;
+        raft.state == StateRole::Leader
+            && raft.raft_log.term(self.state.applied()).ok() == Some(raft.term)
+    }
+
+    pub(crate) fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    pub(crate) fn leader(&self) -> Option<NodeId> {
+        let id = self.node.raft.leader_id;
+        (id != raft::INVALID_ID).then_some(id)
+    }
+
+    pub(crate) fn recovering(&self) -> bool {
+        self.recovering
+    }
+
+    /// Whether this replica answers vote requests: not while it may miss
+    /// entries it once acknowledged. (A replica outside its own latest
+    /// configuration still votes: a candidate that has not applied that
+    /// configuration yet may need it, and the log check keeps it safe.)
+    fn may_vote(&self) -> bool {
+        !self.recovering
+    }
+
+    /// The configuration in force.
+    pub(crate) fn conf(&self) -> ConfState {
+        self.node.raft.prs().conf().to_conf_state()
+    }
+
+    /// Every node of the configuration in force.
+    pub(crate) fn peers(&self) -> BTreeSet<NodeId> {
+        let mut nodes = conf_nodes(&self.conf());
+        nodes.remove(&self.me);
+        nodes
+    }
+
+    /// A snapshot of what the group looks like from here.
+    pub fn status(&self) -> GroupStatus {
+        let raft = &self.node.raft;
+        let cs = self.conf();
+        let mut voters: Vec<NodeId> = cs
+            .voters
+            .iter()
+            .chain(&cs.voters_outgoing)
+            .copied()
+            .collect();
+        voters.sort_unstable();
+        voters.dedup();
+        let matched = if raft.state == StateRole::Leader {
+            raft.prs()
+                .iter()
+                .filter(|(id, _)| **id != self.me)
+                .map(|(id, pr)| (*id, pr.matched))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        GroupStatus {
+            leader: self.leader(),
+            term: raft.term,
+            serving: self.serving(),
+            commit: raft.raft_log.committed,
+            applied: self.state.applied(),
+            first_index: self.store().first_index(),
+            last_index: raft.raft_log.last_index(),
+            voters,
+            learners: cs.learners.clone(),
+            matched,
+            hibernating: self.hibernating,
+            recovering: self.recovering(),
+        }
+    }
+
+    /// Proposes a command; `token` comes back in the driver's event when
+    /// the entry is applied or lost. Returns the entry's index.
+    pub(crate) fn propose(&mut self, token: u64, data: Vec<u8>) -> Result<u64, Error> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader {
+                group: group_name(&self.id),
+                leader: self.leader(),
+            });
+        }
+        if !self.serving() {
+            return Err(Error::LeaderCatchingUp(group_name(&self.id)));
+        }
+        let before = self.node.raft.raft_log.last_index();
+        self.node.propose(Vec::new(), data)?;
+        let index = self.node.raft.raft_log.last_index();
+        if index == before {
+            return Err(Error::Raft(raft::Error::ProposalDropped));
+        }
+        self.pending.insert(index, (self.node.raft.term, token));
+        self.wake();
+        Ok(index)
+    }
+
+    /// raft-rs draws election timeouts from the thread's RNG; the driver
+    /// draws them from its own seeded one so a simulation replays exactly.
+    /// Called after every tick and step: a timeout that just restarted is
+    /// drawn again, from the same range.
+    pub(crate) fn redraw_timeout(&mut self, rng: &mut fastrand::Rng, election_ticks: usize) {
+        if self.node.raft.election_elapsed == 0 {
+            let t = rng.usize(election_ticks..2 * election_ticks);
+            self.node.raft.set_randomized_election_timeout(t);
+        }
+    }
+
+    pub(crate) fn wake(&mut self) {
+        self.quiet_ticks = 0;
+        if self.hibernating {
+            self.hibernating = false;
+            // Time stood still while asleep: a follower gets a whole election
+            // timeout to hear from its leader, and a leader a fresh lease
+            // (its check-quorum would otherwise count the silent followers
+            // of the quiet time as lost and step down).
+            let raft = &mut self.node.raft;
+            raft.election_elapsed = 0;
+            if raft.state == StateRole::Leader {
+                let me = self.me;
+                for (id, pr) in raft.mut_prs().iter_mut() {
+                    if *id != me {
+                        pr.recent_active = true;
+                    }
+                }
+                // Re-assert at once rather than after a heartbeat interval.
+                self.node.ping();
+            }
+        }
+    }
+
+    /// Steps a peer's message.
+    pub(crate) fn step(&mut self, mut m: Message) -> Result<(), Error> {
+        use raft::eraftpb::MessageType::*;
+        let msg_type = m.get_msg_type();
+        if matches!(msg_type, MsgRequestVote | MsgRequestPreVote | MsgTimeoutNow)
+            && !self.may_vote()
+        {
+            // A replica that lost entries (or never had them) could elect a
+            // log without what it once acknowledged: it stays silent.
+            return Ok(());
+        }
+        if self.recovering && msg_type == MsgAppend && m.term >= self.node.raft.term {
+            if m.term > self.node.raft.term {
+                self.recover_target = 0;
+            }
+            self.recover_target = self.recover_target.max(m.commit);
+        }
+        if msg_type == MsgHeartbeat {
+            // raft-rs treats a commit past the log's end as fatal; a leader
+            // never sends one, but a bad peer must not stop the agent.
+            m.commit = m.commit.min(self.node.raft.raft_log.last_index());
+        }
+        // Acknowledgements of the last heartbeats, and anything from a node
+        // outside the configuration (a removed replica that still
+        // campaigns), do not wake a quiet group.
+        let benign = (matches!(msg_type, MsgHeartbeatResponse | MsgAppendResponse)
+            && m.term == self.node.raft.term
+            && !m.reject)
+            || !self.peers().contains(&m.from);
+        if !benign {
+            self.wake();
+        }
+        self.node.step(m)?;
+        Ok(())
+    }
+
+    /// A peer says whether it lost entries it may have acknowledged. A
+    /// leader forgets how far that peer's log reaches (raft-rs would
+    /// otherwise keep counting its old acknowledgements toward commits) and
+    /// probes it again, once per recovery.
+    pub(crate) fn peer_recovering(&mut self, peer: NodeId, recovering: bool) {
+        if !recovering {
+            self.reset_peers.remove(&peer);
+            return;
+        }
+        if !self.is_leader() || !self.reset_peers.insert(peer) {
+            return;
+        }
+        let last = self.node.raft.raft_log.last_index();
+        if let Some(pr) = self.node.raft.mut_prs().get_mut(peer) {
+            pr.become_probe();
+            pr.matched = 0;
+            pr.next_idx = last + 1;
+            tracing::info!(group = %group_name(&self.id), peer, "peer lost entries; probing it again");
+        }
+    }
+
+    /// Phase one of a round. Returns the ready to finish after the sync,
+    /// or `None` when the node had nothing.
+    pub(crate) fn collect(&mut self, send: &mut Vec<Message>) -> Result<Option<Ready>, Error> {
+        if !self.node.has_ready() {
+            return Ok(None);
+        }
+        let mut rd = self.node.ready();
+        if rd.ss().is_some() {
+            self.note_leader();
+        }
+        send.append(&mut rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            self.install(rd.snapshot().clone())?;
+        }
+        let committed = rd.take_committed_entries();
+        self.apply(committed)?;
+        if !rd.entries().is_empty() {
+            self.store_mut().append(rd.entries())?;
+        }
+        if let Some(hs) = rd.hs() {
+            let mut meta = self.store().meta().clone();
+            meta.hard_state = hs.clone();
+            self.store_mut().set_meta(meta)?;
+        }
+        Ok(Some(rd))
+    }
+
+    /// Phase two, after every store written in phase one was synced.
+    pub(crate) fn finish(&mut self, mut rd: Ready, send: &mut Vec<Message>) -> Result<(), Error> {
+        send.append(&mut rd.take_persisted_messages());
+        let mut light = self.node.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            let mut meta = self.store().meta().clone();
+            meta.hard_state.commit = commit;
+            self.store_mut().set_meta(meta)?;
+        }
+        send.append(&mut light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.node.advance_apply();
+        if self.recovering {
+            let raft = &self.node.raft;
+            // Everything committed anywhere is at or below the commit index
+            // of a leader that has committed an entry of its own term. Having
+            // that much, this log holds every entry it may once have
+            // acknowledged and lost.
+            let committed = raft.raft_log.committed;
+            if raft.leader_id != raft::INVALID_ID
+                && self.recover_target > 0
+                && committed >= self.recover_target
+                && raft.raft_log.term(committed).ok() == Some(raft.term)
+            {
+                tracing::info!(group = %group_name(&self.id), "replica has its log back and votes again");
+                self.recovering = false;
+                let mut meta = self.store().meta().clone();
+                meta.recovering = false;
+                self.store_mut().set_meta(meta)?;
+            }
+        }
+        self.note_leader();
+        // Removed only once everything this replica holds is applied and
+        // the configuration still leaves it out: a later entry in its log
+        // may add it back, and the leader may already count it.
+        let cs = self.conf();
+        if !self.removed
+            && cs != ConfState::default()
+            && !conf_nodes(&cs).contains(&self.me)
+            && self.state.applied() >= self.node.raft.raft_log.last_index()
+        {
+            self.removed = true;
+            self.events.push(GroupEvent::Removed);
+        }
+        Ok(())
+    }
+
+    fn note_leader(&mut self) {
+        let seen = (self.leader(), self.node.raft.term);
+        if seen != self.leader_seen {
+            self.leader_seen = seen;
+            self.events.push(GroupEvent::Leader {
+                leader: seen.0,
+                term: seen.1,
+            });
+        }
+    }
+
+    fn install(&mut self, snap: Snapshot) -> Result<(), Error> {
+        let meta_in = snap.get_metadata();
+        let (body, entries) = SnapshotData::decode(&snap.data, meta_in.index, meta_in.term)?;
+        let mut state = PartitionState::decode_manifest(&body.manifest, self.window_ms)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        state.skip(meta_in.index);
+        let mut meta = self.store().meta().clone();
+        meta.conf_state = meta_in.get_conf_state().clone();
+        meta.conf_index = meta_in.index;
+        meta.snapshot_index = body.log_start - 1;
+        meta.snapshot_term = body.log_start_term;
+        meta.manifest = body.manifest;
+        meta.hard_state.commit = meta.hard_state.commit.max(meta_in.index);
+        meta.hard_state.term = meta.hard_state.term.max(meta_in.term);
+        self.store_mut().set_meta(meta)?;
+        self.store_mut()
+            .reset(body.log_start - 1, body.log_start_term)?;
+        self.store_mut().append(&entries)?;
+        self.state = state;
+        Ok(())
+    }
+
+    /// Builds the snapshot raft-rs asked for: at the applied index, with the
+    /// configuration in force and every entry held up to there.
+    pub(crate) fn build_snapshot(&mut self) -> Result<(), Error> {
+        if !self.node.store().snapshot_wanted.replace(false) {
+            return Ok(());
+        }
+        let applied = self.state.applied();
+        let store = self.store();
+        let log_start = store.first_index();
+        if applied + 1 < log_start {
+            return Ok(());
+        }
+        let log_start_term = store.term(log_start - 1)?;
+        let term = store.term(applied)?;
+        let mut entries = Vec::new();
+        let mut next = log_start;
+        while next <= applied {
+            let chunk = store.entries(next, applied + 1, 4 << 20)?;
+            let Some(last) = chunk.last().map(|e| e.index) else {
+                break;
+            };
+            for e in &chunk {
+                entries.push(wire::entry_to_wire(e).map_err(|e| StoreError::Io(e.to_string()))?);
+            }
+            next = last + 1;
+        }
+        let body = SnapshotData {
+            manifest: self.state.encode_manifest(),
+            log_start,
+            log_start_term,
+            entries,
+        };
+        let mut snap = Snapshot::default();
+        let m = snap.mut_metadata();
+        m.index = applied;
+        m.term = term;
+        m.set_conf_state(store.meta().conf_state.clone());
+        snap.data = body.encode().into();
+        self.node.mut_store().snapshot = Some(snap);
+        Ok(())
+    }
+
+    /// Drops a built snapshot once no follower is being caught up by one.
+    pub(crate) fn drop_snapshot_if_unneeded(&mut self) {
+        if self.node.store().snapshot.is_none() {
+            return;
+        }
+        let raft = &self.node.raft;
+        let needed = raft.state == StateRole::Leader
+            && raft
+                .prs()
+                .iter()
+                .any(|(_, pr)| pr.state != raft::ProgressState::Replicate);
+        if !needed {
+            self.node.mut_store().snapshot = None;
+        }
+    }
+
+    /// Applies committed entries in order.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Error> {
+        for entry in entries {
+            let index = entry.index;
+            if index <= self.state.applied() {
+                continue;
+            }
+            let applied = match entry.get_entry_type() {
+                EntryType::EntryNormal => match Command::decode(&entry.data) {
+                    Ok(command) => self.state.apply(index, &command),
+                    Err(e) => {
+                        self.state.skip(index);
+                        self.events.push(GroupEvent::BadEntry {
+                            index,
+                            reason: e.to_string(),
+                        });
+                        Applied::Nothing
+                    }
+                },
+                EntryType::EntryConfChangeV2 | EntryType::EntryConfChange => {
+                    self.apply_conf(&entry)?;
+                    self.state.skip(index);
+                    Applied::Nothing
+                }
+            };
+            self.events.push(GroupEvent::Applied {
+                index,
+                term: entry.term,
+                data: entry.data.to_vec(),
+                applied,
+            });
+            if let Some((term, token)) = self.pending.remove(&index) {
+                self.events.push(if term == entry.term {
+                    GroupEvent::Committed {
+                        token,
+                        index,
+                        applied,
+                    }
+                } else {
+                    GroupEvent::Dropped { token }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_conf(&mut self, entry: &Entry) -> Result<(), Error> {
+        if entry.index <= self.store().meta().conf_index {
+            // Applied before a restart: the stored configuration has it.
+            return Ok(());
+        }
+        let cc = match wire::conf_change_of(entry) {
+            Ok(cc) => cc,
+            Err(e) => {
+                self.events.push(GroupEvent::BadEntry {
+                    index: entry.index,
+                    reason: e.to_string(),
+                });
+                return Ok(());
+            }
+        };
+        let cs = match self.node.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(e) => {
+                // raft-rs refused the change (it checks what the leader
+                // checked); the configuration stays as it was.
+                self.events.push(GroupEvent::BadEntry {
+                    index: entry.index,
+                    reason: e.to_string(),
+                });
+                return Ok(());
+            }
+        };
+        let mut meta = self.store().meta().clone();
+        meta.conf_state = cs.clone();
+        meta.conf_index = entry.index;
+        self.store_mut().set_meta(meta)?;
+        let raft = &mut self.node.raft;
+        if raft.state == StateRole::Leader
+            && !cs.voters.contains(&self.me)
+            && !cs.voters_outgoing.contains(&self.me)
+        {
+            // raft-rs leaves a leader that a change removed in charge (and
+            // fails on its next acknowledgement); it steps down here, and the
+            // remaining voters elect one of theirs.
+            let term = raft.term;
+            raft.become_follower(term, raft::INVALID_ID);
+        }
+        Ok(())
+    }
+
+    /// Retention: drops entries before `first_index` (at most up to what is
+    /// applied). The meta written first says where the log starts and holds
+    /// the state machine's manifest, from which a restart rebuilds it.
+    pub(crate) fn compact(&mut self, first_index: u64) -> Result<(), Error> {
+        // The state machine may be ahead of a log a corrupt record cut.
+        let held = self.state.applied().min(self.store().last_index());
+        let upto = first_index.min(held + 1);
+        if upto <= self.store().first_index() {
+            return Ok(());
+        }
+        let at = upto - 1;
+        let term = self.store().term(at)?;
+        let mut meta = self.store().meta().clone();
+        meta.snapshot_index = at;
+        meta.snapshot_term = term;
+        meta.manifest = self.state.encode_manifest();
+        meta.hard_state.commit = meta
+            .hard_state
+            .commit
+            .max(self.node.raft.raft_log.committed);
+        self.store_mut().set_meta(meta)?;
+        self.store_mut().compact(upto)?;
+        Ok(())
+    }
+
+    /// On a quiet leader: whether nothing is left to replicate or apply.
+    pub(crate) fn quiet(&self) -> bool {
+        let raft = &self.node.raft;
+        let last = raft.raft_log.last_index();
+        raft.state == StateRole::Leader
+            && self.pending.is_empty()
+            && raft.raft_log.committed == last
+            && self.state.applied() == last
+            && raft.lead_transferee.is_none()
+            && self.conf().voters_outgoing.is_empty()
+            && self.conf().learners.is_empty()
+            && raft
+                .prs()
+                .iter()
+                .all(|(id, pr)| *id == self.me || pr.matched == last)
+            && self.desired.as_ref().is_none_or(|d| {
+                let cs = self.conf();
+                d.len() == cs.voters.len() && cs.voters.iter().all(|v| d.contains(v))
+            })
+    }
+
+    /// A follower hears its leader go quiet: it stops ticking when it has
+    /// everything the leader has committed.
+    pub(crate) fn hibernate_follower(&mut self, from: NodeId, term: u64, commit: u64) {
+        let raft = &self.node.raft;
+        if raft.state == StateRole::Follower
+            && raft.term == term
+            && raft.leader_id == from
+            && raft.raft_log.last_index() >= commit
+            && !self.recovering()
+        {
+            self.hibernating = true;
+        }
+    }
+
+    /// One step of moving the group toward its desired voters, on the
+    /// leader. Returns whether a change was proposed (it counts against the
+    /// driver's pace).
+    pub(crate) fn reconfigure(&mut self, catch_up_slack: u64) -> Result<bool, Error> {
+        let Some(desired) = self.desired.clone() else {
+            return Ok(false);
+        };
+        if !self.serving() || desired.is_empty() {
+            return Ok(false);
+        }
+        let raft = &self.node.raft;
+        if raft.pending_conf_index > self.state.applied() {
+            return Ok(false);
+        }
+        let cs = self.conf();
+        if !cs.voters_outgoing.is_empty() {
+            // A leader elected in the middle of a joint change leaves it.
+            self.node
+                .propose_conf_change(Vec::new(), ConfChangeV2::default())?;
+            return Ok(true);
+        }
+        let voters: BTreeSet<NodeId> = cs.voters.iter().copied().collect();
+        let learners: BTreeSet<NodeId> = cs.learners.iter().copied().collect();
+        if voters == desired && learners.is_empty() {
+            return Ok(false);
+        }
+        if !desired.contains(&self.me) {
+            // Hand leadership to a caught-up desired voter first; the next
+            // leader removes this replica.
+            let last = raft.raft_log.last_index();
+            let target = raft
+                .prs()
+                .iter()
+                .filter(|(id, pr)| {
+                    **id != self.me
+                        && voters.contains(id)
+                        && desired.contains(id)
+                        && pr.matched == last
+                })
+                .map(|(id, _)| *id)
+                .next();
+            if let Some(target) = target {
+                if raft.lead_transferee.is_none() {
+                    self.node.transfer_leader(target);
+                }
+            }
+            return Ok(false);
+        }
+        let missing: Vec<NodeId> = desired
+            .iter()
+            .filter(|n| !voters.contains(n) && !learners.contains(n))
+            .copied()
+            .collect();
+        let mut cc = ConfChangeV2::default();
+        if !missing.is_empty() {
+            for node in missing {
+                cc.mut_changes()
+                    .push(single(ConfChangeType::AddLearnerNode, node));
+            }
+            self.node.propose_conf_change(Vec::new(), cc)?;
+            return Ok(true);
+        }
+        let commit = raft.raft_log.committed;
+        let caught_up = learners.iter().filter(|n| desired.contains(n)).all(|n| {
+            raft.prs().get(*n).is_some_and(|pr| {
+                pr.state == raft::ProgressState::Replicate && pr.matched + catch_up_slack >= commit
+            })
+        });
+        if !caught_up {
+            return Ok(false);
+        }
+        for node in learners.iter().filter(|n| desired.contains(n)) {
+            cc.mut_changes()
+                .push(single(ConfChangeType::AddNode, *node));
+        }
+        for node in voters
+            .iter()
+            .chain(&learners)
+            .filter(|n| !desired.contains(n))
+        {
+            cc.mut_changes()
+                .push(single(ConfChangeType::RemoveNode, *node));
+        }
+        if cc.get_changes().is_empty() {
+            return Ok(false);
+        }
+        if cc.get_changes().len() > 1 {
+            cc.set_transition(ConfChangeTransition::Auto);
+        }
+        self.node.propose_conf_change(Vec::new(), cc)?;
+        Ok(true)
+    }
+
+    /// Hands leadership to the most caught-up other voter (a graceful stop).
+    pub(crate) fn transfer_leadership(&mut self) -> Option<NodeId> {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            return None;
+        }
+        let cs = self.conf();
+        let target = raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != self.me && cs.voters.contains(id))
+            .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)?;
+        self.wake();
+        self.node.transfer_leader(target);
+        Some(target)
+    }
+}
+
+fn single(kind: ConfChangeType, node: NodeId) -> ConfChangeSingle {
+    let mut c = ConfChangeSingle::default();
+    c.set_change_type(kind);
+    c.node_id = node;
+    c
+}
