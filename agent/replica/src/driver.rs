@@ -260,6 +260,11 @@ impl<S: LogStore> Driver<S> {
         Ok(())
     }
 
+    /// Drops a replica (its store is closed; the shell deletes its files).
+    pub fn remove_group(&mut self, group: &GroupId) -> bool {
+        self.groups.remove(group).is_some()
+    }
+
     /// The groups held here.
     pub fn groups(&self) -> impl Iterator<Item = &GroupId> {
         self.groups.keys()

@@ -13,6 +13,8 @@
 //!   offsets and the dedupe window, with the leader's timestamps.
 //! - [`store`]: the storage seam ([`store::LogStore`]), and [`store::MemStore`],
 //!   a simulated disk that loses what was not synced when it crashes.
+//! - [`disk`]: the store on disk, `shoal-storage` segments plus a state file
+//!   (the crate's only I/O).
 //! - [`wire`]: raft-rs messages to and from Shoal's own frames
 //!   ([`shoal_proto::raft`]), field by field.
 //! - [`group`]: one partition's Raft node and state machine.
@@ -22,6 +24,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod command;
+pub mod disk;
 pub mod driver;
 pub mod group;
 mod log;

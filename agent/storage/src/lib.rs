@@ -932,17 +932,40 @@ impl Log {
             if !too_old && !too_big {
                 break;
             }
-            let seg = self.segments.remove(0);
-            remove_file(&seg.idx_path)?;
-            remove_file(&seg.log_path)?;
-            sync_dir(&self.dir)?;
+            self.remove_oldest_segment()?;
             deleted += 1;
         }
+        self.trim_terms();
+        Ok(deleted)
+    }
+
+    /// Deletes whole sealed segments (never the active one) whose entries all
+    /// lie before `index`, each deletion durable before the next, as
+    /// retention does. `first_index()` moves forward to at most `index`;
+    /// returns the number of segments deleted. (A replicated partition
+    /// compacts its Raft log this way.)
+    pub fn drop_before(&mut self, index: u64) -> Result<usize> {
+        let mut deleted = 0;
+        while self.segments.len() > 1 && self.segments[0].last < index {
+            self.remove_oldest_segment()?;
+            deleted += 1;
+        }
+        self.trim_terms();
+        Ok(deleted)
+    }
+
+    fn remove_oldest_segment(&mut self) -> Result<()> {
+        let seg = self.segments.remove(0);
+        remove_file(&seg.idx_path)?;
+        remove_file(&seg.log_path)?;
+        sync_dir(&self.dir)
+    }
+
+    fn trim_terms(&mut self) {
         let first = self.first_index();
         while self.terms.len() >= 2 && self.terms[1].0 <= first {
             self.terms.remove(0);
         }
-        Ok(deleted)
     }
 
     /// Bytes on disk in the segment files plus bytes buffered in memory.

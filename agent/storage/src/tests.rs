@@ -339,6 +339,28 @@ fn retention_by_age_and_bytes() {
 }
 
 #[test]
+fn drop_before_removes_whole_segments_below_an_index_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(dir.path(), small());
+    fill(&mut log, 200, 10);
+    assert_eq!(log.drop_before(1).unwrap(), 0);
+    assert!(log.drop_before(120).unwrap() > 0);
+    let first = log.first_index();
+    assert!(first > 1 && first <= 120, "first {first}");
+    check_entries(&log, first, 200);
+    // Never the active segment, even past the end.
+    log.drop_before(u64::MAX).unwrap();
+    assert_eq!(log.segment_count(), 1);
+    let first = log.first_index();
+    check_entries(&log, first, 200);
+    drop(log);
+    let (log, rec) = open(dir.path(), small());
+    assert!(rec.problem.is_none());
+    assert_eq!(log.first_index(), first);
+    assert_eq!(log.term_at(first).unwrap(), Some(1));
+}
+
+#[test]
 fn partially_applied_retention_opens() {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = open(dir.path(), small());

@@ -1,0 +1,276 @@
+//! The store on real files: what survives a reopen, what a flipped byte
+//! does, and three drivers replicating over it with one restarted from disk.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A test panics on what it does not expect.
+
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType};
+use shoal_replica::command::Command;
+use shoal_replica::disk::{DiskStore, STATE_FILE};
+use shoal_replica::store::{LogStore, RaftMeta};
+use shoal_replica::{Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
+use shoal_storage::LogConfig;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn message(index: u64, term: u64, body: &str) -> Entry {
+    let data = Command::Message {
+        timestamp_ms: 1_000 + index,
+        id: None,
+        body: body.as_bytes(),
+    }
+    .encode()
+    .unwrap();
+    Entry {
+        index,
+        term,
+        data: data.into(),
+        ..Entry::default()
+    }
+}
+
+fn conf_entry(index: u64, term: u64) -> Entry {
+    let mut cc = ConfChangeV2::default();
+    let mut single = ConfChangeSingle::default();
+    single.set_change_type(ConfChangeType::AddLearnerNode);
+    single.node_id = 9;
+    cc.mut_changes().push(single);
+    let mut e = Entry {
+        index,
+        term,
+        data: shoal_replica::wire::encode_conf_change(&cc).into(),
+        ..Entry::default()
+    };
+    e.set_entry_type(EntryType::EntryConfChangeV2);
+    e
+}
+
+fn open(dir: &Path) -> DiskStore {
+    DiskStore::open(dir, LogConfig::default()).unwrap()
+}
+
+#[test]
+fn entries_and_state_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    assert_eq!((store.first_index(), store.last_index()), (1, 0));
+    let entries = vec![message(1, 2, "a"), conf_entry(2, 2), message(3, 3, "c")];
+    store.append(&entries).unwrap();
+    let mut meta = RaftMeta::default();
+    meta.hard_state.term = 3;
+    meta.hard_state.vote = 7;
+    meta.hard_state.commit = 2;
+    meta.conf_state.voters = vec![1, 2, 3];
+    meta.conf_index = 2;
+    store.set_meta(meta.clone()).unwrap();
+    store.sync().unwrap();
+    drop(store);
+
+    let store = open(dir.path());
+    assert!(!store.lost_entries());
+    assert_eq!(store.meta(), &meta);
+    assert_eq!(store.entries(1, 4, u64::MAX).unwrap(), entries);
+    assert_eq!(store.term(2).unwrap(), 2);
+    assert_eq!(store.term(0).unwrap(), 0);
+    // The record carries the leader's clock from the command.
+    assert_eq!(
+        store.log().read(3, 1, 1 << 20).unwrap()[0].timestamp_ms,
+        1_003
+    );
+}
+
+#[test]
+fn unsynced_entries_are_not_there_after_a_reopen_and_a_conflicting_tail_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    store
+        .append(&[message(1, 1, "a"), message(2, 1, "b"), message(3, 1, "c")])
+        .unwrap();
+    store.sync().unwrap();
+    // A new leader's entry at 2 replaces the old tail.
+    store.append(&[message(2, 2, "B")]).unwrap();
+    store.sync().unwrap();
+    store.append(&[message(3, 2, "never synced")]).unwrap();
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.last_index(), 2);
+    assert_eq!(
+        store.entries(1, 3, u64::MAX).unwrap(),
+        vec![message(1, 1, "a"), message(2, 2, "B")]
+    );
+}
+
+#[test]
+fn a_flipped_byte_cuts_the_log_and_marks_the_replica_as_having_lost_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let entries: Vec<Entry> = (1..=20).map(|i| message(i, 1, "payload")).collect();
+    store.append(&entries).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let segment = dir.path().join("00000000000000000001.log");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&segment, bytes).unwrap();
+
+    let store = open(dir.path());
+    assert!(store.lost_entries(), "a cut log must count as lost entries");
+    assert!(store.last_index() < 20);
+    let kept = store.entries(1, store.last_index() + 1, u64::MAX).unwrap();
+    assert_eq!(kept, entries[..kept.len()].to_vec());
+}
+
+#[test]
+fn an_unreadable_state_file_is_moved_aside_and_the_replica_starts_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let mut meta = RaftMeta::default();
+    meta.hard_state.term = 5;
+    store.set_meta(meta).unwrap();
+    store.append(&[message(1, 5, "a")]).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let path = dir.path().join(STATE_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+
+    let store = open(dir.path());
+    assert!(store.lost_entries());
+    assert_eq!(store.meta(), &RaftMeta::default());
+    assert!(dir.path().join(format!("{STATE_FILE}.bad")).exists());
+}
+
+#[test]
+fn reset_and_compaction_move_the_start_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 256,
+        ..LogConfig::default()
+    };
+    let mut store = DiskStore::open(dir.path(), config.clone()).unwrap();
+    let entries: Vec<Entry> = (1..=40)
+        .map(|i| message(i, 1, "0123456789abcdef"))
+        .collect();
+    store.append(&entries).unwrap();
+    store.sync().unwrap();
+    let mut meta = store.meta().clone();
+    meta.snapshot_index = 19;
+    meta.snapshot_term = 1;
+    store.set_meta(meta).unwrap();
+    store.compact(20).unwrap();
+    let first = store.first_index();
+    assert!(first > 1 && first <= 20, "first index {first}");
+    assert_eq!(store.term(19).unwrap(), 1);
+    assert!(store.entries(1, 2, u64::MAX).is_err());
+
+    let mut meta = store.meta().clone();
+    meta.snapshot_index = 100;
+    meta.snapshot_term = 4;
+    store.set_meta(meta).unwrap();
+    store.reset(100, 4).unwrap();
+    store.append(&[message(101, 4, "after")]).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let store = DiskStore::open(dir.path(), config).unwrap();
+    assert_eq!((store.first_index(), store.last_index()), (101, 101));
+    assert_eq!(store.term(100).unwrap(), 4);
+}
+
+/// Three drivers on real files, messages passed by hand; one is dropped and
+/// reopened from its directory and catches up.
+#[test]
+fn three_replicas_on_disk_agree_and_one_restarts_from_its_files() {
+    let root = tempfile::tempdir().unwrap();
+    let group = GroupId {
+        namespace: "ns".into(),
+        topic: "orders".into(),
+        partition: 0,
+    };
+    let ids: Vec<NodeId> = vec![1, 2, 3];
+    let dir_of = |id: NodeId| root.path().join(format!("agent-{id}"));
+    let open_driver = |id: NodeId, bootstrap: Bootstrap| {
+        let config = DriverConfig {
+            seed: 7,
+            ..DriverConfig::default()
+        };
+        let mut d: Driver<DiskStore> = Driver::new(id, config, Box::new(|_| unreachable_store()));
+        d.open_group(group.clone(), open(&dir_of(id)), bootstrap)
+            .unwrap();
+        d
+    };
+    let mut drivers: BTreeMap<NodeId, Driver<DiskStore>> = ids
+        .iter()
+        .map(|id| (*id, open_driver(*id, Bootstrap::Voters(ids.clone()))))
+        .collect();
+    let mut acked = Vec::new();
+    let mut token = 0;
+    for round in 0..400 {
+        if round == 150 {
+            drivers.remove(&3);
+        }
+        if round == 200 {
+            drivers.insert(3, open_driver(3, Bootstrap::Restart));
+        }
+        let mut mail = Vec::new();
+        for (id, d) in drivers.iter_mut() {
+            d.tick();
+            for (to, batch) in d.process() {
+                mail.push((*id, to, batch));
+            }
+            for e in d.take_events() {
+                if let Event::Committed { index, .. } = e {
+                    acked.push(index);
+                }
+            }
+        }
+        for (from, to, batch) in mail {
+            if let Some(d) = drivers.get_mut(&to) {
+                d.step(from, batch);
+            }
+        }
+        if round % 5 == 0 {
+            if let Some(d) = drivers
+                .values_mut()
+                .find(|d| d.status(&group).is_some_and(|s| s.serving))
+            {
+                token += 1;
+                let data = Command::Message {
+                    timestamp_ms: round,
+                    id: None,
+                    body: format!("m{token}").as_bytes(),
+                }
+                .encode()
+                .unwrap();
+                d.propose(&group, token, data).unwrap();
+            }
+        }
+    }
+    assert!(acked.len() > 40, "only {} acknowledged", acked.len());
+    let last = *acked.iter().max().unwrap();
+    for (id, d) in &drivers {
+        let s = d.status(&group).unwrap();
+        assert!(
+            s.commit >= last,
+            "agent {id} committed {} < {last}",
+            s.commit
+        );
+    }
+    let logs: Vec<Vec<Entry>> = drivers
+        .values()
+        .map(|d| {
+            let store = d.group(&group).unwrap().store();
+            store
+                .entries(store.first_index(), last + 1, u64::MAX)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(logs[0], logs[1]);
+    assert_eq!(logs[0], logs[2]);
+}
+
+fn unreachable_store() -> Result<DiskStore, shoal_replica::store::StoreError> {
+    Err(shoal_replica::store::StoreError::Io(
+        "this test creates no replica on a message".into(),
+    ))
+}
