@@ -27,14 +27,15 @@ use raft::eraftpb::Message;
 use shoal_proto::raft::{GroupMessages, Hibernate, RaftBatch};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Default tick: 100 ms.
-pub const DEFAULT_TICK_MS: u64 = 100;
-/// Default election timeout: 10 ticks (1 s), randomized up to 2 s.
-pub const DEFAULT_ELECTION_TICKS: usize = 10;
-/// Default heartbeat interval: 2 ticks (200 ms).
-pub const DEFAULT_HEARTBEAT_TICKS: usize = 2;
-/// Default quiet time before a group hibernates: 30 ticks (3 s).
-pub const DEFAULT_HIBERNATE_AFTER_TICKS: u32 = 30;
+/// Default tick: 200 ms. Every group ticks on the driver's tick, so the
+/// heartbeats of all groups leave in the same round: one batch per peer.
+pub const DEFAULT_TICK_MS: u64 = 200;
+/// Default election timeout: 5 ticks (1 s), randomized up to 2 s.
+pub const DEFAULT_ELECTION_TICKS: usize = 5;
+/// Default heartbeat interval: every tick (200 ms).
+pub const DEFAULT_HEARTBEAT_TICKS: usize = 1;
+/// Default quiet time before a group hibernates: 15 ticks (3 s).
+pub const DEFAULT_HIBERNATE_AFTER_TICKS: u32 = 15;
 /// Default number of membership changes proposed per tick.
 pub const DEFAULT_MAX_CONCURRENT_CHANGES: usize = 8;
 /// Default largest append, in bytes of entry data.
