@@ -17,6 +17,9 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once storage is recovered and listeners are bound; cleared when stopping.
     pub ready: AtomicBool,
+    /// Why the agent is not ready, when something other than starting or
+    /// stopping keeps it so (a node name another agent has); `/readyz` says it.
+    pub not_ready_reason: std::sync::Mutex<Option<String>>,
     /// The broker, once open: its consumer lag is computed at each scrape.
     pub broker: std::sync::OnceLock<std::sync::Weak<crate::broker::Broker>>,
 }
@@ -49,10 +52,18 @@ pub async fn serve<B>(
             if state.ready.load(Ordering::Acquire) {
                 (StatusCode::OK, "text/plain", "ready\n".to_string())
             } else {
+                let reason = state
+                    .not_ready_reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "not ready\n".to_string(),
+                    match reason {
+                        Some(r) => format!("not ready: {r}\n"),
+                        None => "not ready\n".to_string(),
+                    },
                 )
             }
         }

@@ -923,6 +923,10 @@ fn cluster(state: &AppState) -> Response<Body> {
         }
         v
     };
+    let name_conflict = view
+        .name_conflict
+        .as_ref()
+        .map(|c| json!({"node": c.node, "holder": c.holder, "message": c.message()}));
     let members: Vec<Value> = view
         .me
         .iter()
@@ -931,7 +935,7 @@ fn cluster(state: &AppState) -> Response<Body> {
         .collect();
     json_response(
         StatusCode::OK,
-        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members, "departed": departed, "unavailable": unavailable, "groups": groups}),
+        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members, "departed": departed, "unavailable": unavailable, "groups": groups, "name_conflict": name_conflict}),
     )
 }
 

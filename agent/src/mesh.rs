@@ -250,6 +250,38 @@ pub struct ClusterView {
     pub joined: bool,
     /// Other members.
     pub members: Vec<MemberView>,
+    /// Another agent had this agent's node name first: this one left the
+    /// mesh and serves nothing until restarted under a name of its own.
+    pub name_conflict: Option<NameConflict>,
+}
+
+/// Two agents with one node name: the one that started first keeps it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct NameConflict {
+    /// The node name both use.
+    pub node: String,
+    /// The mesh address of the agent that has it.
+    pub holder: SocketAddr,
+}
+
+impl NameConflict {
+    /// For logs, `/readyz` and errors.
+    pub fn message(&self) -> String {
+        format!(
+            "node name {:?} is already used by the agent at {}: every agent needs a name of its own (--node-name, SHOAL_NODE_NAME); this agent left the mesh and serves nothing",
+            self.node, self.holder
+        )
+    }
+}
+
+/// Whether `other` had the node name of `me` first: same name, another
+/// address, not down, and started earlier (its incarnation is its start
+/// time), the address breaking a tie.
+pub fn name_taken_by(me: &MemberView, other: &MemberView) -> bool {
+    other.node == me.node
+        && other.addr != me.addr
+        && other.state != Liveness::Down
+        && (other.incarnation, other.addr) < (me.incarnation, me.addr)
 }
 
 impl ClusterView {
@@ -420,10 +452,19 @@ fn view_of(m: &Membership, seeded: bool) -> ClusterView {
     };
     let mut members: Vec<MemberView> = m.members().iter().map(|(a, l)| as_view(a, *l)).collect();
     members.sort_by(|a, b| a.node.cmp(&b.node));
+    let me = as_view(m.me(), Liveness::Alive);
+    let name_conflict = members
+        .iter()
+        .find(|o| name_taken_by(&me, o))
+        .map(|o| NameConflict {
+            node: o.node.clone(),
+            holder: o.addr,
+        });
     ClusterView {
-        me: Some(as_view(m.me(), Liveness::Alive)),
+        me: Some(me),
         joined: m.joined() || !seeded,
         members,
+        name_conflict,
     }
 }
 
@@ -753,9 +794,13 @@ async fn run_membership(
         }
     };
     let mut retry = tokio::time::interval(JOIN_RETRY);
+    // Set once another agent turns out to have this agent's name: it then
+    // leaves and takes no further part in gossip.
+    let mut refused: Option<NameConflict> = None;
     loop {
         tokio::select! {
             got = input.recv() => match got {
+                Some(Input::Datagram(_) | Input::Timer(_)) if refused.is_some() => {}
                 Some(Input::Datagram(d)) => match m.handle_data(&d) {
                     Ok(fx) => apply(&m, fx),
                     Err(e) => {
@@ -777,7 +822,7 @@ async fn run_membership(
                 }
                 None => return,
             },
-            _ = retry.tick(), if seeded && !m.joined() => {
+            _ = retry.tick(), if seeded && !m.joined() && refused.is_none() => {
                 for s in &seeds {
                     if let Ok(fx) = m.join(AgentId::seed(*s)) {
                         apply(&m, fx);
@@ -785,7 +830,21 @@ async fn run_membership(
                 }
             }
         }
-        let v = view_of(&m, seeded);
+        let mut v = view_of(&m, seeded);
+        if refused.is_none() {
+            if let Some(conflict) = v.name_conflict.clone() {
+                tracing::error!(node = %conflict.node, holder = %conflict.holder, "{}", conflict.message());
+                metrics.mesh_name_conflicts.inc();
+                if let Ok(fx) = m.leave() {
+                    apply(&m, fx);
+                }
+                refused = Some(conflict);
+            }
+        }
+        if let Some(conflict) = &refused {
+            v.name_conflict = Some(conflict.clone());
+            v.joined = false;
+        }
         for state in [Liveness::Alive, Liveness::Suspect, Liveness::Down] {
             let n = v.members.iter().filter(|x| x.state == state).count()
                 + usize::from(state == Liveness::Alive);
@@ -797,7 +856,9 @@ async fn run_membership(
                 .set(n as i64);
         }
         view.send_if_modified(|old| {
-            let changed = old.joined != v.joined || old.members != v.members;
+            let changed = old.joined != v.joined
+                || old.members != v.members
+                || old.name_conflict != v.name_conflict;
             if changed {
                 *old = v;
             }

@@ -256,6 +256,8 @@ pub struct Metrics {
     pub mesh_bytes_out: Counter,
     /// Gossip datagrams that could not be decoded.
     pub mesh_bad_datagrams: Counter,
+    /// Times this agent found its node name taken by another agent and left.
+    pub mesh_name_conflicts: Counter,
     /// Mesh stream frames refused, by reason; each ends its stream.
     pub mesh_bad_frames: Family<ReasonLabel, Counter>,
     /// QUIC round-trip time per peer.
@@ -383,6 +385,7 @@ impl Metrics {
             mesh_bytes_in: Counter::default(),
             mesh_bytes_out: Counter::default(),
             mesh_bad_datagrams: Counter::default(),
+            mesh_name_conflicts: Counter::default(),
             mesh_bad_frames: Family::default(),
             mesh_rtt: Family::default(),
             mesh_lost_packets: Family::default(),
@@ -574,6 +577,11 @@ impl Metrics {
             "shoal_mesh_bad_datagrams",
             "Gossip datagrams that could not be decoded",
             m.mesh_bad_datagrams.clone(),
+        );
+        r.register(
+            "shoal_mesh_name_conflicts",
+            "Times this agent found its node name taken by an agent that started first, and left the mesh",
+            m.mesh_name_conflicts.clone(),
         );
         r.register(
             "shoal_mesh_bad_frames",

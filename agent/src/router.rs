@@ -115,6 +115,8 @@ pub struct Router {
     metrics: Arc<Metrics>,
     inner: Mutex<Inner>,
     joined: AtomicBool,
+    /// Another agent had this agent's node name first.
+    refused: AtomicBool,
     stopping: AtomicBool,
     changed: watch::Sender<u64>,
     request_rr: AtomicUsize,
@@ -226,6 +228,7 @@ impl Router {
             metrics,
             inner: Mutex::new(Inner::default()),
             joined: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             changed: watch::Sender::new(0),
             request_rr: AtomicUsize::new(0),
@@ -277,10 +280,31 @@ impl Router {
 
     fn on_view(self: &Arc<Self>) {
         let view = self.mesh.view();
+        if let Some(conflict) = &view.name_conflict {
+            if !self.refused.swap(true, Ordering::AcqRel) {
+                self.joined.store(false, Ordering::Release);
+                tracing::error!("router: {}", conflict.message());
+                self.bump();
+            }
+            return;
+        }
         {
             let mut inner = lock(&self.inner);
             for m in view.me.iter().chain(view.members.iter()) {
                 if m.node.is_empty() {
+                    continue;
+                }
+                // Two agents with one name: the one that had it first is the
+                // member; the other leaves the mesh when it notices.
+                let me_named = view.me.as_ref().is_some_and(|me| me.node == m.node);
+                let taken = if me_named {
+                    view.me.as_ref().is_some_and(|me| me.addr != m.addr)
+                } else {
+                    view.members
+                        .iter()
+                        .any(|o| crate::mesh::name_taken_by(m, o))
+                };
+                if taken {
                     continue;
                 }
                 if inner
@@ -787,6 +811,13 @@ impl Router {
         topic_name: &str,
         messages: Vec<AppMessage>,
     ) -> Result<Vec<Result<PublishOutcome, ApiError>>, ApiError> {
+        if let Some(conflict) = self.mesh.view().name_conflict {
+            return Err(ApiError::unavailable(
+                "name_conflict",
+                conflict.message(),
+                60,
+            ));
+        }
         let topic = self.broker.topic_or_create(topic_name)?;
         let mut results: Vec<Option<Result<PublishOutcome, ApiError>>> =
             (0..messages.len()).map(|_| None).collect();

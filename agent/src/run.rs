@@ -65,6 +65,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     let admin = Arc::new(AdminState {
         metrics: metrics.clone(),
         ready: false.into(),
+        not_ready_reason: std::sync::Mutex::new(None),
         broker: std::sync::OnceLock::new(),
     });
     let admin_listener = bind(config.admin_addr).await?;
@@ -213,20 +214,42 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     }
     // Ready once storage is recovered, listeners are bound, and (with seeds) the mesh is joined.
     match &mesh {
-        Some(m) if !m.view().joined => {
+        Some(m) => {
+            // Ready while joined; a node name another agent had first makes
+            // it not ready for good, and `/readyz` says why.
             let admin = admin.clone();
             let mut view = m.watch();
+            let mut stop_view = stop_rx.clone();
+            let initial = m.view();
+            admin.ready.store(initial.joined, Ordering::Release);
             tokio::spawn(async move {
-                while view.changed().await.is_ok() {
-                    if view.borrow().joined {
-                        admin.ready.store(true, Ordering::Release);
-                        tracing::info!("ready: joined the mesh");
+                let mut was_joined = initial.joined;
+                loop {
+                    tokio::select! {
+                        changed = view.changed() => if changed.is_err() { return },
+                        _ = stopped(&mut stop_view) => return,
+                    }
+                    let (joined, conflict) = {
+                        let v = view.borrow();
+                        (v.joined, v.name_conflict.clone())
+                    };
+                    if let Some(c) = conflict {
+                        *admin
+                            .not_ready_reason
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(c.message());
+                        admin.ready.store(false, Ordering::Release);
                         return;
                     }
+                    if joined && !was_joined {
+                        admin.ready.store(true, Ordering::Release);
+                        tracing::info!("ready: joined the mesh");
+                    }
+                    was_joined |= joined;
                 }
             });
         }
-        _ => admin.ready.store(true, Ordering::Release),
+        None => admin.ready.store(true, Ordering::Release),
     }
     tracing::info!(node = %node, app = ?app_addrs, admin = %admin_addr, version = env!("CARGO_PKG_VERSION"), "shoal-agent ready");
 

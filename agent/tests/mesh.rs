@@ -116,6 +116,86 @@ async fn three_agents_join_see_a_crash_and_a_rejoin() {
     drop(a3);
 }
 
+/// Two agents with one node name would split into two brokers answering the
+/// same partitions: the one that comes second is refused, says why in its
+/// logs' place (`/readyz`, `/v1/cluster`, publish errors), and the mesh keeps
+/// the first.
+#[tokio::test]
+async fn a_second_agent_with_a_taken_node_name_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let seed_port = free_udp_port();
+    let a = start(root.path(), "ca", "agent-x", seed_port, None);
+    let b = start(
+        root.path(),
+        "ca",
+        "agent-y",
+        free_udp_port(),
+        Some(seed_port),
+    );
+    for m in [&a, &b] {
+        wait_until("two agents join", || async {
+            members(m).await.len() == 2 && ready(m).await
+        })
+        .await;
+    }
+    // Same name as the first, its own data and address.
+    let dup = start(
+        &root.path().join("second"),
+        "../ca",
+        "agent-x",
+        free_udp_port(),
+        Some(seed_port),
+    );
+    wait_until("the second agent-x says why it is not ready", || async {
+        match dup.admin.get("/readyz").await {
+            Ok(r) => r.status == 503 && r.text().contains("already used by the agent at"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let v = cluster(&dup).await.unwrap();
+    assert_eq!(v["name_conflict"]["node"], "agent-x", "{v}");
+    assert_eq!(
+        v["name_conflict"]["holder"],
+        format!("127.0.0.1:{seed_port}"),
+        "{v}"
+    );
+    assert_eq!(v["joined"], false, "{v}");
+    let r = dup
+        .client
+        .publish("orders", &[("shoal-key", "k")], "refused")
+        .await
+        .unwrap();
+    expect_error(&r, 503, "name_conflict", "publish on the refused agent");
+    let text = dup.admin.get("/metrics").await.unwrap().text();
+    assert_eq!(
+        metric_value(&text, "shoal_mesh_name_conflicts_total"),
+        Some(1.0)
+    );
+
+    // The first keeps its name and the mesh works on without the second.
+    for m in [&a, &b] {
+        assert!(ready(m).await);
+        wait_until(
+            "agent-x is the first one again for every member",
+            || async {
+                cluster(m).await.is_some_and(|v| {
+                    v["members"].as_array().into_iter().flatten().any(|x| {
+                        x["node"] == "agent-x"
+                            && x["addr"] == format!("127.0.0.1:{seed_port}")
+                            && x["state"] == "alive"
+                    })
+                })
+            },
+        )
+        .await;
+    }
+    for key in ["k1", "k2", "k3", "k4"] {
+        publish(&b.client, "orders", &[("shoal-key", key)], "kept").await;
+    }
+    drop(dup);
+}
+
 #[tokio::test]
 async fn a_graceful_stop_leaves_the_mesh() {
     let root = tempfile::tempdir().unwrap();

@@ -452,6 +452,9 @@ async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
             "not joined yet"
         }
     );
+    if let Some(message) = v["name_conflict"]["message"].as_str() {
+        println!("REFUSED: {message}");
+    }
     println!(
         "{:<24} {:<22} {:<8} {:>7}  partitions",
         "MEMBER", "ADDRESS", "STATE", "BROKER"
