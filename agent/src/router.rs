@@ -824,7 +824,7 @@ impl Router {
         let mut todo: Vec<Placed> = messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| (i, choose_partition(&topic, &m), m))
+            .map(|(i, m)| (i, self.choose_live_partition(&topic, topic_name, &m), m))
             .collect();
         let deadline = Instant::now() + MOVE_RETRY_WINDOW;
         loop {
@@ -886,6 +886,26 @@ impl Router {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(ApiError::internal("publish lost a result"))))
             .collect())
+    }
+
+    /// A message with a key or an id keeps its partition (order per key,
+    /// dedupe per id). One with neither goes round robin over the partitions
+    /// whose home is not down, so a crashed agent costs apps nothing but a
+    /// share of the partitions; only with every home down does it go where
+    /// the counter points (and get 503).
+    fn choose_live_partition(&self, topic: &Topic, name: &str, m: &AppMessage) -> u32 {
+        if m.key.is_some() || m.client_id {
+            return choose_partition(topic, m);
+        }
+        let count = topic.partition_count().max(1);
+        let first = choose_partition(topic, m);
+        if !matches!(self.home(name, first), Home::Down { .. }) {
+            return first;
+        }
+        (1..count)
+            .map(|_| choose_partition(topic, m))
+            .find(|p| !matches!(self.home(name, *p), Home::Down { .. }))
+            .unwrap_or(first)
     }
 
     async fn publish_here(

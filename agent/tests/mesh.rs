@@ -860,7 +860,7 @@ async fn a_joining_agent_takes_over_its_share_with_the_data() {
 }
 
 #[tokio::test]
-async fn an_app_gets_503_not_a_hang_when_its_partition_home_was_killed() {
+async fn keyless_publishes_avoid_a_killed_home_and_keyed_ones_get_503_not_a_hang() {
     let root = tempfile::tempdir().unwrap();
     let seed = free_udp_port();
     let a1 = start(root.path(), "ca", "agent-1", seed, None);
@@ -882,30 +882,52 @@ async fn an_app_gets_503_not_a_hang_when_its_partition_home_was_killed() {
         state_of(&a1, "agent-2").await.as_deref() == Some("down")
     })
     .await;
-    let (mut stored, mut refused) = (0, 0);
+    let dead: Vec<u32> = homes
+        .iter()
+        .filter(|(_, h)| *h == "agent-2")
+        .map(|(p, _)| *p)
+        .collect();
+    // A keyed message keeps its partition: one homed on the crashed agent
+    // answers 503 at once, with Retry-After.
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| dead.contains(&shoal_agent::topic::partition_for_key(k, 4)))
+        .unwrap();
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        a1.client
+            .publish("fragile", &[("shoal-key", &key)], "keyed"),
+    )
+    .await
+    .expect("a publish to a crashed home answers, it does not hang")
+    .unwrap();
+    expect_error(
+        &r,
+        503,
+        "home_unavailable",
+        "keyed publish to a crashed home",
+    );
+    assert!(
+        r.headers.contains_key("retry-after"),
+        "503 carries Retry-After"
+    );
+    // Messages with neither key nor id go round robin over the partitions
+    // whose home is alive: every one is stored, none where the dead agent was.
     for i in 0..8 {
         let r = tokio::time::timeout(
             std::time::Duration::from_secs(20),
             a1.client.publish("fragile", &[], format!("p{i}")),
         )
         .await
-        .expect("a publish to a crashed home answers, it does not hang")
+        .expect("a publish answers, it does not hang")
         .unwrap();
-        match r.status.as_u16() {
-            201 => stored += 1,
-            503 => {
-                expect_error(&r, 503, "home_unavailable", "publish to a crashed home");
-                assert!(
-                    r.headers.contains_key("retry-after"),
-                    "503 carries Retry-After"
-                );
-                refused += 1;
-            }
-            other => panic!("unexpected {other}: {}", r.text()),
-        }
+        expect_status(&r, 201, "keyless publish with a crashed home in the mesh");
+        let partition = r.json()["partition"].as_u64().unwrap() as u32;
+        assert!(
+            !dead.contains(&partition),
+            "stored in {partition}, homed on the dead agent"
+        );
     }
-    assert!(refused > 0, "partitions homed on the crashed agent refuse");
-    assert!(stored > 0, "partitions homed on the live agent still store");
     let v = cluster(&a1).await.unwrap();
     assert!(!v["unavailable"].as_array().unwrap().is_empty(), "{v}");
 }
