@@ -11,21 +11,81 @@ use hyper_util::rt::TokioExecutor;
 
 /// Default agent URL.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:4700";
+/// How long a connection to the agent may take to open.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Nothing answered at the URL.
-    #[error("no Shoal agent is listening at {url} ({reason}); start one with `shoal-agent --dev`, or point SHOAL_URL (--url) at yours")]
+    /// The host name does not resolve.
+    #[error("cannot find the host of {url} ({reason}); check --url (SHOAL_URL)")]
+    Dns {
+        /// The URL.
+        url: String,
+        /// The resolver's error.
+        reason: String,
+    },
+    /// Nothing listens at the address.
+    #[error("no Shoal agent is listening at {url} ({reason}); start a local mesh with `shoal dev`, or point --url (SHOAL_URL) at your agent")]
     NotListening {
         /// The URL.
         url: String,
         /// The connection error.
         reason: String,
     },
+    /// The address did not answer in time.
+    #[error(
+        "{url} did not answer in time ({reason}); is the address right, and reachable from here?"
+    )]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// The error.
+        reason: String,
+    },
+    /// The connection failed otherwise (a TLS-only server, a reset, ...).
+    #[error("cannot talk to {url}: {reason}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// The error.
+        reason: String,
+    },
     /// The request could not be built or sent.
     #[error("request failed: {0}")]
     Request(String),
+}
+
+impl ClientError {
+    /// Sorts a connection error by its cause, for a message that says what
+    /// to check.
+    fn connect(url: &str, reason: String, kind: Option<std::io::ErrorKind>) -> ClientError {
+        let url = url.to_string();
+        let lower = reason.to_ascii_lowercase();
+        if lower.contains("lookup")
+            || lower.contains("resolve")
+            || lower.contains("name or service")
+        {
+            ClientError::Dns { url, reason }
+        } else if kind == Some(std::io::ErrorKind::ConnectionRefused) || lower.contains("refused") {
+            ClientError::NotListening { url, reason }
+        } else if kind == Some(std::io::ErrorKind::TimedOut) || lower.contains("timed out") {
+            ClientError::Timeout { url, reason }
+        } else {
+            ClientError::Connect { url, reason }
+        }
+    }
+}
+
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cause = c.source();
+    }
+    None
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -71,6 +131,8 @@ impl AgentClient {
     pub fn new(base: &str) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        // A black-holed address fails in seconds, not the kernel's minutes.
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         AgentClient {
             base: base.trim_end_matches('/').to_string(),
             client: Client::builder(TokioExecutor::new())
@@ -103,12 +165,9 @@ impl AgentClient {
             .map_err(|e| ClientError::Request(e.to_string()))?;
         self.client.request(req).await.map_err(|e| {
             if e.is_connect() {
-                ClientError::NotListening {
-                    url: self.base.clone(),
-                    reason: root_cause(&e),
-                }
+                ClientError::connect(&self.base, root_cause(&e), io_kind(&e))
             } else {
-                ClientError::Request(e.to_string())
+                ClientError::Request(root_cause(&e))
             }
         })
     }

@@ -16,7 +16,10 @@ use shoal_injector::offline::{self, OfflineOptions};
 #[derive(clap::Args, Debug)]
 pub struct InjectArgs {
     /// File to read (YAML or JSON; Pods, Deployments, StatefulSets, DaemonSets,
-    /// Jobs, CronJobs, Lists, multi-document streams); `-` reads standard input.
+    /// Jobs, CronJobs, Lists, multi-document streams); a directory: its
+    /// `.yaml`, `.yml` and `.json` files in name order (not its
+    /// subdirectories), as `kubectl apply -f DIR` reads them; `-` reads
+    /// standard input.
     #[arg(short = 'f', long = "filename", value_name = "FILE")]
     pub filename: PathBuf,
     /// Where to write the result (default: standard output).
@@ -41,6 +44,11 @@ pub fn run(args: InjectArgs) -> ExitCode {
         match std::io::stdin().read_to_string(&mut s) {
             Ok(_) => s,
             Err(e) => return fail(&format!("cannot read standard input: {e}")),
+        }
+    } else if args.filename.is_dir() {
+        match read_dir_manifests(&args.filename) {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
         }
     } else {
         match std::fs::read_to_string(&args.filename) {
@@ -83,6 +91,39 @@ pub fn run(args: InjectArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// The manifests of a directory as one multi-document stream.
+fn read_dir_manifests(dir: &std::path::Path) -> Result<String, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|x| x.to_str())
+                    .is_some_and(|x| matches!(x, "yaml" | "yml" | "json"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!(
+            "{} holds no .yaml, .yml or .json file",
+            dir.display()
+        ));
+    }
+    let mut stream = String::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        stream.push_str("---\n");
+        stream.push_str(&text);
+        if !text.ends_with('\n') {
+            stream.push('\n');
+        }
+    }
+    Ok(stream)
 }
 
 fn fail(message: &str) -> ExitCode {

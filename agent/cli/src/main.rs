@@ -20,11 +20,65 @@ mod inject;
 #[derive(Parser, Debug)]
 #[command(name = "shoal", version, about)]
 struct Cli {
-    /// The agent's app API.
-    #[arg(long, global = true, env = "SHOAL_URL", default_value = DEFAULT_URL)]
-    url: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the agent is: only on the commands that talk to one.
+#[derive(Args, Debug)]
+struct Conn {
+    /// The agent's app API, such as http://127.0.0.1:4700 or localhost:4700.
+    #[arg(long, env = "SHOAL_URL", default_value = DEFAULT_URL)]
+    url: String,
+}
+
+impl Conn {
+    /// A client for the agent, after checking the URL.
+    fn client(&self) -> Result<AgentClient, String> {
+        agent_url(&self.url).map(|u| AgentClient::new(&u))
+    }
+}
+
+/// The agent's base URL from what a person typed: `localhost:4700` and
+/// `127.0.0.1:4700` mean `http://...`; the app API is plain HTTP on
+/// loopback, so `https://` and paths are refused with a reason.
+fn agent_url(raw: &str) -> Result<String, String> {
+    let raw = raw.trim();
+    let with_scheme = if raw.contains("://") {
+        raw.to_string()
+    } else {
+        format!("http://{raw}")
+    };
+    let uri: http::Uri = with_scheme
+        .parse()
+        .map_err(|e| format!("--url {raw:?} is not a URL ({e}); try http://127.0.0.1:4700"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(format!(
+                "--url {raw:?}: the agent's app API speaks plain http on loopback, not {other}"
+            ))
+        }
+        None => return Err(format!("--url {raw:?} has no scheme; try http://{raw}")),
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(format!(
+            "--url {raw:?} names no host; try http://127.0.0.1:4700"
+        ));
+    };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "--url {raw:?}: give the agent's address only (http://host:port), not a path"
+        ));
+    }
+    Ok(format!("http://{authority}"))
+}
+
+/// Checks a topic, subscription or group name with the agent's own rule,
+/// before anything is sent (a name with `/` or a space would otherwise
+/// become another path or a bad request line).
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    shoal_agent::names::validate(what, name).map_err(|e| e.message)
 }
 
 #[derive(Subcommand, Debug)]
@@ -36,7 +90,7 @@ enum Command {
     /// List topics, or create and delete them.
     Topics(TopicsArgs),
     /// Show the mesh: members, their state, and the partitions each is home to.
-    Status,
+    Status(StatusArgs),
     /// Add the agent sidecar to Kubernetes YAML or JSON, offline (as the webhook would).
     Inject(inject::InjectArgs),
     /// Start a local mesh of agents on loopback (three by default), each its own process; Ctrl-C stops them.
@@ -48,6 +102,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct PubArgs {
+    #[command(flatten)]
+    conn: Conn,
     /// Topic.
     topic: String,
     /// The payload; without it, standard input is read.
@@ -74,6 +130,8 @@ struct PubArgs {
 
 #[derive(Args, Debug)]
 struct SubArgs {
+    #[command(flatten)]
+    conn: Conn,
     /// Topic.
     topic: String,
     /// Consumer group: subscribers in one group share the messages.
@@ -82,11 +140,13 @@ struct SubArgs {
     /// Subscription name; with one, the subscription stays after exit and resumes where it stopped.
     #[arg(long)]
     name: Option<String>,
-    /// Where a new group starts: earliest or latest.
-    #[arg(long, default_value = "latest")]
-    from: String,
-    /// Stop after this many messages.
-    #[arg(long, short = 'n')]
+    /// Where a new group starts: earliest, latest, an offset (like 42) or a
+    /// time (RFC 3339, like 2026-12-06T10:00:00Z: the first message at or
+    /// after it). A group with committed offsets resumes from them.
+    #[arg(long, default_value = "latest", value_parser = parse_start)]
+    from: Value,
+    /// Stop after this many messages (at least 1; without it, run until Ctrl-C).
+    #[arg(long, short = 'n', value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// Print each message as its CloudEvents JSON.
     #[arg(long)]
@@ -95,8 +155,34 @@ struct SubArgs {
 
 #[derive(Args, Debug)]
 struct TopicsArgs {
+    #[command(flatten)]
+    conn: Conn,
     #[command(subcommand)]
     action: Option<TopicsAction>,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `--from` as the subscription's `start`.
+fn parse_start(s: &str) -> Result<Value, String> {
+    match s {
+        "earliest" | "latest" => Ok(json!(s)),
+        _ if s.bytes().all(|b| b.is_ascii_digit()) => s
+            .parse::<u64>()
+            .map(|n| json!({ "offset": n }))
+            .map_err(|e| format!("offset {s:?}: {e}")),
+        _ => humantime::parse_rfc3339_weak(s)
+            .map(|_| json!({ "time": s }))
+            .map_err(|_| {
+                format!(
+                    "{s:?} is not a start position: earliest, latest, an offset (42) or an RFC 3339 time (2026-12-06T10:00:00Z)"
+                )
+            }),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,6 +219,17 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// A success that is not what a Shoal agent answers: something else listens there.
+fn not_shoal(client: &AgentClient, reply: &Reply) -> String {
+    let mut body = reply.text();
+    body.truncate(200);
+    format!(
+        "{} answered {} but not as a Shoal agent does (body: {body:?}); is --url the agent's app API?",
+        client.base(),
+        reply.status
+    )
+}
+
 /// The error an agent answered, for people.
 fn api_error(reply: &Reply) -> String {
     let v = reply.json();
@@ -151,22 +248,54 @@ fn api_error(reply: &Reply) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let url = cli.url;
     match cli.command {
         Command::Inject(a) => inject::run(a),
         // The agent builds its own runtime, as shoal-agent does.
         Command::Agent(a) => dev::run_agent(a),
         Command::Dev(a) => block_on(dev::run(a)),
-        Command::Pub(a) => {
-            block_on(async move { outcome(publish(&AgentClient::new(&url), a).await) })
-        }
-        Command::Sub(a) => {
-            block_on(async move { outcome(subscribe(&AgentClient::new(&url), a).await) })
-        }
-        Command::Topics(a) => {
-            block_on(async move { outcome(topics(&AgentClient::new(&url), a).await) })
-        }
-        Command::Status => block_on(async move { outcome(status(&AgentClient::new(&url)).await) }),
+        Command::Pub(a) => with_client(a.conn.client(), |c| async move {
+            if let Err(e) = check_name("topic", &a.topic) {
+                return Ok(fail(e));
+            }
+            publish(&c, a).await
+        }),
+        Command::Sub(a) => with_client(a.conn.client(), |c| async move {
+            for (what, name) in [
+                ("topic", Some(&a.topic)),
+                ("group", a.group.as_ref()),
+                ("subscription", a.name.as_ref()),
+            ] {
+                if let Some(Err(e)) = name.map(|n| check_name(what, n)) {
+                    return Ok(fail(e));
+                }
+            }
+            subscribe(&c, a).await
+        }),
+        Command::Topics(a) => with_client(a.conn.client(), |c| async move {
+            let name = match &a.action {
+                Some(TopicsAction::Create { name, .. } | TopicsAction::Delete { name }) => {
+                    Some(name)
+                }
+                None => None,
+            };
+            if let Some(Err(e)) = name.map(|n| check_name("topic", n)) {
+                return Ok(fail(e));
+            }
+            topics(&c, a).await
+        }),
+        Command::Status(a) => with_client(a.conn.client(), |c| async move { status(&c).await }),
+    }
+}
+
+/// Runs a command that talks to the agent at `conn`.
+fn with_client<F, Fut>(conn: Result<AgentClient, String>, command: F) -> ExitCode
+where
+    F: FnOnce(AgentClient) -> Fut,
+    Fut: Future<Output = Result<ExitCode, ClientError>>,
+{
+    match conn {
+        Ok(client) => block_on(async move { outcome(command(client).await) }),
+        Err(e) => fail(e),
     }
 }
 
@@ -220,11 +349,14 @@ async fn publish(client: &AgentClient, a: PubArgs) -> Result<ExitCode, ClientErr
         return Ok(fail(api_error(&reply)));
     }
     let v = reply.json();
+    let (Some(partition), Some(offset)) = (v["partition"].as_u64(), v["offset"].as_u64()) else {
+        return Ok(fail(not_shoal(client, &reply)));
+    };
     println!(
         "published to {}/{} at offset {} (id {}){}",
         a.topic,
-        v["partition"],
-        v["offset"],
+        partition,
+        offset,
         v["id"].as_str().unwrap_or(""),
         if v["duplicate"] == json!(true) {
             ", a duplicate: stored once"
@@ -302,9 +434,8 @@ async fn subscribe(client: &AgentClient, a: SubArgs) -> Result<ExitCode, ClientE
     if let Some(g) = &a.group {
         spec["group"] = json!(g);
     }
-    let reply = client
-        .put_json(&format!("/v1/subscriptions/{name}"), &spec)
-        .await?;
+    let path = format!("/v1/subscriptions/{name}");
+    let reply = client.put_json(&path, &spec).await?;
     if !reply.status.is_success() {
         return Ok(fail(api_error(&reply)));
     }
@@ -315,20 +446,58 @@ async fn subscribe(client: &AgentClient, a: SubArgs) -> Result<ExitCode, ClientE
         a.group.as_deref().unwrap_or(&name)
     );
     let outcome = tokio::select! {
-        r = print_stream(client, &name, &a) => r,
+        r = follow(client, &path, &spec, &a) => r,
         _ = shoal_agent::run::signal() => Ok(ExitCode::SUCCESS),
     };
     if temporary {
-        let _ = client
-            .call(
-                Method::DELETE,
-                &format!("/v1/subscriptions/{name}"),
-                &[],
-                Bytes::new(),
-            )
-            .await;
+        let _ = client.call(Method::DELETE, &path, &[], Bytes::new()).await;
     }
     outcome
+}
+
+/// First wait before reconnecting to an agent that went away.
+const RECONNECT_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+/// Longest wait between reconnection attempts.
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How one stream ended.
+enum StreamEnd {
+    /// Done: the count was reached, or the agent refused for good.
+    Done(ExitCode),
+    /// The agent went away (restarted, stopped, not ready): try again.
+    Lost(String),
+}
+
+/// Prints the subscription's stream, reconnecting with backoff when the
+/// agent goes away (a restart of the sidecar, say): the subscription is
+/// declared again (the same PUT) and delivery resumes from the group's
+/// committed offsets, so a message is printed at least once.
+async fn follow(
+    client: &AgentClient,
+    path: &str,
+    spec: &Value,
+    a: &SubArgs,
+) -> Result<ExitCode, ClientError> {
+    let mut seen = 0u64;
+    let mut wait = RECONNECT_FIRST;
+    loop {
+        let lost = match print_stream(client, path, a, &mut seen, &mut wait).await {
+            Ok(StreamEnd::Done(code)) => return Ok(code),
+            Ok(StreamEnd::Lost(why)) => why,
+            Err(e) => e.to_string(),
+        };
+        eprintln!(
+            "shoal: {lost}; reconnecting in {}",
+            humantime::format_duration(wait)
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RECONNECT_MAX);
+        match client.put_json(path, spec).await {
+            Ok(r) if r.status.is_success() => {}
+            Ok(r) if r.status.is_client_error() => return Ok(fail(api_error(&r))),
+            Ok(_) | Err(_) => {}
+        }
+    }
 }
 
 fn fastrand_u32() -> u32 {
@@ -341,16 +510,13 @@ fn fastrand_u32() -> u32 {
 
 async fn print_stream(
     client: &AgentClient,
-    name: &str,
+    path: &str,
     a: &SubArgs,
-) -> Result<ExitCode, ClientError> {
+    seen: &mut u64,
+    wait: &mut std::time::Duration,
+) -> Result<StreamEnd, ClientError> {
     let resp = client
-        .send(
-            Method::GET,
-            &format!("/v1/subscriptions/{name}/events"),
-            &[],
-            Bytes::new(),
-        )
+        .send(Method::GET, &format!("{path}/events"), &[], Bytes::new())
         .await?;
     if !resp.status().is_success() {
         let status = resp.status();
@@ -360,18 +526,25 @@ async fn print_stream(
             .await
             .map(|c| c.to_bytes())
             .unwrap_or_default();
-        return Ok(fail(api_error(&Reply {
+        let reply = Reply {
             status,
             headers: Default::default(),
             body,
-        })));
+        };
+        return Ok(if status.is_server_error() {
+            StreamEnd::Lost(api_error(&reply))
+        } else {
+            StreamEnd::Done(fail(api_error(&reply)))
+        });
     }
+    *wait = RECONNECT_FIRST;
     let mut body = resp.into_body();
     let mut buf = String::new();
-    let mut seen = 0u64;
     let stdout = std::io::stdout();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ClientError::Request(format!("stream ended: {e}")))?;
+        let Ok(frame) = frame else {
+            return Ok(StreamEnd::Lost("the stream broke".into()));
+        };
         let Ok(data) = frame.into_data() else {
             continue;
         };
@@ -388,11 +561,11 @@ async fn print_stream(
             }
             let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
             if event.lines().any(|l| l == "event: error") {
-                return Ok(fail(
+                return Ok(StreamEnd::Done(fail(
                     v.pointer("/error/message")
                         .and_then(Value::as_str)
                         .unwrap_or("stream error"),
-                ));
+                )));
             }
             {
                 let mut out = stdout.lock();
@@ -414,22 +587,19 @@ async fn print_stream(
             }
             if let Some(ack) = v["ackid"].as_str() {
                 let reply = client
-                    .post_json(
-                        &format!("/v1/subscriptions/{name}/acks"),
-                        &json!({"ack": [ack]}),
-                    )
+                    .post_json(&format!("{path}/acks"), &json!({"ack": [ack]}))
                     .await?;
                 if !reply.status.is_success() {
                     eprintln!("shoal: ack failed: {}", api_error(&reply));
                 }
             }
-            seen += 1;
-            if a.count.is_some_and(|n| seen >= n) {
-                return Ok(ExitCode::SUCCESS);
+            *seen += 1;
+            if a.count.is_some_and(|n| *seen >= n) {
+                return Ok(StreamEnd::Done(ExitCode::SUCCESS));
             }
         }
     }
-    Ok(fail("the agent closed the stream"))
+    Ok(StreamEnd::Lost("the agent closed the stream".into()))
 }
 
 async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
