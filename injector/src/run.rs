@@ -233,41 +233,25 @@ pub async fn run(args: Args) -> Result<(), InjectorError> {
     };
     let tls_config = tls::server_config(store)?;
 
+    // The identity service must never take the webhook down: its settings
+    // and port are checked now, the mesh CA is loaded (or made) in the
+    // background, with retries.
     let identity_task = if args.inject.identity {
-        let config = identity_config(&args)?;
-        let ca = meshca::reconcile(
-            client.clone(),
-            &args.namespace,
-            &args.mesh_ca_secret,
-            now_unix(),
-        )
-        .await?;
-        metrics.mesh_ca_expiry.set(ca.not_after());
-        let dns_names = bootstrap::service_dns_names(&args.service, &args.namespace);
-        let (serving, not_after) = identity_serving_key(&ca, &dns_names)?;
-        let serving_store = CertStore::new(serving);
-        let identity_tls = tls::server_config(serving_store.clone())?;
-        let ca_store = CaStore::new(ca);
-        tokio::spawn(mesh_ca_loop(
-            client.clone(),
-            MeshCaTarget {
+        let identity = IdentitySetup {
+            config: identity_config(&args)?,
+            client: client.clone(),
+            target: MeshCaTarget {
                 namespace: args.namespace.clone(),
                 secret: args.mesh_ca_secret.clone(),
-                dns_names,
+                dns_names: bootstrap::service_dns_names(&args.service, &args.namespace),
             },
-            ca_store.clone(),
-            serving_store,
-            not_after,
-            metrics.clone(),
-            shutdown_rx.clone(),
-        ));
-        let service = IdentityService::new(client.clone(), ca_store, config, metrics.clone());
+            metrics: metrics.clone(),
+        };
         let listener = bind(args.identity_addr).await?;
-        tracing::info!(listen = %args.identity_addr, trust_domain = %args.trust_domain, secret = %args.mesh_ca_secret, "identity service serving");
-        Some(tokio::spawn(server::serve_identity(
+        tracing::info!(listen = %args.identity_addr, trust_domain = %args.trust_domain, secret = %args.mesh_ca_secret, "identity service starting");
+        Some(tokio::spawn(run_identity(
+            identity,
             listener,
-            identity_tls,
-            service,
             shutdown_rx.clone(),
         )))
     } else {
@@ -398,17 +382,94 @@ fn identity_serving_key(
     ))
 }
 
+/// Where the mesh CA is kept and the names the identity endpoint serves.
 struct MeshCaTarget {
     namespace: String,
     secret: String,
     dns_names: Vec<String>,
 }
 
+/// What the identity service needs to start.
+struct IdentitySetup {
+    config: IdentityConfig,
+    client: kube::Client,
+    target: MeshCaTarget,
+    metrics: Arc<Metrics>,
+}
+
+/// Longest wait between attempts to load the mesh CA at start.
+const MESH_CA_MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// Loads (or bootstraps) the mesh CA, retrying with backoff until it works
+/// or shutdown; then serves the identity endpoint on `listener` and keeps
+/// the CA current until shutdown.
+async fn run_identity(
+    setup: IdentitySetup,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let IdentitySetup {
+        config,
+        client,
+        target,
+        metrics,
+    } = setup;
+    let mut wait = Duration::from_secs(1);
+    let (ca, serving, serving_not_after) = loop {
+        let attempt = async {
+            let ca = meshca::reconcile(
+                client.clone(),
+                &target.namespace,
+                &target.secret,
+                now_unix(),
+            )
+            .await?;
+            let (serving, not_after) = identity_serving_key(&ca, &target.dns_names)?;
+            Ok::<_, InjectorError>((ca, serving, not_after))
+        };
+        match attempt.await {
+            Ok(r) => break r,
+            Err(e) => {
+                metrics.mesh_ca_reload_errors.inc();
+                tracing::warn!(error = %e, retry_in = ?wait, "mesh CA not usable; the identity service waits for it (the webhook is unaffected)");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = server::stopped(&mut shutdown) => return,
+        }
+        wait = (wait * 2).min(MESH_CA_MAX_RETRY);
+    };
+    metrics.mesh_ca_expiry.set(ca.not_after());
+    let serving_store = CertStore::new(serving);
+    let tls_config = match tls::server_config(serving_store.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "identity service cannot serve TLS");
+            return;
+        }
+    };
+    tracing::info!(roots = ca.roots(), "identity service serving");
+    let ca_store = CaStore::new(ca);
+    let service = IdentityService::new(client.clone(), ca_store.clone(), config, metrics.clone());
+    tokio::join!(
+        mesh_ca_loop(
+            client,
+            target,
+            ca_store,
+            serving_store,
+            serving_not_after,
+            metrics,
+            shutdown.clone(),
+        ),
+        server::serve_identity(listener, tls_config, service, shutdown),
+    );
+}
+
 /// Re-reads the mesh CA Secret every [`MESH_CA_RELOAD_INTERVAL`]: a changed
 /// CA (rotation) is used from then on; the identity endpoint's serving
 /// certificate is re-issued when the CA changed or a third of its life is
 /// left. A Secret that cannot be read or used keeps the CA in use.
-#[allow(clippy::too_many_arguments)]
 async fn mesh_ca_loop(
     client: kube::Client,
     target: MeshCaTarget,
@@ -421,7 +482,7 @@ async fn mesh_ca_loop(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(MESH_CA_RELOAD_INTERVAL) => {}
-            _ = shutdown.changed() => return,
+            _ = server::stopped(&mut shutdown) => return,
         }
         let mut changed = false;
         match meshca::load(client.clone(), &target.namespace, &target.secret).await {
@@ -457,3 +518,6 @@ async fn mesh_ca_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
