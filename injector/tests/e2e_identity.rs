@@ -300,8 +300,29 @@ fn outcome_count(metrics: &Metrics, outcome: &str) -> u64 {
     )
 }
 
-#[tokio::test]
-async fn identity_end_to_end() {
+/// A running identity endpoint against a stand-in API server.
+struct Started {
+    state: State,
+    kube: kube::Client,
+    addr: SocketAddr,
+    bundle: String,
+    ca_store: Arc<CaStore>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Started {
+    async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("shutdown")
+            .unwrap();
+    }
+}
+
+async fn start() -> Started {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let state: State = Arc::default();
     {
@@ -360,6 +381,29 @@ async fn identity_end_to_end() {
         service,
         rx,
     ));
+    Started {
+        state,
+        kube,
+        addr,
+        bundle,
+        ca_store,
+        metrics,
+        shutdown: tx,
+        task,
+    }
+}
+
+#[tokio::test]
+async fn identity_end_to_end() {
+    let started = start().await;
+    let (state, kube, addr, bundle, ca_store, metrics) = (
+        started.state.clone(),
+        started.kube.clone(),
+        started.addr,
+        started.bundle.clone(),
+        started.ca_store.clone(),
+        started.metrics.clone(),
+    );
     let conn = connector(&bundle);
     for o in [
         "issued",
@@ -514,9 +558,94 @@ async fn identity_end_to_end() {
         2
     );
 
-    let _ = tx.send(true);
-    tokio::time::timeout(Duration::from_secs(5), task)
+    started.stop().await;
+}
+
+/// The agent's certificate source (shoal-mesh) against the real endpoint:
+/// it gets a certificate the mesh's TLS accepts, learns the bundle, renews
+/// with a fresh key, and reports refusals with the service's code.
+#[tokio::test]
+async fn the_agent_source_gets_its_certificate_from_the_endpoint() {
+    use shoal_mesh::certs::CertSource as _;
+    use shoal_mesh::client::{ClientConfig, IdentityServiceSource};
+
+    let started = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "good\n").unwrap();
+    let id: shoal_mesh::SpiffeId = "spiffe://cluster.local/ns/orders/sa/api".parse().unwrap();
+    let config = ClientConfig {
+        endpoint: started.addr.to_string(),
+        server_name: DNS.to_owned(),
+        token_file: token_file.clone(),
+        anchors_pem: started.bundle.clone(),
+        id: id.clone(),
+        timeout: Duration::from_secs(10),
+    };
+    let source = Arc::new(IdentityServiceSource::new(config.clone()).unwrap());
+
+    let s = source.clone();
+    let first = tokio::task::spawn_blocking(move || s.load())
         .await
-        .expect("shutdown")
+        .unwrap()
         .unwrap();
+    assert_eq!(first.id, id);
+    assert_eq!(first.roots.len(), 1);
+    assert_eq!(
+        first.roots[0],
+        CertificateDer::from_pem_slice(started.bundle.as_bytes()).unwrap()
+    );
+    let life = first.not_after.duration_since(first.not_before).unwrap();
+    assert_eq!(
+        life,
+        Duration::from_secs((DAY + meshca::CLOCK_SKEW_SECONDS) as u64)
+    );
+    // Fresh, so not due for renewal.
+    assert!(!source.changed(&first));
+    // The mesh's own TLS takes the certificate and key.
+    let store = shoal_mesh::tls::CertStore::new(&first, Arc::new(|_, _| {})).unwrap();
+    shoal_mesh::tls::server_config(&store).unwrap();
+
+    // A renewal makes a new key.
+    let s = source.clone();
+    let second = tokio::task::spawn_blocking(move || s.load())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(second.chain[0], first.chain[0]);
+    assert_ne!(
+        second.key.secret_der(),
+        first.key.secret_der(),
+        "every request has a key of its own"
+    );
+    assert_eq!(outcome_count(&started.metrics, "issued"), 2);
+
+    // Another service account's token: refused, and the reason says so.
+    std::fs::write(&token_file, "billing").unwrap();
+    let refused = IdentityServiceSource::new(config.clone()).unwrap();
+    let err = tokio::task::spawn_blocking(move || refused.load())
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("identity_mismatch"), "{err}");
+    assert_eq!(outcome_count(&started.metrics, "identity_mismatch"), 1);
+
+    // An endpoint whose certificate does not chain to the anchors is not trusted.
+    std::fs::write(&token_file, "good").unwrap();
+    let stranger = meshca::generate(now()).unwrap();
+    let untrusting = IdentityServiceSource::new(ClientConfig {
+        anchors_pem: stranger.cert,
+        ..config
+    })
+    .unwrap();
+    let err = tokio::task::spawn_blocking(move || untrusting.load())
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TLS"), "{err}");
+    assert_eq!(outcome_count(&started.metrics, "issued"), 2);
+
+    started.stop().await;
 }
