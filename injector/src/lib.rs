@@ -11,6 +11,8 @@
 //! - [`admission`]: AdmissionReview v1 in and out, fail-open.
 //! - [`nscache`]: namespaces watched with a kube-rs reflector.
 //! - [`tls`], [`bootstrap`]: serving certificates from files or self-made.
+//! - [`identity`], [`meshca`]: the identity service that signs agent
+//!   certificates with the mesh CA kept in a Secret.
 //! - [`server`], [`run`]: the HTTPS and admin servers and the process.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -20,7 +22,9 @@ pub mod annotations;
 pub mod bootstrap;
 pub mod config;
 pub mod error;
+pub mod identity;
 pub mod inject;
+pub mod meshca;
 pub mod metrics;
 pub mod nscache;
 pub mod offline;

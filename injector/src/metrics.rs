@@ -38,6 +38,13 @@ pub struct BadRequestLabels {
     pub kind: String,
 }
 
+/// Labels of an identity request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// How it ended (see [`crate::identity::Outcome`]).
+    pub outcome: String,
+}
+
 /// All metrics, registered once.
 #[derive(Debug)]
 pub struct Metrics {
@@ -56,6 +63,14 @@ pub struct Metrics {
     pub cert_reload_errors: Counter,
     /// Unix time at which the serving certificate expires (bootstrap mode).
     pub cert_expiry: Gauge,
+    /// Identity requests by outcome.
+    pub identity_requests: Family<OutcomeLabels, Counter>,
+    /// Agent certificates issued.
+    pub identity_certificates_issued: Counter,
+    /// Unix time at which the mesh CA expires (0 until it is loaded).
+    pub mesh_ca_expiry: Gauge,
+    /// Failed re-reads of the mesh CA Secret (the CA in use stays).
+    pub mesh_ca_reload_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -117,6 +132,37 @@ impl Metrics {
             "When the self-bootstrapped serving certificate expires",
             cert_expiry.clone(),
         );
+        let identity_requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "identity_requests",
+            "Identity (certificate) requests answered, by outcome",
+            identity_requests.clone(),
+        );
+        let identity_certificates_issued = Counter::default();
+        registry.register(
+            "identity_certificates_issued",
+            "Agent certificates signed by the mesh CA",
+            identity_certificates_issued.clone(),
+        );
+        let mesh_ca_expiry = Gauge::default();
+        registry.register(
+            "mesh_ca_expiry_timestamp_seconds",
+            "When the mesh CA that signs agent certificates expires",
+            mesh_ca_expiry.clone(),
+        );
+        let mesh_ca_reload_errors = Counter::default();
+        registry.register(
+            "mesh_ca_reload_errors",
+            "Re-reads of the mesh CA Secret that failed (the CA in use stays)",
+            mesh_ca_reload_errors.clone(),
+        );
+        for outcome in crate::identity::Outcome::ALL {
+            identity_requests
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.as_str().to_owned(),
+                })
+                .inc_by(0);
+        }
         for kind in BAD_REQUEST_KINDS {
             bad_requests
                 .get_or_create(&BadRequestLabels {
@@ -133,6 +179,10 @@ impl Metrics {
             cert_reloads,
             cert_reload_errors,
             cert_expiry,
+            identity_requests,
+            identity_certificates_issued,
+            mesh_ca_expiry,
+            mesh_ca_reload_errors,
         }
     }
 
@@ -160,6 +210,15 @@ impl Metrics {
         self.bad_requests
             .get_or_create(&BadRequestLabels {
                 kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one identity request.
+    pub fn identity_request(&self, outcome: &str) {
+        self.identity_requests
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
             })
             .inc();
     }

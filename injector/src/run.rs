@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,6 +14,8 @@ use crate::admission::Webhook;
 use crate::bootstrap::{self, BootstrapTarget};
 use crate::config::InjectFlags;
 use crate::error::InjectorError;
+use crate::identity::{self, IdentityConfig, IdentityService, Policy, SpiffeId};
+use crate::meshca::{self, CaStore, MeshCa};
 use crate::metrics::Metrics;
 use crate::nscache::NamespaceCache;
 use crate::server;
@@ -28,6 +31,9 @@ pub const DEFAULT_TLS_CERT_FILE: &str = "/etc/shoal-injector/tls/tls.crt";
 pub const DEFAULT_TLS_KEY_FILE: &str = "/etc/shoal-injector/tls/tls.key";
 /// Default name of the injector's Service, Secret and webhook configuration.
 pub const DEFAULT_NAME: &str = "shoal-injector";
+/// How often the mesh CA Secret is re-read (a CA rotation is picked up
+/// within this time).
+pub const MESH_CA_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
 /// Default namespace of the injector.
 pub const DEFAULT_NAMESPACE: &str = "shoal-system";
 
@@ -97,12 +103,27 @@ pub struct Args {
         default_value = "json"
     )]
     pub log_format: LogFormat,
+    /// Identity endpoint (HTTPS: agents trade a CSR and their token for a
+    /// certificate) listen address; served when `--identity` is true.
+    #[arg(long, env = "SHOAL_INJECTOR_IDENTITY_ADDR", default_value = identity::DEFAULT_IDENTITY_ADDR)]
+    pub identity_addr: SocketAddr,
+    /// Trust domain of the mesh: agent identities are
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    #[arg(long, env = "SHOAL_TRUST_DOMAIN", default_value = identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Secret (in the injector's namespace) holding the mesh CA; created with
+    /// a fresh CA when absent.
+    #[arg(long, env = "SHOAL_INJECTOR_MESH_CA_SECRET", default_value = meshca::DEFAULT_SECRET)]
+    pub mesh_ca_secret: String,
+    /// Lifetime of the agent certificates the identity endpoint signs.
+    #[arg(long, env = "SHOAL_INJECTOR_IDENTITY_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub identity_cert_lifetime: Duration,
     /// What to inject.
     #[command(flatten)]
     pub inject: InjectFlags,
 }
 
-/// Parses `500ms`, `5s`, `2m`.
+/// Parses `500ms`, `5s`, `2m`, `24h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s
@@ -112,8 +133,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration {s:?}: use ms, s or m")),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+        _ => Err(format!("invalid duration {s:?}: use ms, s, m or h")),
     }
 }
 
@@ -211,6 +233,31 @@ pub async fn run(args: Args) -> Result<(), InjectorError> {
     };
     let tls_config = tls::server_config(store)?;
 
+    // The identity service must never take the webhook down: its settings
+    // and port are checked now, the mesh CA is loaded (or made) in the
+    // background, with retries.
+    let identity_task = if args.inject.identity {
+        let identity = IdentitySetup {
+            config: identity_config(&args)?,
+            client: client.clone(),
+            target: MeshCaTarget {
+                namespace: args.namespace.clone(),
+                secret: args.mesh_ca_secret.clone(),
+                dns_names: bootstrap::service_dns_names(&args.service, &args.namespace),
+            },
+            metrics: metrics.clone(),
+        };
+        let listener = bind(args.identity_addr).await?;
+        tracing::info!(listen = %args.identity_addr, trust_domain = %args.trust_domain, secret = %args.mesh_ca_secret, "identity service starting");
+        Some(tokio::spawn(run_identity(
+            identity,
+            listener,
+            shutdown_rx.clone(),
+        )))
+    } else {
+        None
+    };
+
     let namespaces = NamespaceCache::start(client, shutdown_rx.clone());
     let stopping = Arc::new(AtomicBool::new(false));
     let ready: server::ReadyCheck = {
@@ -248,6 +295,9 @@ pub async fn run(args: Args) -> Result<(), InjectorError> {
     let _ = tokio::time::timeout(args.shutdown_timeout, async {
         let _ = webhook_task.await;
         let _ = admin_task.await;
+        if let Some(t) = identity_task {
+            let _ = t.await;
+        }
     })
     .await;
     tracing::info!("stopped");
@@ -291,3 +341,183 @@ async fn rotate_loop(
         }
     }
 }
+
+/// The identity service's settings from the flags, checked.
+pub fn identity_config(args: &Args) -> Result<IdentityConfig, InjectorError> {
+    SpiffeId::from_str(&format!("spiffe://{}/ns/n/sa/s", args.trust_domain)).map_err(|_| {
+        InjectorError::Config(format!(
+            "--trust-domain {:?}: use lowercase letters, digits, '-', '.' and '_'",
+            args.trust_domain
+        ))
+    })?;
+    if args.identity_cert_lifetime < Duration::from_secs(60) {
+        return Err(InjectorError::Config(format!(
+            "--identity-cert-lifetime {:?} is shorter than a minute",
+            args.identity_cert_lifetime
+        )));
+    }
+    Ok(IdentityConfig {
+        policy: Policy {
+            trust_domain: args.trust_domain.clone(),
+            audience: crate::config::DEFAULT_TOKEN_AUDIENCE.to_owned(),
+        },
+        cert_lifetime: args.identity_cert_lifetime,
+        review_timeout: identity::TOKEN_REVIEW_TIMEOUT,
+    })
+}
+
+/// A serving certificate for the identity endpoint from the mesh CA, and its expiry.
+fn identity_serving_key(
+    ca: &MeshCa,
+    dns_names: &[String],
+) -> Result<(Arc<rustls::sign::CertifiedKey>, i64), InjectorError> {
+    let (issued, key) = ca.issue_serving(
+        dns_names,
+        now_unix(),
+        identity::SERVING_CERT_LIFETIME_SECONDS,
+    )?;
+    Ok((
+        tls::certified_key(issued.cert_pem.as_bytes(), key.as_bytes())?,
+        issued.not_after,
+    ))
+}
+
+/// Where the mesh CA is kept and the names the identity endpoint serves.
+struct MeshCaTarget {
+    namespace: String,
+    secret: String,
+    dns_names: Vec<String>,
+}
+
+/// What the identity service needs to start.
+struct IdentitySetup {
+    config: IdentityConfig,
+    client: kube::Client,
+    target: MeshCaTarget,
+    metrics: Arc<Metrics>,
+}
+
+/// Longest wait between attempts to load the mesh CA at start.
+const MESH_CA_MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// Loads (or bootstraps) the mesh CA, retrying with backoff until it works
+/// or shutdown; then serves the identity endpoint on `listener` and keeps
+/// the CA current until shutdown.
+async fn run_identity(
+    setup: IdentitySetup,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let IdentitySetup {
+        config,
+        client,
+        target,
+        metrics,
+    } = setup;
+    let mut wait = Duration::from_secs(1);
+    let (ca, serving, serving_not_after) = loop {
+        let attempt = async {
+            let ca = meshca::reconcile(
+                client.clone(),
+                &target.namespace,
+                &target.secret,
+                now_unix(),
+            )
+            .await?;
+            let (serving, not_after) = identity_serving_key(&ca, &target.dns_names)?;
+            Ok::<_, InjectorError>((ca, serving, not_after))
+        };
+        match attempt.await {
+            Ok(r) => break r,
+            Err(e) => {
+                metrics.mesh_ca_reload_errors.inc();
+                tracing::warn!(error = %e, retry_in = ?wait, "mesh CA not usable; the identity service waits for it (the webhook is unaffected)");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = server::stopped(&mut shutdown) => return,
+        }
+        wait = (wait * 2).min(MESH_CA_MAX_RETRY);
+    };
+    metrics.mesh_ca_expiry.set(ca.not_after());
+    let serving_store = CertStore::new(serving);
+    let tls_config = match tls::server_config(serving_store.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "identity service cannot serve TLS");
+            return;
+        }
+    };
+    tracing::info!(roots = ca.roots(), "identity service serving");
+    let ca_store = CaStore::new(ca);
+    let service = IdentityService::new(client.clone(), ca_store.clone(), config, metrics.clone());
+    tokio::join!(
+        mesh_ca_loop(
+            client,
+            target,
+            ca_store,
+            serving_store,
+            serving_not_after,
+            metrics,
+            shutdown.clone(),
+        ),
+        server::serve_identity(listener, tls_config, service, shutdown),
+    );
+}
+
+/// Re-reads the mesh CA Secret every [`MESH_CA_RELOAD_INTERVAL`]: a changed
+/// CA (rotation) is used from then on; the identity endpoint's serving
+/// certificate is re-issued when the CA changed or a third of its life is
+/// left. A Secret that cannot be read or used keeps the CA in use.
+async fn mesh_ca_loop(
+    client: kube::Client,
+    target: MeshCaTarget,
+    ca_store: Arc<CaStore>,
+    serving: Arc<CertStore>,
+    mut serving_not_after: i64,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(MESH_CA_RELOAD_INTERVAL) => {}
+            _ = server::stopped(&mut shutdown) => return,
+        }
+        let mut changed = false;
+        match meshca::load(client.clone(), &target.namespace, &target.secret).await {
+            Ok(Some(ca)) => {
+                if ca.material() != ca_store.get().material() {
+                    tracing::info!(secret = %target.secret, roots = ca.roots(), "mesh CA changed; signing with the new one");
+                    metrics.mesh_ca_expiry.set(ca.not_after());
+                    ca_store.set(ca);
+                    changed = true;
+                }
+            }
+            Ok(None) => {
+                metrics.mesh_ca_reload_errors.inc();
+                tracing::warn!(secret = %target.secret, "mesh CA Secret is gone; keeping the CA in use");
+            }
+            Err(e) => {
+                metrics.mesh_ca_reload_errors.inc();
+                tracing::warn!(error = %e, "mesh CA Secret unusable; keeping the CA in use");
+            }
+        }
+        let left = serving_not_after - now_unix();
+        if changed || left < identity::SERVING_CERT_LIFETIME_SECONDS / 3 {
+            match identity_serving_key(&ca_store.get(), &target.dns_names) {
+                Ok((key, not_after)) => {
+                    serving.set(key);
+                    serving_not_after = not_after;
+                }
+                Err(e) => {
+                    metrics.mesh_ca_reload_errors.inc();
+                    tracing::warn!(error = %e, "cannot re-issue the identity serving certificate");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

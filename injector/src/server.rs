@@ -1,6 +1,7 @@
-//! The HTTPS webhook server and the plain-HTTP admin server.
+//! The HTTPS webhook server, the HTTPS identity server and the plain-HTTP
+//! admin server.
 //!
-//! Both stop on the shutdown signal: no new connections, in-flight requests
+//! All stop on the shutdown signal: no new connections, in-flight requests
 //! finish (bounded by the caller's timeout).
 
 use std::convert::Infallible;
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Webhook;
+use crate::identity::{self, IdentityService, Outcome};
 use crate::metrics::Metrics;
 
 /// Largest AdmissionReview body accepted (the API server caps objects near 1.5 MB,
@@ -118,8 +120,107 @@ pub async fn serve_webhook(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     webhook: Webhook,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    serve_tls(
+        listener,
+        tls,
+        move |req| {
+            let webhook = webhook.clone();
+            async move { handle_webhook(webhook, req).await }
+        },
+        shutdown,
+    )
+    .await;
+}
+
+/// Answers one identity request: `POST /v1/certificates`.
+pub async fn handle_identity(service: IdentityService, req: Request<Incoming>) -> Response<Body> {
+    let refuse = |status: StatusCode, code: &str, message: &str| {
+        service
+            .metrics()
+            .identity_request(Outcome::BadRequest.as_str());
+        error_response(status, code, message)
+    };
+    if req.uri().path() != identity::CERTIFICATES_PATH {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "certificates are requested with POST /v1/certificates",
+        );
+    }
+    if req.method() != Method::POST {
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST",
+        );
+    }
+    let body = Limited::new(req.into_body(), identity::MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(CLIENT_TIMEOUT, body.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                Outcome::BadRequest.as_str(),
+                &format!(
+                    "cannot read the body (at most {} bytes): {e}",
+                    identity::MAX_BODY_BYTES
+                ),
+            )
+        }
+        Err(_) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                Outcome::BadRequest.as_str(),
+                "body not received in time",
+            )
+        }
+    };
+    match service.handle(&bytes).await {
+        Ok(answer) => match serde_json::to_vec(&answer) {
+            Ok(body) => json_response(StatusCode::OK, body),
+            Err(e) => error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Outcome::Internal.as_str(),
+                &e.to_string(),
+            ),
+        },
+        Err(d) => error_response(d.outcome.status(), d.outcome.as_str(), &d.message),
+    }
+}
+
+/// Serves the identity endpoint over TLS on `listener` until `shutdown`
+/// turns true, then waits for open connections to finish.
+pub async fn serve_identity(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    service: IdentityService,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_tls(
+        listener,
+        tls,
+        move |req| {
+            let service = service.clone();
+            async move { handle_identity(service, req).await }
+        },
+        shutdown,
+    )
+    .await;
+}
+
+/// Serves `handler` over TLS (HTTP/1.1 and h2) until `shutdown` turns true,
+/// then waits for open connections to finish.
+async fn serve_tls<H, F>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
     let acceptor = TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
     loop {
@@ -135,7 +236,7 @@ pub async fn serve_webhook(
             _ = stopped(&mut shutdown) => break,
         };
         let acceptor = acceptor.clone();
-        let webhook = webhook.clone();
+        let handler = handler.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(stream)).await {
@@ -150,8 +251,8 @@ pub async fn serve_webhook(
                 }
             };
             let service = service_fn(move |req| {
-                let webhook = webhook.clone();
-                async move { Ok::<_, Infallible>(handle_webhook(webhook, req).await) }
+                let fut = handler(req);
+                async move { Ok::<_, Infallible>(fut.await) }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder

@@ -176,10 +176,47 @@ fn base_installs_what_the_docs_promise() {
             .collect();
         if rule["resources"][0] == "namespaces" {
             assert_eq!(verbs, ["get", "list", "watch"]);
+        } else if rule["resources"][0] == "tokenreviews" {
+            assert_eq!(
+                rule["apiGroups"],
+                serde_json::json!(["authentication.k8s.io"])
+            );
+            assert_eq!(verbs, ["create"]);
         } else {
             assert_eq!(rule["resourceNames"], serde_json::json!(["shoal-injector"]));
         }
     }
+    assert!(
+        role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resources"][0] == "tokenreviews"),
+        "the identity service needs to create TokenReviews"
+    );
+    // The mesh CA Secret is readable (and creatable) in shoal-system.
+    let ns_role = find(&docs, "Role", "shoal-injector");
+    let rules = ns_role["rules"].as_array().unwrap();
+    assert!(rules.iter().any(|r| r["resources"][0] == "secrets"
+        && r["resourceNames"] == serde_json::json!(["shoal-mesh-ca"])
+        && r["verbs"] == serde_json::json!(["get"])));
+    assert!(rules.iter().any(|r| r["resources"][0] == "secrets"
+        && r["resourceNames"].is_null()
+        && r["verbs"] == serde_json::json!(["create"])));
+    // The identity port: named in the container, exposed by the Service.
+    let ports = deploy["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap();
+    assert!(ports
+        .iter()
+        .any(|p| p["name"] == "identity" && p["containerPort"] == 4711));
+    let svc = find(&docs, "Service", "shoal-injector");
+    assert!(svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "identity" && p["port"] == 4711 && p["targetPort"] == "identity"));
+
     // The cert-manager overlay switches bootstrap off and mounts the certificate.
     let cm = build("cert-manager");
     let d = find(&cm, "Deployment", "shoal-injector");

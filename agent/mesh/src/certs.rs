@@ -2,8 +2,8 @@
 //!
 //! The mesh asks a [`CertSource`] for an [`Identity`] at start and whenever
 //! [`CertSource::changed`] says so; it never knows whether the files came
-//! from the dev CA, a CSR signed by the injector (a later issue), or an
-//! operator.
+//! from the dev CA, a CSR signed by the injector's identity service
+//! ([`crate::client`]), or an operator.
 
 use crate::identity::{self, Ca, SpiffeId, DEFAULT_CERT_LIFETIME};
 use crate::MeshError;

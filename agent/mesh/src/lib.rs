@@ -2,7 +2,9 @@
 //!
 //! - [`identity`]: SPIFFE IDs, the development CA (`--dev`) and certificate issuing.
 //! - [`certs`]: the one seam every certificate comes through ([`certs::CertSource`]):
-//!   the dev CA today, a CSR signed by the injector later, files reloaded when they change.
+//!   the dev CA, a CSR signed by the injector's identity service ([`client`]), files
+//!   reloaded when they change.
+//! - [`client`]: the identity service's client, a [`certs::CertSource`].
 //! - [`tls`]: rustls configuration with mutual authentication: a peer must chain to
 //!   the mesh CA, be within its validity, and carry a SPIFFE ID; refusals say why.
 //! - [`transport`]: a QUIC endpoint (quinn, ALPN `shoal/1`) that accepts and dials
@@ -11,6 +13,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod certs;
+pub mod client;
 pub mod identity;
 pub mod tls;
 pub mod transport;
