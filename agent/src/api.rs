@@ -117,6 +117,10 @@ fn error_response(e: &ApiError) -> Response<Body> {
     if let Some(secs) = e.retry_after {
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     }
+    if let Some(allow) = e.allow {
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    }
     r
 }
 
@@ -154,12 +158,15 @@ where
 
 type Routed = (&'static str, Result<Response<Body>, ApiError>);
 
+/// 405, with the `Allow` header RFC 9110 requires.
 fn method_not_allowed(allow: &'static str) -> ApiError {
-    ApiError::new(
+    let mut e = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         format!("allowed methods: {allow}"),
-    )
+    );
+    e.allow = Some(allow);
+    e
 }
 
 /// The app API's routes; path segments are percent-decoded names.
