@@ -519,6 +519,13 @@ fn parse_json<T: serde::de::DeserializeOwned + Default>(
             ))
         }
     }
+    // Derived structs would also read an array of their fields in order.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
 }
@@ -732,7 +739,8 @@ where
                     line = &line[1..];
                 }
                 start = end + 1;
-                if line.iter().all(u8::is_ascii_whitespace) {
+                // Blank: only whitespace and record separators.
+                if line.iter().all(|b| b.is_ascii_whitespace() || *b == 0x1e) {
                     continue;
                 }
                 entries.push(match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
@@ -760,6 +768,12 @@ where
                 ),
             ))
         }
+    }
+    if entries.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the batch holds no messages: send at least one entry",
+        ));
     }
     if entries.len() > MAX_BATCH_ENTRIES {
         return Err(ApiError::new(
