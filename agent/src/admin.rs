@@ -82,5 +82,10 @@ pub async fn serve<B>(
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        // RFC 9110: a 405 lists the methods the route serves.
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET"));
+    }
     Ok(r)
 }

@@ -117,6 +117,10 @@ fn error_response(e: &ApiError) -> Response<Body> {
     if let Some(secs) = e.retry_after {
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     }
+    if let Some(allow) = e.allow {
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    }
     r
 }
 
@@ -154,12 +158,15 @@ where
 
 type Routed = (&'static str, Result<Response<Body>, ApiError>);
 
+/// 405, with the `Allow` header RFC 9110 requires.
 fn method_not_allowed(allow: &'static str) -> ApiError {
-    ApiError::new(
+    let mut e = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         format!("allowed methods: {allow}"),
-    )
+    );
+    e.allow = Some(allow);
+    e
 }
 
 /// The app API's routes; path segments are percent-decoded names.
@@ -512,6 +519,13 @@ fn parse_json<T: serde::de::DeserializeOwned + Default>(
             ))
         }
     }
+    // Derived structs would also read an array of their fields in order.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
 }
@@ -725,7 +739,8 @@ where
                     line = &line[1..];
                 }
                 start = end + 1;
-                if line.iter().all(u8::is_ascii_whitespace) {
+                // Blank: only whitespace and record separators.
+                if line.iter().all(|b| b.is_ascii_whitespace() || *b == 0x1e) {
                     continue;
                 }
                 entries.push(match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
@@ -753,6 +768,12 @@ where
                 ),
             ))
         }
+    }
+    if entries.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the batch holds no messages: send at least one entry",
+        ));
     }
     if entries.len() > MAX_BATCH_ENTRIES {
         return Err(ApiError::new(

@@ -41,7 +41,15 @@ pub fn from_binary_headers(headers: &HeaderMap) -> Result<BinaryAttributes, ApiE
             )
         })?;
         match attr {
-            "id" => id = Some(value.to_string()),
+            "id" => {
+                if value.is_empty() || value.len() > crate::api::MAX_ID_LEN {
+                    return Err(ApiError::bad_request(
+                        "invalid_header",
+                        format!("ce-id must be 1 to {} characters", crate::api::MAX_ID_LEN),
+                    ));
+                }
+                id = Some(value.to_string());
+            }
             "specversion" => {
                 if value != SPEC_VERSION {
                     return Err(ApiError::bad_request(

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for the `Retry-After` header on 429 and 503.
     pub retry_after: Option<u32>,
+    /// The methods a route serves, for the `Allow` header of a 405.
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -25,6 +27,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            allow: None,
         }
     }
     /// 400.

@@ -24,6 +24,7 @@ pub mod entry;
 pub mod error;
 pub mod flusher;
 pub mod group;
+pub mod json_object;
 pub mod mesh;
 pub mod message;
 pub mod metrics;

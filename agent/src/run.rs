@@ -326,7 +326,7 @@ async fn accept_loop<S, B>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = builder.serve_connection(TokioIo::new(stream), service.clone()).into_owned();
+                let conn = builder.serve_connection(TokioIo::new(Lingering(Some(stream))), service.clone()).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
@@ -339,6 +339,125 @@ async fn accept_loop<S, B>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Most request bytes read and thrown away after the server ended a connection.
+pub const LINGER_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Longest a connection the server ended is kept open to read them.
+pub const LINGER_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A connection's socket that, when the server is done with it, is not
+/// closed at once while the client may still be sending: an answer given
+/// before the request body was read (413, 400, 405) must reach clients that
+/// write their whole request before reading (Python's urllib and
+/// http.client, plain sockets). Closing a socket with unread data makes the
+/// kernel reset the connection, and the client then gets "broken pipe" or
+/// "connection reset" instead of the answer. So, as nginx's lingering close
+/// does, the write side is shut (the client sees the end of the answer) and
+/// what the client still sends is read and discarded, up to
+/// [`LINGER_MAX_BYTES`] and [`LINGER_MAX_TIME`], before the socket closes.
+struct Lingering(Option<tokio::net::TcpStream>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(stream) = self.0.take() else {
+            return;
+        };
+        // The usual case: the client closed first; nothing to wait for.
+        let mut probe = [0u8; 1];
+        if matches!(stream.try_read(&mut probe), Ok(0)) {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(linger(stream));
+        }
+    }
+}
+
+async fn linger(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let deadline = tokio::time::Instant::now() + LINGER_MAX_TIME;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = LINGER_MAX_BYTES;
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
+}
+
+impl Lingering {
+    fn stream(
+        self: std::pin::Pin<&mut Self>,
+    ) -> std::io::Result<std::pin::Pin<&mut tokio::net::TcpStream>> {
+        match self.get_mut().0.as_mut() {
+            Some(s) => Ok(std::pin::Pin::new(s)),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Lingering {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => s.poll_read(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Lingering {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.stream() {
+            Ok(s) => s.poll_write(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.stream() {
+            Ok(s) => s.poll_write_vectored(cx, bufs),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => s.poll_flush(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => s.poll_shutdown(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

@@ -92,7 +92,7 @@ pub struct SubscriptionSpec {
     #[serde(default)]
     pub max_deliveries: Option<u32>,
     /// Retry delays.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json_object::optional")]
     pub backoff: Option<Backoff>,
     /// Topic that receives messages that could not be delivered.
     #[serde(default)]
@@ -147,13 +147,10 @@ impl Subscription {
         let group = spec.group.unwrap_or_else(|| name.to_string());
         crate::names::validate("group", &group)?;
         if let Some(path) = &spec.push_path {
-            if !path.starts_with('/')
-                || path.len() > 1024
-                || path.contains(|c: char| c.is_whitespace() || c.is_control())
-            {
+            if !path.starts_with('/') || path.len() > 1024 || !path.bytes().all(push_path_byte) {
                 return Err(ApiError::bad_request(
                     "invalid_subscription",
-                    "pushPath must be a URL path starting with / (at most 1024 characters, no spaces)",
+                    "pushPath must be a URL path (and query) starting with /, at most 1024 characters of A-Z a-z 0-9 - . _ ~ ! $ & ' ( ) * + , ; = : @ / % ? (percent-encode others)",
                 ));
             }
             if app_port.is_none() {
@@ -228,6 +225,13 @@ impl Subscription {
         }
         Ok(sub)
     }
+}
+
+/// Whether a byte may appear unencoded in a push path: RFC 3986's
+/// unreserved and sub-delims characters, `:`, `@`, `/`, `%` and `?` (a
+/// query). Anything else would not make a valid request line.
+fn push_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%?".contains(&b)
 }
 
 #[cfg(test)]

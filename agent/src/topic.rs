@@ -109,6 +109,7 @@ pub struct TopicSpec {
     /// Kind.
     pub kind: Option<TopicKind>,
     /// Retention.
+    #[serde(default, deserialize_with = "crate::json_object::optional")]
     pub retention: Option<Retention>,
     /// Fsync policy.
     pub fsync: Option<FsyncPolicy>,
