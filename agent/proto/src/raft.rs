@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 /// Everything one agent's multi-raft driver sends another in one round.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftBatch {
+    /// The sender's incarnation (its start time): a batch from an older
+    /// incarnation of a peer (delayed past its restart) is dropped, so an
+    /// acknowledgement from before a crash cannot count after it.
+    pub incarnation: u64,
     /// Per group, its messages in order.
     pub groups: Vec<GroupMessages>,
 }
@@ -40,6 +44,10 @@ pub struct GroupMessages {
     /// cut its log, or it came back empty): its leader forgets how far the
     /// sender's log reaches and probes it again.
     pub recovering: bool,
+    /// From a leader to a recovering follower: "I have forgotten your old
+    /// acknowledgements". Only appends that follow it count toward the
+    /// follower's recovery.
+    pub progress_reset: bool,
 }
 
 /// A leader's request that its followers stop ticking the group.

@@ -244,7 +244,9 @@ impl LogStore for DiskStore {
     }
 
     fn first_index(&self) -> u64 {
-        self.log.first_index()
+        // Compaction drops whole segments, so the file may still hold
+        // entries below the log start the state records; Raft starts there.
+        self.log.first_index().max(self.meta.snapshot_index + 1)
     }
 
     fn last_index(&self) -> u64 {
@@ -258,10 +260,10 @@ impl LogStore for DiskStore {
         if index == self.meta.snapshot_index {
             return Ok(self.meta.snapshot_term);
         }
-        if index < self.log.first_index() {
+        if index < self.first_index() {
             return Err(StoreError::Compacted {
                 index,
-                first: self.log.first_index(),
+                first: self.first_index(),
             });
         }
         Err(StoreError::Unavailable {
@@ -271,10 +273,10 @@ impl LogStore for DiskStore {
     }
 
     fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>, StoreError> {
-        if lo < self.log.first_index() {
+        if lo < self.first_index() {
             return Err(StoreError::Compacted {
                 index: lo,
-                first: self.log.first_index(),
+                first: self.first_index(),
             });
         }
         if hi > self.log.written_index() + 1 {
@@ -325,7 +327,7 @@ impl LogStore for DiskStore {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        if first.index < self.log.first_index() || first.index > self.log.last_index() + 1 {
+        if first.index < self.first_index() || first.index > self.log.last_index() + 1 {
             return Err(StoreError::NonContiguous {
                 got: first.index,
                 last: self.log.last_index(),

@@ -38,6 +38,10 @@ pub const DEFAULT_HEARTBEAT_TICKS: usize = 1;
 pub const DEFAULT_HIBERNATE_AFTER_TICKS: u32 = 15;
 /// Default number of membership changes proposed per tick.
 pub const DEFAULT_MAX_CONCURRENT_CHANGES: usize = 8;
+/// A replica out of its group's configuration keeps voting this many
+/// election timeouts before it is removed: voters that have not applied the
+/// change yet still count it.
+pub const REMOVAL_GRACE_ELECTIONS: usize = 20;
 /// Default largest append, in bytes of entry data.
 pub const DEFAULT_MAX_APPEND_BYTES: u64 = 1 << 20;
 
@@ -71,6 +75,9 @@ pub struct DriverConfig {
     pub report_applied: bool,
     /// Seed of the election timeouts (a simulation replays a seed exactly).
     pub seed: u64,
+    /// This agent's incarnation, growing at every start (its start time in
+    /// milliseconds); peers drop batches from an older one.
+    pub incarnation: u64,
 }
 
 impl Default for DriverConfig {
@@ -88,6 +95,7 @@ impl Default for DriverConfig {
             join_on_message: true,
             report_applied: false,
             seed: 0,
+            incarnation: 0,
         }
     }
 }
@@ -203,6 +211,8 @@ pub struct Driver<S: LogStore> {
     events: Vec<Event>,
     stats: DriverStats,
     rng: fastrand::Rng,
+    /// The newest incarnation each peer has sent.
+    peer_incarnations: BTreeMap<NodeId, u64>,
 }
 
 impl<S: LogStore> std::fmt::Debug for Driver<S> {
@@ -237,6 +247,7 @@ impl<S: LogStore> Driver<S> {
             events: Vec::new(),
             stats: DriverStats::default(),
             rng,
+            peer_incarnations: BTreeMap::new(),
         }
     }
 
@@ -330,12 +341,22 @@ impl<S: LogStore> Driver<S> {
     /// Steps the batch a peer sent. `from` is the sender's Raft id as its
     /// certificate says; a message claiming another sender is refused.
     pub fn step(&mut self, from: NodeId, batch: RaftBatch) {
+        let newest = self
+            .peer_incarnations
+            .entry(from)
+            .or_insert(batch.incarnation);
+        if batch.incarnation < *newest {
+            self.refuse(from, "stale_incarnation");
+            return;
+        }
+        *newest = batch.incarnation;
         for gm in batch.groups {
             let GroupMessages {
                 group,
                 messages,
                 hibernate,
                 recovering,
+                progress_reset,
             } = gm;
             if !self.groups.contains_key(&group) {
                 let leaderish = messages.iter().any(|m| {
@@ -377,6 +398,10 @@ impl<S: LogStore> Driver<S> {
             let mut failed = None;
             let mut refused = Vec::new();
             if let Some(g) = self.groups.get_mut(&group) {
+                if progress_reset {
+                    let term = messages.iter().map(|m| m.term).max().unwrap_or(0);
+                    g.progress_reset_by(from, term);
+                }
                 for m in messages {
                     if m.from != from {
                         refused.push("wrong_sender");
@@ -401,8 +426,10 @@ impl<S: LogStore> Driver<S> {
                     };
                     let stepped = g.step(msg);
                     g.redraw_timeout(&mut self.rng, self.config.election_ticks);
-                    if let Err(e) = stepped {
-                        if !matches!(e, Error::Raft(raft::Error::StepPeerNotFound)) {
+                    match stepped {
+                        Ok(()) | Err(Error::Raft(raft::Error::StepPeerNotFound)) => {}
+                        Err(Error::Malformed(_)) => refused.push("malformed"),
+                        Err(e) => {
                             failed = Some(e.to_string());
                             break;
                         }
@@ -442,7 +469,9 @@ impl<S: LogStore> Driver<S> {
         let mut changes = 0;
         let mut failed = Vec::new();
         let mut going_quiet = Vec::new();
+        let grace = REMOVAL_GRACE_ELECTIONS * self.config.election_ticks;
         for (id, g) in self.groups.iter_mut() {
+            g.check_removal(grace);
             if g.hibernating || g.removed {
                 continue;
             }
@@ -454,6 +483,7 @@ impl<S: LogStore> Driver<S> {
             g.node.tick();
             g.redraw_timeout(&mut self.rng, self.config.election_ticks);
             g.drop_snapshot_if_unneeded();
+            g.check_snapshots(2 * self.config.election_ticks);
             if let Err(e) = g.build_snapshot() {
                 failed.push((id.clone(), e.to_string()));
             }
@@ -504,17 +534,23 @@ impl<S: LogStore> Driver<S> {
                 messages: Vec::new(),
                 hibernate: None,
                 recovering: false,
+                progress_reset: false,
             })
     }
 
     fn send(&mut self, group: &GroupId, messages: Vec<Message>) {
-        let recovering = self.groups.get(group).is_some_and(|g| g.recovering());
+        let (recovering, reset) = match self.groups.get(group) {
+            Some(g) => (g.recovering(), g.reset_peers().clone()),
+            None => (false, BTreeSet::new()),
+        };
         for m in messages {
             match wire::to_wire(&m) {
                 Ok(w) => {
-                    let entry = self.entry(m.to, group);
+                    let to = m.to;
+                    let entry = self.entry(to, group);
                     entry.messages.push(w);
                     entry.recovering |= recovering;
+                    entry.progress_reset |= reset.contains(&to);
                 }
                 Err(e) => {
                     tracing::warn!(group = %group_name(group), error = %e, "raft message not sent")
@@ -588,6 +624,7 @@ impl<S: LogStore> Driver<S> {
         let mut out = Outbox::new();
         for (to, groups) in std::mem::take(&mut self.outbox) {
             let batch = RaftBatch {
+                incarnation: self.config.incarnation,
                 groups: groups.into_values().collect(),
             };
             self.stats.batches += 1;

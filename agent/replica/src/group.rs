@@ -22,6 +22,10 @@ use raft::{GetEntriesContext, RaftState, RawNode, Ready, StateRole, Storage};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// A peer's term may be ahead of this replica's by at most this many
+/// elections (pre-vote keeps a cut-off replica's term where it was).
+pub const MAX_TERM_JUMP: u64 = 1_000_000;
+
 /// Where a new group's log starts: after a snapshot at this index, which
 /// carries the first configuration. The first message is at index 6.
 pub const INITIAL_INDEX: u64 = 5;
@@ -122,11 +126,15 @@ impl<S: LogStore> Storage for RaftStore<S> {
         Ok(self.inner.last_index())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         if let Some(snap) = &self.snapshot {
-            let index = snap.get_metadata().index;
-            // Usable while the entries after it are still held here.
-            if index >= request_index && index + 1 >= self.inner.first_index() {
+            let meta = snap.get_metadata();
+            // Usable while the entries after it are still held here, and for
+            // a replica its configuration has (raft-rs refuses it otherwise).
+            if meta.index >= request_index
+                && meta.index + 1 >= self.inner.first_index()
+                && conf_nodes(meta.get_conf_state()).contains(&to)
+            {
                 return Ok(snap.clone());
             }
         }
@@ -193,6 +201,8 @@ pub struct Group<S: LogStore> {
     /// Proposals awaiting their entry: index → (term, token).
     pending: BTreeMap<u64, (u64, u64)>,
     pub(crate) removed: bool,
+    /// Ticks since this replica found itself out of the configuration.
+    leaving_ticks: Option<usize>,
     pub(crate) desired: Option<BTreeSet<NodeId>>,
     /// Its log lost entries it may have acknowledged (recovery cut a corrupt
     /// segment): it neither votes nor campaigns until it has caught up with
@@ -201,9 +211,16 @@ pub struct Group<S: LogStore> {
     /// While recovering: the highest commit index a leader of the current
     /// term sent; the replica votes again once it has committed that far.
     recover_target: u64,
+    /// While recovering: the leader and term that told this replica it had
+    /// reset its progress; only that leader's appends count.
+    reset_by: (NodeId, u64),
     leader_seen: (Option<NodeId>, u64),
-    /// Peers known to be recovering whose progress this leader has reset.
+    /// Peers known to be recovering whose progress this leader has reset,
+    /// and the term it did so in.
     reset_peers: BTreeSet<NodeId>,
+    reset_term: u64,
+    /// Ticks each follower has spent waiting for a snapshot (leader only).
+    snapshot_waits: BTreeMap<NodeId, usize>,
     pub(crate) events: Vec<GroupEvent>,
 }
 
@@ -292,6 +309,9 @@ impl<S: LogStore> Group<S> {
             if meta.hard_state.commit != commit || meta.recovering != recovering {
                 meta.recovering = recovering;
                 store.set_meta(meta)?;
+                // Durable now: a restart before any message arrives must
+                // still know that entries were lost.
+                store.sync()?;
             }
         }
         let meta = store.meta().clone();
@@ -333,11 +353,15 @@ impl<S: LogStore> Group<S> {
             quiet_ticks: 0,
             pending: BTreeMap::new(),
             removed: false,
+            leaving_ticks: None,
             desired: None,
             recovering,
             recover_target: 0,
+            reset_by: (0, 0),
             leader_seen: (None, 0),
             reset_peers: BTreeSet::new(),
+            reset_term: 0,
+            snapshot_waits: BTreeMap::new(),
             events: Vec::new(),
         };
         // Entries committed before a restart come back in the first ready
@@ -506,16 +530,16 @@ impl<S: LogStore> Group<S> {
             // log without what it once acknowledged: it stays silent.
             return Ok(());
         }
-        if self.recovering && msg_type == MsgAppend && m.term >= self.node.raft.term {
-            if m.term > self.node.raft.term {
-                self.recover_target = 0;
-            }
+        if self.recovering && msg_type == MsgAppend && (m.from, m.term) == self.reset_by {
             self.recover_target = self.recover_target.max(m.commit);
         }
         if msg_type == MsgHeartbeat {
             // raft-rs treats a commit past the log's end as fatal; a leader
             // never sends one, but a bad peer must not stop the agent.
             m.commit = m.commit.min(self.node.raft.raft_log.last_index());
+        }
+        if let Some(why) = self.malformed(&m) {
+            return Err(Error::Malformed(why));
         }
         // Acknowledgements of the last heartbeats, and anything from a node
         // outside the configuration (a removed replica that still
@@ -536,6 +560,10 @@ impl<S: LogStore> Group<S> {
     /// otherwise keep counting its old acknowledgements toward commits) and
     /// probes it again, once per recovery.
     pub(crate) fn peer_recovering(&mut self, peer: NodeId, recovering: bool) {
+        if self.reset_term != self.node.raft.term {
+            self.reset_peers.clear();
+            self.reset_term = self.node.raft.term;
+        }
         if !recovering {
             self.reset_peers.remove(&peer);
             return;
@@ -549,6 +577,91 @@ impl<S: LogStore> Group<S> {
             pr.matched = 0;
             pr.next_idx = last + 1;
             tracing::info!(group = %group_name(&self.id), peer, "peer lost entries; probing it again");
+        }
+    }
+
+    /// What an honest raft-rs peer never sends and raft-rs would not survive
+    /// (its `fatal!` stops the process): checked against this replica's log.
+    fn malformed(&self, m: &Message) -> Option<&'static str> {
+        use raft::eraftpb::MessageType::*;
+        let last = self.node.raft.raft_log.last_index();
+        if m.term > self.node.raft.term.saturating_add(MAX_TERM_JUMP) {
+            return Some("a term far beyond any election");
+        }
+        match m.get_msg_type() {
+            MsgAppend => {
+                if m.index >= 1 && m.log_term == 0 {
+                    return Some("append after an entry of term 0");
+                }
+                let mut term = m.log_term;
+                for (expected, e) in (m.index + 1..).zip(m.get_entries()) {
+                    if e.index != expected || e.term < term || e.term > m.term {
+                        return Some("append entries that do not follow on");
+                    }
+                    term = e.term;
+                }
+            }
+            MsgAppendResponse if !m.reject && m.index > last => {
+                return Some("acknowledges entries this leader does not have");
+            }
+            _ => {}
+        }
+        if m.request_snapshot > last {
+            return Some("asks for a snapshot past the log's end");
+        }
+        None
+    }
+
+    /// Once per awake tick: a follower left waiting for a snapshot that never
+    /// arrived (the message was lost) is reported failed after `limit`
+    /// ticks, so raft-rs sends another instead of pausing it for good.
+    pub(crate) fn check_snapshots(&mut self, limit: usize) {
+        if !self.is_leader() {
+            self.snapshot_waits.clear();
+            return;
+        }
+        let waiting: Vec<NodeId> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, pr)| pr.state == raft::ProgressState::Snapshot)
+            .map(|(id, _)| *id)
+            .collect();
+        self.snapshot_waits.retain(|id, _| waiting.contains(id));
+        for id in waiting {
+            let waited = self.snapshot_waits.entry(id).or_insert(0);
+            *waited += 1;
+            if *waited > limit {
+                self.snapshot_waits.remove(&id);
+                self.node.report_snapshot(id, raft::SnapshotStatus::Failure);
+            }
+        }
+    }
+
+    /// Once per tick: a replica out of its group for `grace` ticks is
+    /// removed (the driver reports it, the shell deletes its data).
+    pub(crate) fn check_removal(&mut self, grace: usize) {
+        if let Some(t) = &mut self.leaving_ticks {
+            *t += 1;
+            if *t >= grace && !self.removed {
+                self.removed = true;
+                self.events.push(GroupEvent::Removed);
+            }
+        }
+    }
+
+    /// Recovering peers whose progress this leader reset in its term.
+    pub(crate) fn reset_peers(&self) -> &BTreeSet<NodeId> {
+        &self.reset_peers
+    }
+
+    /// A leader says it reset this replica's progress (in `term`): from now
+    /// on its appends count toward this replica's recovery.
+    pub(crate) fn progress_reset_by(&mut self, leader: NodeId, term: u64) {
+        if self.recovering && term >= self.node.raft.term && self.reset_by != (leader, term) {
+            self.reset_by = (leader, term);
+            self.recover_target = 0;
         }
     }
 
@@ -599,6 +712,7 @@ impl<S: LogStore> Group<S> {
             // acknowledged and lost.
             let committed = raft.raft_log.committed;
             if raft.leader_id != raft::INVALID_ID
+                && self.reset_by == (raft.leader_id, raft.term)
                 && self.recover_target > 0
                 && committed >= self.recover_target
                 && raft.raft_log.term(committed).ok() == Some(raft.term)
@@ -611,17 +725,19 @@ impl<S: LogStore> Group<S> {
             }
         }
         self.note_leader();
-        // Removed only once everything this replica holds is applied and
-        // the configuration still leaves it out: a later entry in its log
-        // may add it back, and the leader may already count it.
+        // Out of the group only once everything this replica holds is
+        // applied and the configuration still leaves it out (a later entry in
+        // its log may add it back, and the leader may already count it); and
+        // it goes only after a grace time, voting meanwhile: voters that have
+        // not applied the change yet still count it.
         let cs = self.conf();
-        if !self.removed
-            && cs != ConfState::default()
+        let out = cs != ConfState::default()
             && !conf_nodes(&cs).contains(&self.me)
-            && self.state.applied() >= self.node.raft.raft_log.last_index()
-        {
-            self.removed = true;
-            self.events.push(GroupEvent::Removed);
+            && self.state.applied() >= self.node.raft.raft_log.last_index();
+        if !out {
+            self.leaving_ticks = None;
+        } else if self.leaving_ticks.is_none() {
+            self.leaving_ticks = Some(0);
         }
         Ok(())
     }
@@ -801,7 +917,9 @@ impl<S: LogStore> Group<S> {
         {
             // raft-rs leaves a leader that a change removed in charge (and
             // fails on its next acknowledgement); it steps down here, and the
-            // remaining voters elect one of theirs.
+            // remaining voters elect one of theirs. Until they apply this
+            // change they still count the outgoing voters, this one included:
+            // it keeps voting through its removal grace time.
             let term = raft.term;
             raft.become_follower(term, raft::INVALID_ID);
         }
@@ -895,8 +1013,11 @@ impl<S: LogStore> Group<S> {
             return Ok(false);
         }
         if !desired.contains(&self.me) {
-            // Hand leadership to a caught-up desired voter first; the next
-            // leader removes this replica.
+            // Hand leadership to a caught-up, recently active desired voter
+            // that has its log; the next leader removes this replica. With
+            // none (the wanted set shares no voter with this one, or those
+            // are down), this leader adds the new replicas itself and leaves
+            // in the joint change, stepping down once it is out.
             let last = raft.raft_log.last_index();
             let target = raft
                 .prs()
@@ -906,6 +1027,8 @@ impl<S: LogStore> Group<S> {
                         && voters.contains(id)
                         && desired.contains(id)
                         && pr.matched == last
+                        && pr.recent_active
+                        && !self.reset_peers.contains(id)
                 })
                 .map(|(id, _)| *id)
                 .next();
@@ -913,8 +1036,8 @@ impl<S: LogStore> Group<S> {
                 if raft.lead_transferee.is_none() {
                     self.node.transfer_leader(target);
                 }
+                return Ok(false);
             }
-            return Ok(false);
         }
         let missing: Vec<NodeId> = desired
             .iter()

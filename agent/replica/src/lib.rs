@@ -100,6 +100,9 @@ pub enum Error {
     /// A snapshot that does not hold together.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    /// A peer's message no honest raft-rs peer sends; refused, not stepped.
+    #[error("malformed raft message: {0}")]
+    Malformed(&'static str),
 }
 
 /// `namespace/topic/partition`, for logs and errors.

@@ -109,12 +109,19 @@ fn wire_refuses_local_kinds_and_zero_ids() {
     m.from = 2;
     assert!(wire::to_wire(&m).is_err());
     m.set_msg_type(MessageType::MsgHeartbeat);
+    m.term = 3;
     let w = wire::to_wire(&m).unwrap();
     let back = wire::from_wire(w.clone()).unwrap();
     assert_eq!(back, m);
-    let mut zero = w;
+    let mut zero = w.clone();
     zero.from = 0;
     assert!(wire::from_wire(zero).is_err());
+    let mut local = w;
+    local.term = 0;
+    assert!(
+        wire::from_wire(local).is_err(),
+        "term 0 is raft-rs's mark of a local message"
+    );
 }
 
 #[test]
@@ -136,6 +143,7 @@ fn wire_carries_conf_changes_as_our_own_struct() {
     m.set_msg_type(MessageType::MsgAppend);
     m.to = 1;
     m.from = 2;
+    m.term = 2;
     m.set_entries(vec![e.clone()].into());
     let w = wire::to_wire(&m).unwrap();
     match &w.entries[0].payload {

@@ -20,6 +20,8 @@ use shoal_proto::raft as w;
 pub const MAX_CONF_CHANGES: usize = 16;
 /// Largest number of nodes in a configuration a peer may send.
 pub const MAX_CONF_NODES: usize = 64;
+/// Indexes and terms from a peer stay below this (2^62).
+pub const MAX_INDEX: u64 = 1 << 62;
 
 /// A message that cannot cross the mesh.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +44,15 @@ pub enum WireError {
     /// Raft id 0 (raft-rs's "none") as a sender or receiver.
     #[error("raft id 0 is not a node")]
     ZeroId,
+    /// Term 0 marks a local message in raft-rs; none crosses the mesh.
+    #[error("a {0:?} with term 0")]
+    ZeroTerm(MessageType),
+    /// An index or term no log reaches.
+    #[error("index or term out of range")]
+    OutOfRange,
+    /// A configuration raft-rs could not restore (it would stop the process).
+    #[error("inconsistent configuration: {0}")]
+    BadConf(&'static str),
 }
 
 /// raft-rs message → wire form.
@@ -111,13 +122,45 @@ pub fn from_wire(m: w::RaftMessage) -> Result<Message, WireError> {
         w::RaftMessageKind::Snapshot => MessageType::MsgSnapshot,
         w::RaftMessageKind::Heartbeat => MessageType::MsgHeartbeat,
         w::RaftMessageKind::HeartbeatResponse => MessageType::MsgHeartbeatResponse,
-        w::RaftMessageKind::TransferLeader => MessageType::MsgTransferLeader,
         w::RaftMessageKind::TimeoutNow => MessageType::MsgTimeoutNow,
-        w::RaftMessageKind::ReadIndex => MessageType::MsgReadIndex,
-        w::RaftMessageKind::ReadIndexResponse => MessageType::MsgReadIndexResp,
         w::RaftMessageKind::RequestPreVote => MessageType::MsgRequestPreVote,
         w::RaftMessageKind::RequestPreVoteResponse => MessageType::MsgRequestPreVoteResponse,
+        // Shoal forwards no leadership transfer and no read index across the
+        // mesh; raft-rs would forward them, or index into them, unchecked.
+        w::RaftMessageKind::TransferLeader => {
+            return Err(WireError::LocalKind(MessageType::MsgTransferLeader))
+        }
+        w::RaftMessageKind::ReadIndex => {
+            return Err(WireError::LocalKind(MessageType::MsgReadIndex))
+        }
+        w::RaftMessageKind::ReadIndexResponse => {
+            return Err(WireError::LocalKind(MessageType::MsgReadIndexResp))
+        }
     };
+    if m.term == 0 {
+        return Err(WireError::ZeroTerm(msg_type));
+    }
+    // raft-rs adds 1 to indexes and terms unchecked; no honest log comes
+    // anywhere near these.
+    let huge = |v: u64| v >= MAX_INDEX;
+    if [
+        m.term,
+        m.log_term,
+        m.index,
+        m.commit,
+        m.commit_term,
+        m.reject_hint,
+        m.request_snapshot,
+    ]
+    .into_iter()
+    .any(huge)
+        || m.entries.iter().any(|e| huge(e.index) || huge(e.term))
+        || m.snapshot
+            .as_ref()
+            .is_some_and(|s| huge(s.index) || huge(s.term))
+    {
+        return Err(WireError::OutOfRange);
+    }
     let mut out = Message::default();
     out.set_msg_type(msg_type);
     out.to = m.to;
@@ -282,6 +325,7 @@ pub fn conf_state_from_wire(cs: w::ConfState) -> Result<ConfState, WireError> {
     {
         return Err(WireError::ZeroId);
     }
+    check_conf(&cs)?;
     Ok(ConfState {
         voters: cs.voters,
         learners: cs.learners,
@@ -290,4 +334,52 @@ pub fn conf_state_from_wire(cs: w::ConfState) -> Result<ConfState, WireError> {
         auto_leave: cs.auto_leave,
         ..ConfState::default()
     })
+}
+
+/// The invariants raft-rs asserts when it restores a configuration (a
+/// violation there stops the process), checked before it sees one.
+fn check_conf(cs: &w::ConfState) -> Result<(), WireError> {
+    use std::collections::BTreeSet;
+    let set = |ids: &[u64]| -> Result<BTreeSet<u64>, WireError> {
+        let s: BTreeSet<u64> = ids.iter().copied().collect();
+        if s.len() == ids.len() {
+            Ok(s)
+        } else {
+            Err(WireError::BadConf("a node listed twice"))
+        }
+    };
+    let voters = set(&cs.voters)?;
+    let learners = set(&cs.learners)?;
+    let outgoing = set(&cs.voters_outgoing)?;
+    let next = set(&cs.learners_next)?;
+    if voters.is_empty() && learners.is_empty() && outgoing.is_empty() && next.is_empty() {
+        // A replica that has not learned its group's configuration yet.
+        return if cs.auto_leave {
+            Err(WireError::BadConf(
+                "joint settings outside a joint configuration",
+            ))
+        } else {
+            Ok(())
+        };
+    }
+    if voters.is_empty() {
+        return Err(WireError::BadConf("no voters"));
+    }
+    if !voters.is_disjoint(&learners) || !voters.is_disjoint(&next) {
+        return Err(WireError::BadConf("a voter is also a learner"));
+    }
+    if !learners.is_disjoint(&next) {
+        return Err(WireError::BadConf("a learner is also a next learner"));
+    }
+    if outgoing.is_empty() && (!next.is_empty() || cs.auto_leave) {
+        return Err(WireError::BadConf(
+            "joint settings outside a joint configuration",
+        ));
+    }
+    if !next.is_subset(&outgoing) {
+        return Err(WireError::BadConf(
+            "a next learner is not an outgoing voter",
+        ));
+    }
+    Ok(())
 }
