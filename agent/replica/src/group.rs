@@ -1055,8 +1055,14 @@ impl<S: LogStore> Group<S> {
         }
         let commit = raft.raft_log.committed;
         let caught_up = learners.iter().filter(|n| desired.contains(n)).all(|n| {
+            // Matched counts only for what the learner acknowledged itself
+            // (never 0 after a reset), and a quiet group leaves a caught-up
+            // learner in Probe: that counts too.
             raft.prs().get(*n).is_some_and(|pr| {
-                pr.state == raft::ProgressState::Replicate && pr.matched + catch_up_slack >= commit
+                pr.state != raft::ProgressState::Snapshot
+                    && pr.matched > 0
+                    && pr.matched + catch_up_slack >= commit
+                    && !self.reset_peers.contains(n)
             })
         });
         if !caught_up {

@@ -269,6 +269,115 @@ fn three_replicas_on_disk_agree_and_one_restarts_from_its_files() {
     assert_eq!(logs[0], logs[2]);
 }
 
+/// Retention cuts the leader's log (whole segments), then a fourth agent
+/// joins: it catches up from a snapshot built from the files, and every
+/// message the leader still holds arrives there.
+#[test]
+fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
+    let root = tempfile::tempdir().unwrap();
+    let group = GroupId {
+        namespace: "ns".into(),
+        topic: "orders".into(),
+        partition: 0,
+    };
+    let small = LogConfig {
+        segment_bytes: 512,
+        ..LogConfig::default()
+    };
+    let voters: Vec<NodeId> = vec![1, 2, 3];
+    let mut drivers: BTreeMap<NodeId, Driver<DiskStore>> = BTreeMap::new();
+    for id in 1..=4u64 {
+        let dir = root.path().join(format!("agent-{id}"));
+        let config = DriverConfig {
+            seed: 11,
+            ..DriverConfig::default()
+        };
+        let log_config = small.clone();
+        let join_dir = dir.clone();
+        let mut d: Driver<DiskStore> = Driver::new(
+            id,
+            config,
+            Box::new(move |_| DiskStore::open(&join_dir, log_config.clone())),
+        );
+        if id <= 3 {
+            d.open_group(
+                group.clone(),
+                DiskStore::open(&dir, small.clone()).unwrap(),
+                Bootstrap::Voters(voters.clone()),
+            )
+            .unwrap();
+        }
+        drivers.insert(id, d);
+    }
+    let mut token = 0;
+    let mut run =
+        |drivers: &mut BTreeMap<NodeId, Driver<DiskStore>>, rounds: usize, propose: bool| {
+            for _ in 0..rounds {
+                let mut mail = Vec::new();
+                for (id, d) in drivers.iter_mut() {
+                    d.tick();
+                    for (to, batch) in d.process() {
+                        mail.push((*id, to, batch));
+                    }
+                    for e in d.take_events() {
+                        if let Event::Failed { reason, .. } = e {
+                            panic!("agent {id}: {reason}");
+                        }
+                    }
+                }
+                for (from, to, batch) in mail {
+                    if let Some(d) = drivers.get_mut(&to) {
+                        d.step(from, batch);
+                    }
+                }
+                if propose {
+                    if let Some(d) = drivers
+                        .values_mut()
+                        .find(|d| d.status(&group).is_some_and(|s| s.serving))
+                    {
+                        token += 1;
+                        let body = format!("message {token} with some bytes to fill segments");
+                        let data = Command::Message {
+                            timestamp_ms: token,
+                            id: None,
+                            body: body.as_bytes(),
+                        }
+                        .encode()
+                        .unwrap();
+                        d.propose(&group, token, data).unwrap();
+                    }
+                }
+            }
+        };
+    run(&mut drivers, 150, true);
+    let leader = *drivers
+        .iter()
+        .find(|(_, d)| d.status(&group).is_some_and(|s| s.serving))
+        .unwrap()
+        .0;
+    let applied = drivers[&leader].status(&group).unwrap().applied;
+    for d in drivers.values_mut() {
+        if d.status(&group).is_some() {
+            d.compact(&group, applied - 20).unwrap();
+        }
+    }
+    let first = drivers[&leader].status(&group).unwrap().first_index;
+    assert!(first > 6, "retention moved the log start ({first})");
+    for d in drivers.values_mut() {
+        d.set_replicas(&group, &[1, 2, 3, 4]);
+    }
+    run(&mut drivers, 200, false);
+    let s = drivers[&4].status(&group).expect("agent 4 joined");
+    let l = drivers[&leader].status(&group).unwrap();
+    assert!(s.voters.contains(&4), "{s:?}\nleader {l:?}");
+    assert_eq!(s.commit, l.commit, "{s:?} vs {l:?}");
+    let held = |d: &Driver<DiskStore>| {
+        let store = d.group(&group).unwrap().store();
+        store.entries(first, l.commit + 1, u64::MAX).unwrap()
+    };
+    assert_eq!(held(&drivers[&4]), held(&drivers[&leader]));
+}
+
 fn unreachable_store() -> Result<DiskStore, shoal_replica::store::StoreError> {
     Err(shoal_replica::store::StoreError::Io(
         "this test creates no replica on a message".into(),
