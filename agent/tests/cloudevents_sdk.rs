@@ -21,7 +21,7 @@ use std::process::Command;
 const REQUIRE_ENV: &str = "SHOAL_REQUIRE_CLOUDEVENTS";
 
 /// Whether `python3` can import the SDK (the 2.x `cloudevents.core` API);
-/// otherwise None after printing why this test skips (or panics if required).
+/// otherwise false after printing why this test skips (or a panic if required).
 fn sdk_available() -> bool {
     let probe = Command::new("python3")
         .args([
