@@ -602,12 +602,14 @@ fn publish_headers(headers: &HeaderMap) -> Result<PublishHeaders, ApiError> {
 /// A message from a binary-mode request: headers plus the body as payload.
 fn message_from_binary(headers: &HeaderMap, payload: Bytes) -> Result<Message, ApiError> {
     let h = publish_headers(headers)?;
-    let (ce_id, attributes) = crate::cloudevents::from_binary_headers(headers)?;
-    let client_id = h.id.or(ce_id);
+    let event = crate::cloudevents::from_binary_headers(headers)?;
+    let client_id = h.id.or(event.id);
+    let attributes = event.attributes;
     Ok(Message {
         client_id: client_id.is_some(),
         id: client_id.unwrap_or_else(crate::cloudevents::new_id),
-        key: h.key,
+        // The event's own partitionkey wins, as in structured mode.
+        key: event.key.or(h.key),
         content_type: header_str(headers, CONTENT_TYPE.as_str())?.map(str::to_string),
         expires_at_ms: h.expires_at_ms,
         deliver_at_ms: h.deliver_at_ms,
@@ -656,7 +658,7 @@ where
         let h = publish_headers(&parts.headers)?;
         for (k, v) in crate::cloudevents::trace_context(&parts.headers)? {
             if !m.attributes.iter().any(|(a, _)| *a == k) {
-                m.attributes.push((k, v));
+                m.attributes.push((k, v.into()));
             }
         }
         m.key = m.key.or(h.key);
@@ -719,7 +721,11 @@ where
         }
         Some("application/x-ndjson") | Some("application/jsonl") | Some("application/json-seq") => {
             let h = publish_headers(&parts.headers)?;
-            let trace = crate::cloudevents::trace_context(&parts.headers)?;
+            let trace: Vec<(String, crate::message::AttrValue)> =
+                crate::cloudevents::trace_context(&parts.headers)?
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into()))
+                    .collect();
             if h.id.is_some() {
                 return Err(ApiError::bad_request(
                     "invalid_header",

@@ -6,7 +6,7 @@
 use crate::broker::Broker;
 use crate::error::ApiError;
 use crate::group::{AckId, DeadLetter, Delivery, GroupCore, MemberSpec, FETCH_BYTES};
-use crate::message::Message;
+use crate::message::{AttrValue, Message};
 use crate::metrics::{Metrics, Mode, ModeLabel, ReasonLabels};
 use crate::router::{Home, Router};
 use crate::subscription::{StartPosition, Subscription, SubscriptionSpec};
@@ -674,6 +674,9 @@ fn build_push(
     // The publisher's trace context, as plain W3C headers too, so tracing
     // middleware in the app picks it up without knowing CloudEvents.
     for (name, value) in &m.attributes {
+        let Some(value) = value.as_str() else {
+            continue;
+        };
         let valid = match name.as_str() {
             "traceparent" => crate::cloudevents::valid_traceparent(value),
             "tracestate" => true,
@@ -1336,12 +1339,17 @@ impl GroupTask {
         let mut m = (*d.message).clone();
         m.client_id = false;
         m.attributes.retain(|(k, _)| !k.starts_with("shoaldlq"));
+        // Numbers as Integers, like shoalpartition and shoaloffset of a pulled event.
+        let int = |n: u64| AttrValue::Integer(i64::try_from(n).unwrap_or(i64::MAX));
         m.attributes.extend([
-            ("shoaldlqreason".to_string(), d.reason.to_string()),
-            ("shoaldlqtopic".to_string(), self.topic.name.to_string()),
-            ("shoaldlqpartition".to_string(), d.partition.to_string()),
-            ("shoaldlqoffset".to_string(), d.offset.to_string()),
-            ("shoaldlqattempts".to_string(), d.attempts.to_string()),
+            ("shoaldlqreason".to_string(), d.reason.into()),
+            (
+                "shoaldlqtopic".to_string(),
+                self.topic.name.to_string().into(),
+            ),
+            ("shoaldlqpartition".to_string(), int(u64::from(d.partition))),
+            ("shoaldlqoffset".to_string(), int(d.offset)),
+            ("shoaldlqattempts".to_string(), int(u64::from(d.attempts))),
         ]);
         let broker = self.broker.clone();
         let router = self.router();

@@ -6,10 +6,18 @@
 //!  u16 attr_count | (u16 name_len | name | u32 value_len | value)* | payload`.
 //! Flags say which optional fields are present. The publish time is the log
 //! entry's timestamp and is not repeated here.
+//!
+//! Version 2 is version 1 with a type byte after each attribute name
+//! (`u16 name_len | name | u8 type | u32 value_len | value`; type 0 string,
+//! 1 integer, 2 boolean, the value in its canonical text). A message whose
+//! attributes are all strings is written as version 1, so agents that only
+//! read version 1 still read it; version 1 attributes are strings.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 const VERSION: u8 = 1;
+/// Version 1 plus attribute types.
+const VERSION_TYPED: u8 = 2;
 const HAS_KEY: u8 = 1;
 const HAS_CONTENT_TYPE: u8 = 2;
 const HAS_EXPIRES: u8 = 4;
@@ -32,9 +40,63 @@ pub struct Message {
     /// Not delivered before this time (ms since the epoch).
     pub deliver_at_ms: Option<u64>,
     /// CloudEvents attributes other than id (`source`, `type`, extensions, ...), by attribute name.
-    pub attributes: Vec<(String, String)>,
+    pub attributes: Vec<(String, AttrValue)>,
     /// The payload.
     pub payload: Bytes,
+}
+
+/// The value of a CloudEvents attribute, with the CloudEvents type it has in
+/// the JSON format: a string (String, URI, URI-reference, Timestamp, ...), an
+/// Integer (a JSON number) or a Boolean (a JSON boolean). In HTTP binary mode
+/// every value is text ([`AttrValue::to_text`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttrValue {
+    /// Any string-typed attribute.
+    String(String),
+    /// A CloudEvents Integer (Shoal's own extensions may exceed 32 bits).
+    Integer(i64),
+    /// A CloudEvents Boolean.
+    Boolean(bool),
+}
+
+impl AttrValue {
+    /// The string, for a string-typed value.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            AttrValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The canonical text (the CloudEvents string encoding): the string
+    /// itself, an integer in decimal, `true` or `false`.
+    pub fn to_text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            AttrValue::String(s) => std::borrow::Cow::Borrowed(s),
+            AttrValue::Integer(n) => std::borrow::Cow::Owned(n.to_string()),
+            AttrValue::Boolean(b) => std::borrow::Cow::Borrowed(if *b { "true" } else { "false" }),
+        }
+    }
+
+    fn type_byte(&self) -> u8 {
+        match self {
+            AttrValue::String(_) => 0,
+            AttrValue::Integer(_) => 1,
+            AttrValue::Boolean(_) => 2,
+        }
+    }
+}
+
+impl From<String> for AttrValue {
+    fn from(s: String) -> Self {
+        AttrValue::String(s)
+    }
+}
+
+impl From<&str> for AttrValue {
+    fn from(s: &str) -> Self {
+        AttrValue::String(s.to_string())
+    }
 }
 
 /// The bytes of an entry are not a message this version can read.
@@ -64,8 +126,12 @@ impl Message {
         let attrs_len: usize = self
             .attributes
             .iter()
-            .map(|(k, v)| 6 + k.len() + v.len())
+            .map(|(k, v)| 7 + k.len() + v.to_text().len())
             .sum();
+        let typed = self
+            .attributes
+            .iter()
+            .any(|(_, v)| !matches!(v, AttrValue::String(_)));
         let mut b = BytesMut::with_capacity(
             32 + self.id.len()
                 + self.key.as_ref().map_or(0, String::len)
@@ -73,7 +139,7 @@ impl Message {
                 + attrs_len
                 + self.payload.len(),
         );
-        b.put_u8(VERSION);
+        b.put_u8(if typed { VERSION_TYPED } else { VERSION });
         b.put_u8(flags);
         put_short(&mut b, self.id.as_bytes(), "id")?;
         if let Some(k) = &self.key {
@@ -92,9 +158,13 @@ impl Message {
         b.put_u16_le(count);
         for (k, v) in &self.attributes {
             put_short(&mut b, k.as_bytes(), "attribute name")?;
-            let len = u32::try_from(v.len()).map_err(|_| "attribute value too long")?;
+            if typed {
+                b.put_u8(v.type_byte());
+            }
+            let text = v.to_text();
+            let len = u32::try_from(text.len()).map_err(|_| "attribute value too long")?;
             b.put_u32_le(len);
-            b.put_slice(v.as_bytes());
+            b.put_slice(text.as_bytes());
         }
         b.put_slice(&self.payload);
         Ok(b.freeze())
@@ -103,9 +173,11 @@ impl Message {
     /// Decodes an entry; the payload shares `data`'s memory.
     pub fn decode(data: &Bytes) -> Result<Message, DecodeError> {
         let mut r = Reader { data, pos: 0 };
-        if r.u8()? != VERSION {
-            return Err(DecodeError("unknown message version"));
-        }
+        let typed = match r.u8()? {
+            VERSION => false,
+            VERSION_TYPED => true,
+            _ => return Err(DecodeError("unknown message version")),
+        };
         let flags = r.u8()?;
         let id = r.short_string()?;
         let key = if flags & HAS_KEY != 0 {
@@ -132,8 +204,22 @@ impl Message {
         let mut attributes = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let k = r.short_string()?;
+            let kind = if typed { r.u8()? } else { 0 };
             let len = r.u32()? as usize;
-            let v = r.string(len)?;
+            let text = r.string(len)?;
+            let v = match kind {
+                0 => AttrValue::String(text),
+                1 => AttrValue::Integer(
+                    text.parse()
+                        .map_err(|_| DecodeError("invalid integer attribute"))?,
+                ),
+                2 => AttrValue::Boolean(match text.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(DecodeError("invalid boolean attribute")),
+                }),
+                _ => return Err(DecodeError("unknown attribute type")),
+            };
             attributes.push((k, v));
         }
         let payload = data.slice(r.pos..);
@@ -150,11 +236,11 @@ impl Message {
     }
 
     /// The value of a CloudEvents attribute kept with the message.
-    pub fn attribute(&self, name: &str) -> Option<&str> {
+    pub fn attribute(&self, name: &str) -> Option<&AttrValue> {
         self.attributes
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 }
 
@@ -227,7 +313,32 @@ mod tests {
             payload: Bytes::from_static(b"{\"x\":1}"),
         };
         let bytes = m.encode().unwrap();
+        assert_eq!(bytes[0], VERSION, "string attributes only: version 1");
         assert_eq!(Message::decode(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn typed_attributes_round_trip_as_version_2() {
+        let m = Message {
+            id: "abc".into(),
+            attributes: vec![
+                ("source".into(), "/a".into()),
+                ("count".into(), AttrValue::Integer(-42)),
+                ("big".into(), AttrValue::Integer(1 << 40)),
+                ("flag".into(), AttrValue::Boolean(true)),
+                ("off".into(), AttrValue::Boolean(false)),
+            ],
+            payload: Bytes::from_static(b"p"),
+            ..Default::default()
+        };
+        let bytes = m.encode().unwrap();
+        assert_eq!(bytes[0], VERSION_TYPED);
+        assert_eq!(Message::decode(&bytes).unwrap(), m);
+        // A version 1 reader's layout differs; a bad type byte is refused.
+        let mut bad = bytes.to_vec();
+        let at = bad.windows(5).position(|w| w == b"count").unwrap();
+        bad[at + 5] = 9;
+        assert!(Message::decode(&Bytes::from(bad)).is_err());
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
     Some(t.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
 }
 
+/// Whether `text` is an RFC 3339 `date-time` (`T` and an offset required,
+/// as the CloudEvents Timestamp type asks), not a weaker form.
+pub fn is_rfc3339(text: &str) -> bool {
+    parse_rfc3339_strict_ms(text).is_some()
+}
+
 /// RFC 3339 `date-time` to milliseconds since the Unix epoch (negative
 /// before 1970); None unless `text` is one.
 fn parse_rfc3339_strict_ms(text: &str) -> Option<i64> {

@@ -693,7 +693,7 @@ async fn bad_input_gets_documented_errors_and_the_agent_keeps_serving() {
         .publish("alive", &[("ce-specversion", "0.3")], "x")
         .await
         .unwrap();
-    expect_error(&r, 400, "invalid_header", "ce-specversion 0.3");
+    expect_error(&r, 400, "invalid_event", "ce-specversion 0.3");
     let r = c
         .publish(
             "alive",

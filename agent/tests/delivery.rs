@@ -492,12 +492,10 @@ async fn max_deliveries_and_422_dead_letter() {
     assert_eq!(dead["type"], "w", "attributes kept in the dead letter");
     assert_eq!(dead["shoaldlqreason"], "max_deliveries");
     assert_eq!(dead["shoaldlqtopic"], "work");
-    assert_eq!(
-        dead["shoaldlqpartition"],
-        published["partition"].to_string()
-    );
-    assert_eq!(dead["shoaldlqoffset"], published["offset"].to_string());
-    assert_eq!(dead["shoaldlqattempts"], "2");
+    // Numbers, like shoalpartition and shoaloffset.
+    assert_eq!(dead["shoaldlqpartition"], published["partition"]);
+    assert_eq!(dead["shoaldlqoffset"], published["offset"]);
+    assert_eq!(dead["shoaldlqattempts"], 2);
     ack(c, "dlq-reader", &[ackid(&dead)]).await;
     app.expect_quiet(
         Duration::from_millis(600),
@@ -528,7 +526,7 @@ async fn max_deliveries_and_422_dead_letter() {
     assert_eq!(text_of(&dead), "bad-input");
     assert_eq!(dead["shoaldlqreason"], "rejected");
     assert_eq!(dead["shoaldlqtopic"], "work2");
-    assert_eq!(dead["shoaldlqattempts"], "1");
+    assert_eq!(dead["shoaldlqattempts"], 1);
     app.expect_quiet(Duration::from_millis(600), "422 is final: no retry")
         .await;
 }
