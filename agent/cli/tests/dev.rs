@@ -320,6 +320,17 @@ fn pid_in_banner(lines: &[String], agent: &str) -> i32 {
     row.split_whitespace().last().unwrap().parse().unwrap()
 }
 
+/// The pid in `agent-2 is ready (pid 4242)`.
+fn text_pid(text: &str) -> i32 {
+    let (_, rest) = text
+        .split_once("(pid ")
+        .unwrap_or_else(|| panic!("no pid in {text:?}"));
+    rest.trim_end()
+        .trim_end_matches(')')
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in {text:?}"))
+}
+
 fn sigkill(pid: i32) {
     let pid = rustix::process::Pid::from_raw(pid).expect("a pid");
     rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL");
@@ -452,9 +463,9 @@ async fn a_killed_agent_is_reported_the_others_keep_serving_and_restart_brings_i
     // A second command names its error; then agent-2 comes back.
     let (ok, text) = control(dir.path(), "kill", 2);
     assert!(!ok && text.contains("agent-2 is not running"), "{text}");
-    let (ok, text) = control(dir.path(), "restart", 2);
-    assert!(ok, "restart 2: {text}");
-    assert!(text.contains("agent-2 is ready"), "{text}");
+    let (ok, restarted2) = control(dir.path(), "restart", 2);
+    assert!(ok, "restart 2: {restarted2}");
+    assert!(restarted2.contains("agent-2 is ready"), "{restarted2}");
     assert_eq!(ready(&admin(base, 1)).await, Some(200));
     assert_eq!(
         publish_until_stored(&app(base, 1), "orders", "two").await,
@@ -471,6 +482,44 @@ async fn a_killed_agent_is_reported_the_others_keep_serving_and_restart_brings_i
         got,
         ["one", "three", "two"],
         "nothing acknowledged was lost"
+    );
+
+    // A dead agent's last warning is its last words: agent-2 warns that
+    // agent-3 is down, then is killed.
+    let pid2 = text_pid(&restarted2);
+    let (ok, text) = control(dir.path(), "kill", 3);
+    assert!(ok && text.contains("agent-3 killed"), "kill 3: {text}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Value = app(base, 1).get("/v1/cluster").await.unwrap().json();
+        let down = v["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["node"] == "agent-3" && m["state"] == "down");
+        if down {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent-2 never saw agent-3 down: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sigkill(pid2);
+    dev.wait_for_stderr(
+        "shoal dev: agent-2 exited (signal: 9 (SIGKILL)): ",
+        Duration::from_secs(30),
+    );
+    let stderr = dev.stderr_text();
+    let report = stderr
+        .lines()
+        .filter(|l| l.starts_with("shoal dev: agent-2 exited (signal: 9 (SIGKILL)): "))
+        .next_back()
+        .unwrap();
+    assert!(
+        report.contains(" WARN ") && report.contains("agent-3"),
+        "agent-2's last warning (agent-3 is down) is its last words: {report}"
     );
 
     dev.sigterm();
