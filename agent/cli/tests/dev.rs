@@ -514,8 +514,7 @@ async fn a_killed_agent_is_reported_the_others_keep_serving_and_restart_brings_i
     let stderr = dev.stderr_text();
     let report = stderr
         .lines()
-        .filter(|l| l.starts_with("shoal dev: agent-2 exited (signal: 9 (SIGKILL)): "))
-        .next_back()
+        .rfind(|l| l.starts_with("shoal dev: agent-2 exited (signal: 9 (SIGKILL)): "))
         .unwrap();
     assert!(
         report.contains(" WARN ") && report.contains("agent-3"),
