@@ -261,11 +261,11 @@ where
             }
             (Route::Topics, Method::GET) => {
                 query.only(&[])?;
-                Ok(list_topics(state))
+                Ok(list_topics(state).await)
             }
             (Route::Topic(t), Method::GET) => {
                 query.only(&[])?;
-                get_topic(state, &t)
+                get_topic(state, &t).await
             }
             (Route::Topic(t), Method::PUT | Method::POST) => {
                 query.only(&[])?;
@@ -859,31 +859,70 @@ struct EntryError<'a> {
     status: u16,
 }
 
-fn topic_json(state: &AppState, topic: &crate::topic::Topic) -> Value {
-    let mut v = serde_json::to_value(topic.config()).unwrap_or_else(|_| json!({}));
-    let partitions: Vec<Value> = topic
-        .partitions()
+/// A topic's configuration, subscriptions and figures. In a mesh the
+/// figures of each partition are its home's ([`Router::topics_stats`]), with
+/// `home` and `source` (`home`, or `local` when the home could not be asked).
+///
+/// [`Router::topics_stats`]: crate::router::Router::topics_stats
+async fn topics_json(state: &AppState, topics: &[Arc<crate::topic::Topic>]) -> Vec<Value> {
+    let figures = match &state.router {
+        Some(r) => r.topics_stats(topics).await,
+        None => Vec::new(),
+    };
+    topics
         .iter()
-        .map(|p| {
-            let (bytes, segments) = p.storage_size();
-            json!({
-                "partition": p.id,
-                "firstOffset": p.first_index(),
-                "nextOffset": p.committed() + 1,
-                "bytes": bytes,
-                "segments": segments,
-            })
+        .enumerate()
+        .map(|(i, topic)| {
+            let partitions: Vec<Value> = match figures.get(i) {
+                Some(f) => f
+                    .iter()
+                    .map(|f| {
+                        let mut p = stats_json(&f.stats);
+                        if let Value::Object(o) = &mut p {
+                            o.insert("home".into(), f.home.clone().into());
+                            o.insert(
+                                "source".into(),
+                                if f.from_home { "home" } else { "local" }.into(),
+                            );
+                        }
+                        p
+                    })
+                    .collect(),
+                None => topic
+                    .partitions()
+                    .iter()
+                    .map(|p| stats_json(&crate::router::local_stats(p)))
+                    .collect(),
+            };
+            let mut v = serde_json::to_value(topic.config()).unwrap_or_else(|_| json!({}));
+            if let Value::Object(o) = &mut v {
+                o.insert("name".into(), topic.name.to_string().into());
+                o.insert(
+                    "subscriptions".into(),
+                    state.subs.uses_topic(&topic.name).into(),
+                );
+                o.insert("stats".into(), json!({"partitions": partitions}));
+            }
+            v
         })
-        .collect();
-    if let Value::Object(o) = &mut v {
-        o.insert("name".into(), topic.name.to_string().into());
-        o.insert(
-            "subscriptions".into(),
-            state.subs.uses_topic(&topic.name).into(),
-        );
-        o.insert("stats".into(), json!({"partitions": partitions}));
-    }
-    v
+        .collect()
+}
+
+async fn topic_json(state: &AppState, topic: &Arc<crate::topic::Topic>) -> Value {
+    topics_json(state, std::slice::from_ref(topic))
+        .await
+        .pop()
+        .unwrap_or_else(|| json!({}))
+}
+
+fn stats_json(s: &shoal_proto::PartitionStats) -> Value {
+    json!({
+        "partition": s.partition,
+        "firstOffset": s.first_offset,
+        "nextOffset": s.next_offset,
+        "bytes": s.bytes,
+        "segments": s.segments,
+    })
 }
 
 /// The cluster as this agent sees it, and the partitions each member is home to.
@@ -966,23 +1005,23 @@ fn cluster(state: &AppState) -> Response<Body> {
     )
 }
 
-fn list_topics(state: &AppState) -> Response<Body> {
-    let topics: Vec<Value> = state
-        .broker
-        .topics()
-        .iter()
-        .map(|t| topic_json(state, t))
-        .collect();
+async fn list_topics(state: &AppState) -> Response<Body> {
+    // Every topic's homes are asked at once: one slow home delays the answer
+    // by at most one call's timeout, not one per topic.
+    let topics = topics_json(state, &state.broker.topics()).await;
     json_response(StatusCode::OK, &json!({"topics": topics}))
 }
 
-fn get_topic(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
+async fn get_topic(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
     crate::names::validate("topic", name)?;
     let topic = state
         .broker
         .topic(name)
         .ok_or_else(|| ApiError::not_found("topic_not_found", format!("no topic {name:?}")))?;
-    Ok(json_response(StatusCode::OK, &topic_json(state, &topic)))
+    Ok(json_response(
+        StatusCode::OK,
+        &topic_json(state, &topic).await,
+    ))
 }
 
 async fn put_topic<B>(
@@ -1003,7 +1042,7 @@ where
     } else {
         StatusCode::OK
     };
-    Ok(json_response(status, &topic_json(state, &topic)))
+    Ok(json_response(status, &topic_json(state, &topic).await))
 }
 
 fn delete_topic(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {

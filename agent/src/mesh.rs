@@ -431,6 +431,40 @@ pub struct Mesh {
     pub local_addr: SocketAddr,
     /// This agent's SPIFFE ID.
     pub id: SpiffeId,
+    /// What makes a member going down expected rather than a warning.
+    expected: Arc<ExpectedDowns>,
+}
+
+/// Members going down that are no surprise: all of them while this agent
+/// stops (the whole mesh stopping), and those that said they leave.
+#[derive(Debug, Default)]
+struct ExpectedDowns {
+    stopping: std::sync::atomic::AtomicBool,
+    leaving: Mutex<std::collections::HashSet<String>>,
+    /// Members that went down while this agent was stopping.
+    down_while_stopping: Mutex<std::collections::HashSet<String>>,
+}
+
+impl ExpectedDowns {
+    /// Whether `node` going down is expected; forgets a leaving member's word.
+    fn down_expected(&self, node: &str) -> Option<&'static str> {
+        let left = self
+            .leaving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
+        if left {
+            Some("it left")
+        } else if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            self.down_while_stopping
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(node.to_string());
+            Some("this agent is stopping too")
+        } else {
+            None
+        }
+    }
 }
 
 impl std::fmt::Debug for Mesh {
@@ -574,14 +608,15 @@ impl Mesh {
             crate::time::now_ms(),
         );
         let (view_tx, view_rx) = watch::channel(view_of(&membership, !seeds.is_empty()));
+        let expected = Arc::new(ExpectedDowns::default());
         tokio::spawn(run_membership(
             membership,
             seeds,
             peers.clone(),
-            input_rx,
-            input_tx.clone(),
+            (input_rx, input_tx.clone()),
             view_tx,
             metrics.clone(),
+            expected.clone(),
         ));
         spawn_stats(peers.clone(), metrics);
         tracing::info!(addr = %local_addr, id = %spiffe, "mesh listening (QUIC, mTLS, ALPN shoal/1)");
@@ -592,7 +627,37 @@ impl Mesh {
             endpoint,
             local_addr,
             id: spiffe,
+            expected,
         })
+    }
+
+    /// Says this agent is stopping (gracefully): from now on, other members
+    /// going down (when the whole mesh stops, they stop too) is logged at
+    /// INFO, not as a warning.
+    pub fn stopping(&self) {
+        self.expected
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether `node` went down after this agent began stopping: the whole
+    /// mesh is stopping, not one agent failing.
+    pub fn went_down_while_stopping(&self, node: &str) -> bool {
+        self.expected
+            .down_while_stopping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(node)
+    }
+
+    /// Says `node` told this agent it leaves (gracefully): its going down is
+    /// then logged at INFO, not as a warning.
+    pub fn peer_leaves(&self, node: &str) {
+        self.expected
+            .leaving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node.to_string());
     }
 
     /// Installs what handles peers' messages (once, before traffic flows).
@@ -764,10 +829,10 @@ async fn run_membership(
     mut m: Membership,
     seeds: Vec<SocketAddr>,
     peers: Peers,
-    mut input: mpsc::Receiver<Input>,
-    timers: mpsc::Sender<Input>,
+    (mut input, timers): (mpsc::Receiver<Input>, mpsc::Sender<Input>),
     view: watch::Sender<ClusterView>,
     metrics: Arc<Metrics>,
+    expected: Arc<ExpectedDowns>,
 ) {
     let seeded = !seeds.is_empty();
     let apply = |m: &Membership, fx: Effects| {
@@ -784,7 +849,17 @@ async fn run_membership(
         for e in &fx.events {
             match e {
                 Event::Up(a) => tracing::info!(node = %a.node, addr = %a.addr, "member up"),
-                Event::Down(a) => tracing::warn!(node = %a.node, addr = %a.addr, "member down"),
+                // A member that said it leaves, or any while this agent
+                // stops (the whole mesh stopping), going down is expected.
+                Event::Down(a) => match expected.down_expected(&a.node) {
+                    Some(why) => {
+                        tracing::info!(node = %a.node, addr = %a.addr, "member down ({why})")
+                    }
+                    None => tracing::warn!(node = %a.node, addr = %a.addr, "member down"),
+                },
+                Event::Alone if expected.stopping.load(std::sync::atomic::Ordering::Acquire) => {
+                    tracing::info!("no other member is alive (this agent is stopping too)")
+                }
                 Event::Joined => tracing::info!(me = %m.me().node, "joined the mesh"),
                 Event::Alone => tracing::warn!("no other member is alive"),
                 Event::Rejoined(a) => {

@@ -25,8 +25,8 @@ use serde::Serialize;
 use shoal_cluster::membership::Liveness;
 use shoal_cluster::placement::{self, Assignment, Member, OwnedPartitionKey, PartitionKey};
 use shoal_proto::{
-    FetchedBatch, Message, PublishEntry, PublishResult, ReplyBody, RosterMember, SubscriberRef,
-    WireEntry, WireError,
+    FetchedBatch, Message, PartitionStats, PublishEntry, PublishResult, ReplyBody, RosterMember,
+    SubscriberRef, WireEntry, WireError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -57,6 +57,19 @@ pub const ACQUIRE_RETRY: Duration = Duration::from_millis(200);
 pub const DEFAULT_MAX_FORWARDS: usize = 1024;
 /// Longest a one-way message or a short call waits for its peer.
 const SHORT_CALL: Duration = Duration::from_secs(5);
+/// Longest a home may take to give its partition figures for `GET /v1/topics`.
+pub const STATS_CALL: Duration = Duration::from_secs(2);
+
+/// How a hand-off ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HandOff {
+    /// The new home holds the partition now (or already held a longer copy).
+    Done,
+    /// The new home is stopping too: the partition stays here.
+    PeerStopping,
+    /// Not delivered: the partition stays here.
+    Failed,
+}
 
 /// What the agent knows of a member, including ones gossip has forgotten.
 #[derive(Clone, Debug)]
@@ -121,6 +134,29 @@ pub struct Router {
     changed: watch::Sender<u64>,
     request_rr: AtomicUsize,
     forwards: Arc<tokio::sync::Semaphore>,
+    /// Where the members this agent knows are kept between runs, and what
+    /// was written there last.
+    members_file: Option<(std::path::PathBuf, Mutex<String>)>,
+}
+
+/// File in the data directory that keeps the known members between runs.
+pub const MEMBERS_FILE: &str = "mesh-members.json";
+
+/// A member as [`MEMBERS_FILE`] keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct SavedMember {
+    node: String,
+    addr: SocketAddr,
+    broker: bool,
+    incarnation: u64,
+    #[serde(default)]
+    departed: bool,
+}
+
+/// The contents of [`MEMBERS_FILE`].
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+struct SavedMembers {
+    members: Vec<SavedMember>,
 }
 
 impl std::fmt::Debug for Router {
@@ -211,6 +247,13 @@ fn retryable(e: &ApiError) -> bool {
 
 impl Router {
     /// A router over a started mesh; call [`Router::start`] next.
+    ///
+    /// With `data_dir`, the members this agent knows are kept in
+    /// [`MEMBERS_FILE`] there and read back at start, as down until gossip
+    /// sees them again: after a restart of the whole mesh (every agent
+    /// stopped, none left), an agent that comes back first places partitions
+    /// over the same members as before, instead of taking every partition
+    /// while alone and then meeting the copies the others kept.
     pub fn new(
         me: String,
         namespace: String,
@@ -218,7 +261,32 @@ impl Router {
         broker: Arc<Broker>,
         metrics: Arc<Metrics>,
         max_forwards: usize,
+        data_dir: Option<&std::path::Path>,
     ) -> Arc<Router> {
+        let mut inner = Inner::default();
+        let members_file = data_dir.map(|dir| {
+            let path = dir.join(MEMBERS_FILE);
+            let saved = load_members(&path);
+            for m in saved.members {
+                if m.node.is_empty() || m.node == me {
+                    continue;
+                }
+                if m.departed {
+                    inner.departed.insert(m.node.clone(), m.incarnation);
+                }
+                inner.known.insert(
+                    m.node,
+                    Known {
+                        addr: m.addr,
+                        broker: m.broker,
+                        state: Liveness::Down,
+                        incarnation: m.incarnation,
+                    },
+                );
+            }
+            (path, Mutex::new(String::new()))
+        });
+        Self::recompute_members(&mut inner);
         Arc::new(Router {
             me,
             namespace,
@@ -226,14 +294,55 @@ impl Router {
             broker,
             subs: OnceLock::new(),
             metrics,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
             joined: AtomicBool::new(false),
             refused: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             changed: watch::Sender::new(0),
             request_rr: AtomicUsize::new(0),
             forwards: Arc::new(tokio::sync::Semaphore::new(max_forwards.max(1))),
+            members_file,
         })
+    }
+
+    /// Writes the known members to [`MEMBERS_FILE`] when they changed.
+    fn save_members(&self) {
+        let Some((path, last)) = &self.members_file else {
+            return;
+        };
+        let saved = {
+            let inner = lock(&self.inner);
+            SavedMembers {
+                members: inner
+                    .known
+                    .iter()
+                    .filter(|(node, _)| **node != self.me)
+                    .map(|(node, k)| SavedMember {
+                        node: node.clone(),
+                        addr: k.addr,
+                        broker: k.broker,
+                        incarnation: inner.departed.get(node).copied().unwrap_or(k.incarnation),
+                        departed: inner.departed.contains_key(node),
+                    })
+                    .collect(),
+            }
+        };
+        let Ok(text) = serde_json::to_string_pretty(&saved) else {
+            return;
+        };
+        let mut last = lock(last);
+        if *last == text {
+            return;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let written =
+            std::fs::write(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, path));
+        match written {
+            Ok(()) => *last = text,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot keep the mesh members for the next start")
+            }
+        }
     }
 
     /// Connects the router to the subscriptions, the broker's topic changes
@@ -353,6 +462,7 @@ impl Router {
             }
             Self::recompute_members(&mut inner);
         }
+        self.save_members();
         self.refresh_assignment();
         if view.joined && !self.joined.swap(true, Ordering::AcqRel) {
             tracing::info!("router: joined; taking up partitions");
@@ -622,12 +732,18 @@ impl Router {
     /// committed offsets to `node`. On success this agent's copy is idle; so
     /// it is when `node` answers that it holds a longer copy already.
     async fn hand_off(&self, topic: &Arc<Topic>, p: &Arc<Partition>, node: &str) -> bool {
+        self.hand_off_to(topic, p, node).await == HandOff::Done
+    }
+
+    /// [`Router::hand_off`], telling a failure from a new home that is
+    /// stopping too (the whole mesh stops: the partition stays here).
+    async fn hand_off_to(&self, topic: &Arc<Topic>, p: &Arc<Partition>, node: &str) -> HandOff {
         let Some(addr) = self.addr_of(node) else {
-            return false;
+            return HandOff::Failed;
         };
         let role = p.role();
         if role != Role::Serving && role != Role::Retired {
-            return false;
+            return HandOff::Failed;
         }
         p.set_role(Role::Retired);
         let sent = self.send_partition(topic, p, addr).await;
@@ -635,7 +751,14 @@ impl Router {
             p.swap_role(Role::Retired, Role::Idle);
             p.set_holder(false);
             tracing::warn!(topic = %topic.name, partition = p.id, to = %node, "the new home holds a longer copy; this agent's copy is dropped from the truth");
-            return true;
+            return HandOff::Done;
+        }
+        if sent == Err(Some("shutting_down".to_string())) {
+            // Not a failure: with the new home stopping too (the whole mesh
+            // stops), the partition stays here, retired, until this agent
+            // returns. Nothing is counted as a failed hand-off.
+            tracing::info!(topic = %topic.name, partition = p.id, to = %node, "the next home is stopping too; the partition stays here");
+            return HandOff::PeerStopping;
         }
         let ok = sent.is_ok();
         let labels = HandoffLabels {
@@ -650,7 +773,11 @@ impl Router {
         } else {
             tracing::warn!(topic = %topic.name, partition = p.id, to = %node, "hand-off failed; keeping the partition");
         }
-        ok
+        if ok {
+            HandOff::Done
+        } else {
+            HandOff::Failed
+        }
     }
 
     async fn send_partition(
@@ -719,7 +846,11 @@ impl Router {
             match answer {
                 Ok(Message::HandoffAck { result: Ok(()), .. }) => {}
                 Ok(Message::HandoffAck { result: Err(e), .. }) => {
-                    tracing::warn!(error = %e.message, "the new home refused a hand-off chunk");
+                    // A home with a longer copy, or one stopping too, is
+                    // reported by the caller in its own words.
+                    if e.code != "stale_copy" && e.code != "shutting_down" {
+                        tracing::warn!(error = %e.message, "the new home refused a hand-off chunk");
+                    }
                     return Err(Some(e.code));
                 }
                 Ok(_) => return Err(None),
@@ -741,6 +872,8 @@ impl Router {
         self.stopping.store(true, Ordering::Release);
         let mut moved = 0usize;
         let mut kept = 0usize;
+        // Kept because their next home stops too: no failure of its own.
+        let mut kept_for_stopping = 0usize;
         for topic in self.broker.topics() {
             for p in topic.partitions() {
                 let role = p.role();
@@ -756,12 +889,20 @@ impl Router {
                     continue;
                 }
                 match self.home_without_me(&topic.name, p.id) {
-                    Home::Peer { node, .. } => {
-                        if self.hand_off(&topic, &p, &node).await {
-                            moved += 1;
-                        } else {
+                    Home::Peer { node, .. } => match self.hand_off_to(&topic, &p, &node).await {
+                        HandOff::Done => moved += 1,
+                        HandOff::PeerStopping => {
                             kept += 1;
+                            kept_for_stopping += 1;
                         }
+                        HandOff::Failed => kept += 1,
+                    },
+                    Home::Down { node } if self.mesh.went_down_while_stopping(&node) => {
+                        // It stopped along with this agent: the whole mesh stops.
+                        tracing::info!(topic = %topic.name, partition = p.id, next = %node, "the next home stopped too; the partition stays here");
+                        p.set_role(Role::Retired);
+                        kept += 1;
+                        kept_for_stopping += 1;
                     }
                     Home::Down { node } => {
                         tracing::warn!(topic = %topic.name, partition = p.id, next = %node, "the next home is down; the partition stays here until this agent returns");
@@ -769,14 +910,27 @@ impl Router {
                         kept += 1;
                     }
                     Home::Nobody | Home::Me => {
+                        // No other broker to hand to (the others left, or
+                        // this is the last one): kept for this agent's return.
                         p.set_role(Role::Retired);
                         kept += 1;
+                        kept_for_stopping += 1;
                     }
                 }
             }
         }
         if moved > 0 {
             tracing::info!(partitions = moved, "handed off partitions before leaving");
+        }
+        if kept > 0 && kept == kept_for_stopping {
+            // Every next home stops too (the whole mesh stops, as on Ctrl-C
+            // of `shoal dev`): nothing is lost and nothing is wrong; each
+            // agent keeps its partitions for its next start.
+            tracing::info!(
+                partitions = kept,
+                "no running agent to hand partitions to (the others stop too, or left); keeping them for this agent's next start"
+            );
+            return;
         }
         if kept > 0 {
             // Saying "leaving" would let others serve these partitions
@@ -1086,6 +1240,7 @@ impl Router {
             }
         }
         if changed {
+            self.save_members();
             self.refresh_assignment();
             self.reconcile();
             self.bump();
@@ -1404,6 +1559,94 @@ impl Router {
             }
         }
         out
+    }
+
+    /// Figures (offsets, size) of every partition of `topics`, as their
+    /// homes have them: this agent's own for partitions it serves, asked of
+    /// the other homes over the mesh (one call per topic and home, all at
+    /// once) for the rest. A home that is down or does not answer within
+    /// [`STATS_CALL`] leaves this agent's copy's figures, marked as not from
+    /// the home.
+    pub async fn topics_stats(&self, topics: &[Arc<Topic>]) -> Vec<Vec<PartitionFigures>> {
+        let mut out: Vec<Vec<PartitionFigures>> = Vec::with_capacity(topics.len());
+        let mut calls = Vec::new();
+        for (ti, topic) in topics.iter().enumerate() {
+            let mut figures = Vec::new();
+            let mut ask: BTreeMap<(String, SocketAddr), Vec<u32>> = BTreeMap::new();
+            for p in topic.partitions() {
+                let (home, from_home) = match self.home(&topic.name, p.id) {
+                    Home::Me => (self.me.clone(), p.role() == Role::Serving),
+                    Home::Peer { node, addr } => {
+                        ask.entry((node.clone(), addr)).or_default().push(p.id);
+                        (node, false)
+                    }
+                    Home::Down { node } => (node, false),
+                    Home::Nobody => (String::new(), false),
+                };
+                figures.push(PartitionFigures {
+                    stats: local_stats(&p),
+                    home,
+                    from_home,
+                });
+            }
+            out.push(figures);
+            for ((node, addr), partitions) in ask {
+                let mesh = self.mesh.clone();
+                let name = topic.name.to_string();
+                // Spawned, so every home is asked at once.
+                let call = tokio::spawn(async move {
+                    mesh.call(addr, STATS_CALL, |req| Message::Stats {
+                        req,
+                        topic: name,
+                        partitions,
+                    })
+                    .await
+                });
+                calls.push((ti, node, call));
+            }
+        }
+        for (ti, node, call) in calls {
+            let stats = match call.await {
+                Ok(Ok(Message::StatsAnswer {
+                    result: Ok(stats), ..
+                })) => stats,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %node, error = %e, "cannot ask a home for its partition figures");
+                    continue;
+                }
+                _ => continue,
+            };
+            let Some(figures) = out.get_mut(ti) else {
+                continue;
+            };
+            for st in stats {
+                if let Some(f) = figures
+                    .iter_mut()
+                    .find(|f| f.stats.partition == st.partition && f.home == node)
+                {
+                    f.stats = st;
+                    f.from_home = true;
+                }
+            }
+        }
+        out
+    }
+
+    fn serve_stats(self: Arc<Self>, req: u64, topic: String, partitions: Vec<u32>, reply: Replier) {
+        tokio::spawn(async move {
+            let stats = self.broker.topic(&topic).map_or_else(Vec::new, |t| {
+                partitions
+                    .into_iter()
+                    .filter_map(|id| t.partition(id))
+                    .filter(|p| p.role() == Role::Serving && self.home(&topic, p.id) == Home::Me)
+                    .map(|p| local_stats(&p))
+                    .collect()
+            });
+            reply.send(Message::StatsAnswer {
+                req,
+                result: Ok(stats),
+            });
+        });
     }
 
     /// Nodes that left gracefully and have not returned.
@@ -1725,7 +1968,13 @@ impl Router {
                 Ok(())
             })();
             if let Err(e) = &result {
-                tracing::warn!(topic = %topic, partition, error = %e.message, "refused a hand-off chunk");
+                // Refusing because this agent stops too is expected when the
+                // whole mesh stops: the sender keeps the partition.
+                if e.code == "shutting_down" {
+                    tracing::debug!(topic = %topic, partition, "refused a hand-off chunk: stopping");
+                } else {
+                    tracing::warn!(topic = %topic, partition, error = %e.message, "refused a hand-off chunk");
+                }
                 self.metrics
                     .handoffs
                     .get_or_create(&HandoffLabels {
@@ -1819,7 +2068,31 @@ fn not_home_here() -> ApiError {
     ApiError::internal("fetch asked of a remote home that is this agent")
 }
 
-/// A partition in `GET /v1/cluster`.
+/// A partition's figures for `GET /v1/topics`, and where they come from.
+#[derive(Clone, Debug)]
+pub struct PartitionFigures {
+    /// Offsets and size.
+    pub stats: PartitionStats,
+    /// The home agent's node name (empty when no agent can be home).
+    pub home: String,
+    /// True when the figures are the home's; false when they are this
+    /// agent's copy because the home could not be asked.
+    pub from_home: bool,
+}
+
+/// A partition's figures as this agent's copy has them.
+pub fn local_stats(p: &Partition) -> PartitionStats {
+    let (bytes, segments) = p.storage_size();
+    PartitionStats {
+        partition: p.id,
+        first_offset: p.first_index(),
+        next_offset: p.committed() + 1,
+        bytes,
+        segments: segments as u64,
+    }
+}
+
+/// A partition and its home, for `GET /v1/cluster`.
 #[derive(Clone, Debug, Serialize)]
 pub struct PartitionView {
     /// Topic.
@@ -1959,6 +2232,11 @@ impl Handler for Router {
                 partition,
             } => self.serve_handoff_request(req, from, topic, partition, reply),
             Message::Roster { members } => self.merge_roster(members),
+            Message::Stats {
+                req,
+                topic,
+                partitions,
+            } => self.serve_stats(req, topic, partitions, reply),
             Message::Leaving { node } => {
                 if !self.is_member_at(&node, from) {
                     self.count_invalid("unknown_sender");
@@ -1972,6 +2250,8 @@ impl Handler for Router {
                     Self::recompute_members(&mut inner);
                 }
                 tracing::info!(node = %node, "member leaves; its partitions move");
+                self.mesh.peer_leaves(&node);
+                self.save_members();
                 self.refresh_assignment();
                 self.reconcile();
                 self.bump();
@@ -2014,4 +2294,21 @@ impl Handler for Router {
             }
         });
     }
+}
+
+/// Reads [`MEMBERS_FILE`]; a missing or unreadable file is an empty list
+/// (this agent then learns its members from gossip, as on a first start).
+fn load_members(path: &std::path::Path) -> SavedMembers {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return SavedMembers::default(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the mesh members kept from the last run; starting without them");
+            return SavedMembers::default();
+        }
+    };
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        tracing::warn!(path = %path.display(), error = %e, "the mesh members kept from the last run are unreadable; starting without them");
+        SavedMembers::default()
+    })
 }

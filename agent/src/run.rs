@@ -167,6 +167,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             broker.clone(),
             metrics.clone(),
             config.max_forwards,
+            Some(&config.data_dir),
         );
         subs.attach_router(&r);
         r.start(&subs);
@@ -259,6 +260,9 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         stopped(&mut stop_wait).await;
         tracing::info!("stopping: no new requests; in-flight deliveries may finish");
         admin.ready.store(false, Ordering::Release);
+        if let Some(m) = &mesh {
+            m.stopping();
+        }
         let deadline = tokio::time::Instant::now() + shutdown_timeout;
         // Partitions go to their next homes before this agent leaves the
         // mesh, so nothing acknowledged stays behind on a stopped agent.

@@ -4,6 +4,16 @@ use crate::error::ApiError;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// What the `no_app_port` error tells to do instead of the agent's own flags,
+/// set once by a program that runs the agent for its user (`shoal dev`
+/// names its own `--app-port`).
+static NO_APP_PORT_HINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the message of the `no_app_port` error, once, for the whole process.
+pub fn set_no_app_port_message(message: String) {
+    let _ = NO_APP_PORT_HINT.set(message);
+}
+
 /// Default time an app has to acknowledge a delivery.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default most unacknowledged messages per subscription.
@@ -156,7 +166,10 @@ impl Subscription {
             if app_port.is_none() {
                 return Err(ApiError::bad_request(
                     "no_app_port",
-                    "push subscriptions need the agent's --app-port (SHOAL_APP_PORT, or the shoal.io/app-port annotation)",
+                    NO_APP_PORT_HINT.get().map_or(
+                        "push subscriptions need the agent's --app-port (SHOAL_APP_PORT, or the shoal.io/app-port annotation)",
+                        String::as_str,
+                    ),
                 ));
             }
         }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 /// Agents `shoal dev` starts without `--agents`.
@@ -55,9 +55,13 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 const HINT_PORT_STEP: u16 = 1000;
 /// The hidden flag of `shoal agent` that `shoal dev` passes: stop when stdin closes.
 const STOP_ON_STDIN_CLOSE: &str = "--stop-on-stdin-close";
+/// The hidden flag of `shoal agent` that `shoal dev` passes: name its own flags.
+const UNDER_SHOAL_DEV: &str = "--under-shoal-dev";
+/// Longest a `shoal dev kill|stop|start|restart` waits for its answer.
+const CONTROL_WAIT: Duration = Duration::from_secs(180);
 
 /// Arguments of `shoal dev`.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct DevArgs {
     /// How many agents to start, 1 to 9.
     #[arg(
@@ -84,9 +88,17 @@ pub struct DevArgs {
     #[arg(long, value_name = "DIR", env = "SHOAL_DEV_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 
-    /// Port of your app on localhost, where every agent delivers push subscriptions.
-    #[arg(long, value_name = "PORT", env = "SHOAL_DEV_APP_PORT")]
-    pub app_port: Option<u16>,
+    /// Port of your app on localhost, where push subscriptions deliver: one
+    /// port for every agent, or one per agent in order (8080,8081,8082, or
+    /// the flag repeated) so each agent pushes to its own app.
+    #[arg(
+        long,
+        value_name = "PORT[,PORT...]",
+        env = "SHOAL_DEV_APP_PORT",
+        value_delimiter = ',',
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub app_port: Vec<u16>,
 
     /// The agents' log filter (their --log-level): error, warn, info, debug,
     /// trace or tracing directives. Default: the agents' own (info, or $SHOAL_LOG_LEVEL).
@@ -102,7 +114,51 @@ pub struct DevArgs {
         value_parser = parse_duration_arg
     )]
     pub ready_timeout: Duration,
+
+    /// Acts on one agent of the `shoal dev` running with this data directory.
+    #[command(subcommand)]
+    pub action: Option<DevAction>,
 }
+
+/// Commands for the agents of a running `shoal dev` (sent through
+/// `DIR/dev.sock`, where `DIR` is its `--data-dir`).
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum DevAction {
+    /// Kill agent N with SIGKILL (a crash: watch the others fail over); it stays down.
+    Kill(ControlArgs),
+    /// Stop agent N gracefully (SIGTERM: it hands off its partitions and leaves).
+    Stop(ControlArgs),
+    /// Start agent N again after kill or stop, and wait until it is ready.
+    Start(ControlArgs),
+    /// Kill agent N with SIGKILL if it runs, start it again, and wait until it is ready.
+    Restart(ControlArgs),
+}
+
+/// Which agent, of which `shoal dev`.
+#[derive(Args, Debug, Clone)]
+pub struct ControlArgs {
+    /// The agent's number: 1 for agent-1.
+    #[arg(value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_AGENTS)))]
+    pub agent: u8,
+
+    /// The data directory of the running `shoal dev` (its --data-dir).
+    #[arg(long, value_name = "DIR", env = "SHOAL_DEV_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+impl DevAction {
+    fn control(&self) -> (&'static str, &ControlArgs) {
+        match self {
+            DevAction::Kill(a) => ("kill", a),
+            DevAction::Stop(a) => ("stop", a),
+            DevAction::Start(a) => ("start", a),
+            DevAction::Restart(a) => ("restart", a),
+        }
+    }
+}
+
+/// The control socket of a running `shoal dev`, in its data directory.
+pub const CONTROL_SOCKET: &str = "dev.sock";
 
 /// Arguments of the hidden `shoal agent`: the flags of `shoal-agent`.
 #[derive(Args, Debug)]
@@ -111,6 +167,10 @@ pub struct AgentArgs {
     /// agents' standard input, so they stop even when it is killed.
     #[arg(long, hide = true)]
     pub stop_on_stdin_close: bool,
+
+    /// Run by `shoal dev`: errors name `shoal dev`'s flags where they differ.
+    #[arg(long, hide = true)]
+    pub under_shoal_dev: bool,
 
     /// The agent's configuration, as `shoal-agent` reads it.
     #[command(flatten)]
@@ -128,6 +188,13 @@ fn parse_duration_arg(text: &str) -> Result<Duration, String> {
 
 /// Runs `shoal agent`: one agent until SIGTERM or SIGINT, as `shoal-agent` does.
 pub fn run_agent(args: AgentArgs) -> ExitCode {
+    if args.under_shoal_dev {
+        shoal_agent::subscription::set_no_app_port_message(
+            "push subscriptions need an app port: start shoal dev with --app-port PORT \
+             (one port for every agent, or one per agent: --app-port 8080,8081,8082)"
+                .to_string(),
+        );
+    }
     let options = shoal_agent::entry::Options {
         program: "shoal agent",
         outlive_stderr: args.stop_on_stdin_close,
@@ -177,6 +244,8 @@ struct Plan {
     mesh: SocketAddr,
     admin: SocketAddr,
     data_dir: PathBuf,
+    /// Where its push subscriptions deliver.
+    app_port: Option<u16>,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -200,6 +269,14 @@ fn base_port_hint(base: u16, agents: u8) -> u16 {
 }
 
 fn plan(args: &DevArgs) -> Result<Vec<Plan>, String> {
+    let ports = &args.app_port;
+    if ports.len() > 1 && ports.len() != usize::from(args.agents) {
+        return Err(format!(
+            "--app-port takes one port for every agent or one per agent: {} ports for {} agents",
+            ports.len(),
+            args.agents
+        ));
+    }
     (0..args.agents)
         .map(|i| {
             let app = app_port_of(args.base_port, i).ok_or_else(|| {
@@ -211,6 +288,10 @@ fn plan(args: &DevArgs) -> Result<Vec<Plan>, String> {
             let name = format!("agent-{}", u16::from(i) + 1);
             Ok(Plan {
                 data_dir: args.data_dir.join(&name),
+                app_port: match ports.as_slice() {
+                    [one] => Some(*one),
+                    many => many.get(usize::from(i)).copied(),
+                },
                 name,
                 app: loopback(app),
                 mesh: loopback(app + MESH_PORT_OFFSET),
@@ -251,10 +332,11 @@ fn check_ports(plans: &[Plan], hint: u16) -> Result<(), String> {
     Ok(())
 }
 
-fn agent_command(exe: &Path, p: &Plan, args: &DevArgs, seed: Option<SocketAddr>) -> Command {
+fn agent_command(exe: &Path, p: &Plan, args: &DevArgs, seeds: &[SocketAddr]) -> Command {
     let mut cmd = Command::new(exe);
     cmd.arg("agent")
         .arg(STOP_ON_STDIN_CLOSE)
+        .arg(UNDER_SHOAL_DEV)
         .arg("--dev")
         .arg("--node-name")
         .arg(&p.name)
@@ -270,10 +352,11 @@ fn agent_command(exe: &Path, p: &Plan, args: &DevArgs, seed: Option<SocketAddr>)
         .arg(args.data_dir.join("ca"))
         .arg("--shutdown-timeout")
         .arg(AGENT_SHUTDOWN_TIMEOUT);
-    if let Some(seed) = seed {
-        cmd.arg("--join").arg(seed.to_string());
+    if !seeds.is_empty() {
+        let list: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+        cmd.arg("--join").arg(list.join(","));
     }
-    if let Some(port) = args.app_port {
+    if let Some(port) = p.app_port {
         cmd.arg("--app-port").arg(port.to_string());
     }
     if let Some(level) = &args.log_level {
@@ -302,9 +385,11 @@ enum Control {
 #[derive(Debug)]
 struct Exit {
     index: usize,
+    /// Which start of the agent ended (agents can be started again).
+    generation: u64,
     status: std::io::Result<ExitStatus>,
-    /// Its last error line on stderr, else its last line.
-    last_line: Option<String>,
+    /// Its last WARN or ERROR line on stderr.
+    last_warning: Option<String>,
 }
 
 impl Exit {
@@ -322,20 +407,27 @@ impl Exit {
             .any(|s| Some(s.as_raw()) == signal)
     }
 
-    fn describe(&self, name: &str, hint: u16) -> String {
-        let status = match &self.status {
+    fn status_text(&self) -> String {
+        match &self.status {
             Ok(s) => s.to_string(),
             Err(e) => format!("cannot wait for it: {e}"),
-        };
-        let mut text = format!("{name} exited ({status})");
-        if let Some(line) = &self.last_line {
-            let line = without_timestamp(line);
-            text.push_str(": ");
-            text.push_str(line);
-            let lower = line.to_ascii_lowercase();
-            if lower.contains("address already in use") || lower.contains("address in use") {
-                text.push_str(&format!("; try --base-port {hint}"));
+        }
+    }
+
+    /// `agent-2 exited (signal: 9 (SIGKILL)): <its last warning or error>`.
+    fn describe(&self, name: &str, hint: u16) -> String {
+        let mut text = format!("{name} exited ({})", self.status_text());
+        match &self.last_warning {
+            Some(line) => {
+                let line = without_timestamp(line);
+                text.push_str(": ");
+                text.push_str(line);
+                let lower = line.to_ascii_lowercase();
+                if lower.contains("address already in use") || lower.contains("address in use") {
+                    text.push_str(&format!("; try --base-port {hint}"));
+                }
             }
+            None => text.push_str("; no warning or error in its log"),
         }
         text
     }
@@ -355,6 +447,38 @@ fn without_timestamp(line: &str) -> &str {
     }
 }
 
+/// Whether an agent's output line is a warning or an error: a WARN or
+/// ERROR log line (plain or JSON), or a line the agent writes outside its
+/// log when it cannot start or panics. INFO and lower are not.
+fn is_warning(line: &str) -> bool {
+    let plain = strip_ansi(line);
+    let rest = without_timestamp(&plain).trim_start();
+    rest.starts_with("WARN ")
+        || rest.starts_with("ERROR ")
+        || line.contains("\"level\":\"WARN\"")
+        || line.contains("\"level\":\"ERROR\"")
+        || rest.to_ascii_lowercase().starts_with("error")
+        || rest.contains("panicked at")
+}
+
+/// `line` without terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Sends SIGTERM to a child that has not been reaped yet.
 fn terminate(child: &Child) {
     let pid = child
@@ -369,7 +493,7 @@ fn terminate(child: &Child) {
 /// Owns one child: forwards its output with a name prefix, carries out
 /// [`Control`]s, and reports its exit.
 async fn supervise(
-    index: usize,
+    (index, generation): (usize, u64),
     name: String,
     mut child: Child,
     mut control: mpsc::UnboundedReceiver<Control>,
@@ -392,19 +516,20 @@ async fn supervise(
     };
     drop(stdin);
     let _ = tokio::time::timeout(OUTPUT_DRAIN, out).await;
-    let last_line = match tokio::time::timeout(OUTPUT_DRAIN, err).await {
+    let last_warning = match tokio::time::timeout(OUTPUT_DRAIN, err).await {
         Ok(Ok(line)) => line,
         _ => None,
     };
     let _ = exits.send(Exit {
         index,
+        generation,
         status,
-        last_line,
+        last_warning,
     });
 }
 
 /// Copies `reader` line by line to our stdout or stderr as `name | line`.
-/// Returns the last line that reads like an error, else the last line.
+/// Returns the last line that is a warning or an error ([`is_warning`]).
 async fn forward<R: AsyncRead + Unpin>(
     name: String,
     reader: Option<R>,
@@ -412,7 +537,7 @@ async fn forward<R: AsyncRead + Unpin>(
 ) -> Option<String> {
     let mut reader = BufReader::new(reader?);
     let mut buf = Vec::new();
-    let (mut last, mut last_error) = (None, None);
+    let mut last_warning = None;
     loop {
         buf.clear();
         match reader.read_until(b'\n', &mut buf).await {
@@ -427,15 +552,11 @@ async fn forward<R: AsyncRead + Unpin>(
         } else {
             writeln!(std::io::stdout().lock(), "{name} | {line}")
         };
-        if line.trim().is_empty() {
-            continue;
+        if is_warning(line) {
+            last_warning = Some(strip_ansi(line));
         }
-        if line.contains("ERROR") || line.contains("error:") {
-            last_error = Some(line.to_string());
-        }
-        last = Some(line.to_string());
     }
-    last_error.or(last)
+    last_warning
 }
 
 /// SIGTERM and SIGINT, listened to from the start.
@@ -462,38 +583,221 @@ impl Signals {
     }
 }
 
+/// A command from `shoal dev kill|stop|start|restart N`, and where its answer goes.
+struct Request {
+    verb: String,
+    agent: u8,
+    reply: oneshot::Sender<String>,
+}
+
+/// What is owed when an agent exits after a command.
+enum Asked {
+    /// `kill` or `stop`: answer once it has exited.
+    Stop(&'static str, oneshot::Sender<String>),
+    /// `restart`: start it again once it has exited, then answer.
+    Restart(oneshot::Sender<String>),
+}
+
 /// A started agent as `shoal dev` tracks it.
 struct Handle {
     plan: Plan,
     control: mpsc::UnboundedSender<Control>,
-    exited: bool,
+    running: bool,
+    generation: u64,
+    pid: Option<u32>,
+    asked: Option<Asked>,
 }
 
 /// The running mesh: its agents and their exits.
 struct Mesh {
     agents: Vec<Handle>,
     exits: mpsc::UnboundedReceiver<Exit>,
+    exit_tx: mpsc::UnboundedSender<Exit>,
     hint: u16,
+    exe: PathBuf,
+    args: DevArgs,
 }
 
 impl Mesh {
     fn alive(&self) -> usize {
-        self.agents.iter().filter(|a| !a.exited).count()
+        self.agents.iter().filter(|a| a.running).count()
     }
 
     fn name(&self, index: usize) -> &str {
         self.agents.get(index).map_or("an agent", |a| &a.plan.name)
     }
 
-    fn mark(&mut self, exit: &Exit) {
-        if let Some(a) = self.agents.get_mut(exit.index) {
-            a.exited = true;
+    /// Marks the agent of `exit` as ended; false for the exit of an earlier
+    /// start of an agent that runs again.
+    fn mark(&mut self, exit: &Exit) -> bool {
+        match self.agents.get_mut(exit.index) {
+            Some(a) if a.generation == exit.generation && a.running => {
+                a.running = false;
+                a.pid = None;
+                true
+            }
+            _ => false,
         }
     }
 
     fn send_all(&self, c: Control) {
-        for a in self.agents.iter().filter(|a| !a.exited) {
+        for a in self.agents.iter().filter(|a| a.running) {
             let _ = a.control.send(c);
+        }
+    }
+
+    /// Starts agent `index` (again) joining `seeds`; its pid.
+    fn spawn(&mut self, index: usize, seeds: &[SocketAddr]) -> Result<Option<u32>, String> {
+        let Some(plan) = self.agents.get(index).map(|a| a.plan.clone()) else {
+            return Err(format!("no agent {}", index + 1));
+        };
+        let child = agent_command(&self.exe, &plan, &self.args, seeds)
+            .spawn()
+            .map_err(|e| format!("cannot start {} ({}): {e}", plan.name, self.exe.display()))?;
+        let pid = child.id();
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let generation = self.agents.get(index).map_or(0, |a| a.generation + 1);
+        tokio::spawn(supervise(
+            (index, generation),
+            plan.name.clone(),
+            child,
+            control_rx,
+            self.exit_tx.clone(),
+        ));
+        if let Some(a) = self.agents.get_mut(index) {
+            a.control = control;
+            a.running = true;
+            a.generation = generation;
+            a.pid = pid;
+        }
+        Ok(pid)
+    }
+
+    /// The command that brings agent `index` back, with this run's data directory.
+    fn start_hint(&self, index: usize) -> String {
+        let dir = if self.args.data_dir == Path::new(DEFAULT_DATA_DIR) {
+            String::new()
+        } else {
+            format!(" --data-dir {}", self.args.data_dir.display())
+        };
+        format!("shoal dev start {}{dir}", index + 1)
+    }
+
+    /// Reports an agent's exit: answers the command that asked for it, or
+    /// says why it ended while the others keep running.
+    fn on_exit(&mut self, exit: &Exit) {
+        if !self.mark(exit) {
+            return;
+        }
+        let name = self.name(exit.index).to_string();
+        let asked = self.agents.get_mut(exit.index).and_then(|a| a.asked.take());
+        match asked {
+            Some(Asked::Stop(verb, reply)) => {
+                let text = format!("{name} {verb} ({})", exit.status_text());
+                say(&text);
+                let _ = reply.send(format!("ok {text}"));
+            }
+            Some(Asked::Restart(reply)) => {
+                say(format_args!(
+                    "{name} killed ({}); starting it again",
+                    exit.status_text()
+                ));
+                self.start_again(exit.index, reply);
+            }
+            None => say(format_args!(
+                "{}; the other agents keep running (bring it back with: {})",
+                exit.describe(&name, self.hint),
+                self.start_hint(exit.index)
+            )),
+        }
+        if self.alive() == 0 {
+            say("no agent is running now: start them with shoal dev start N, or Ctrl-C to quit");
+        }
+    }
+
+    /// Starts agent `index` again, joining every other agent, and answers
+    /// `reply` once it is ready (or not within `--ready-timeout`).
+    fn start_again(&mut self, index: usize, reply: oneshot::Sender<String>) {
+        let seeds: Vec<SocketAddr> = self
+            .agents
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(_, a)| a.plan.mesh)
+            .collect();
+        match self.spawn(index, &seeds) {
+            Ok(pid) => {
+                let Some(plan) = self.agents.get(index).map(|a| a.plan.clone()) else {
+                    return;
+                };
+                let pid = pid.map_or_else(String::new, |p| format!(" (pid {p})"));
+                say(format_args!("{} started again{pid}", plan.name));
+                let timeout = self.args.ready_timeout;
+                tokio::spawn(async move {
+                    let answer = match wait_ready(std::slice::from_ref(&plan), timeout).await {
+                        Ok(()) => format!("ok {} is ready{pid}", plan.name),
+                        Err(e) => format!("error {e}"),
+                    };
+                    let _ = reply.send(answer);
+                });
+            }
+            Err(e) => {
+                say(&e);
+                let _ = reply.send(format!("error {e}"));
+            }
+        }
+    }
+
+    /// Carries out `shoal dev kill|stop|start|restart N`.
+    fn command(&mut self, req: Request) {
+        let count = self.agents.len();
+        let index = usize::from(req.agent).wrapping_sub(1);
+        let Some(a) = self.agents.get_mut(index) else {
+            let _ = req.reply.send(format!(
+                "error there is no agent-{}: this shoal dev runs agent-1 to agent-{count}",
+                req.agent
+            ));
+            return;
+        };
+        let name = a.plan.name.clone();
+        if a.asked.is_some() {
+            let _ = req
+                .reply
+                .send(format!("error {name} is busy with an earlier command"));
+            return;
+        }
+        match (req.verb.as_str(), a.running) {
+            ("kill", true) => {
+                a.asked = Some(Asked::Stop("killed", req.reply));
+                let _ = a.control.send(Control::Kill);
+            }
+            ("stop", true) => {
+                a.asked = Some(Asked::Stop("stopped", req.reply));
+                let _ = a.control.send(Control::Term);
+            }
+            ("restart", true) => {
+                a.asked = Some(Asked::Restart(req.reply));
+                let _ = a.control.send(Control::Kill);
+            }
+            ("kill" | "stop", false) => {
+                let hint = self.start_hint(index);
+                let _ = req.reply.send(format!(
+                    "error {name} is not running (start it with: {hint})"
+                ));
+            }
+            ("start" | "restart", false) => self.start_again(index, req.reply),
+            ("start", true) => {
+                let pid = a.pid.map_or_else(String::new, |p| format!(" (pid {p})"));
+                let _ = req.reply.send(format!(
+                    "error {name} is running{pid}; to crash and start it again: shoal dev restart {}",
+                    req.agent
+                ));
+            }
+            (other, _) => {
+                let _ = req.reply.send(format!(
+                    "error unknown command {other:?}: kill, stop, start or restart"
+                ));
+            }
         }
     }
 
@@ -515,8 +819,7 @@ impl Mesh {
             tokio::select! {
                 exit = self.exits.recv() => match exit {
                     Some(exit) => {
-                        self.mark(&exit);
-                        if !exit.success() && !exit.stopped_by_signal() {
+                        if self.mark(&exit) && !exit.success() && !exit.stopped_by_signal() {
                             clean = false;
                             say(exit.describe(self.name(exit.index), self.hint));
                         }
@@ -539,7 +842,9 @@ impl Mesh {
             let deadline = Instant::now() + KILL_WAIT;
             while self.alive() > 0 {
                 match tokio::time::timeout_at(deadline, self.exits.recv()).await {
-                    Ok(Some(exit)) => self.mark(&exit),
+                    Ok(Some(exit)) => {
+                        self.mark(&exit);
+                    }
                     Ok(None) | Err(_) => break,
                 }
             }
@@ -549,6 +854,163 @@ impl Mesh {
             n => say(format_args!("{n} agent{} could not be reaped", plural(n))),
         }
         clean
+    }
+}
+
+/// The control socket of this run, removed when `shoal dev` ends.
+struct ControlSocket {
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens on `DIR/dev.sock` for `shoal dev kill|stop|start|restart N`.
+/// Refuses to run when another `shoal dev` answers there; a socket left by
+/// one that was killed is replaced. Without a socket (a path too long, say)
+/// `shoal dev` runs on, without commands.
+fn listen_for_commands(
+    dir: &Path,
+    requests: mpsc::UnboundedSender<Request>,
+) -> Result<Option<ControlSocket>, String> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
+    let path = dir.join(CONTROL_SOCKET);
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(format!(
+            "another shoal dev runs with the data directory {} (it answers on {}): stop it first, or give another --data-dir",
+            dir.display(),
+            path.display()
+        ));
+    }
+    if std::fs::symlink_metadata(&path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            say(format_args!(
+                "cannot listen for commands on {}: {e}; shoal dev kill|stop|start|restart will not reach this run",
+                path.display()
+            ));
+            return Ok(None);
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_command(stream, requests.clone()));
+                }
+                Err(_) => tokio::time::sleep(READY_POLL).await,
+            }
+        }
+    });
+    Ok(Some(ControlSocket { path }))
+}
+
+/// One command: a line `VERB N`, answered with a line `ok TEXT` or `error TEXT`.
+async fn serve_command(stream: tokio::net::UnixStream, requests: mpsc::UnboundedSender<Request>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        READY_CALL_TIMEOUT,
+        BufReader::new(read.take(256)).read_line(&mut line),
+    )
+    .await;
+    let answer = match read {
+        Ok(Ok(_)) => {
+            let mut words = line.split_whitespace();
+            match (
+                words.next(),
+                words.next().map(str::parse::<u8>),
+                words.next(),
+            ) {
+                (Some(verb), Some(Ok(agent)), None) => {
+                    let (reply, answer) = oneshot::channel();
+                    let request = Request {
+                        verb: verb.to_string(),
+                        agent,
+                        reply,
+                    };
+                    if requests.send(request).is_err() {
+                        "error shoal dev is stopping".to_string()
+                    } else {
+                        answer
+                            .await
+                            .unwrap_or_else(|_| "error shoal dev is stopping".to_string())
+                    }
+                }
+                _ => format!(
+                    "error cannot read the command {:?}: want VERB N",
+                    line.trim()
+                ),
+            }
+        }
+        _ => "error no command received".to_string(),
+    };
+    let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+    let _ = write.shutdown().await;
+}
+
+/// Runs `shoal dev kill|stop|start|restart N`: asks the running `shoal dev`
+/// through its control socket and prints its answer.
+async fn send_command(action: &DevAction) -> ExitCode {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (verb, a) = action.control();
+    let path = a.data_dir.join(CONTROL_SOCKET);
+    let mut stream = match tokio::net::UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "shoal dev: no shoal dev is running with the data directory {} (cannot connect to {}: {e}); start one with: shoal dev{}",
+                a.data_dir.display(),
+                path.display(),
+                if a.data_dir == Path::new(DEFAULT_DATA_DIR) {
+                    String::new()
+                } else {
+                    format!(" --data-dir {}", a.data_dir.display())
+                }
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let exchange = async {
+        stream
+            .write_all(format!("{verb} {}\n", a.agent).as_bytes())
+            .await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = match tokio::time::timeout(CONTROL_WAIT, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            eprintln!("shoal dev: talking to shoal dev at {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {
+            eprintln!(
+                "shoal dev: no answer from shoal dev within {} s",
+                CONTROL_WAIT.as_secs()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer = answer.trim();
+    if let Some(text) = answer.strip_prefix("ok ") {
+        println!("{text}");
+        ExitCode::SUCCESS
+    } else {
+        let text = answer.strip_prefix("error ").unwrap_or(answer);
+        eprintln!("shoal dev: {text}");
+        ExitCode::FAILURE
     }
 }
 
@@ -605,7 +1067,7 @@ async fn wait_ready(plans: &[Plan], timeout: Duration) -> Result<(), String> {
 }
 
 /// The block printed once the mesh is ready: addresses and things to try.
-fn banner(plans: &[Plan], args: &DevArgs) -> String {
+fn banner(plans: &[Plan], args: &DevArgs, pids: &[Option<u32>]) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let n = plans.len();
@@ -619,21 +1081,30 @@ fn banner(plans: &[Plan], args: &DevArgs) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "  {:<9} {:<23} {:<38} MESH (QUIC, UDP)",
-        "AGENT", "APP API", "ADMIN (/metrics /livez /readyz)"
+        "  {:<9} {:<23} {:<38} {:<17} {:<10} PID",
+        "AGENT", "APP API", "ADMIN (/metrics /livez /readyz)", "MESH (QUIC, UDP)", "PUSHES TO"
     );
-    for p in plans {
+    for (i, p) in plans.iter().enumerate() {
         let _ = writeln!(
             s,
-            "  {:<9} {:<23} {:<38} {}",
+            "  {:<9} {:<23} {:<38} {:<17} {:<10} {}",
             p.name,
             format!("http://{}", p.app),
             format!("http://{}", p.admin),
-            p.mesh
+            p.mesh.to_string(),
+            p.app_port
+                .map_or_else(|| "-".to_string(), |port| format!(":{port}")),
+            pids.get(i)
+                .copied()
+                .flatten()
+                .map_or_else(|| "-".to_string(), |pid| pid.to_string())
         );
     }
-    if let Some(port) = args.app_port {
-        let _ = writeln!(s, "  push subscriptions deliver to localhost:{port}");
+    if args.app_port.is_empty() {
+        let _ = writeln!(
+            s,
+            "  no app port: push subscriptions are refused (start with --app-port PORT, or one per agent)"
+        );
     }
     let (Some(first), Some(last)) = (plans.first(), plans.last()) else {
         return s;
@@ -643,7 +1114,7 @@ fn banner(plans: &[Plan], args: &DevArgs) -> String {
         if url == DEFAULT_URL {
             String::new()
         } else {
-            format!("--url {url} ")
+            format!(" --url {url}")
         }
     };
     let (a, z) = (first.app.port(), last.app.port());
@@ -672,17 +1143,30 @@ fn banner(plans: &[Plan], args: &DevArgs) -> String {
         "  # follow the topic on {} with the CLI (target/release/shoal after cargo build --release)",
         last.name
     );
-    let _ = writeln!(s, "  shoal {}sub orders --from earliest", url_flag(last));
+    let _ = writeln!(s, "  shoal sub orders --from earliest{}", url_flag(last));
     let _ = writeln!(s, "  # members and the partitions each is home to");
-    let _ = writeln!(s, "  shoal {}status", url_flag(first));
+    let _ = writeln!(s, "  shoal status{}", url_flag(first));
     let _ = writeln!(s);
     let _ = writeln!(
         s,
         "Ctrl-C stops all agents (data is kept in the data directory for the next run)."
     );
+    let dir = if args.data_dir == Path::new(DEFAULT_DATA_DIR) {
+        String::new()
+    } else {
+        format!(" --data-dir {}", args.data_dir.display())
+    };
     let _ = writeln!(
         s,
-        "Stopping one agent stops them all; to stop and restart single agents, start them one by one (docs/configuration.md)."
+        "One agent that exits leaves the others running. From another terminal:"
+    );
+    let _ = writeln!(
+        s,
+        "  shoal dev kill 2{dir}      # SIGKILL agent-2 (a crash: watch the others fail over)"
+    );
+    let _ = writeln!(
+        s,
+        "  shoal dev start 2{dir}     # bring it back (also: stop 2 = graceful, restart 2 = kill + start)"
     );
     s
 }
@@ -704,8 +1188,12 @@ enum Started {
     Interrupted,
 }
 
-/// Runs `shoal dev` until Ctrl-C, SIGTERM, or an agent's unexpected exit.
+/// Runs `shoal dev` until Ctrl-C or SIGTERM; or, with a command
+/// (`shoal dev kill 2`), asks the running one to carry it out.
 pub async fn run(args: DevArgs) -> ExitCode {
+    if let Some(action) = &args.action {
+        return send_command(action).await;
+    }
     match run_mesh(args).await {
         Ok(code) => code,
         Err(message) => {
@@ -720,47 +1208,39 @@ async fn run_mesh(args: DevArgs) -> Result<ExitCode, String> {
     let hint = base_port_hint(args.base_port, args.agents);
     // Listen first: a signal from here on stops the agents started so far.
     let mut signals = Signals::new().map_err(|e| format!("cannot listen for signals: {e}"))?;
+    let (request_tx, mut requests) = mpsc::unbounded_channel();
+    let socket = listen_for_commands(&args.data_dir, request_tx)?;
     check_ports(&plans, hint)?;
     let exe = std::env::current_exe()
         .map_err(|e| format!("cannot find this program to start the agents: {e}"))?;
     let (exit_tx, exits) = mpsc::unbounded_channel();
     let mut mesh = Mesh {
-        agents: Vec::new(),
+        agents: plans
+            .iter()
+            .map(|p| Handle {
+                plan: p.clone(),
+                control: mpsc::unbounded_channel().0,
+                running: false,
+                generation: 0,
+                pid: None,
+                asked: None,
+            })
+            .collect(),
         exits,
+        exit_tx,
         hint,
+        exe,
+        args: args.clone(),
     };
-    let seed = plans.first().map(|p| p.mesh);
-    for (index, p) in plans.iter().enumerate() {
-        let join = if index == 0 { None } else { seed };
-        match agent_command(&exe, p, &args, join).spawn() {
-            Ok(child) => {
-                let (control, control_rx) = mpsc::unbounded_channel();
-                tokio::spawn(supervise(
-                    index,
-                    p.name.clone(),
-                    child,
-                    control_rx,
-                    exit_tx.clone(),
-                ));
-                mesh.agents.push(Handle {
-                    plan: p.clone(),
-                    control,
-                    exited: false,
-                });
-            }
-            Err(e) => {
-                say(format_args!(
-                    "cannot start {} ({}): {e}",
-                    p.name,
-                    exe.display()
-                ));
-                mesh.stop(&mut signals).await;
-                return Ok(ExitCode::FAILURE);
-            }
+    let seed: Vec<SocketAddr> = plans.first().map(|p| p.mesh).into_iter().collect();
+    for index in 0..plans.len() {
+        let join = if index == 0 { &[][..] } else { &seed[..] };
+        if let Err(e) = mesh.spawn(index, join) {
+            say(e);
+            mesh.stop(&mut signals).await;
+            return Ok(ExitCode::FAILURE);
         }
     }
-    // Only the supervisors send from here on: a closed channel means all are done.
-    drop(exit_tx);
     say(format_args!(
         "started {} agent{} (data in {})",
         plans.len(),
@@ -784,6 +1264,7 @@ async fn run_mesh(args: DevArgs) -> Result<ExitCode, String> {
             return Ok(ExitCode::FAILURE);
         }
         Started::Exited(exit) => {
+            // While starting, one agent that cannot start stops them all.
             mesh.mark(&exit);
             say(exit.describe(mesh.name(exit.index), hint));
             mesh.stop(&mut signals).await;
@@ -792,22 +1273,24 @@ async fn run_mesh(args: DevArgs) -> Result<ExitCode, String> {
         Started::Interrupted => return Ok(stopped(mesh.stop(&mut signals).await)),
     }
 
-    let _ = write!(std::io::stdout().lock(), "{}", banner(&plans, &args));
+    let pids: Vec<Option<u32>> = mesh.agents.iter().map(|a| a.pid).collect();
+    let _ = write!(std::io::stdout().lock(), "{}", banner(&plans, &args, &pids));
     let _ = std::io::stdout().flush();
 
-    tokio::select! {
-        exit = mesh.exits.recv() => {
-            match exit {
-                Some(exit) => {
-                    mesh.mark(&exit);
-                    say(format_args!("{}; stopping the others", exit.describe(mesh.name(exit.index), hint)));
+    // From here on an agent that exits leaves the others running; commands
+    // bring it back; Ctrl-C or SIGTERM stops them all.
+    loop {
+        tokio::select! {
+            Some(exit) = mesh.exits.recv() => {
+                mesh.on_exit(&exit);
+                if mesh.alive() == 0 && socket.is_none() {
+                    say("every agent has exited");
+                    return Ok(ExitCode::FAILURE);
                 }
-                None => say("the agents are gone"),
             }
-            mesh.stop(&mut signals).await;
-            Ok(ExitCode::FAILURE)
+            Some(request) = requests.recv() => mesh.command(request),
+            () = signals.recv() => return Ok(stopped(mesh.stop(&mut signals).await)),
         }
-        () = signals.recv() => Ok(stopped(mesh.stop(&mut signals).await)),
     }
 }
 
@@ -840,10 +1323,9 @@ mod tests {
         assert_eq!(p[2].mesh, loopback(4721));
         assert_eq!(p[2].admin, loopback(4722));
         assert_eq!(p[1].data_dir, Path::new("./shoal-dev/agent-2"));
-        assert!(banner(&p, &a).contains("shoal status"));
-        assert!(
-            banner(&p, &a).contains("shoal --url http://127.0.0.1:4720 sub orders --from earliest")
-        );
+        assert!(banner(&p, &a, &[]).contains("shoal status"));
+        assert!(banner(&p, &a, &[])
+            .contains("shoal sub orders --from earliest --url http://127.0.0.1:4720"));
     }
 
     #[test]
@@ -869,7 +1351,8 @@ mod tests {
         let exit = Exit {
             index: 0,
             status: Err(std::io::Error::other("gone")),
-            last_line: Some(
+            generation: 0,
+            last_warning: Some(
                 "2026-11-24T19:41:09.002293Z ERROR shoal_agent: cannot start: cannot listen on 127.0.0.1:4700: Address already in use (os error 98)".into(),
             ),
         };
@@ -877,5 +1360,74 @@ mod tests {
         assert!(text.starts_with("agent-1 exited"), "{text}");
         assert!(text.contains(": ERROR shoal_agent: cannot start"), "{text}");
         assert!(text.ends_with("try --base-port 5700"), "{text}");
+    }
+
+    #[test]
+    fn app_ports_are_one_for_all_or_one_per_agent() {
+        let ports = |flags: &[&str]| {
+            args(flags)
+                .map_err(|e| e.to_string())
+                .and_then(|a| plan(&a))
+                .map(|p| p.iter().map(|p| p.app_port).collect::<Vec<_>>())
+        };
+        assert_eq!(ports(&[]), Ok(vec![None, None, None]));
+        assert_eq!(
+            ports(&["--app-port", "8080"]),
+            Ok(vec![Some(8080), Some(8080), Some(8080)])
+        );
+        assert_eq!(
+            ports(&["--app-port", "8080,8081,8082"]),
+            Ok(vec![Some(8080), Some(8081), Some(8082)])
+        );
+        assert_eq!(
+            ports(&[
+                "--app-port",
+                "8080",
+                "--app-port",
+                "8081",
+                "--app-port",
+                "8082"
+            ]),
+            Ok(vec![Some(8080), Some(8081), Some(8082)])
+        );
+        assert!(ports(&["--app-port", "8080,8081"]).is_err_and(|e| e.contains("one per agent")));
+        assert!(ports(&["--app-port", "0"]).is_err());
+    }
+
+    #[test]
+    fn commands_parse_with_their_data_directory() {
+        let a = args(&["restart", "2", "--data-dir", "/tmp/x"]).map_err(|e| e.to_string());
+        match a.map(|a| a.action) {
+            Ok(Some(DevAction::Restart(c))) => {
+                assert_eq!(c.agent, 2);
+                assert_eq!(c.data_dir, Path::new("/tmp/x"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(args(&["kill", "0"]).is_err());
+        assert!(args(&["kill"]).is_err());
+    }
+
+    #[test]
+    fn only_warnings_and_errors_are_last_words() {
+        assert!(is_warning(
+            "2026-11-24T19:41:09.002293Z  WARN shoal_agent::router: hand-off failed"
+        ));
+        assert!(is_warning(
+            "2026-11-24T19:41:09.002293Z ERROR shoal_agent: cannot start"
+        ));
+        assert!(is_warning(
+            "\u{1b}[2m2026-11-24T19:41:09.002293Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m x: y"
+        ));
+        assert!(is_warning(
+            r#"{"timestamp":"t","level":"WARN","fields":{}}"#
+        ));
+        assert!(is_warning("thread 'main' panicked at src/x.rs:1:1:"));
+        assert!(!is_warning(
+            "2026-11-24T19:41:09.002293Z  INFO shoal_agent: shoal-agent ready"
+        ));
+        assert!(!is_warning(
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"error"}}"#
+        ));
     }
 }

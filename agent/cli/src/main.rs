@@ -723,6 +723,7 @@ async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientE
                 "{:<32} {:>10} {:>10} {:>12} {:>12}  subscriptions",
                 "TOPIC", "KIND", "PARTITIONS", "MESSAGES", "BYTES"
             );
+            let mut not_from_home = 0usize;
             for t in topics {
                 let parts = t
                     .pointer("/stats/partitions")
@@ -739,6 +740,10 @@ async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientE
                     })
                     .sum();
                 let bytes: u64 = parts.iter().map(|p| p["bytes"].as_u64().unwrap_or(0)).sum();
+                // In a mesh each partition's figures are its home's; "local"
+                // ones are this agent's copy, its home could not be asked.
+                let local = parts.iter().filter(|p| p["source"] == "local").count();
+                not_from_home += local;
                 let subs: Vec<String> = t["subscriptions"]
                     .as_array()
                     .into_iter()
@@ -750,9 +755,16 @@ async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientE
                     t["name"].as_str().unwrap_or(""),
                     t["kind"].as_str().unwrap_or(""),
                     t["partitions"],
-                    messages,
+                    format!("{messages}{}", if local > 0 { "*" } else { "" }),
                     bytes,
                     subs.join(",")
+                );
+            }
+            if not_from_home > 0 {
+                println!(
+                    "* {not_from_home} partition{} counted from this agent's copy: {} home could not be asked (down or not answering; see shoal status)",
+                    if not_from_home == 1 { "" } else { "s" },
+                    if not_from_home == 1 { "its" } else { "their" }
                 );
             }
             Ok(ExitCode::SUCCESS)

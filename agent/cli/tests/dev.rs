@@ -97,14 +97,19 @@ impl Dev {
         }
     }
 
-    /// Waits for a line of standard output containing `text`.
-    fn wait_for_stdout(&mut self, text: &str, within: Duration) {
+    /// Waits for a line of standard output containing `text`; the lines
+    /// read until then, that one included.
+    fn wait_for_stdout(&mut self, text: &str, within: Duration) -> Vec<String> {
         let deadline = Instant::now() + within;
+        let mut lines = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stdout.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return,
-                Ok(_) => {}
+                Ok(line) if line.contains(text) => {
+                    lines.push(line);
+                    return lines;
+                }
+                Ok(line) => lines.push(line),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     panic!("shoal dev printed no {text:?} within {within:?}")
                 }
@@ -144,6 +149,19 @@ impl Dev {
 
     fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits until standard error has a line containing `text`.
+    fn wait_for_stderr(&self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.stderr_text().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "shoal dev printed no {text:?} within {within:?}:\n{}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -273,5 +291,327 @@ fn a_taken_port_is_reported_with_a_hint() {
         stderr.contains(&format!("127.0.0.1:{} for agent-2's admin", base + 12))
             && stderr.contains("try --base-port"),
         "the taken port and a way out are named:\n{stderr}"
+    );
+}
+
+/// `shoal dev kill|stop|start|restart N` against the running one: its status and output.
+fn control(dir: &Path, verb: &str, agent: u16) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["dev", verb, &agent.to_string(), "--data-dir"])
+        .arg(dir)
+        .env_remove("SHOAL_DEV_DATA_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The pid of `agent` in the banner's table.
+fn pid_in_banner(lines: &[String], agent: &str) -> i32 {
+    let row = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with(&format!("{agent} ")) && l.contains("http://"))
+        .unwrap_or_else(|| panic!("no row for {agent} in the banner: {lines:#?}"));
+    row.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+/// The pid in `agent-2 is ready (pid 4242)`.
+fn text_pid(text: &str) -> i32 {
+    let (_, rest) = text
+        .split_once("(pid ")
+        .unwrap_or_else(|| panic!("no pid in {text:?}"));
+    rest.trim_end()
+        .trim_end_matches(')')
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in {text:?}"))
+}
+
+fn sigkill(pid: i32) {
+    let pid = rustix::process::Pid::from_raw(pid).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL");
+}
+
+/// Publishes `body` (no key: the agent picks a partition whose home is up),
+/// trying again while the mesh notices a change; the answer's status.
+async fn publish_until_stored(client: &AgentClient, topic: &str, body: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = client
+            .call(
+                http::Method::POST,
+                &format!("/v1/topics/{topic}/messages"),
+                &[("content-type", "text/plain")],
+                bytes::Bytes::from(body.to_string()),
+            )
+            .await
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        if status == 201 || Instant::now() > deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Pulls and acknowledges messages of a new pull subscription on `client`
+/// until `want` distinct ones arrived (or a minute passed); their bodies.
+async fn read_all(client: &AgentClient, topic: &str, name: &str, want: usize) -> Vec<String> {
+    let spec = serde_json::json!({"topic": topic, "start": "earliest"});
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = client
+            .put_json(&format!("/v1/subscriptions/{name}"), &spec)
+            .await;
+        if r.as_ref().is_ok_and(|r| r.status.is_success()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cannot subscribe on the agent");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < want && Instant::now() < deadline {
+        let Ok(r) = client
+            .get(&format!(
+                "/v1/subscriptions/{name}/messages?max=100&wait=1s"
+            ))
+            .await
+        else {
+            continue;
+        };
+        if r.status != 200 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let v: Value = r.json();
+        let mut ids = Vec::new();
+        for m in v.as_array().into_iter().flatten() {
+            if let Some(body) = m["data"].as_str() {
+                got.insert(body.to_string());
+            }
+            if let Some(id) = m["ackid"].as_str() {
+                ids.push(id.to_string());
+            }
+        }
+        if !ids.is_empty() {
+            let _ = client
+                .post_json(
+                    &format!("/v1/subscriptions/{name}/acks"),
+                    &serde_json::json!({"ack": ids}),
+                )
+                .await;
+        }
+    }
+    got.into_iter().collect()
+}
+
+/// Lines of agent logs at WARN or ERROR.
+fn warnings(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_killed_agent_is_reported_the_others_keep_serving_and_restart_brings_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let mut dev = Dev::start(dir.path(), base);
+    let banner = dev.wait_for_stdout("Ctrl-C", READY_WAIT);
+    let pid2 = pid_in_banner(&banner, "agent-2");
+
+    sigkill(pid2);
+    dev.wait_for_stderr(
+        "shoal dev: agent-2 exited (signal: 9 (SIGKILL))",
+        Duration::from_secs(30),
+    );
+    let stderr = dev.stderr_text();
+    let report = stderr
+        .lines()
+        .find(|l| l.starts_with("shoal dev: agent-2 exited"))
+        .unwrap();
+    assert!(
+        report.contains("the other agents keep running") && report.contains("shoal dev start 2"),
+        "the report says the others run on and how to bring it back: {report}"
+    );
+    assert!(
+        !report.contains(" INFO "),
+        "an INFO line is not an agent's last words: {report}"
+    );
+
+    // agent-1 and agent-3 keep serving: publish on both, read on agent-3.
+    for (i, body) in [(0, "one"), (2, "three")] {
+        assert_eq!(
+            publish_until_stored(&app(base, i), "orders", body).await,
+            201,
+            "agent-{} stores a publish while agent-2 is down",
+            i + 1
+        );
+    }
+    let got = read_all(&app(base, 2), "orders", "while-down", 2).await;
+    assert_eq!(
+        got,
+        ["one", "three"],
+        "read on agent-3 while agent-2 is down"
+    );
+
+    // A second command names its error; then agent-2 comes back.
+    let (ok, text) = control(dir.path(), "kill", 2);
+    assert!(!ok && text.contains("agent-2 is not running"), "{text}");
+    let (ok, restarted2) = control(dir.path(), "restart", 2);
+    assert!(ok, "restart 2: {restarted2}");
+    assert!(restarted2.contains("agent-2 is ready"), "{restarted2}");
+    assert_eq!(ready(&admin(base, 1)).await, Some(200));
+    assert_eq!(
+        publish_until_stored(&app(base, 1), "orders", "two").await,
+        201,
+        "agent-2 serves again"
+    );
+
+    // restart of a running agent: SIGKILL, then start.
+    let (ok, text) = control(dir.path(), "restart", 3);
+    assert!(ok && text.contains("agent-3 is ready"), "restart 3: {text}");
+    dev.wait_for_stderr("agent-3 killed (signal: 9 (SIGKILL))", EXIT_WAIT);
+    let got = read_all(&app(base, 2), "orders", "after-restart", 3).await;
+    assert_eq!(
+        got,
+        ["one", "three", "two"],
+        "nothing acknowledged was lost"
+    );
+
+    // A dead agent's last warning is its last words: agent-2 warns that
+    // agent-3 is down, then is killed.
+    let pid2 = text_pid(&restarted2);
+    let (ok, text) = control(dir.path(), "kill", 3);
+    assert!(ok && text.contains("agent-3 killed"), "kill 3: {text}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Value = app(base, 1).get("/v1/cluster").await.unwrap().json();
+        let down = v["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["node"] == "agent-3" && m["state"] == "down");
+        if down {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent-2 never saw agent-3 down: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sigkill(pid2);
+    dev.wait_for_stderr(
+        "shoal dev: agent-2 exited (signal: 9 (SIGKILL)): ",
+        Duration::from_secs(30),
+    );
+    let stderr = dev.stderr_text();
+    let report = stderr
+        .lines()
+        .rfind(|l| l.starts_with("shoal dev: agent-2 exited (signal: 9 (SIGKILL)): "))
+        .unwrap();
+    assert!(
+        report.contains(" WARN ") && report.contains("agent-3"),
+        "agent-2's last warning (agent-3 is down) is its last words: {report}"
+    );
+
+    dev.sigterm();
+    let status = dev.wait(EXIT_WAIT).expect("shoal dev exits after SIGTERM");
+    assert!(status.success(), "shoal dev exited with {status}");
+    for i in 0..AGENTS {
+        assert_eq!(
+            ready(&admin(base, i)).await,
+            None,
+            "agent-{} runs on",
+            i + 1
+        );
+    }
+}
+
+#[tokio::test]
+async fn topics_counts_at_the_homes_and_a_clean_restart_prints_no_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let mut dev = Dev::start(dir.path(), base);
+    dev.wait_for_stdout("Ctrl-C", READY_WAIT);
+    let put = app(base, 0)
+        .put_json("/v1/topics/orders", &serde_json::json!({"partitions": 6}))
+        .await
+        .unwrap();
+    assert!(put.status.is_success(), "create orders: {}", put.status);
+    let published = 30;
+    for n in 0..published {
+        let status = publish_until_stored(&app(base, 0), "orders", &format!("m{n}")).await;
+        assert_eq!(status, 201, "publish m{n}");
+    }
+    // Every agent reports the homes' figures: all 30, whichever agent is asked.
+    for i in 0..AGENTS {
+        let url = format!("127.0.0.1:{}", base + 10 * i);
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["topics", "--url", &url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("orders "))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no orders row: {text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cols.get(3).copied(),
+            Some("30"),
+            "shoal topics on agent-{} counts every message at its home: {text}",
+            i + 1
+        );
+        let v: Value = app(base, i).get("/v1/topics/orders").await.unwrap().json();
+        let parts = v["stats"]["partitions"].as_array().unwrap();
+        assert!(
+            parts.iter().all(|p| p["source"] == "home"),
+            "figures from the homes: {v}"
+        );
+        let homes: std::collections::BTreeSet<&str> =
+            parts.iter().filter_map(|p| p["home"].as_str()).collect();
+        assert!(homes.len() > 1, "partitions homed on several agents: {v}");
+    }
+    // A clean stop: no warnings.
+    dev.sigterm();
+    let status = dev.wait(EXIT_WAIT).expect("shoal dev exits after SIGTERM");
+    assert!(status.success(), "shoal dev exited with {status}");
+    let first = dev.stderr_text();
+    assert_eq!(
+        warnings(&first),
+        Vec::<&str>::new(),
+        "a clean stop warns of nothing"
+    );
+    drop(dev);
+
+    // A clean start on the same data: no warnings, every message readable.
+    let mut dev = Dev::start(dir.path(), base);
+    dev.wait_for_stdout("Ctrl-C", READY_WAIT);
+    let got = read_all(&app(base, 1), "orders", "after-restart", published).await;
+    assert_eq!(
+        got.len(),
+        published,
+        "every message is there after the restart"
+    );
+    dev.sigterm();
+    let status = dev.wait(EXIT_WAIT).expect("shoal dev exits after SIGTERM");
+    assert!(status.success(), "shoal dev exited with {status}");
+    let second = dev.stderr_text();
+    assert_eq!(
+        warnings(&second),
+        Vec::<&str>::new(),
+        "a clean start and stop warn of nothing"
     );
 }

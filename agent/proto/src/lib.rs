@@ -234,6 +234,39 @@ pub enum Message {
     },
     /// Raft traffic of every group between the two agents (one-way; see [`raft`]).
     Raft(raft::RaftBatch),
+    /// Asks the receiver, the home of the partitions listed, for their
+    /// figures (offsets, size). Answered by [`Message::StatsAnswer`].
+    Stats {
+        /// Request id.
+        req: u64,
+        /// Topic.
+        topic: String,
+        /// Partitions wanted.
+        partitions: Vec<u32>,
+    },
+    /// Answer to [`Message::Stats`]: the figures of the partitions the
+    /// receiver serves (partitions it does not serve are left out).
+    StatsAnswer {
+        /// The request's id.
+        req: u64,
+        /// Figures, or why not.
+        result: Result<Vec<PartitionStats>, WireError>,
+    },
+}
+
+/// A partition's figures as its home sees them ([`Message::StatsAnswer`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStats {
+    /// Partition.
+    pub partition: u32,
+    /// Oldest stored offset.
+    pub first_offset: u64,
+    /// Offset the next message gets.
+    pub next_offset: u64,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// Segment files.
+    pub segments: u64,
 }
 
 /// A member as [`Message::Roster`] describes it.
@@ -264,6 +297,8 @@ impl Message {
             | Message::Handoff { req, .. }
             | Message::HandoffAck { req, .. }
             | Message::HandoffRequest { req, .. }
+            | Message::Stats { req, .. }
+            | Message::StatsAnswer { req, .. }
             | Message::Failed { req, .. } => Some(*req),
             _ => None,
         }
@@ -277,6 +312,7 @@ impl Message {
                 | Message::Fetched { .. }
                 | Message::Reply { .. }
                 | Message::HandoffAck { .. }
+                | Message::StatsAnswer { .. }
                 | Message::Failed { .. }
                 | Message::Pong { .. }
         )
