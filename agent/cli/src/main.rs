@@ -585,15 +585,20 @@ async fn print_stream(
                 let _ = writeln!(out, "{line}");
                 let _ = out.flush();
             }
+            // Printed is seen, whatever happens to the ack: a lost ack means
+            // the message comes again (at least once), not that `sub` stops
+            // counting or gives up the stream.
+            *seen += 1;
             if let Some(ack) = v["ackid"].as_str() {
-                let reply = client
+                match client
                     .post_json(&format!("{path}/acks"), &json!({"ack": [ack]}))
-                    .await?;
-                if !reply.status.is_success() {
-                    eprintln!("shoal: ack failed: {}", api_error(&reply));
+                    .await
+                {
+                    Ok(reply) if reply.status.is_success() => {}
+                    Ok(reply) => eprintln!("shoal: ack failed: {}", api_error(&reply)),
+                    Err(e) => eprintln!("shoal: ack failed: {e}"),
                 }
             }
-            *seen += 1;
             if a.count.is_some_and(|n| *seen >= n) {
                 return Ok(StreamEnd::Done(ExitCode::SUCCESS));
             }
