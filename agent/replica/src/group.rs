@@ -22,6 +22,9 @@ use raft::{GetEntriesContext, RaftState, RawNode, Ready, StateRole, Storage};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
+mod membership;
+mod snapshots;
+
 /// A peer's term may be ahead of this replica's by at most this many
 /// elections (pre-vote keeps a cut-off replica's term where it was).
 pub const MAX_TERM_JUMP: u64 = 1_000_000;
@@ -555,31 +558,6 @@ impl<S: LogStore> Group<S> {
         Ok(())
     }
 
-    /// A peer says whether it lost entries it may have acknowledged. A
-    /// leader forgets how far that peer's log reaches (raft-rs would
-    /// otherwise keep counting its old acknowledgements toward commits) and
-    /// probes it again, once per recovery.
-    pub(crate) fn peer_recovering(&mut self, peer: NodeId, recovering: bool) {
-        if self.reset_term != self.node.raft.term {
-            self.reset_peers.clear();
-            self.reset_term = self.node.raft.term;
-        }
-        if !recovering {
-            self.reset_peers.remove(&peer);
-            return;
-        }
-        if !self.is_leader() || !self.reset_peers.insert(peer) {
-            return;
-        }
-        let last = self.node.raft.raft_log.last_index();
-        if let Some(pr) = self.node.raft.mut_prs().get_mut(peer) {
-            pr.become_probe();
-            pr.matched = 0;
-            pr.next_idx = last + 1;
-            tracing::info!(group = %group_name(&self.id), peer, "peer lost entries; probing it again");
-        }
-    }
-
     /// What an honest raft-rs peer never sends and raft-rs would not survive
     /// (its `fatal!` stops the process): checked against this replica's log.
     fn malformed(&self, m: &Message) -> Option<&'static str> {
@@ -610,59 +588,6 @@ impl<S: LogStore> Group<S> {
             return Some("asks for a snapshot past the log's end");
         }
         None
-    }
-
-    /// Once per awake tick: a follower left waiting for a snapshot that never
-    /// arrived (the message was lost) is reported failed after `limit`
-    /// ticks, so raft-rs sends another instead of pausing it for good.
-    pub(crate) fn check_snapshots(&mut self, limit: usize) {
-        if !self.is_leader() {
-            self.snapshot_waits.clear();
-            return;
-        }
-        let waiting: Vec<NodeId> = self
-            .node
-            .raft
-            .prs()
-            .iter()
-            .filter(|(_, pr)| pr.state == raft::ProgressState::Snapshot)
-            .map(|(id, _)| *id)
-            .collect();
-        self.snapshot_waits.retain(|id, _| waiting.contains(id));
-        for id in waiting {
-            let waited = self.snapshot_waits.entry(id).or_insert(0);
-            *waited += 1;
-            if *waited > limit {
-                self.snapshot_waits.remove(&id);
-                self.node.report_snapshot(id, raft::SnapshotStatus::Failure);
-            }
-        }
-    }
-
-    /// Once per tick: a replica out of its group for `grace` ticks is
-    /// removed (the driver reports it, the shell deletes its data).
-    pub(crate) fn check_removal(&mut self, grace: usize) {
-        if let Some(t) = &mut self.leaving_ticks {
-            *t += 1;
-            if *t >= grace && !self.removed {
-                self.removed = true;
-                self.events.push(GroupEvent::Removed);
-            }
-        }
-    }
-
-    /// Recovering peers whose progress this leader reset in its term.
-    pub(crate) fn reset_peers(&self) -> &BTreeSet<NodeId> {
-        &self.reset_peers
-    }
-
-    /// A leader says it reset this replica's progress (in `term`): from now
-    /// on its appends count toward this replica's recovery.
-    pub(crate) fn progress_reset_by(&mut self, leader: NodeId, term: u64) {
-        if self.recovering && term >= self.node.raft.term && self.reset_by != (leader, term) {
-            self.reset_by = (leader, term);
-            self.recover_target = 0;
-        }
     }
 
     /// Phase one of a round. Returns the ready to finish after the sync,
@@ -750,86 +675,6 @@ impl<S: LogStore> Group<S> {
                 leader: seen.0,
                 term: seen.1,
             });
-        }
-    }
-
-    fn install(&mut self, snap: Snapshot) -> Result<(), Error> {
-        let meta_in = snap.get_metadata();
-        let (body, entries) = SnapshotData::decode(&snap.data, meta_in.index, meta_in.term)?;
-        let mut state = PartitionState::decode_manifest(&body.manifest, self.window_ms)
-            .map_err(|e| StoreError::Io(e.to_string()))?;
-        state.skip(meta_in.index);
-        let mut meta = self.store().meta().clone();
-        meta.conf_state = meta_in.get_conf_state().clone();
-        meta.conf_index = meta_in.index;
-        meta.snapshot_index = body.log_start - 1;
-        meta.snapshot_term = body.log_start_term;
-        meta.manifest = body.manifest;
-        meta.hard_state.commit = meta.hard_state.commit.max(meta_in.index);
-        meta.hard_state.term = meta.hard_state.term.max(meta_in.term);
-        self.store_mut().set_meta(meta)?;
-        self.store_mut()
-            .reset(body.log_start - 1, body.log_start_term)?;
-        self.store_mut().append(&entries)?;
-        self.state = state;
-        Ok(())
-    }
-
-    /// Builds the snapshot raft-rs asked for: at the applied index, with the
-    /// configuration in force and every entry held up to there.
-    pub(crate) fn build_snapshot(&mut self) -> Result<(), Error> {
-        if !self.node.store().snapshot_wanted.replace(false) {
-            return Ok(());
-        }
-        let applied = self.state.applied();
-        let store = self.store();
-        let log_start = store.first_index();
-        if applied + 1 < log_start {
-            return Ok(());
-        }
-        let log_start_term = store.term(log_start - 1)?;
-        let term = store.term(applied)?;
-        let mut entries = Vec::new();
-        let mut next = log_start;
-        while next <= applied {
-            let chunk = store.entries(next, applied + 1, 4 << 20)?;
-            let Some(last) = chunk.last().map(|e| e.index) else {
-                break;
-            };
-            for e in &chunk {
-                entries.push(wire::entry_to_wire(e).map_err(|e| StoreError::Io(e.to_string()))?);
-            }
-            next = last + 1;
-        }
-        let body = SnapshotData {
-            manifest: self.state.encode_manifest(),
-            log_start,
-            log_start_term,
-            entries,
-        };
-        let mut snap = Snapshot::default();
-        let m = snap.mut_metadata();
-        m.index = applied;
-        m.term = term;
-        m.set_conf_state(store.meta().conf_state.clone());
-        snap.data = body.encode().into();
-        self.node.mut_store().snapshot = Some(snap);
-        Ok(())
-    }
-
-    /// Drops a built snapshot once no follower is being caught up by one.
-    pub(crate) fn drop_snapshot_if_unneeded(&mut self) {
-        if self.node.store().snapshot.is_none() {
-            return;
-        }
-        let raft = &self.node.raft;
-        let needed = raft.state == StateRole::Leader
-            && raft
-                .prs()
-                .iter()
-                .any(|(_, pr)| pr.state != raft::ProgressState::Replicate);
-        if !needed {
-            self.node.mut_store().snapshot = None;
         }
     }
 
@@ -924,188 +769,6 @@ impl<S: LogStore> Group<S> {
             raft.become_follower(term, raft::INVALID_ID);
         }
         Ok(())
-    }
-
-    /// Retention: drops entries before `first_index` (at most up to what is
-    /// applied). The meta written first says where the log starts and holds
-    /// the state machine's manifest, from which a restart rebuilds it.
-    pub(crate) fn compact(&mut self, first_index: u64) -> Result<(), Error> {
-        // The state machine may be ahead of a log a corrupt record cut.
-        let held = self.state.applied().min(self.store().last_index());
-        let upto = first_index.min(held + 1);
-        if upto <= self.store().first_index() {
-            return Ok(());
-        }
-        let at = upto - 1;
-        let term = self.store().term(at)?;
-        let mut meta = self.store().meta().clone();
-        meta.snapshot_index = at;
-        meta.snapshot_term = term;
-        meta.manifest = self.state.encode_manifest();
-        meta.hard_state.commit = meta
-            .hard_state
-            .commit
-            .max(self.node.raft.raft_log.committed);
-        self.store_mut().set_meta(meta)?;
-        self.store_mut().compact(upto)?;
-        Ok(())
-    }
-
-    /// On a quiet leader: whether nothing is left to replicate or apply.
-    pub(crate) fn quiet(&self) -> bool {
-        let raft = &self.node.raft;
-        let last = raft.raft_log.last_index();
-        raft.state == StateRole::Leader
-            && self.pending.is_empty()
-            && raft.raft_log.committed == last
-            && self.state.applied() == last
-            && raft.lead_transferee.is_none()
-            && self.conf().voters_outgoing.is_empty()
-            && self.conf().learners.is_empty()
-            && raft
-                .prs()
-                .iter()
-                .all(|(id, pr)| *id == self.me || pr.matched == last)
-            && self.desired.as_ref().is_none_or(|d| {
-                let cs = self.conf();
-                d.len() == cs.voters.len() && cs.voters.iter().all(|v| d.contains(v))
-            })
-    }
-
-    /// A follower hears its leader go quiet: it stops ticking when it has
-    /// everything the leader has committed.
-    pub(crate) fn hibernate_follower(&mut self, from: NodeId, term: u64, commit: u64) {
-        let raft = &self.node.raft;
-        if raft.state == StateRole::Follower
-            && raft.term == term
-            && raft.leader_id == from
-            && raft.raft_log.last_index() >= commit
-            && !self.recovering()
-        {
-            self.hibernating = true;
-        }
-    }
-
-    /// One step of moving the group toward its desired voters, on the
-    /// leader. Returns whether a change was proposed (it counts against the
-    /// driver's pace).
-    pub(crate) fn reconfigure(&mut self, catch_up_slack: u64) -> Result<bool, Error> {
-        let Some(desired) = self.desired.clone() else {
-            return Ok(false);
-        };
-        if !self.serving() || desired.is_empty() {
-            return Ok(false);
-        }
-        let raft = &self.node.raft;
-        if raft.pending_conf_index > self.state.applied() {
-            return Ok(false);
-        }
-        let cs = self.conf();
-        if !cs.voters_outgoing.is_empty() {
-            // A leader elected in the middle of a joint change leaves it.
-            self.node
-                .propose_conf_change(Vec::new(), ConfChangeV2::default())?;
-            return Ok(true);
-        }
-        let voters: BTreeSet<NodeId> = cs.voters.iter().copied().collect();
-        let learners: BTreeSet<NodeId> = cs.learners.iter().copied().collect();
-        if voters == desired && learners.is_empty() {
-            return Ok(false);
-        }
-        if !desired.contains(&self.me) {
-            // Hand leadership to a caught-up, recently active desired voter
-            // that has its log; the next leader removes this replica. With
-            // none (the wanted set shares no voter with this one, or those
-            // are down), this leader adds the new replicas itself and leaves
-            // in the joint change, stepping down once it is out.
-            let last = raft.raft_log.last_index();
-            let target = raft
-                .prs()
-                .iter()
-                .filter(|(id, pr)| {
-                    **id != self.me
-                        && voters.contains(id)
-                        && desired.contains(id)
-                        && pr.matched == last
-                        && pr.recent_active
-                        && !self.reset_peers.contains(id)
-                })
-                .map(|(id, _)| *id)
-                .next();
-            if let Some(target) = target {
-                if raft.lead_transferee.is_none() {
-                    self.node.transfer_leader(target);
-                }
-                return Ok(false);
-            }
-        }
-        let missing: Vec<NodeId> = desired
-            .iter()
-            .filter(|n| !voters.contains(n) && !learners.contains(n))
-            .copied()
-            .collect();
-        let mut cc = ConfChangeV2::default();
-        if !missing.is_empty() {
-            for node in missing {
-                cc.mut_changes()
-                    .push(single(ConfChangeType::AddLearnerNode, node));
-            }
-            self.node.propose_conf_change(Vec::new(), cc)?;
-            return Ok(true);
-        }
-        let commit = raft.raft_log.committed;
-        let caught_up = learners.iter().filter(|n| desired.contains(n)).all(|n| {
-            // Matched counts only for what the learner acknowledged itself
-            // (never 0 after a reset), and a quiet group leaves a caught-up
-            // learner in Probe: that counts too.
-            raft.prs().get(*n).is_some_and(|pr| {
-                pr.state != raft::ProgressState::Snapshot
-                    && pr.matched > 0
-                    && pr.matched + catch_up_slack >= commit
-                    && !self.reset_peers.contains(n)
-            })
-        });
-        if !caught_up {
-            return Ok(false);
-        }
-        for node in learners.iter().filter(|n| desired.contains(n)) {
-            cc.mut_changes()
-                .push(single(ConfChangeType::AddNode, *node));
-        }
-        for node in voters
-            .iter()
-            .chain(&learners)
-            .filter(|n| !desired.contains(n))
-        {
-            cc.mut_changes()
-                .push(single(ConfChangeType::RemoveNode, *node));
-        }
-        if cc.get_changes().is_empty() {
-            return Ok(false);
-        }
-        if cc.get_changes().len() > 1 {
-            cc.set_transition(ConfChangeTransition::Auto);
-        }
-        self.node.propose_conf_change(Vec::new(), cc)?;
-        Ok(true)
-    }
-
-    /// Hands leadership to the most caught-up other voter (a graceful stop).
-    pub(crate) fn transfer_leadership(&mut self) -> Option<NodeId> {
-        let raft = &self.node.raft;
-        if raft.state != StateRole::Leader {
-            return None;
-        }
-        let cs = self.conf();
-        let target = raft
-            .prs()
-            .iter()
-            .filter(|(id, _)| **id != self.me && cs.voters.contains(id))
-            .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)))
-            .map(|(id, _)| *id)?;
-        self.wake();
-        self.node.transfer_leader(target);
-        Some(target)
     }
 }
 
