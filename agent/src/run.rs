@@ -152,9 +152,13 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         Some(Arc::new(mesh))
     } else {
         if !config.join.is_empty() {
-            return Err(AgentError::Config(
-                "--join needs a mesh identity: run with --dev (identity from the dev CA)".into(),
-            ));
+            // An injected pod must start even so (the injector's
+            // --agent-join sets SHOAL_JOIN before agents can get a cluster
+            // identity): run alone, and say so loudly.
+            tracing::error!(
+                join = ?config.join,
+                "--join is ignored: joining needs a mesh identity, and outside --dev this agent has none yet (cluster identities are not wired in); running alone"
+            );
         }
         tracing::info!("mesh off: no identity source (start with --dev to join other agents)");
         None

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use shoal_agent::client::AgentClient;
 use std::path::Path;
 use std::process::Command;
 
@@ -297,24 +298,36 @@ async fn an_agent_with_a_certificate_from_another_ca_is_refused() {
 }
 
 #[tokio::test]
-async fn an_agent_without_dev_mode_refuses_join_clearly() {
+async fn an_agent_without_a_mesh_identity_ignores_join_loudly_and_runs_alone() {
+    // An injected pod gets SHOAL_JOIN from the injector's --agent-join
+    // before agents have cluster identities: the pod must still start.
     let root = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shoal-agent"))
+    let (app, admin) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal-agent"))
         .arg("--data-dir")
         .arg(root.path())
-        .args([
-            "--app-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--join",
-            "127.0.0.1:1",
-        ])
-        .output()
+        .args(["--app-addr", &format!("127.0.0.1:{app}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(["--join", "127.0.0.1:1", "--log-format", "plain"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
+    let admin_client = AgentClient::new(&format!("http://127.0.0.1:{admin}"));
+    wait_until("the agent is ready, alone", || async {
+        admin_client
+            .get("/readyz")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let client = AgentClient::new(&format!("http://127.0.0.1:{app}"));
+    publish(&client, "orders", &[], "alone").await;
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--join needs a mesh identity"), "{err}");
+    assert!(err.contains("--join is ignored"), "{err}");
+    assert!(err.contains("ERROR"), "{err}");
 }
 
 /// A mesh peer built from the same dev CA, speaking raw frames.

@@ -106,6 +106,22 @@ fn read_dir_manifests(dir: &std::path::Path) -> Result<String, String> {
                     .is_some_and(|x| matches!(x, "yaml" | "yml" | "json"))
         })
         .collect();
+    // A kustomization is for `kubectl apply -k`, not an object to apply.
+    files.retain(|p| {
+        let kustomization = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            matches!(
+                n,
+                "kustomization.yaml" | "kustomization.yml" | "Kustomization"
+            )
+        });
+        if kustomization {
+            eprintln!(
+                "shoal inject: {}: skipped (a kustomization, not a manifest)",
+                p.display()
+            );
+        }
+        !kustomization
+    });
     files.sort();
     if files.is_empty() {
         return Err(format!(

@@ -175,11 +175,11 @@ fn parse_start(s: &str) -> Result<Value, String> {
             .parse::<u64>()
             .map(|n| json!({ "offset": n }))
             .map_err(|e| format!("offset {s:?}: {e}")),
-        _ => humantime::parse_rfc3339_weak(s)
+        _ => shoal_agent::time::parse_rfc3339_ms(s)
             .map(|_| json!({ "time": s }))
-            .map_err(|_| {
+            .ok_or_else(|| {
                 format!(
-                    "{s:?} is not a start position: earliest, latest, an offset (42) or an RFC 3339 time (2026-12-06T10:00:00Z)"
+                    "{s:?} is not a start position: earliest, latest, an offset (42) or an RFC 3339 time (2026-12-06T10:00:00Z, 2026-12-06T12:00:00+02:00)"
                 )
             }),
     }
@@ -219,6 +219,13 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Bad arguments found before anything was sent (a name, a URL): exit 2,
+/// as for the arguments the parser refuses.
+fn usage(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("shoal: {message}");
+    ExitCode::from(2)
+}
+
 /// A success that is not what a Shoal agent answers: something else listens there.
 fn not_shoal(client: &AgentClient, reply: &Reply) -> String {
     let mut body = reply.text();
@@ -255,7 +262,7 @@ fn main() -> ExitCode {
         Command::Dev(a) => block_on(dev::run(a)),
         Command::Pub(a) => with_client(a.conn.client(), |c| async move {
             if let Err(e) = check_name("topic", &a.topic) {
-                return Ok(fail(e));
+                return Ok(usage(e));
             }
             publish(&c, a).await
         }),
@@ -266,7 +273,7 @@ fn main() -> ExitCode {
                 ("subscription", a.name.as_ref()),
             ] {
                 if let Some(Err(e)) = name.map(|n| check_name(what, n)) {
-                    return Ok(fail(e));
+                    return Ok(usage(e));
                 }
             }
             subscribe(&c, a).await
@@ -279,7 +286,7 @@ fn main() -> ExitCode {
                 None => None,
             };
             if let Some(Err(e)) = name.map(|n| check_name("topic", n)) {
-                return Ok(fail(e));
+                return Ok(usage(e));
             }
             topics(&c, a).await
         }),
@@ -295,7 +302,7 @@ where
 {
     match conn {
         Ok(client) => block_on(async move { outcome(command(client).await) }),
-        Err(e) => fail(e),
+        Err(e) => usage(e),
     }
 }
 
@@ -621,13 +628,16 @@ async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
         "{} at {} ({})",
         v["id"].as_str().unwrap_or(""),
         v["addr"].as_str().unwrap_or(""),
-        if v["joined"] == json!(true) {
+        if !v["name_conflict"].is_null() {
+            "refused: its node name is taken"
+        } else if v["joined"] == json!(true) {
             "joined"
         } else {
             "not joined yet"
         }
     );
-    if let Some(message) = v["name_conflict"]["message"].as_str() {
+    let refused = v["name_conflict"]["message"].as_str().map(str::to_owned);
+    if let Some(message) = &refused {
         println!("REFUSED: {message}");
     }
     println!(
@@ -708,7 +718,12 @@ async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
             }
         );
     }
-    Ok(ExitCode::SUCCESS)
+    // A refused agent serves nothing: a script checking `shoal status` sees it.
+    Ok(if refused.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientError> {

@@ -100,7 +100,7 @@ async fn urls_without_a_scheme_work_and_bad_names_and_urls_are_refused_before_se
     for bad in ["has space", "a/b", "", "_under", "caf\u{e9}"] {
         let o = shoal(&["pub", "--url", &url, bad, "x"]);
         let (_, err) = text(&o);
-        assert!(!o.status.success());
+        assert_eq!(o.status.code(), Some(2), "a bad name is a bad argument");
         assert!(err.contains("invalid topic name"), "{bad:?}: {err}");
     }
     let o = shoal(&["sub", "--url", &url, "orders", "--group", "no/slash"]);
@@ -183,6 +183,11 @@ fn inject_reads_the_yaml_files_of_a_directory() {
     )
     .unwrap();
     std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [a-pod.yaml]\n",
+    )
+    .unwrap();
     let o = shoal(&["inject", "-f", dir.path().to_str().unwrap()]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -191,6 +196,11 @@ fn inject_reads_the_yaml_files_of_a_directory() {
         out.contains("name: one") && out.contains("name: two"),
         "{out}"
     );
+    assert!(
+        !out.contains("Kustomization"),
+        "a kustomization is no manifest: {out}"
+    );
+    assert!(err.contains("kustomization.yaml: skipped"), "{err}");
 
     let empty = tempfile::tempdir().unwrap();
     let o = shoal(&["inject", "-f", empty.path().to_str().unwrap()]);
@@ -209,6 +219,20 @@ async fn sub_starts_at_an_offset_and_outlives_a_restart_of_its_agent() {
     for m in ["m1", "m2", "m3"] {
         assert!(shoal(&["pub", "--url", &url, "t1", m]).status.success());
     }
+    // A time with an offset, as RFC 3339 allows: from before the first.
+    let o = shoal(&[
+        "sub",
+        "--url",
+        &url,
+        "t1",
+        "--from",
+        "2020-01-01T02:00:00+02:00",
+        "-n",
+        "1",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("m1"), "{out}");
     let o = shoal(&["sub", "--url", &url, "t1", "--from", "2", "-n", "2"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
