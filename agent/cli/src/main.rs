@@ -830,6 +830,11 @@ async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientE
                 v["partitions"],
                 v["kind"].as_str().unwrap_or("")
             );
+            if replicas.is_some_and(|r| r > 1) {
+                eprintln!(
+                    "shoal: note: replicas is stored, but partitions are not replicated yet: each lives on one agent (docs/architecture.md)"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Some(TopicsAction::Delete { name }) => {
