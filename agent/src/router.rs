@@ -153,6 +153,18 @@ struct SavedMember {
     departed: bool,
 }
 
+impl From<RosterMember> for SavedMember {
+    fn from(m: RosterMember) -> Self {
+        SavedMember {
+            node: m.node,
+            addr: m.addr,
+            broker: m.broker,
+            incarnation: m.incarnation,
+            departed: m.departed,
+        }
+    }
+}
+
 /// The contents of [`MEMBERS_FILE`].
 #[derive(Debug, Default, Serialize, serde::Deserialize)]
 struct SavedMembers {
@@ -310,22 +322,12 @@ impl Router {
         let Some((path, last)) = &self.members_file else {
             return;
         };
-        let saved = {
-            let inner = lock(&self.inner);
-            SavedMembers {
-                members: inner
-                    .known
-                    .iter()
-                    .filter(|(node, _)| **node != self.me)
-                    .map(|(node, k)| SavedMember {
-                        node: node.clone(),
-                        addr: k.addr,
-                        broker: k.broker,
-                        incarnation: inner.departed.get(node).copied().unwrap_or(k.incarnation),
-                        departed: inner.departed.contains_key(node),
-                    })
-                    .collect(),
-            }
+        let saved = SavedMembers {
+            members: Self::member_records(&lock(&self.inner))
+                .into_iter()
+                .filter(|m| m.node != self.me)
+                .map(SavedMember::from)
+                .collect(),
         };
         let Ok(text) = serde_json::to_string_pretty(&saved) else {
             return;
@@ -1174,20 +1176,25 @@ impl Router {
     }
 
     fn roster(&self) -> Message {
-        let inner = lock(&self.inner);
         Message::Roster {
-            members: inner
-                .known
-                .iter()
-                .map(|(node, k)| RosterMember {
-                    node: node.clone(),
-                    addr: k.addr,
-                    broker: k.broker,
-                    incarnation: inner.departed.get(node).copied().unwrap_or(k.incarnation),
-                    departed: inner.departed.contains_key(node),
-                })
-                .collect(),
+            members: Self::member_records(&lock(&self.inner)),
         }
+    }
+
+    /// Every member known, as the roster greeting and the members file keep
+    /// it (a departed member with the incarnation it left with).
+    fn member_records(inner: &Inner) -> Vec<RosterMember> {
+        inner
+            .known
+            .iter()
+            .map(|(node, k)| RosterMember {
+                node: node.clone(),
+                addr: k.addr,
+                broker: k.broker,
+                incarnation: inner.departed.get(node).copied().unwrap_or(k.incarnation),
+                departed: inner.departed.contains_key(node),
+            })
+            .collect()
     }
 
     /// Learns members a peer knows: down ones gossip forgot still hold their

@@ -182,19 +182,23 @@ impl<S: LogStore> Group<S> {
     pub(crate) fn quiet(&self) -> bool {
         let raft = &self.node.raft;
         let last = raft.raft_log.last_index();
-        raft.state == StateRole::Leader
+        let settled = raft.state == StateRole::Leader
             && self.pending.is_empty()
             && raft.raft_log.committed == last
             && self.state.applied() == last
             && raft.lead_transferee.is_none()
-            && self.conf().voters_outgoing.is_empty()
-            && self.conf().learners.is_empty()
             && raft
                 .prs()
                 .iter()
-                .all(|(id, pr)| *id == self.me || pr.matched == last)
+                .all(|(id, pr)| *id == self.me || pr.matched == last);
+        if !settled {
+            return false;
+        }
+        // Built once, and only for a leader that is otherwise quiet.
+        let cs = self.conf();
+        cs.voters_outgoing.is_empty()
+            && cs.learners.is_empty()
             && self.desired.as_ref().is_none_or(|d| {
-                let cs = self.conf();
                 d.len() == cs.voters.len() && cs.voters.iter().all(|v| d.contains(v))
             })
     }
