@@ -999,9 +999,14 @@ fn cluster(state: &AppState) -> Response<Body> {
         .map(|m| describe(m, true))
         .chain(view.members.iter().map(|m| describe(m, false)))
         .collect();
+    let replicated = state
+        .router
+        .as_ref()
+        .map(|r| r.replica_view())
+        .unwrap_or_default();
     json_response(
         StatusCode::OK,
-        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members, "departed": departed, "unavailable": unavailable, "groups": groups, "name_conflict": name_conflict}),
+        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members, "departed": departed, "unavailable": unavailable, "groups": groups, "name_conflict": name_conflict, "replicated": replicated}),
     )
 }
 

@@ -126,6 +126,12 @@ pub struct Config {
     #[arg(long, env = "SHOAL_MAX_FORWARDS", default_value_t = crate::router::DEFAULT_MAX_FORWARDS)]
     pub max_forwards: usize,
 
+    /// How long an agent may be down before its replicas of replicated
+    /// partitions are placed on other agents (a pod replaced under a new
+    /// name never returns; a restarting one usually does within this).
+    #[arg(long, env = "SHOAL_REPLACE_AFTER", default_value = "60s", value_parser = parse_duration_arg)]
+    pub replace_after: Duration,
+
     /// How long a graceful stop (SIGTERM, SIGINT) may take.
     #[arg(long, env = "SHOAL_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration_arg)]
     pub shutdown_timeout: Duration,
@@ -188,6 +194,12 @@ impl Config {
                 self.shutdown_timeout,
                 Duration::ZERO,
                 hour,
+            ),
+            (
+                "--replace-after",
+                self.replace_after,
+                Duration::from_secs(1),
+                24 * hour,
             ),
             (
                 "--dedupe-window",

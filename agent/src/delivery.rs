@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::group::{AckId, DeadLetter, Delivery, GroupCore, MemberSpec, FETCH_BYTES};
 use crate::message::{AttrValue, Message};
 use crate::metrics::{Metrics, Mode, ModeLabel, ReasonLabels};
-use crate::router::{Home, Router};
+use crate::router::{ReadAt, Router};
 use crate::subscription::{StartPosition, Subscription, SubscriptionSpec};
 use crate::topic::{Partition, Topic};
 use bytes::Bytes;
@@ -801,7 +801,7 @@ impl GroupTask {
             }
             let local = match &router {
                 None => true,
-                Some(r) => r.home(&self.topic.name, pid) == Home::Me,
+                Some(r) => r.read_at(&self.topic.name, pid) == ReadAt::Local,
             };
             match parts.get(pid as usize) {
                 Some(p) if local && p.role() == crate::topic::Role::Serving => {
@@ -906,7 +906,7 @@ impl GroupTask {
         let router = self.router();
         let local = match &router {
             None => true,
-            Some(r) => r.home(&self.topic.name, pid) == Home::Me,
+            Some(r) => r.read_at(&self.topic.name, pid) == ReadAt::Local,
         };
         if local {
             if let Some(part) = self.topic.partition(pid) {
@@ -1035,9 +1035,10 @@ impl GroupTask {
         if let Some(r) = &router {
             let starting: Vec<u32> = self.starting.iter().copied().collect();
             for pid in starting {
-                if matches!(r.home(&self.topic.name, pid), Home::Peer { .. }) {
+                let at = r.read_at(&self.topic.name, pid);
+                if at == ReadAt::Remote {
                     self.fetch_remote(r, pid, None, crate::group::FETCH_WINDOW, now);
-                } else if r.home(&self.topic.name, pid) == Home::Me
+                } else if at == ReadAt::Local
                     && self
                         .topic
                         .partition(pid)
@@ -1054,13 +1055,13 @@ impl GroupTask {
         }
         for (pid, from, max) in self.core.wanted_fetches() {
             if let Some(r) = &router {
-                match r.home(&self.topic.name, pid) {
-                    Home::Me => {}
-                    Home::Peer { .. } => {
+                match r.read_at(&self.topic.name, pid) {
+                    ReadAt::Local => {}
+                    ReadAt::Remote => {
                         self.fetch_remote(r, pid, Some(from), max, now);
                         continue;
                     }
-                    Home::Down { .. } | Home::Nobody => continue,
+                    ReadAt::Unavailable => continue,
                 }
             }
             let Some(partition) = self.topic.partition(pid) else {

@@ -29,6 +29,7 @@ pub mod mesh;
 pub mod message;
 pub mod metrics;
 pub mod names;
+pub mod replication;
 pub mod router;
 pub mod run;
 pub mod subscription;

@@ -287,6 +287,20 @@ pub struct Metrics {
     pub consumer_lag: Family<LagLabels, Gauge>,
     /// Partitions whose home is down or missing in this agent's view.
     pub partitions_unavailable: Gauge,
+    /// Raft groups (replicated partitions and the meta group) with a replica here.
+    pub replica_groups: Gauge,
+    /// Groups this agent leads.
+    pub replica_leading: Gauge,
+    /// Groups here that hibernate (idle: no ticks, no heartbeats).
+    pub replica_hibernating: Gauge,
+    /// Groups led here with fewer voters than their topic's `replicas`.
+    pub replica_under_replicated: Gauge,
+    /// Groups with a replica here that know no leader.
+    pub replica_leaderless: Gauge,
+    /// Leader or term changes seen by the replicas here.
+    pub replica_leader_changes: Counter,
+    /// Publish to a led partition until a majority stored it (a batch's wait).
+    pub replica_commit_latency: Histogram,
 }
 
 /// Labels of the consumer-lag gauge.
@@ -400,6 +414,13 @@ impl Metrics {
             mesh_invalid_messages: Family::default(),
             consumer_lag: Family::default(),
             partitions_unavailable: Gauge::default(),
+            replica_groups: Gauge::default(),
+            replica_leading: Gauge::default(),
+            replica_hibernating: Gauge::default(),
+            replica_leader_changes: Counter::default(),
+            replica_under_replicated: Gauge::default(),
+            replica_leaderless: Gauge::default(),
+            replica_commit_latency: latency_histogram(),
         };
         let r = &mut registry;
         r.register(
@@ -654,6 +675,42 @@ impl Metrics {
             "shoal_partitions_unavailable",
             "Partitions whose home is down or missing in this agent's view",
             m.partitions_unavailable.clone(),
+        );
+        r.register(
+            "shoal_replica_groups",
+            "Raft groups (replicated partitions and the meta group) with a replica on this agent",
+            m.replica_groups.clone(),
+        );
+        r.register(
+            "shoal_replica_leading",
+            "Raft groups this agent leads",
+            m.replica_leading.clone(),
+        );
+        r.register(
+            "shoal_replica_hibernating",
+            "Raft groups on this agent that hibernate (idle: no ticks, no heartbeats)",
+            m.replica_hibernating.clone(),
+        );
+        r.register(
+            "shoal_replica_under_replicated",
+            "Replicated partitions led by this agent with fewer voters than their topic's replicas",
+            m.replica_under_replicated.clone(),
+        );
+        r.register(
+            "shoal_replica_leaderless",
+            "Raft groups with a replica on this agent that know no leader",
+            m.replica_leaderless.clone(),
+        );
+        r.register(
+            "shoal_replica_leader_changes",
+            "Leader or term changes seen by the replicas on this agent",
+            m.replica_leader_changes.clone(),
+        );
+        r.register_with_unit(
+            "shoal_replica_commit_duration",
+            "Publish to a partition this agent leads until a majority of its replicas stored it",
+            Unit::Seconds,
+            m.replica_commit_latency.clone(),
         );
         shoal_exposition::register_build_info(r, "shoal_build_info", env!("CARGO_PKG_VERSION"));
         registry.register_collector(Box::new(shoal_exposition::ProcessCollector));

@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::mesh::{CallError, Handler, Mesh, Replier};
 use crate::message::Message as AppMessage;
 use crate::metrics::{HandoffLabels, Metrics};
+use crate::replication::{self, Replication, Route};
 use crate::subscription::StartPosition;
 use crate::topic::{Partition, Role, Topic, TopicConfig};
 use bytes::Bytes;
@@ -37,6 +38,9 @@ use tokio::sync::watch;
 
 /// Longest a forwarded publish waits for its home's answer (storage included).
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
+/// Longest a publish forwarded to a replicated partition's leader waits
+/// before trying another replica (a leader that died does not answer).
+pub const REPLICATED_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a publish keeps retrying, inside the agent, a partition that is
 /// moving between agents before the app gets 503.
 pub const MOVE_RETRY_WINDOW: Duration = Duration::from_secs(3);
@@ -137,6 +141,19 @@ pub struct Router {
     /// Where the members this agent knows are kept between runs, and what
     /// was written there last.
     members_file: Option<(std::path::PathBuf, Mutex<String>)>,
+    /// The replicated partitions (durable topics with `replicas` ≥ 2).
+    replication: OnceLock<Arc<Replication>>,
+}
+
+/// Where a consumer group reads a partition from, as this agent sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadAt {
+    /// The partition's local copy (this agent is its home).
+    Local,
+    /// Through [`Router::fetch`] (another home, or a replicated partition).
+    Remote,
+    /// Nowhere right now (its home is down).
+    Unavailable,
 }
 
 /// File in the data directory that keeps the known members between runs.
@@ -201,6 +218,7 @@ const KNOWN_CODES: &[&str] = &[
     "reply_too_large",
     "home_busy",
     "not_home",
+    "not_leader",
     "not_ready",
     "partition_unknown",
     "topic_unknown",
@@ -253,8 +271,38 @@ fn forward_outcome(e: &ApiError) -> &'static str {
 fn retryable(e: &ApiError) -> bool {
     matches!(
         e.code,
-        "not_home" | "partition_unknown" | "topic_unknown" | "not_ready"
+        "not_home" | "partition_unknown" | "topic_unknown" | "not_ready" | "not_leader"
     )
+}
+
+/// A batch and its per-message results.
+type Answered = (Vec<Placed>, Vec<Result<PublishOutcome, ApiError>>);
+
+/// Publishes a batch to replicated partitions this agent leads, one call
+/// per partition, results in the batch's order.
+async fn publish_replicated(
+    r: &Arc<Replication>,
+    topic: &Arc<Topic>,
+    batch: &[Placed],
+) -> Vec<Result<PublishOutcome, ApiError>> {
+    let mut by_partition: BTreeMap<u32, Vec<(usize, AppMessage)>> = BTreeMap::new();
+    for (n, (_, pid, m)) in batch.iter().enumerate() {
+        by_partition.entry(*pid).or_default().push((n, m.clone()));
+    }
+    let mut out: Vec<Option<Result<PublishOutcome, ApiError>>> =
+        batch.iter().map(|_| None).collect();
+    let calls = by_partition.into_iter().map(|(pid, items)| async move {
+        let (slots, msgs): (Vec<usize>, Vec<AppMessage>) = items.into_iter().unzip();
+        (slots, r.publish_local(topic, pid, msgs).await)
+    });
+    for (slots, results) in join_all(calls.collect()).await {
+        for (slot, result) in slots.into_iter().zip(results) {
+            out[slot] = Some(result);
+        }
+    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(ApiError::internal("publish lost a result"))))
+        .collect()
 }
 
 impl Router {
@@ -314,7 +362,65 @@ impl Router {
             request_rr: AtomicUsize::new(0),
             forwards: Arc::new(tokio::sync::Semaphore::new(max_forwards.max(1))),
             members_file,
+            replication: OnceLock::new(),
         })
+    }
+
+    /// Attaches the replicated partitions; durable topics with `replicas` ≥ 2
+    /// go through them from now on.
+    pub fn attach_replication(&self, r: Arc<Replication>) {
+        let _ = self.replication.set(r);
+    }
+
+    /// The replication shell when `topic` is replicated.
+    pub fn replicated(&self, topic: &str) -> Option<&Arc<Replication>> {
+        let r = self.replication.get()?;
+        self.broker
+            .topic(topic)
+            .filter(|t| replication::is_replicated(&t.config()))
+            .map(|_| r)
+    }
+
+    /// Where a consumer group on this agent reads a partition.
+    pub fn read_at(&self, topic: &str, partition: u32) -> ReadAt {
+        if self.replicated(topic).is_some() {
+            return ReadAt::Remote;
+        }
+        match self.home(topic, partition) {
+            Home::Me => ReadAt::Local,
+            Home::Peer { .. } => ReadAt::Remote,
+            Home::Down { .. } | Home::Nobody => ReadAt::Unavailable,
+        }
+    }
+
+    /// The Raft groups this agent holds a replica of (replicated partitions
+    /// and the meta group), for `GET /v1/cluster`.
+    pub fn replica_view(&self) -> Vec<replication::ReplicaView> {
+        self.replication.get().map(|r| r.view()).unwrap_or_default()
+    }
+
+    /// Tells the replication shell who the members are now.
+    fn share_members(&self) {
+        let Some(r) = self.replication.get() else {
+            return;
+        };
+        let members: Vec<_> = {
+            let inner = lock(&self.inner);
+            inner
+                .known
+                .iter()
+                .map(|(n, k)| {
+                    (
+                        n.clone(),
+                        k.addr,
+                        k.broker,
+                        k.state,
+                        inner.departed.contains_key(n),
+                    )
+                })
+                .collect()
+        };
+        r.set_members(&members);
     }
 
     /// Writes the known members to [`MEMBERS_FILE`] when they changed.
@@ -465,6 +571,7 @@ impl Router {
             Self::recompute_members(&mut inner);
         }
         self.save_members();
+        self.share_members();
         self.refresh_assignment();
         if view.joined && !self.joined.swap(true, Ordering::AcqRel) {
             tracing::info!("router: joined; taking up partitions");
@@ -597,6 +704,13 @@ impl Router {
         let mut homed = 0i64;
         let mut unavailable = 0i64;
         for topic in self.broker.topics() {
+            if self.replicated(&topic.name).is_some() {
+                // Raft groups decide who serves these; the local copy stays unused.
+                for p in topic.partitions() {
+                    p.set_role(Role::Idle);
+                }
+                continue;
+            }
             for p in topic.partitions() {
                 let home = self.home(&topic.name, p.id);
                 let mine = home == Home::Me;
@@ -872,11 +986,27 @@ impl Router {
     /// home, then tells every member it leaves.
     pub async fn leave(&self) {
         self.stopping.store(true, Ordering::Release);
+        if let Some(r) = self.replication.get() {
+            let n = r.transfer_leadership();
+            if n > 0 {
+                tracing::info!(
+                    groups = n,
+                    "handing over leadership of replicated partitions before leaving"
+                );
+                let until = Instant::now() + Duration::from_secs(3);
+                while r.leading() > 0 && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
         let mut moved = 0usize;
         let mut kept = 0usize;
         // Kept because their next home stops too: no failure of its own.
         let mut kept_for_stopping = 0usize;
         for topic in self.broker.topics() {
+            if self.replicated(&topic.name).is_some() {
+                continue;
+            }
             for p in topic.partitions() {
                 let role = p.role();
                 if role != Role::Serving && role != Role::Retired && role != Role::Acquiring {
@@ -982,11 +1112,26 @@ impl Router {
             .enumerate()
             .map(|(i, m)| (i, self.choose_live_partition(&topic, topic_name, &m), m))
             .collect();
-        let deadline = Instant::now() + MOVE_RETRY_WINDOW;
+        let repl = self.replicated(topic_name).cloned();
+        let deadline =
+            Instant::now() + repl.as_ref().map_or(MOVE_RETRY_WINDOW, |r| r.leader_wait());
         loop {
             let mut by_home: HashMap<Option<(String, SocketAddr)>, Vec<Placed>> = HashMap::new();
+            let mut unrouted: Vec<Answered> = Vec::new();
             for (i, pid, m) in todo.drain(..) {
-                match self.home(topic_name, pid) {
+                let home = match &repl {
+                    None => self.home(topic_name, pid),
+                    Some(r) => match r.route(topic_name, pid) {
+                        Route::Local => Home::Me,
+                        Route::Peer { node, addr } => Home::Peer { node, addr },
+                        Route::Unavailable => {
+                            let e = replication::not_leader(topic_name, pid, None);
+                            unrouted.push((vec![(i, pid, m)], vec![Err(e)]));
+                            continue;
+                        }
+                    },
+                };
+                match home {
                     Home::Me => by_home.entry(None).or_default().push((i, pid, m)),
                     Home::Peer { node, addr } => by_home
                         .entry(Some((node, addr)))
@@ -1015,20 +1160,43 @@ impl Router {
                     .into_iter()
                     .map(move |b| (home.clone(), b))
             }) {
+                let repl = repl.clone();
                 calls.push(async move {
-                    let outcome = match &home {
-                        None => self.publish_here(topic, &batch).await,
-                        Some((node, addr)) => self.forward(topic, node, *addr, &batch).await,
+                    let outcome = match (&home, &repl) {
+                        (None, None) => self.publish_here(topic, &batch).await,
+                        (None, Some(r)) => publish_replicated(r, topic, &batch).await,
+                        (Some((node, addr)), _) => {
+                            let outcome = self.forward(topic, node, *addr, &batch).await;
+                            if let Some(r) = &repl {
+                                for ((_, pid, _), o) in batch.iter().zip(&outcome) {
+                                    match o {
+                                        Ok(_) => r.note_answer(&topic.name, *pid, node, true),
+                                        Err(e) if retryable(e) || e.code == "home_unavailable" => {
+                                            r.note_answer(&topic.name, *pid, node, false)
+                                        }
+                                        Err(_) => {}
+                                    }
+                                }
+                            }
+                            outcome
+                        }
                     };
                     (batch, outcome)
                 });
             }
-            let answered = join_all(calls).await;
+            let mut answered = join_all(calls).await;
+            answered.extend(unrouted);
             let retry_allowed = Instant::now() < deadline && !self.stopping.load(Ordering::Acquire);
             for (batch, outcome) in answered {
                 for ((i, pid, m), r) in batch.into_iter().zip(outcome) {
+                    // A replicated partition's leader that does not answer is
+                    // replaced by an election: try again (a message it stored
+                    // before dying may be stored twice; `Shoal-Id` dedupes it).
+                    let again = |e: &ApiError| {
+                        retryable(e) || (repl.is_some() && e.code == "home_unavailable")
+                    };
                     match r {
-                        Err(e) if retry_allowed && retryable(&e) => todo.push((i, pid, m)),
+                        Err(e) if retry_allowed && again(&e) => todo.push((i, pid, m)),
                         r => results[i] = Some(r),
                     }
                 }
@@ -1111,9 +1279,14 @@ impl Router {
             }
         }
         let name = topic.name.to_string();
+        let timeout = if self.replicated(&topic.name).is_some() {
+            REPLICATED_FORWARD_TIMEOUT
+        } else {
+            FORWARD_TIMEOUT
+        };
         let answer = self
             .mesh
-            .call(addr, FORWARD_TIMEOUT, |req| Message::Publish {
+            .call(addr, timeout, |req| Message::Publish {
                 req,
                 topic: name,
                 entries,
@@ -1324,7 +1497,21 @@ impl Router {
         from: Option<u64>,
         max: usize,
     ) -> Result<FetchedBatch, ApiError> {
-        let (node, addr) = match self.home(topic, partition) {
+        let target = match self.replicated(topic) {
+            None => self.home(topic, partition),
+            Some(r) => match r.route(topic, partition) {
+                Route::Local => {
+                    return r
+                        .fetch_local(topic, partition, group, start, from, max, FETCH_WAIT)
+                        .await
+                }
+                Route::Peer { node, addr } => Home::Peer { node, addr },
+                Route::Unavailable => {
+                    return Err(replication::not_leader(topic, partition, None));
+                }
+            },
+        };
+        let (node, addr) = match target {
             Home::Peer { node, addr } => (node, addr),
             Home::Me => return Err(not_home_here()),
             Home::Down { node } => {
@@ -1357,6 +1544,10 @@ impl Router {
                 wait_ms: FETCH_WAIT.as_millis() as u32,
             })
             .await;
+        if let Some(r) = self.replicated(topic) {
+            let ok = matches!(&answer, Ok(Message::Fetched { result: Ok(_), .. }));
+            r.note_answer(topic, partition, &node, ok);
+        }
         match answer {
             Ok(Message::Fetched { result, .. }) => result.map_err(api_error),
             Ok(Message::Failed { error, .. }) => Err(api_error(error)),
@@ -1385,6 +1576,10 @@ impl Router {
 
     /// Tells a partition's home where a consumer group resumes.
     pub fn commit(self: &Arc<Self>, topic: &str, partition: u32, group: &str, next: u64) {
+        if let Some(r) = self.replicated(topic) {
+            r.commit(topic, partition, group, next);
+            return;
+        }
         let Home::Peer { addr, .. } = self.home(topic, partition) else {
             return;
         };
@@ -1549,6 +1744,23 @@ impl Router {
     pub fn partition_view(&self) -> Vec<PartitionView> {
         let mut out = Vec::new();
         for topic in self.broker.topics() {
+            if let Some(r) = self.replicated(&topic.name) {
+                for p in topic.partitions() {
+                    let (home, available) = match r.route(&topic.name, p.id) {
+                        Route::Local => (self.me.clone(), true),
+                        Route::Peer { node, .. } => (node, true),
+                        Route::Unavailable => (String::new(), false),
+                    };
+                    out.push(PartitionView {
+                        topic: topic.name.to_string(),
+                        partition: p.id,
+                        home,
+                        available,
+                        role: "replicated",
+                    });
+                }
+                continue;
+            }
             for p in topic.partitions() {
                 let (home, available) = match self.home(&topic.name, p.id) {
                     Home::Me => (self.me.clone(), p.role() == Role::Serving),
@@ -1580,8 +1792,26 @@ impl Router {
         for (ti, topic) in topics.iter().enumerate() {
             let mut figures = Vec::new();
             let mut ask: BTreeMap<(String, SocketAddr), Vec<u32>> = BTreeMap::new();
+            let repl = self.replicated(&topic.name);
             for p in topic.partitions() {
-                let (home, from_home) = match self.home(&topic.name, p.id) {
+                let target = match repl {
+                    None => self.home(&topic.name, p.id),
+                    Some(r) => match r.route(&topic.name, p.id) {
+                        Route::Local => {
+                            figures.push(PartitionFigures {
+                                stats: r
+                                    .stats(&topic.name, p.id)
+                                    .unwrap_or_else(|| local_stats(&p)),
+                                home: self.me.clone(),
+                                from_home: true,
+                            });
+                            continue;
+                        }
+                        Route::Peer { node, addr } => Home::Peer { node, addr },
+                        Route::Unavailable => Home::Nobody,
+                    },
+                };
+                let (home, from_home) = match target {
                     Home::Me => (self.me.clone(), p.role() == Role::Serving),
                     Home::Peer { node, addr } => {
                         ask.entry((node.clone(), addr)).or_default().push(p.id);
@@ -1641,7 +1871,14 @@ impl Router {
 
     fn serve_stats(self: Arc<Self>, req: u64, topic: String, partitions: Vec<u32>, reply: Replier) {
         tokio::spawn(async move {
+            let repl = self.replicated(&topic).cloned();
             let stats = self.broker.topic(&topic).map_or_else(Vec::new, |t| {
+                if let Some(r) = &repl {
+                    return partitions
+                        .into_iter()
+                        .filter_map(|id| r.stats(&topic, id))
+                        .collect();
+                }
                 partitions
                     .into_iter()
                     .filter_map(|id| t.partition(id))
@@ -1684,10 +1921,11 @@ impl Router {
                 });
                 return;
             };
+            let repl = self.replicated(&topic).cloned();
             let mut results: Vec<Option<PublishResult>> = Vec::with_capacity(entries.len());
             let mut placed = Vec::with_capacity(entries.len());
             for e in entries {
-                if self.home(&topic, e.partition) != Home::Me {
+                if repl.is_none() && self.home(&topic, e.partition) != Home::Me {
                     results.push(Some(fail(crate::broker::not_home(&topic, e.partition))));
                     continue;
                 }
@@ -1707,6 +1945,9 @@ impl Router {
             }
             let stored = if placed.is_empty() {
                 Vec::new()
+            } else if let Some(r) = &repl {
+                let batch: Vec<Placed> = placed.into_iter().map(|(p, m)| (0, p, m)).collect();
+                publish_replicated(r, &t, &batch).await
             } else {
                 self.broker.append(&t, placed).await
             };
@@ -1763,6 +2004,13 @@ impl Router {
         max: u32,
         wait_ms: u32,
     ) -> Result<FetchedBatch, ApiError> {
+        if let Some(r) = self.replicated(topic) {
+            let start: StartPosition = serde_json::from_str(start).unwrap_or_default();
+            let wait = Duration::from_millis(u64::from(wait_ms)).min(FETCH_WAIT);
+            return r
+                .fetch_local(topic, partition, group, &start, from, max as usize, wait)
+                .await;
+        }
         let t = self.broker.topic(topic).ok_or_else(|| {
             ApiError::unavailable(
                 "topic_unknown",
@@ -2152,6 +2400,14 @@ impl Handler for Router {
                 group,
                 next,
             } => {
+                if let Some(r) = self.replicated(&topic) {
+                    if self.is_member_addr(from) {
+                        r.commit(&topic, partition, &group, next);
+                    } else {
+                        self.count_invalid("unknown_sender");
+                    }
+                    return;
+                }
                 if let Some(p) = self
                     .broker
                     .topic(&topic)
@@ -2239,6 +2495,12 @@ impl Handler for Router {
                 partition,
             } => self.serve_handoff_request(req, from, topic, partition, reply),
             Message::Roster { members } => self.merge_roster(members),
+            Message::Raft(batch) => {
+                let stepped = self.replication.get().is_some_and(|r| r.step(from, batch));
+                if !stepped {
+                    self.count_invalid("unknown_sender");
+                }
+            }
             Message::Stats {
                 req,
                 topic,
@@ -2259,6 +2521,7 @@ impl Handler for Router {
                 tracing::info!(node = %node, "member leaves; its partitions move");
                 self.mesh.peer_leaves(&node);
                 self.save_members();
+                self.share_members();
                 self.refresh_assignment();
                 self.reconcile();
                 self.bump();

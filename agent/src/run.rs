@@ -163,20 +163,43 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         tracing::info!("mesh off: no identity source (start with --dev to join other agents)");
         None
     };
-    let router = mesh.as_ref().map(|m| {
-        let r = crate::router::Router::new(
-            node.clone(),
-            config.namespace(),
-            m.clone(),
-            broker.clone(),
-            metrics.clone(),
-            config.max_forwards,
-            Some(&config.data_dir),
-        );
-        subs.attach_router(&r);
-        r.start(&subs);
-        r
-    });
+    let (replication_stop, replication_stop_rx) = watch::channel(false);
+    let router = match &mesh {
+        None => None,
+        Some(m) => {
+            let r = crate::router::Router::new(
+                node.clone(),
+                config.namespace(),
+                m.clone(),
+                broker.clone(),
+                metrics.clone(),
+                config.max_forwards,
+                Some(&config.data_dir),
+            );
+            // The first agent of a mesh (no --join) creates the meta group.
+            let replication = crate::replication::Replication::open(
+                crate::replication::ReplicationSettings {
+                    me: node.clone(),
+                    namespace: config.namespace(),
+                    data_dir: config.data_dir.clone(),
+                    seed: config.join.is_empty(),
+                    replace_after: config.replace_after,
+                },
+                m.clone(),
+                broker.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| AgentError::Storage {
+                path: config.data_dir.join(crate::replication::REPLICAS_DIR),
+                message: e,
+            })?;
+            replication.start(replication_stop_rx);
+            r.attach_replication(replication);
+            subs.attach_router(&r);
+            r.start(&subs);
+            Some(r)
+        }
+    };
     let state = Arc::new(AppState {
         router: router.clone(),
         mesh: mesh.clone(),
@@ -280,6 +303,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         if let Some(m) = &mesh {
             m.leave().await;
         }
+        let _ = replication_stop.send(true);
         subs.shutdown(deadline).await;
         for t in app_tasks {
             let _ = tokio::time::timeout_at(deadline, t).await;

@@ -715,6 +715,19 @@ impl<S: LogStore> Driver<S> {
             .count()
     }
 
+    /// Hands leadership of `group` to `to` if this agent leads it, the
+    /// group is settled and `to` is a caught-up voter; returns whether a
+    /// transfer started. The shell uses it to give each group the leader
+    /// placement prefers, so leaders spread over agents.
+    pub fn transfer_leader(&mut self, group: &GroupId, to: NodeId) -> bool {
+        if self.down.contains(&to) {
+            return false;
+        }
+        self.groups
+            .get_mut(group)
+            .is_some_and(|g| g.transfer_to(to))
+    }
+
     /// Groups this replica leads.
     pub fn leading(&self) -> usize {
         self.groups.values().filter(|g| g.is_leader()).count()

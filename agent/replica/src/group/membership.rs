@@ -178,6 +178,29 @@ impl<S: LogStore> Group<S> {
         Some(target)
     }
 
+    /// Hands leadership to `target` when this replica leads a settled group
+    /// (no change under way) in which `target` is a voter that has every
+    /// entry: placement's preferred leader taking its groups back.
+    pub(crate) fn transfer_to(&mut self, target: NodeId) -> bool {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader || target == self.me || raft.lead_transferee.is_some() {
+            return false;
+        }
+        let last = raft.raft_log.last_index();
+        let caught_up = raft.prs().get(target).is_some_and(|pr| pr.matched == last);
+        let cs = self.conf();
+        if !caught_up
+            || !cs.voters.contains(&target)
+            || !cs.voters_outgoing.is_empty()
+            || !cs.learners.is_empty()
+        {
+            return false;
+        }
+        self.wake();
+        self.node.transfer_leader(target);
+        true
+    }
+
     /// On a quiet leader: whether nothing is left to replicate or apply.
     pub(crate) fn quiet(&self) -> bool {
         let raft = &self.node.raft;

@@ -1,0 +1,1362 @@
+//! Replicated partitions: the agent's I/O shell around `shoal-replica`.
+//!
+//! A durable topic with `replicas` of 2 or more keeps each partition in a
+//! Raft group ([`shoal_replica::Driver`] over [`DiskStore`]s under
+//! `DATA_DIR/replicas/`). This module owns the driver: it ticks it, steps
+//! the batches peers send, sends the batches it hands out over the mesh,
+//! answers publishes once their entry is committed, and serves consumer
+//! groups from the leader up to the commit index.
+//!
+//! **Who creates a group.** Every first voter of a Raft group must start
+//! from the same configuration, so exactly one agent may create each group.
+//! That decision is made by a small Raft group of its own, the *meta group*
+//! (`shoal-system/__meta/0`, up to [`META_VOTERS`] broker agents): its
+//! leader sees a replicated partition in the topic catalog that has no
+//! creation record, and proposes one naming itself. The first record for a
+//! partition to commit wins; the agent it names creates the group as its
+//! only voter and then adds the replicas placement wants (learner, catch up,
+//! one joint-consensus swap). Publishes wait until the group has them.
+//!
+//! The meta group itself is created by the agent started without `--join`
+//! (the first agent of a mesh; `etcd --initial-cluster-state new` plays the
+//! same part); every other agent joins it when its leader adds it.
+
+use crate::broker::{Broker, PublishOutcome};
+use crate::error::ApiError;
+use crate::mesh::Mesh;
+use crate::message::Message as AppMessage;
+use crate::metrics::Metrics;
+use crate::subscription::StartPosition;
+use crate::topic::{Topic, TopicConfig, TopicKind};
+use serde::{Deserialize, Serialize};
+use shoal_cluster::membership::Liveness;
+use shoal_cluster::placement::{self, Member, PartitionKey};
+use shoal_proto::raft::RaftBatch;
+use shoal_proto::{FetchedBatch, Message, WireEntry};
+use shoal_replica::command::Command;
+use shoal_replica::disk::DiskStore;
+use shoal_replica::state::Applied;
+use shoal_replica::store::LogStore;
+use shoal_replica::{node_id, Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch, Notify};
+
+/// The namespace of the meta group.
+pub const META_NAMESPACE: &str = "shoal-system";
+/// The meta group's topic name (not a topic apps can name: names may not
+/// start with an underscore).
+pub const META_TOPIC: &str = "__meta";
+/// Voters of the meta group, at most.
+pub const META_VOTERS: usize = 5;
+/// Folder of the replicated partitions inside the data directory.
+pub const REPLICAS_DIR: &str = "replicas";
+/// Longest a publish waits for its entry to commit.
+pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a publish keeps looking for a partition's leader (a failover,
+/// a group still forming) before the app gets 503 with `Retry-After`.
+pub const DEFAULT_LEADER_WAIT: Duration = Duration::from_secs(5);
+/// Consumer offsets go through the log at most this often per group and
+/// partition (the newest one wins); a failover redelivers at most this much.
+pub const COMMIT_EVERY_TICKS: u64 = 5;
+/// How often the meta leader looks for partitions without a group, and
+/// every agent re-reads placement for the groups it holds.
+const RECONCILE_EVERY_TICKS: u64 = 5;
+/// File listing the groups this agent created, so a restart that replays
+/// the meta log never creates one twice.
+const CREATED_FILE: &str = "created.json";
+
+/// How an agent's replication starts.
+#[derive(Debug, Clone)]
+pub struct ReplicationSettings {
+    /// This agent's node name.
+    pub me: String,
+    /// Its namespace (the groups' namespace).
+    pub namespace: String,
+    /// The data directory (groups live in `REPLICAS_DIR` inside).
+    pub data_dir: PathBuf,
+    /// The first agent of a mesh (started without `--join`): creates the
+    /// meta group when none is kept.
+    pub seed: bool,
+    /// How long an agent may be down before its replicas move (`--replace-after`).
+    pub replace_after: Duration,
+}
+
+/// Whether a topic's partitions are Raft groups.
+pub fn is_replicated(config: &TopicConfig) -> bool {
+    config.kind == TopicKind::Durable && config.replicas >= 2
+}
+
+/// A decision of the meta group (postcard, in a message entry's body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum MetaRecord {
+    /// `bootstrapper` creates the partition's group as its only voter.
+    Create {
+        namespace: String,
+        topic: String,
+        partition: u32,
+        bootstrapper: String,
+    },
+}
+
+/// Where a partition's publishes and reads go now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This agent leads the partition's group.
+    Local,
+    /// Try this agent (the leader as far as known, else a replica).
+    Peer {
+        /// Node name.
+        node: String,
+        /// Mesh address.
+        addr: SocketAddr,
+    },
+    /// Nobody to ask yet (no broker, or the group is still forming).
+    Unavailable,
+}
+
+/// A publish or read that this agent cannot serve because it does not lead.
+pub fn not_leader(topic: &str, partition: u32, leader: Option<&str>) -> ApiError {
+    ApiError::unavailable(
+        "not_leader",
+        match leader {
+            Some(l) => format!(
+                "this agent does not lead partition {partition} of topic {topic:?}; {l} does"
+            ),
+            None => format!(
+                "partition {partition} of topic {topic:?} has no leader right now (an election or a group forming); retry shortly"
+            ),
+        },
+        1,
+    )
+}
+
+fn leader_lost(topic: &str, partition: u32) -> ApiError {
+    ApiError::unavailable(
+        "not_leader",
+        format!("the leader of partition {partition} of topic {topic:?} changed before the message was stored; it was not stored, retry"),
+        1,
+    )
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Result<(u64, Applied), ApiError>>,
+}
+
+#[derive(Default)]
+struct Peers {
+    /// Raft id → node name and address.
+    by_id: HashMap<NodeId, (String, SocketAddr)>,
+    /// Node name → address.
+    addrs: HashMap<String, SocketAddr>,
+    /// Broker members placement counts (down ones included until they leave).
+    members: Vec<Member>,
+    /// Members gossip says are down.
+    down: BTreeSet<String>,
+    /// Since when each down member has been down (this agent's clock).
+    down_since: HashMap<String, std::time::Instant>,
+    /// The agent a publish to a partition tried last and its answer.
+    hints: HashMap<(String, u32), Hint>,
+}
+
+#[derive(Clone, Debug)]
+enum Hint {
+    /// This agent led the partition when last asked.
+    Leader(String),
+    /// These agents did not lead it; try the next.
+    Skip(usize),
+}
+
+struct Core {
+    driver: Driver<DiskStore>,
+    waiters: HashMap<u64, Waiter>,
+    next_token: u64,
+    /// Meta log applied up to here (this run).
+    meta_applied: u64,
+    /// Partitions with a creation record: who creates them.
+    records: BTreeMap<(String, String, u32), String>,
+    /// Creation records proposed by this agent as meta leader, not yet applied.
+    proposed: BTreeSet<(String, String, u32)>,
+    /// Groups this agent created (kept in [`CREATED_FILE`]).
+    created: BTreeSet<String>,
+    /// Consumer offsets waiting to go through the log.
+    pending_commits: BTreeMap<(String, u32, String), u64>,
+    ticks: u64,
+}
+
+/// The replicated partitions of one agent.
+pub struct Replication {
+    me: String,
+    me_id: NodeId,
+    namespace: String,
+    root: PathBuf,
+    mesh: Arc<Mesh>,
+    broker: Arc<Broker>,
+    metrics: Arc<Metrics>,
+    core: Mutex<Core>,
+    peers: Mutex<Peers>,
+    wake: Notify,
+    /// Bumped after every round, so readers waiting for entries look again.
+    round: watch::Sender<u64>,
+    leader_wait: Duration,
+    replace_after: Duration,
+}
+
+impl std::fmt::Debug for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replication")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn meta_group() -> GroupId {
+    GroupId {
+        namespace: META_NAMESPACE.into(),
+        topic: META_TOPIC.into(),
+        partition: 0,
+    }
+}
+
+fn group_dir(root: &Path, g: &GroupId) -> PathBuf {
+    root.join(&g.namespace)
+        .join(&g.topic)
+        .join(g.partition.to_string())
+}
+
+fn group_label(g: &GroupId) -> String {
+    shoal_replica::group_name(g)
+}
+
+/// A store opener for the driver (a group this agent joins).
+fn opener(root: PathBuf) -> shoal_replica::driver::NewStore<DiskStore> {
+    Box::new(move |g: &GroupId| {
+        DiskStore::open(&group_dir(&root, g), shoal_storage::LogConfig::default())
+    })
+}
+
+impl Replication {
+    /// Opens the replicated partitions kept in `data_dir` and, on the first
+    /// agent of a mesh (`seed`: started without `--join`), creates the meta
+    /// group when none is kept.
+    pub fn open(
+        settings: ReplicationSettings,
+        mesh: Arc<Mesh>,
+        broker: Arc<Broker>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Replication>, String> {
+        let ReplicationSettings {
+            me,
+            namespace,
+            data_dir,
+            seed,
+            replace_after,
+        } = settings;
+        let data_dir = data_dir.as_path();
+        let root = data_dir.join(REPLICAS_DIR);
+        std::fs::create_dir_all(&root)
+            .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+        let me_id = node_id(&me);
+        let config = DriverConfig {
+            incarnation: crate::time::now_ms(),
+            seed: fastrand::u64(..),
+            ..DriverConfig::default()
+        };
+        let mut driver = Driver::new(me_id, config, opener(root.clone()));
+        let mut opened = 0usize;
+        for g in Self::kept_groups(&root) {
+            let dir = group_dir(&root, &g);
+            if !dir.join(shoal_replica::disk::STATE_FILE).exists() {
+                // Created on a message and never written: nothing to keep.
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            }
+            match DiskStore::open(&dir, shoal_storage::LogConfig::default()) {
+                Ok(store) => match driver.open_group(g.clone(), store, Bootstrap::Restart) {
+                    Ok(()) => opened += 1,
+                    Err(e) => {
+                        tracing::error!(group = %group_label(&g), error = %e, "cannot reopen a replica; it stays closed")
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(group = %group_label(&g), error = %e, "cannot open a replica's files; it stays closed")
+                }
+            }
+        }
+        let meta = meta_group();
+        if driver.group(&meta).is_none() && seed {
+            let store = DiskStore::open(
+                &group_dir(&root, &meta),
+                shoal_storage::LogConfig::default(),
+            )
+            .map_err(|e| format!("cannot create the meta group: {e}"))?;
+            driver
+                .open_group(meta.clone(), store, Bootstrap::Voters(vec![me_id]))
+                .map_err(|e| format!("cannot create the meta group: {e}"))?;
+            tracing::info!("created the mesh's meta group (this agent was started without --join)");
+        }
+        let created = std::fs::read(root.join(CREATED_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<BTreeSet<String>>(&b).ok())
+            .unwrap_or_default();
+        tracing::info!(replicas = opened, "replicated partitions opened");
+        Ok(Arc::new(Replication {
+            me,
+            me_id,
+            namespace,
+            root,
+            mesh,
+            broker,
+            metrics,
+            core: Mutex::new(Core {
+                driver,
+                waiters: HashMap::new(),
+                next_token: 1,
+                meta_applied: 0,
+                records: BTreeMap::new(),
+                proposed: BTreeSet::new(),
+                created,
+                pending_commits: BTreeMap::new(),
+                ticks: 0,
+            }),
+            peers: Mutex::new(Peers::default()),
+            wake: Notify::new(),
+            round: watch::Sender::new(0),
+            leader_wait: DEFAULT_LEADER_WAIT,
+            replace_after,
+        }))
+    }
+
+    /// Groups kept under `root`: `NAMESPACE/TOPIC/PARTITION` folders.
+    fn kept_groups(root: &Path) -> Vec<GroupId> {
+        let mut out = Vec::new();
+        let dirs = |p: &Path| -> Vec<(String, PathBuf)> {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for (ns, ns_dir) in dirs(root) {
+            for (topic, topic_dir) in dirs(&ns_dir) {
+                for (p, _) in dirs(&topic_dir) {
+                    if let Ok(partition) = p.parse::<u32>() {
+                        out.push(GroupId {
+                            namespace: ns.clone(),
+                            topic: topic.clone(),
+                            partition,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// How long a publish looks for a leader.
+    pub fn leader_wait(&self) -> Duration {
+        self.leader_wait
+    }
+
+    /// Starts the driver's loop; it ends when `stop` turns true.
+    pub fn start(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let tick = Duration::from_millis(shoal_replica::driver::DEFAULT_TICK_MS);
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let ticked = tokio::select! {
+                    _ = interval.tick() => true,
+                    _ = this.wake.notified() => false,
+                    _ = stop.changed() => {
+                        if *stop.borrow() { return; }
+                        false
+                    }
+                };
+                this.round(ticked);
+            }
+        });
+    }
+
+    /// One round: tick (if due), process every group, send what it hands out.
+    fn round(self: &Arc<Self>, ticked: bool) {
+        let (outbox, removed) = {
+            let mut core = lock(&self.core);
+            if ticked {
+                core.driver.tick();
+                core.ticks += 1;
+                if core.ticks.is_multiple_of(RECONCILE_EVERY_TICKS) {
+                    self.propose_missing(&mut core);
+                    self.place_all(&mut core);
+                }
+                if core.ticks.is_multiple_of(COMMIT_EVERY_TICKS) {
+                    self.flush_commits(&mut core);
+                }
+            }
+            let outbox = core.driver.process();
+            let removed = self.handle_events(&mut core);
+            self.apply_meta(&mut core);
+            self.metrics
+                .replica_groups
+                .set(core.driver.groups().count() as i64);
+            self.metrics
+                .replica_leading
+                .set(core.driver.leading() as i64);
+            self.metrics
+                .replica_hibernating
+                .set(core.driver.hibernating() as i64);
+            (outbox, removed)
+        };
+        for dir in removed {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot delete a removed replica's files");
+            }
+        }
+        self.round.send_modify(|r| *r += 1);
+        if outbox.is_empty() {
+            return;
+        }
+        let peers = lock(&self.peers);
+        for (to, batch) in outbox {
+            let Some((name, addr)) = peers.by_id.get(&to).cloned() else {
+                tracing::debug!(
+                    to,
+                    "no address for a replica peer yet; its batch waits for the next round"
+                );
+                continue;
+            };
+            let mesh = self.mesh.clone();
+            tokio::spawn(async move {
+                let sent = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    mesh.tell(addr, Message::Raft(batch)),
+                )
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::debug!(peer = %name, "raft batch not delivered");
+                }
+            });
+        }
+    }
+
+    fn handle_events(&self, core: &mut Core) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for event in core.driver.take_events() {
+            match event {
+                Event::Committed {
+                    token,
+                    index,
+                    applied,
+                    ..
+                } => {
+                    if let Some(w) = core.waiters.remove(&token) {
+                        let _ = w.tx.send(Ok((index, applied)));
+                    }
+                }
+                Event::Dropped { group, token } => {
+                    if let Some(w) = core.waiters.remove(&token) {
+                        let _ = w.tx.send(Err(leader_lost(&group.topic, group.partition)));
+                    }
+                }
+                Event::Leader {
+                    group,
+                    leader,
+                    term,
+                } => {
+                    self.metrics.replica_leader_changes.inc();
+                    if leader == Some(self.me_id) {
+                        tracing::info!(group = %group_label(&group), term, "leading");
+                    }
+                    if group == meta_group() {
+                        core.proposed.clear();
+                    }
+                }
+                Event::Removed { group } => {
+                    tracing::info!(group = %group_label(&group), "replica removed from its group; deleting its files");
+                    core.driver.remove_group(&group);
+                    removed.push(group_dir(&self.root, &group));
+                }
+                Event::Refused { from, reason } => {
+                    self.metrics
+                        .mesh_invalid_messages
+                        .get_or_create(&crate::metrics::ReasonLabel { reason })
+                        .inc();
+                    tracing::debug!(from, reason, "refused a raft message");
+                }
+                Event::BadEntry {
+                    group,
+                    index,
+                    reason,
+                } => {
+                    tracing::error!(group = %group_label(&group), index, reason = %reason, "skipped an unreadable entry");
+                }
+                Event::Failed { group, reason } => {
+                    tracing::error!(group = %group_label(&group), reason = %reason, "replica stopped on an error; reopening it");
+                    core.driver.remove_group(&group);
+                    let dir = group_dir(&self.root, &group);
+                    match DiskStore::open(&dir, shoal_storage::LogConfig::default()) {
+                        Ok(store) => {
+                            if let Err(e) =
+                                core.driver
+                                    .open_group(group.clone(), store, Bootstrap::Restart)
+                            {
+                                tracing::error!(group = %group_label(&group), error = %e, "cannot reopen the replica");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(group = %group_label(&group), error = %e, "cannot reopen the replica's files")
+                        }
+                    }
+                }
+                Event::Applied { .. } => {}
+            }
+        }
+        removed
+    }
+
+    /// Reads the meta log's newly applied records and acts on the ones that
+    /// name this agent.
+    fn apply_meta(&self, core: &mut Core) {
+        let meta = meta_group();
+        let Some(g) = core.driver.group(&meta) else {
+            return;
+        };
+        let applied = g.state().applied();
+        if applied <= core.meta_applied {
+            return;
+        }
+        let from = (core.meta_applied + 1).max(g.store().first_index());
+        let entries = match g.store().entries(from, applied + 1, u64::MAX) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the meta log");
+                return;
+            }
+        };
+        core.meta_applied = applied;
+        let mut to_create = Vec::new();
+        for e in entries {
+            let Ok(Command::Message { body, .. }) = Command::decode(&e.data) else {
+                continue;
+            };
+            let Ok(MetaRecord::Create {
+                namespace,
+                topic,
+                partition,
+                bootstrapper,
+            }) = postcard::from_bytes::<MetaRecord>(body)
+            else {
+                tracing::error!(index = e.index, "unreadable meta record; skipped");
+                continue;
+            };
+            let key = (namespace, topic, partition);
+            core.proposed.remove(&key);
+            if core.records.contains_key(&key) {
+                continue;
+            }
+            core.records.insert(key.clone(), bootstrapper.clone());
+            if bootstrapper == self.me {
+                to_create.push(key);
+            }
+        }
+        for (namespace, topic, partition) in to_create {
+            let g = GroupId {
+                namespace,
+                topic,
+                partition,
+            };
+            let label = group_label(&g);
+            if core.created.contains(&label) || core.driver.group(&g).is_some() {
+                continue;
+            }
+            // Recorded before the group exists: a crash in between leaves a
+            // partition without a group (an operator can see it), never two.
+            core.created.insert(label.clone());
+            if let Err(e) = shoal_storage::meta::write_atomic(
+                &self.root.join(CREATED_FILE),
+                &serde_json::to_vec(&core.created).unwrap_or_default(),
+            ) {
+                tracing::error!(error = %e, "cannot record a created group; not creating it");
+                core.created.remove(&label);
+                continue;
+            }
+            let store = match DiskStore::open(
+                &group_dir(&self.root, &g),
+                shoal_storage::LogConfig::default(),
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(group = %label, error = %e, "cannot create a replica's files");
+                    continue;
+                }
+            };
+            match core
+                .driver
+                .open_group(g.clone(), store, Bootstrap::Voters(vec![self.me_id]))
+            {
+                Ok(()) => {
+                    tracing::info!(group = %label, "created the partition's group");
+                    self.place(core, &g);
+                }
+                Err(e) => tracing::error!(group = %label, error = %e, "cannot create the group"),
+            }
+        }
+    }
+
+    /// As meta leader: proposes a creation record for every replicated
+    /// partition of the catalog that has none.
+    fn propose_missing(&self, core: &mut Core) {
+        let meta = meta_group();
+        if !core
+            .driver
+            .status(&meta)
+            .is_some_and(|s| s.serving && s.leader == Some(self.me_id))
+        {
+            return;
+        }
+        for topic in self.broker.topics() {
+            if !is_replicated(&topic.config()) {
+                continue;
+            }
+            for partition in 0..topic.partition_count() {
+                let key = (self.namespace.clone(), topic.name.to_string(), partition);
+                if core.records.contains_key(&key) || core.proposed.contains(&key) {
+                    continue;
+                }
+                let record = MetaRecord::Create {
+                    namespace: key.0.clone(),
+                    topic: key.1.clone(),
+                    partition,
+                    bootstrapper: self.me.clone(),
+                };
+                let Ok(body) = postcard::to_allocvec(&record) else {
+                    continue;
+                };
+                let data = match (Command::Message {
+                    timestamp_ms: crate::time::now_ms(),
+                    id: None,
+                    body: &body,
+                })
+                .encode()
+                {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                };
+                match core.driver.propose(&meta, 0, data) {
+                    Ok(_) => {
+                        core.proposed.insert(key);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "meta proposal refused");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The voters placement wants for `g`: the top `replicas` brokers (the
+    /// meta group: the top [`META_VOTERS`]).
+    fn wanted(&self, peers: &Peers, g: &GroupId) -> Vec<NodeId> {
+        let r = if *g == meta_group() {
+            META_VOTERS
+        } else {
+            match self.broker.topic(&g.topic) {
+                Some(t) => t.config().replicas as usize,
+                None => return Vec::new(),
+            }
+        };
+        let now = std::time::Instant::now();
+        let mut members: Vec<Member> = peers
+            .members
+            .iter()
+            .filter(|m| {
+                peers
+                    .down_since
+                    .get(&m.id)
+                    .is_none_or(|since| now.duration_since(*since) < self.replace_after)
+            })
+            .cloned()
+            .collect();
+        if !members.iter().any(|m| m.id == self.me) && self.broker_eligible() {
+            members.push(Member::broker(self.me.clone()));
+            members.sort();
+        }
+        let key = PartitionKey {
+            namespace: &g.namespace,
+            topic: &g.topic,
+            partition: g.partition,
+        };
+        placement::replicas(&members, &key, r)
+            .into_iter()
+            .map(|m| node_id(&m.id))
+            .collect()
+    }
+
+    fn broker_eligible(&self) -> bool {
+        self.mesh.view().me.as_ref().is_none_or(|m| m.broker)
+    }
+
+    fn place(&self, core: &mut Core, g: &GroupId) {
+        let wanted = {
+            let peers = lock(&self.peers);
+            self.wanted(&peers, g)
+        };
+        if !wanted.is_empty() {
+            core.driver.set_replicas(g, &wanted);
+        }
+    }
+
+    /// Every group moves toward the replicas placement wants, and a leader
+    /// hands its group to placement's first choice once that one has every
+    /// entry, so leaders spread over the agents as homes did.
+    fn place_all(&self, core: &mut Core) {
+        let groups: Vec<GroupId> = core.driver.groups().cloned().collect();
+        let peers = lock(&self.peers);
+        let (mut under, mut leaderless) = (0i64, 0i64);
+        for g in groups {
+            let Some(status) = core.driver.status(&g) else {
+                continue;
+            };
+            leaderless += i64::from(status.leader.is_none());
+            let leads = status.leader == Some(self.me_id);
+            if leads && g != meta_group() {
+                let asked = self
+                    .broker
+                    .topic(&g.topic)
+                    .map_or(0, |t| t.config().replicas as usize);
+                under += i64::from(status.voters.len() < asked);
+            }
+            let wanted = self.wanted(&peers, &g);
+            if wanted.is_empty() {
+                continue;
+            }
+            core.driver.set_replicas(&g, &wanted);
+            if wanted[0] != self.me_id
+                && leads
+                && status.serving
+                && core.driver.transfer_leader(&g, wanted[0])
+            {
+                tracing::debug!(group = %group_label(&g), "handing leadership to placement's first choice");
+            }
+        }
+        self.metrics.replica_under_replicated.set(under);
+        self.metrics.replica_leaderless.set(leaderless);
+    }
+
+    /// Gossip's view changed: who is up, where, and which brokers count.
+    pub fn set_members(&self, members: &[(String, SocketAddr, bool, Liveness, bool)]) {
+        let mut downs = Vec::new();
+        {
+            let mut peers = lock(&self.peers);
+            peers.by_id.clear();
+            peers.addrs.clear();
+            peers.members.clear();
+            peers.down.clear();
+            let now = std::time::Instant::now();
+            let mut down_since = std::mem::take(&mut peers.down_since);
+            for (name, addr, broker, state, departed) in members {
+                if *name == self.me {
+                    continue;
+                }
+                peers.by_id.insert(node_id(name), (name.clone(), *addr));
+                peers.addrs.insert(name.clone(), *addr);
+                let down = *state == Liveness::Down;
+                if down {
+                    peers.down.insert(name.clone());
+                    let since = down_since.remove(name).unwrap_or(now);
+                    peers.down_since.insert(name.clone(), since);
+                }
+                downs.push((node_id(name), down || *departed));
+                if *broker && !*departed {
+                    peers.members.push(Member::broker(name.clone()));
+                }
+            }
+            if self.broker_eligible() {
+                peers.members.push(Member::broker(self.me.clone()));
+            }
+            peers.members.sort();
+        }
+        let mut core = lock(&self.core);
+        for (id, down) in downs {
+            core.driver.set_down(id, down);
+        }
+        self.place_all(&mut core);
+        drop(core);
+        self.wake.notify_one();
+    }
+
+    /// Steps a batch from the peer at `from`; a sender that is not a known
+    /// member is refused.
+    pub fn step(&self, from: SocketAddr, batch: RaftBatch) -> bool {
+        let id = {
+            let peers = lock(&self.peers);
+            peers
+                .by_id
+                .iter()
+                .find(|(_, (_, a))| *a == from)
+                .map(|(id, _)| *id)
+        };
+        let Some(id) = id else {
+            return false;
+        };
+        lock(&self.core).driver.step(id, batch);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Where to send a publish or a read of `topic`/`partition` now.
+    pub fn route(&self, topic: &str, partition: u32) -> Route {
+        let g = self.group_id(topic, partition);
+        let status = lock(&self.core).driver.status(&g);
+        let peers = lock(&self.peers);
+        let live = |name: &str| -> Option<SocketAddr> {
+            if peers.down.contains(name) {
+                None
+            } else {
+                peers.addrs.get(name).copied()
+            }
+        };
+        if let Some(s) = &status {
+            if s.leader == Some(self.me_id) {
+                return Route::Local;
+            }
+            if let Some((name, addr)) = s.leader.and_then(|l| peers.by_id.get(&l)) {
+                if !peers.down.contains(name) {
+                    return Route::Peer {
+                        node: name.clone(),
+                        addr: *addr,
+                    };
+                }
+            }
+        }
+        let key = (topic.to_string(), partition);
+        let skip = match peers.hints.get(&key) {
+            Some(Hint::Leader(node)) => {
+                if let Some(addr) = live(node) {
+                    return Route::Peer {
+                        node: node.clone(),
+                        addr,
+                    };
+                }
+                0
+            }
+            Some(Hint::Skip(n)) => *n,
+            None => 0,
+        };
+        let wanted = self.wanted(&peers, &g);
+        let candidates: Vec<(String, Option<SocketAddr>)> = wanted
+            .iter()
+            .filter_map(|id| {
+                if *id == self.me_id {
+                    Some((self.me.clone(), None))
+                } else {
+                    peers
+                        .by_id
+                        .get(id)
+                        .filter(|(n, _)| !peers.down.contains(n))
+                        .map(|(n, a)| (n.clone(), Some(*a)))
+                }
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Route::Unavailable;
+        }
+        match &candidates[skip % candidates.len()] {
+            (_, None) => {
+                // This agent is a wanted replica but not (yet) a leader:
+                // the group is forming or electing here.
+                if candidates.len() == 1 {
+                    Route::Unavailable
+                } else {
+                    let (node, addr) = &candidates[(skip + 1) % candidates.len()];
+                    match addr {
+                        Some(a) => Route::Peer {
+                            node: node.clone(),
+                            addr: *a,
+                        },
+                        None => Route::Unavailable,
+                    }
+                }
+            }
+            (node, Some(addr)) => Route::Peer {
+                node: node.clone(),
+                addr: *addr,
+            },
+        }
+    }
+
+    /// A peer answered for a partition: it leads (`ok`), or try another.
+    pub fn note_answer(&self, topic: &str, partition: u32, node: &str, ok: bool) {
+        let mut peers = lock(&self.peers);
+        let key = (topic.to_string(), partition);
+        if ok {
+            peers.hints.insert(key, Hint::Leader(node.to_string()));
+        } else {
+            let next = match peers.hints.get(&key) {
+                Some(Hint::Skip(n)) => n + 1,
+                _ => 1,
+            };
+            peers.hints.insert(key, Hint::Skip(next));
+        }
+    }
+
+    fn group_id(&self, topic: &str, partition: u32) -> GroupId {
+        GroupId {
+            namespace: self.namespace.clone(),
+            topic: topic.to_string(),
+            partition,
+        }
+    }
+
+    /// Publishes to a partition this agent leads: answers once each
+    /// message's entry is committed on a majority of the group.
+    pub async fn publish_local(
+        &self,
+        topic: &Arc<Topic>,
+        partition: u32,
+        messages: Vec<AppMessage>,
+    ) -> Vec<Result<PublishOutcome, ApiError>> {
+        let g = self.group_id(&topic.name, partition);
+        let window_ms = topic.config().dedupe_window.as_millis() as u64;
+        let mut pending: Vec<Result<oneshot::Receiver<_>, ApiError>> = Vec::new();
+        {
+            let mut core = lock(&self.core);
+            let wanted_len = {
+                let peers = lock(&self.peers);
+                self.wanted(&peers, &g).len()
+            };
+            let check = match core.driver.status(&g) {
+                None => Err(not_leader(&topic.name, partition, None)),
+                Some(s) if !s.serving => {
+                    let leader = s.leader.and_then(|l| {
+                        lock(&self.peers).by_id.get(&l).map(|(n, _)| n.clone())
+                    });
+                    Err(not_leader(&topic.name, partition, leader.as_deref()))
+                }
+                Some(s) if s.voters.len() < wanted_len.min(2) => Err(ApiError::unavailable(
+                    "not_leader",
+                    format!("partition {partition} of topic {:?} is still gathering its replicas; retry shortly", topic.name),
+                    1,
+                )),
+                Some(_) => Ok(()),
+            };
+            if let Err(e) = check {
+                return messages.iter().map(|_| Err(e.clone())).collect();
+            }
+            let now = crate::time::now_ms();
+            for m in &messages {
+                if m.client_id && window_ms > 0 {
+                    let original = core
+                        .driver
+                        .group(&g)
+                        .and_then(|grp| grp.state().lookup(&m.id, now));
+                    if let Some(original) = original {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = tx.send(Ok((original, Applied::Duplicate { original })));
+                        pending.push(Ok(rx));
+                        continue;
+                    }
+                }
+                let body = match m.encode() {
+                    Ok(b) => b,
+                    Err(what) => {
+                        pending.push(Err(ApiError::bad_request(
+                            "invalid_message",
+                            format!("message {what} is too long"),
+                        )));
+                        continue;
+                    }
+                };
+                let id = (m.client_id && window_ms > 0).then_some(m.id.as_str());
+                let data = match (Command::Message {
+                    timestamp_ms: now,
+                    id,
+                    body: &body,
+                })
+                .encode()
+                {
+                    Ok(d) => d,
+                    Err(e) => {
+                        pending.push(Err(ApiError::bad_request("invalid_message", e.to_string())));
+                        continue;
+                    }
+                };
+                let token = core.next_token;
+                core.next_token += 1;
+                match core.driver.propose(&g, token, data) {
+                    Ok(_) => {
+                        let (tx, rx) = oneshot::channel();
+                        core.waiters.insert(token, Waiter { tx });
+                        pending.push(Ok(rx));
+                    }
+                    Err(e) => pending.push(Err(match e {
+                        shoal_replica::Error::NotLeader { .. }
+                        | shoal_replica::Error::LeaderCatchingUp(_) => {
+                            not_leader(&topic.name, partition, None)
+                        }
+                        other => ApiError::unavailable(
+                            "storage_error",
+                            format!("the partition's group refused the message: {other}"),
+                            1,
+                        ),
+                    })),
+                }
+            }
+        }
+        self.wake.notify_one();
+        let started = std::time::Instant::now();
+        let mut out = Vec::with_capacity(messages.len());
+        for (m, p) in messages.iter().zip(pending) {
+            let result = match p {
+                Err(e) => Err(e),
+                Ok(rx) => match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
+                    Ok(Ok(Ok((index, applied)))) => {
+                        let (offset, duplicate) = match applied {
+                            Applied::Duplicate { original } => (original, true),
+                            _ => (index, false),
+                        };
+                        Ok(PublishOutcome {
+                            topic: topic.name.to_string(),
+                            partition,
+                            offset,
+                            id: m.id.clone(),
+                            duplicate,
+                        })
+                    }
+                    Ok(Ok(Err(e))) => Err(e),
+                    Ok(Err(_)) | Err(_) => Err(ApiError::unavailable(
+                        "storage_timeout",
+                        format!("partition {partition} of topic {:?} did not store the message on a majority of its replicas in time; it may or may not be stored (publish again with the same Shoal-Id to be sure)", topic.name),
+                        1,
+                    )),
+                },
+            };
+            out.push(result);
+        }
+        self.metrics
+            .replica_commit_latency
+            .observe(started.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Reads a partition this agent leads for a consumer group, up to the
+    /// commit index (never an uncommitted entry).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fetch_local(
+        &self,
+        topic: &str,
+        partition: u32,
+        group: &str,
+        start: &StartPosition,
+        from: Option<u64>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<FetchedBatch, ApiError> {
+        let g = self.group_id(topic, partition);
+        let mut round = self.round.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        let max = max.clamp(1, 4096);
+        let mut start_at = None;
+        loop {
+            let answer = {
+                let mut core = lock(&self.core);
+                let Some(grp) = core.driver.group(&g) else {
+                    return Err(not_leader(topic, partition, None));
+                };
+                let status = grp.status();
+                if !status.serving {
+                    return Err(not_leader(topic, partition, None));
+                }
+                let first = grp.store().first_index().max(status.first_index);
+                let at = match start_at {
+                    Some(a) => a,
+                    None => {
+                        let a = match from {
+                            Some(f) => f,
+                            None => match grp.state().offset(group) {
+                                Some(o) => o,
+                                None => {
+                                    let a = match start {
+                                        StartPosition::Earliest => first,
+                                        StartPosition::Latest => status.commit + 1,
+                                        StartPosition::Offset(o) => (*o).max(first),
+                                        StartPosition::Time(t) => crate::time::parse_rfc3339_ms(t)
+                                            .and_then(|ms| grp.store().log().index_at_time(ms).ok())
+                                            .unwrap_or(first),
+                                    };
+                                    // The choice is kept, so a restart resumes from it.
+                                    core.pending_commits.insert(
+                                        (topic.to_string(), partition, group.to_string()),
+                                        a,
+                                    );
+                                    a
+                                }
+                            },
+                        };
+                        start_at = Some(a);
+                        a
+                    }
+                };
+                let Some(grp) = core.driver.group(&g) else {
+                    return Err(not_leader(topic, partition, None));
+                };
+                let readable = status.commit.min(grp.store().last_index());
+                let from_index = at.max(first);
+                let mut entries = Vec::new();
+                if from_index <= readable {
+                    let raw = grp
+                        .store()
+                        .entries(
+                            from_index,
+                            readable + 1,
+                            crate::router::FETCH_ANSWER_BYTES as u64,
+                        )
+                        .map_err(|e| {
+                            ApiError::internal(format!("reading the partition's log: {e}"))
+                        })?;
+                    for e in raw {
+                        if entries.len() >= max {
+                            break;
+                        }
+                        if let Ok(Command::Message {
+                            timestamp_ms,
+                            id,
+                            body,
+                        }) = Command::decode(&e.data)
+                        {
+                            // A duplicate id was answered with its original; readers skip it.
+                            if let Some(id) = id {
+                                if grp
+                                    .state()
+                                    .lookup(id, timestamp_ms)
+                                    .is_some_and(|o| o < e.index)
+                                {
+                                    continue;
+                                }
+                            }
+                            entries.push(WireEntry {
+                                index: e.index,
+                                timestamp_ms,
+                                data: body.to_vec(),
+                            });
+                        }
+                    }
+                }
+                if !entries.is_empty() || at < first || tokio::time::Instant::now() >= deadline {
+                    Some(FetchedBatch {
+                        start: at,
+                        first_index: first,
+                        entries,
+                    })
+                } else {
+                    None
+                }
+            };
+            if let Some(batch) = answer {
+                return Ok(batch);
+            }
+            if tokio::time::timeout_at(deadline, round.changed())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+        }
+    }
+
+    /// A consumer group's committed offset, to go through the partition's
+    /// log (coalesced: the newest value within [`COMMIT_EVERY_TICKS`]).
+    pub fn commit(&self, topic: &str, partition: u32, group: &str, next: u64) {
+        let mut core = lock(&self.core);
+        let entry = core
+            .pending_commits
+            .entry((topic.to_string(), partition, group.to_string()))
+            .or_insert(next);
+        *entry = (*entry).max(next);
+    }
+
+    fn flush_commits(&self, core: &mut Core) {
+        if core.pending_commits.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut core.pending_commits);
+        let now = crate::time::now_ms();
+        for ((topic, partition, group), next) in pending {
+            let g = self.group_id(&topic, partition);
+            let leads = core
+                .driver
+                .status(&g)
+                .is_some_and(|s| s.serving && s.leader == Some(self.me_id));
+            if leads {
+                if core
+                    .driver
+                    .group(&g)
+                    .and_then(|grp| grp.state().offset(&group))
+                    .is_some_and(|o| o >= next)
+                {
+                    continue;
+                }
+                let Ok(data) = (Command::Commit {
+                    timestamp_ms: now,
+                    group: &group,
+                    next,
+                })
+                .encode() else {
+                    continue;
+                };
+                if core.driver.propose(&g, 0, data).is_err() {
+                    tracing::debug!(group = %group, "offset commit not proposed (leadership moved); the group may see redeliveries");
+                }
+                continue;
+            }
+            // Led elsewhere: tell the leader (it proposes it).
+            let Route::Peer { addr, .. } = self.route_unlocked(core, &topic, partition) else {
+                continue;
+            };
+            let mesh = self.mesh.clone();
+            let msg = Message::Commit {
+                topic,
+                partition,
+                group,
+                next,
+            };
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), mesh.tell(addr, msg)).await;
+            });
+        }
+    }
+
+    /// [`Replication::route`] with the core already locked.
+    fn route_unlocked(&self, core: &Core, topic: &str, partition: u32) -> Route {
+        let g = self.group_id(topic, partition);
+        let peers = lock(&self.peers);
+        if let Some(s) = core.driver.status(&g) {
+            if let Some((name, addr)) = s.leader.and_then(|l| peers.by_id.get(&l)) {
+                return Route::Peer {
+                    node: name.clone(),
+                    addr: *addr,
+                };
+            }
+        }
+        if let Some(Hint::Leader(node)) = peers.hints.get(&(topic.to_string(), partition)) {
+            if let Some(addr) = peers.addrs.get(node) {
+                return Route::Peer {
+                    node: node.clone(),
+                    addr: *addr,
+                };
+            }
+        }
+        Route::Unavailable
+    }
+
+    /// A replicated partition's figures as this agent's replica has them
+    /// (offsets are Raft indexes: the log's control entries count too).
+    pub fn stats(&self, topic: &str, partition: u32) -> Option<shoal_proto::PartitionStats> {
+        let g = self.group_id(topic, partition);
+        let core = lock(&self.core);
+        let grp = core.driver.group(&g)?;
+        let status = grp.status();
+        let log = grp.store().log();
+        Some(shoal_proto::PartitionStats {
+            partition,
+            first_offset: status.first_index,
+            next_offset: status.commit + 1,
+            bytes: log.size_bytes(),
+            segments: log.segment_count() as u64,
+        })
+    }
+
+    /// Moves leadership of every group this agent leads to another voter
+    /// (a graceful stop); returns how many transfers started.
+    pub fn transfer_leadership(&self) -> usize {
+        let n = lock(&self.core).driver.transfer_all_leadership();
+        self.wake.notify_one();
+        n
+    }
+
+    /// How many groups this agent leads.
+    pub fn leading(&self) -> usize {
+        lock(&self.core).driver.leading()
+    }
+
+    /// Per-partition replication state as this agent sees it, for the
+    /// cluster view.
+    pub fn view(&self) -> Vec<ReplicaView> {
+        let core = lock(&self.core);
+        let peers = lock(&self.peers);
+        let name = |id: NodeId| -> String {
+            if id == self.me_id {
+                self.me.clone()
+            } else {
+                peers
+                    .by_id
+                    .get(&id)
+                    .map_or_else(|| format!("#{id:016x}"), |(n, _)| n.clone())
+            }
+        };
+        core.driver
+            .groups()
+            .filter_map(|g| core.driver.status(g).map(|s| (g, s)))
+            .map(|(g, s)| ReplicaView {
+                namespace: g.namespace.clone(),
+                topic: g.topic.clone(),
+                partition: g.partition,
+                leader: s.leader.map(name),
+                term: s.term,
+                commit_index: s.commit,
+                last_index: s.last_index,
+                voters: s.voters.iter().map(|v| name(*v)).collect(),
+                learners: s.learners.iter().map(|v| name(*v)).collect(),
+                lag: s
+                    .matched
+                    .iter()
+                    .map(|(id, m)| (name(*id), s.last_index.saturating_sub(*m)))
+                    .collect(),
+                hibernating: s.hibernating,
+                recovering: s.recovering,
+            })
+            .collect()
+    }
+}
+
+/// One replica of a partition's group, as its agent sees it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaView {
+    /// Namespace.
+    pub namespace: String,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The group's leader as known here.
+    pub leader: Option<String>,
+    /// Raft term.
+    pub term: u64,
+    /// Highest index known committed.
+    pub commit_index: u64,
+    /// Last index held here.
+    pub last_index: u64,
+    /// Voters.
+    pub voters: Vec<String>,
+    /// Learners (catching up before they vote).
+    pub learners: Vec<String>,
+    /// On the leader: how many entries each other replica is behind.
+    pub lag: BTreeMap<String, u64>,
+    /// Not ticking (idle).
+    pub hibernating: bool,
+    /// Lost entries; does not vote until caught up.
+    pub recovering: bool,
+}
