@@ -44,14 +44,24 @@ async fn mesh_of(root: &Path, n: usize, extra: &[&str]) -> Vec<Node> {
             name,
         });
     }
+    // Patient: the test runner starts many agents at once on two cores.
+    let deadline = Instant::now() + Duration::from_secs(60);
     for node in &nodes {
-        wait_until("every agent sees every member alive", || async {
-            cluster(&node.agent.client).await.is_some_and(|v| {
+        loop {
+            let formed = cluster(&node.agent.client).await.is_some_and(|v| {
                 let m = v["members"].as_array().cloned().unwrap_or_default();
                 m.len() == n && m.iter().all(|m| m["state"] == "alive")
-            })
-        })
-        .await;
+            });
+            if formed {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not see all {n} agents alive within 60 s",
+                node.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     nodes
 }
