@@ -29,6 +29,11 @@ pub const DEFAULT_EXPECTED_SIZE: u32 = 16;
 pub const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a not-yet-joined agent announces itself to its seeds again.
 pub const JOIN_RETRY: Duration = Duration::from_secs(2);
+/// How often an agent announces itself to members it holds down: one that
+/// crashed and restarted at the same address, or the other side of a healed
+/// partition, hears from the rest again (Serf's reconnect to failed members)
+/// even if nothing else would make either side probe the other.
+pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(5);
 /// How often per-peer QUIC statistics are exported.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// Datagrams queued for the membership task before new ones are dropped
@@ -869,6 +874,8 @@ async fn run_membership(
         }
     };
     let mut retry = tokio::time::interval(JOIN_RETRY);
+    let mut reconnect = tokio::time::interval(RECONNECT_INTERVAL);
+    reconnect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Set once another agent turns out to have this agent's name: it then
     // leaves and takes no further part in gossip.
     let mut refused: Option<NameConflict> = None;
@@ -897,6 +904,19 @@ async fn run_membership(
                 }
                 None => return,
             },
+            _ = reconnect.tick(), if refused.is_none() => {
+                let down: Vec<SocketAddr> = m
+                    .members()
+                    .iter()
+                    .filter(|(_, l)| *l == Liveness::Down)
+                    .map(|(a, _)| a.addr)
+                    .collect();
+                for addr in down {
+                    if let Ok(fx) = m.join(AgentId::seed(addr)) {
+                        apply(&m, fx);
+                    }
+                }
+            }
             _ = retry.tick(), if seeded && !m.joined() && refused.is_none() => {
                 for s in &seeds {
                     if let Ok(fx) = m.join(AgentId::seed(*s)) {

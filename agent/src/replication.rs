@@ -772,14 +772,17 @@ impl Replication {
                 }
                 peers.by_id.insert(node_id(name), (name.clone(), *addr));
                 peers.addrs.insert(name.clone(), *addr);
-                let down = *state == Liveness::Down;
+                // An agent that left gracefully keeps its replicas for
+                // `--replace-after`, as a crashed one does: a rolling restart
+                // brings it back; a pod replaced under a new name does not.
+                let down = *state == Liveness::Down || *departed;
                 if down {
                     peers.down.insert(name.clone());
                     let since = down_since.remove(name).unwrap_or(now);
                     peers.down_since.insert(name.clone(), since);
                 }
-                downs.push((node_id(name), down || *departed));
-                if *broker && !*departed {
+                downs.push((node_id(name), down));
+                if *broker {
                     peers.members.push(Member::broker(name.clone()));
                 }
             }
@@ -1002,8 +1005,10 @@ impl Replication {
                         pending.push(Ok(rx));
                     }
                     Err(e) => pending.push(Err(match e {
+                        // raft-rs drops proposals while leadership moves.
                         shoal_replica::Error::NotLeader { .. }
-                        | shoal_replica::Error::LeaderCatchingUp(_) => {
+                        | shoal_replica::Error::LeaderCatchingUp(_)
+                        | shoal_replica::Error::Raft(raft::Error::ProposalDropped) => {
                             not_leader(&topic.name, partition, None)
                         }
                         other => ApiError::unavailable(

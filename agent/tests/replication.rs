@@ -24,6 +24,18 @@ const PUBLISH_PATIENCE: Duration = Duration::from_secs(20);
 struct Node {
     name: String,
     agent: MeshAgent,
+    mesh_port: u16,
+}
+
+impl Node {
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.agent.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {}", self.name);
+    }
 }
 
 async fn cluster(c: &AgentClient) -> Option<Value> {
@@ -42,6 +54,7 @@ async fn mesh_of(root: &Path, n: usize, extra: &[&str]) -> Vec<Node> {
         nodes.push(Node {
             agent: start_mesh_agent(root, "ca", &name, port, join, extra),
             name,
+            mesh_port: port,
         });
     }
     // Patient: the test runner starts many agents at once on two cores.
@@ -346,6 +359,7 @@ async fn a_replaced_agent_is_replaced_in_every_group_and_nothing_is_lost() {
     let gone = nodes.remove(2);
     drop(gone);
     std::fs::remove_dir_all(root.path().join("agent-3")).unwrap();
+    let port4 = free_udp_port();
     let seed_port = {
         let v = cluster(&nodes[0].agent.client).await.unwrap();
         v["addr"]
@@ -358,15 +372,9 @@ async fn a_replaced_agent_is_replaced_in_every_group_and_nothing_is_lost() {
             .unwrap()
     };
     nodes.push(Node {
-        agent: start_mesh_agent(
-            root.path(),
-            "ca",
-            "agent-4",
-            free_udp_port(),
-            Some(seed_port),
-            &extra,
-        ),
+        agent: start_mesh_agent(root.path(), "ca", "agent-4", port4, Some(seed_port), &extra),
         name: "agent-4".into(),
+        mesh_port: port4,
     });
     let (more, _) = publish_range(&nodes[1].agent.client, 100..200).await;
     acked.extend(more);
@@ -383,6 +391,389 @@ async fn a_replaced_agent_is_replaced_in_every_group_and_nothing_is_lost() {
         "no partition led by agent-1 is under-replicated once agent-4 holds its replicas"
     );
     let dups = check_read_back(&nodes[2].agent.client, "checker", &acked).await;
+    eprintln!(
+        "read back {} acknowledged messages, {dups} duplicates",
+        acked.len()
+    );
+}
+
+/// A steady publisher: publishes through `clients` (moving to the next one
+/// when its agent does not answer) until stopped, at most 5,000 messages.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(Vec<Acked>, Duration)>,
+}
+
+/// The agents a [`Load`] publishes through; a restarted agent's client
+/// (a new app port) replaces its old one.
+type Clients = std::sync::Arc<std::sync::Mutex<Vec<AgentClient>>>;
+
+fn start_load(clients: Clients, first: usize) -> Load {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut slowest = Duration::ZERO;
+        let mut at = 0usize;
+        for i in first..first + 5_000 {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let id = format!("id-{i}");
+            let key = format!("k{}", i % 8);
+            let body = format!("m-{i}");
+            let started = Instant::now();
+            loop {
+                let c = {
+                    let list = clients.lock().unwrap();
+                    list[at % list.len()].clone()
+                };
+                let r = c
+                    .publish(
+                        TOPIC,
+                        &[("shoal-key", &key), ("shoal-id", &id)],
+                        body.clone(),
+                    )
+                    .await;
+                match r {
+                    Ok(r) if r.status == 201 || r.status == 200 => {
+                        let v = r.json();
+                        acked.push(Acked {
+                            id: id.clone(),
+                            key: key.clone(),
+                            body: body.clone(),
+                            partition: v["partition"].as_u64().unwrap(),
+                            offset: v["offset"].as_u64().unwrap(),
+                        });
+                        break;
+                    }
+                    Ok(r) if r.status == 503 || r.status == 504 => {}
+                    Ok(r) => panic!("publish {id}: {} {}", r.status, r.text()),
+                    // This agent is down (stopped, restarting): use another.
+                    Err(_) => at += 1,
+                }
+                assert!(
+                    started.elapsed() < PUBLISH_PATIENCE,
+                    "publish {id} got no acknowledgement within {PUBLISH_PATIENCE:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            slowest = slowest.max(started.elapsed());
+        }
+        (acked, slowest)
+    });
+    Load { stop, task }
+}
+
+impl Load {
+    async fn finish(self) -> (Vec<Acked>, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_leader_paused_for_10_s_with_sigstop_loses_nothing() {
+    let root = tempdir();
+    let nodes = mesh_of(root.path(), 3, &[]).await;
+    create_topic(&nodes[0].agent.client).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let l = formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    let victim = nodes
+        .iter()
+        .find(|n| n.name == busiest_leader(&l, &["agent-1", "agent-2"]))
+        .unwrap();
+    let load = start_load(
+        std::sync::Arc::new(std::sync::Mutex::new(vec![nodes[2].agent.client.clone()])),
+        0,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    victim.signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    victim.signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked, slowest) = load.finish().await;
+    eprintln!(
+        "SIGSTOP of {} for 10 s: {} acknowledged, longest publish {slowest:?}",
+        victim.name,
+        acked.len()
+    );
+    formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    let dups = check_read_back(&victim.agent.client, "checker", &acked).await;
+    eprintln!(
+        "read back {} acknowledged messages, {dups} duplicates",
+        acked.len()
+    );
+}
+
+#[tokio::test]
+async fn a_rolling_restart_of_every_agent_loses_nothing() {
+    let root = tempdir();
+    let mut nodes = mesh_of(root.path(), 3, &[]).await;
+    create_topic(&nodes[0].agent.client).await;
+    {
+        let all: Vec<&Node> = nodes.iter().collect();
+        formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    }
+    let clients: Clients = std::sync::Arc::new(std::sync::Mutex::new(
+        nodes.iter().map(|n| n.agent.client.clone()).collect(),
+    ));
+    let load = start_load(clients.clone(), 0);
+    let seed = nodes[0].mesh_port;
+    for i in 0..nodes.len() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        nodes[i].signal("-TERM");
+        let (name, port) = (nodes[i].name.clone(), nodes[i].mesh_port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while nodes[i].agent.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "{name} did not stop within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let join = (i > 0).then_some(seed);
+        // Same name, address and data: a pod's container restarted.
+        nodes[i].agent = start_mesh_agent(root.path(), "ca", &name, port, join, &[]);
+        clients.lock().unwrap()[i] = nodes[i].agent.client.clone();
+        // The restarted agent's client is a new one on a new app port.
+        let all: Vec<&Node> = nodes.iter().collect();
+        formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+        eprintln!("{name} restarted; every group has its three voters again");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (acked, slowest) = load.finish().await;
+    eprintln!(
+        "rolling restart: {} acknowledged, longest publish {slowest:?}",
+        acked.len()
+    );
+    let dups = check_read_back(&nodes[1].agent.client, "checker", &acked).await;
+    eprintln!(
+        "read back {} acknowledged messages, {dups} duplicates",
+        acked.len()
+    );
+}
+
+/// The one segment file of partition `p`'s replica on `node`.
+fn segment_of(root: &Path, node: &str, p: u64) -> std::path::PathBuf {
+    let dir = root
+        .join(node)
+        .join("replicas/default")
+        .join(TOPIC)
+        .join(p.to_string());
+    let mut logs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs.pop()
+        .unwrap_or_else(|| panic!("no segment in {}", dir.display()))
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_a_followers_segment_then_its_crash_loses_nothing() {
+    let root = tempdir();
+    let mut nodes = mesh_of(root.path(), 3, &[]).await;
+    create_topic(&nodes[0].agent.client).await;
+    let l = {
+        let all: Vec<&Node> = nodes.iter().collect();
+        formed(&all, &["agent-1", "agent-2", "agent-3"]).await
+    };
+    let (mut acked, _) = publish_range(&nodes[0].agent.client, 0..200).await;
+    let (leader, voters) = l[&0].clone();
+    let follower = voters.iter().find(|v| **v != leader).unwrap().clone();
+    let fi = nodes.iter().position(|n| n.name == follower).unwrap();
+    // Flip a byte in the middle of the follower's copy of partition 0...
+    let seg = segment_of(root.path(), &follower, 0);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&seg, &bytes).unwrap();
+    // ...then crash it and start it again on the damaged file.
+    nodes[fi].agent.child.kill().unwrap();
+    nodes[fi].agent.child.wait().unwrap();
+    let join = (fi > 0).then_some(nodes[0].mesh_port);
+    let port = nodes[fi].mesh_port;
+    nodes[fi].agent = start_mesh_agent(root.path(), "ca", &follower, port, join, &[]);
+    let other = nodes
+        .iter()
+        .position(|n| n.name != follower && n.name != leader)
+        .unwrap();
+    let (more, _) = publish_range(&nodes[other].agent.client, 200..300).await;
+    acked.extend(more);
+    // The damaged follower catches up: its copy has everything committed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = cluster(&nodes[fi].agent.client).await;
+        let caught_up = v.as_ref().is_some_and(|v| {
+            v["replicated"].as_array().into_iter().flatten().any(|g| {
+                g["topic"] == TOPIC
+                    && g["partition"] == 0
+                    && g["recovering"] == false
+                    && g["lastIndex"].as_u64()
+                        >= acked
+                            .iter()
+                            .filter(|a| a.partition == 0)
+                            .map(|a| a.offset)
+                            .max()
+            })
+        });
+        if caught_up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{follower} did not catch up within 60 s: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Now another replica dies (partition 0's leader, unless the repaired
+    // follower leads it): the repaired follower and one more must hold
+    // every acknowledged message between them.
+    let current = {
+        let all: Vec<&Node> = nodes.iter().collect();
+        leaders(&all).await.get(&0).map(|(l, _)| l.clone())
+    };
+    let victim = match current {
+        Some(l) if l != follower => l,
+        _ => nodes[other].name.clone(),
+    };
+    let vi = nodes.iter().position(|n| n.name == victim).unwrap();
+    nodes[vi].agent.child.kill().unwrap();
+    nodes[vi].agent.child.wait().unwrap();
+    eprintln!("flipped a byte on {follower}; killed {victim} once it had caught up");
+    let dups = check_read_back(&nodes[fi].agent.client, "checker", &acked).await;
+    eprintln!(
+        "read back {} acknowledged messages, {dups} duplicates",
+        acked.len()
+    );
+}
+
+/// iptables rules dropping mesh packets on loopback, removed when dropped.
+struct Firewall {
+    rules: Vec<Vec<String>>,
+}
+
+impl Firewall {
+    /// Whether iptables can be used here (root, the binary present). Without
+    /// it the network-fault test skips, unless SHOAL_REQUIRE_NETFAULT=1.
+    fn available() -> bool {
+        let ok = std::process::Command::new("iptables")
+            .args(["-w", "-L", "OUTPUT", "-n"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok && std::env::var("SHOAL_REQUIRE_NETFAULT").as_deref() == Ok("1") {
+            panic!("iptables is not usable here and SHOAL_REQUIRE_NETFAULT=1");
+        }
+        ok
+    }
+
+    fn new() -> Firewall {
+        Firewall { rules: Vec::new() }
+    }
+
+    fn add(&mut self, rule: &[&str]) {
+        let rule: Vec<String> = rule.iter().map(|s| s.to_string()).collect();
+        let mut args = vec!["-w".to_string(), "-I".to_string()];
+        args.extend(rule.iter().cloned());
+        let ok = std::process::Command::new("iptables")
+            .args(&args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "iptables {args:?}");
+        self.rules.push(rule);
+    }
+
+    /// Every packet to or from `port` (UDP, loopback) is dropped.
+    fn isolate(&mut self, port: u16) {
+        let p = port.to_string();
+        self.add(&[
+            "INPUT", "-i", "lo", "-p", "udp", "--dport", &p, "-j", "DROP",
+        ]);
+        self.add(&[
+            "OUTPUT", "-o", "lo", "-p", "udp", "--sport", &p, "-j", "DROP",
+        ]);
+    }
+
+    /// `percent` % of the packets between ports `a` and `b` are dropped.
+    fn lossy(&mut self, a: u16, b: u16, percent: u32) {
+        let prob = format!("{:.2}", f64::from(percent) / 100.0);
+        for (from, to) in [(a, b), (b, a)] {
+            let (f, t) = (from.to_string(), to.to_string());
+            self.add(&[
+                "INPUT",
+                "-i",
+                "lo",
+                "-p",
+                "udp",
+                "--sport",
+                &f,
+                "--dport",
+                &t,
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &prob,
+                "-j",
+                "DROP",
+            ]);
+        }
+    }
+
+    fn heal(&mut self) {
+        for rule in self.rules.drain(..) {
+            let mut args = vec!["-w".to_string(), "-D".to_string()];
+            args.extend(rule);
+            let _ = std::process::Command::new("iptables").args(&args).status();
+        }
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        self.heal();
+    }
+}
+
+#[tokio::test]
+async fn an_isolated_leader_and_a_lossy_link_lose_nothing() {
+    if !Firewall::available() {
+        eprintln!("skipped: iptables is not usable here (root and iptables needed)");
+        return;
+    }
+    let root = tempdir();
+    let nodes = mesh_of(root.path(), 3, &[]).await;
+    create_topic(&nodes[0].agent.client).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let l = formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    let victim = nodes
+        .iter()
+        .find(|n| n.name == busiest_leader(&l, &["agent-1", "agent-2"]))
+        .unwrap();
+    let load = start_load(
+        std::sync::Arc::new(std::sync::Mutex::new(vec![nodes[2].agent.client.clone()])),
+        0,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut fw = Firewall::new();
+    fw.isolate(victim.mesh_port);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    fw.heal();
+    eprintln!("{} isolated for 10 s, then healed", victim.name);
+    formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    fw.lossy(nodes[0].mesh_port, nodes[1].mesh_port, 20);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    fw.heal();
+    let (acked, slowest) = load.finish().await;
+    eprintln!(
+        "isolation and 20 % loss: {} acknowledged, longest publish {slowest:?}",
+        acked.len()
+    );
+    let dups = check_read_back(&victim.agent.client, "checker", &acked).await;
     eprintln!(
         "read back {} acknowledged messages, {dups} duplicates",
         acked.len()

@@ -842,6 +842,17 @@ pub fn start_mesh_agent(
     if std::env::var_os("SHOAL_TEST_LOGS").is_some() {
         cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
     }
+    // SHOAL_TEST_LOG_DIR=DIR: each agent's logs in DIR/NAME.log (appended
+    // across restarts), to tell the agents of a failing test apart.
+    if let Some(dir) = std::env::var_os("SHOAL_TEST_LOG_DIR") {
+        let path = Path::new(&dir).join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        cmd.stdout(file.try_clone().unwrap()).stderr(file);
+    }
     MeshAgent {
         child: cmd.spawn().unwrap(),
         client: AgentClient::new(&format!("http://127.0.0.1:{app}")),
