@@ -194,7 +194,7 @@ enum TopicsAction {
         /// Partitions.
         #[arg(long, short)]
         partitions: Option<u32>,
-        /// Replicas of each partition.
+        /// Replicas of each partition: 2 or more make each partition a Raft group of that many agents (in a mesh).
         #[arg(long)]
         replicas: Option<u32>,
         /// Keep nothing: fan out to current subscribers only.
@@ -614,6 +614,81 @@ async fn print_stream(
     Ok(StreamEnd::Lost("the agent closed the stream".into()))
 }
 
+/// The Raft groups this agent holds a replica of (replicated partitions and
+/// the mesh's meta group), as `GET /v1/cluster` lists them.
+fn print_replicas(v: &Value) {
+    let groups: Vec<&Value> = v["replicated"].as_array().into_iter().flatten().collect();
+    if groups.is_empty() {
+        return;
+    }
+    let names = |field: &Value| -> String {
+        let list: Vec<&str> = field
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if list.is_empty() {
+            "-".into()
+        } else {
+            list.join(",")
+        }
+    };
+    println!(
+        "{:<28} {:<16} {:>6} {:>9}  {:<34} state",
+        "REPLICA HELD HERE", "LEADER", "TERM", "COMMIT", "VOTERS (LEARNERS)"
+    );
+    for g in groups {
+        let namespace = g["namespace"].as_str().unwrap_or("");
+        let name = if namespace == "shoal-system" {
+            format!("{namespace}/{}", g["topic"].as_str().unwrap_or(""))
+        } else {
+            format!(
+                "{}/{}",
+                g["topic"].as_str().unwrap_or(""),
+                g["partition"].as_u64().unwrap_or(0)
+            )
+        };
+        let learners = names(&g["learners"]);
+        let voters = if learners == "-" {
+            names(&g["voters"])
+        } else {
+            format!("{} ({learners})", names(&g["voters"]))
+        };
+        let lag: Vec<String> = g["lag"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+            .map(|(node, n)| format!("{node} {n} behind"))
+            .collect();
+        let mut state = Vec::new();
+        if g["leader"].is_null() {
+            state.push("NO LEADER".to_string());
+        }
+        if g["recovering"] == json!(true) {
+            state.push("recovering".to_string());
+        }
+        if g["hibernating"] == json!(true) {
+            state.push("idle".to_string());
+        }
+        state.extend(lag);
+        println!(
+            "{:<28} {:<16} {:>6} {:>9}  {:<34} {}",
+            name,
+            g["leader"].as_str().unwrap_or("-"),
+            g["term"].as_u64().unwrap_or(0),
+            g["commitIndex"].as_u64().unwrap_or(0),
+            voters,
+            if state.is_empty() {
+                "ok".to_string()
+            } else {
+                state.join(", ")
+            }
+        );
+    }
+}
+
 async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
     let reply = client.get("/v1/cluster").await?;
     if !reply.status.is_success() {
@@ -700,6 +775,7 @@ async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
             unavailable.join(" ")
         );
     }
+    print_replicas(&v);
     for g in v["groups"].as_array().into_iter().flatten() {
         let parts: Vec<String> = g["partitions"]
             .as_array()
@@ -820,21 +896,22 @@ async fn topics(client: &AgentClient, a: TopicsArgs) -> Result<ExitCode, ClientE
                 return Ok(fail(api_error(&reply)));
             }
             let v = reply.json();
+            let replicas = v["replicas"].as_u64().unwrap_or(0);
             println!(
-                "topic {name} {}: {} partitions, {}",
+                "topic {name} {}: {} partitions, {}{}",
                 if reply.status.as_u16() == 201 {
                     "created"
                 } else {
                     "updated"
                 },
                 v["partitions"],
-                v["kind"].as_str().unwrap_or("")
+                v["kind"].as_str().unwrap_or(""),
+                if replicas >= 2 {
+                    format!(", {replicas} replicas each (in a mesh)")
+                } else {
+                    String::new()
+                }
             );
-            if replicas.is_some_and(|r| r > 1) {
-                eprintln!(
-                    "shoal: note: replicas is stored, but partitions are not replicated yet: each lives on one agent (docs/architecture.md)"
-                );
-            }
             Ok(ExitCode::SUCCESS)
         }
         Some(TopicsAction::Delete { name }) => {

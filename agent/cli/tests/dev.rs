@@ -615,3 +615,71 @@ async fn topics_counts_at_the_homes_and_a_clean_restart_prints_no_warnings() {
         "a clean start and stop warn of nothing"
     );
 }
+
+#[tokio::test]
+async fn a_replicated_topic_shows_its_groups_in_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let mut dev = Dev::start(dir.path(), base);
+    dev.wait_for_stdout("Ctrl-C", READY_WAIT);
+    let url = |i: u16| format!("127.0.0.1:{}", base + 10 * i);
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["topics", "--url", &url(0), "create", "pay", "-p", "2"])
+        .args(["--replicas", "3"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("2 partitions, durable, 3 replicas each"),
+        "shoal topics create: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in 0..10 {
+        let status = publish_until_stored(&app(base, 1), "pay", &format!("m{n}")).await;
+        assert_eq!(status, 201, "publish m{n}");
+    }
+    // Every agent holds a replica of both partitions, with one leader and
+    // the three agents as voters.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["status", "--url", &url(2)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let settled = ["pay/0 ", "pay/1 "].iter().all(|p| {
+            text.lines().any(|l| {
+                l.starts_with(p)
+                    && l.contains("agent-1,")
+                    && l.contains("agent-2")
+                    && l.contains("agent-3")
+                    && !l.contains("NO LEADER")
+                    && !l.contains('(')
+            })
+        });
+        if settled || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        text.contains("REPLICA HELD HERE"),
+        "shoal status lists the replicas held: {text}"
+    );
+    for p in ["pay/0 ", "pay/1 "] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("no {p}row in shoal status: {text}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert!(
+            cols.get(1).is_some_and(|l| l.starts_with("agent-")),
+            "{p}has a leader: {row}"
+        );
+    }
+    let got = read_all(&app(base, 2), "pay", "reader", 10).await;
+    assert_eq!(got.len(), 10, "every message is read back");
+    dev.sigterm();
+    let status = dev.wait(EXIT_WAIT).expect("shoal dev exits after SIGTERM");
+    assert!(status.success(), "shoal dev exited with {status}");
+}

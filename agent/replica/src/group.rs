@@ -642,7 +642,7 @@ impl<S: LogStore> Group<S> {
                 && committed >= self.recover_target
                 && raft.raft_log.term(committed).ok() == Some(raft.term)
             {
-                tracing::info!(group = %group_name(&self.id), "replica has its log back and votes again");
+                tracing::debug!(group = %group_name(&self.id), "replica has its log back and votes again");
                 self.recovering = false;
                 let mut meta = self.store().meta().clone();
                 meta.recovering = false;

@@ -26,7 +26,7 @@ impl<S: LogStore> Group<S> {
             pr.become_probe();
             pr.matched = 0;
             pr.next_idx = last + 1;
-            tracing::info!(group = %group_name(&self.id), peer, "peer lost entries; probing it again");
+            tracing::debug!(group = %group_name(&self.id), peer, "peer lost entries; probing it again");
         }
     }
 
