@@ -26,6 +26,10 @@ pub const OFFSETS_FILE: &str = "offsets.json";
 pub const VERSION_FILE: &str = "version";
 /// Longest a publish waits for its entries to be written.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Replicas of a new topic's partitions unless it asks otherwise: in a mesh,
+/// each partition is a Raft group of three agents (fewer when the mesh has
+/// fewer brokers); outside a mesh the setting has no effect.
+pub const DEFAULT_REPLICAS: u32 = 3;
 
 /// Settings of the broker, from the agent's configuration.
 #[derive(Clone, Debug)]
@@ -180,7 +184,7 @@ impl Broker {
     pub fn default_config(&self) -> TopicConfig {
         TopicConfig {
             partitions: self.settings.default_partitions,
-            replicas: 1,
+            replicas: DEFAULT_REPLICAS,
             kind: TopicKind::Durable,
             retention: Retention::default(),
             fsync: FsyncPolicy::Interval,

@@ -65,6 +65,9 @@ pub const COMMIT_EVERY_TICKS: u64 = 5;
 /// How often the meta leader looks for partitions without a group, and
 /// every agent re-reads placement for the groups it holds.
 const RECONCILE_EVERY_TICKS: u64 = 5;
+/// Ticks (30 s) before leadership of a group is handed to placement's
+/// first choice again after a try.
+const TRANSFER_BACKOFF_TICKS: u64 = 150;
 /// File listing the groups this agent created, so a restart that replays
 /// the meta log never creates one twice.
 const CREATED_FILE: &str = "created.json";
@@ -184,6 +187,13 @@ struct Core {
     created: BTreeSet<String>,
     /// Consumer offsets waiting to go through the log.
     pending_commits: BTreeMap<(String, u32, String), u64>,
+    /// When (in ticks) leadership of a group was last handed to
+    /// placement's first choice: a target that cannot take it (it is
+    /// catching up, or cut off one way) is not asked again for a while, as
+    /// a leader refuses publishes while a transfer is under way.
+    transferred_at: HashMap<GroupId, u64>,
+    /// Groups led here already reported as under-replicated.
+    under_warned: BTreeSet<GroupId>,
     ticks: u64,
 }
 
@@ -324,6 +334,8 @@ impl Replication {
                 proposed: BTreeSet::new(),
                 created,
                 pending_commits: BTreeMap::new(),
+                transferred_at: HashMap::new(),
+                under_warned: BTreeSet::new(),
                 ticks: 0,
             }),
             peers: Mutex::new(Peers::default()),
@@ -397,6 +409,9 @@ impl Replication {
                 core.driver.tick();
                 core.ticks += 1;
                 if core.ticks.is_multiple_of(RECONCILE_EVERY_TICKS) {
+                    // Publishers that gave up (their entry neither committed
+                    // nor dropped in time) leave nothing behind.
+                    core.waiters.retain(|_, w| !w.tx.is_closed());
                     self.propose_missing(&mut core);
                     self.place_all(&mut core);
                 }
@@ -668,7 +683,11 @@ impl Replication {
 
     /// The voters placement wants for `g`: the top `replicas` brokers (the
     /// meta group: the top [`META_VOTERS`]).
-    fn wanted(&self, peers: &Peers, g: &GroupId) -> Vec<NodeId> {
+    ///
+    /// A member that is down keeps its place among them for
+    /// `--replace-after` only if it is already a voter (`voters`): a down
+    /// agent is never added, so a group forms and grows with live agents.
+    fn wanted(&self, peers: &Peers, g: &GroupId, voters: &[NodeId]) -> Vec<NodeId> {
         let r = if *g == meta_group() {
             META_VOTERS
         } else {
@@ -682,10 +701,10 @@ impl Replication {
             .members
             .iter()
             .filter(|m| {
-                peers
-                    .down_since
-                    .get(&m.id)
-                    .is_none_or(|since| now.duration_since(*since) < self.replace_after)
+                peers.down_since.get(&m.id).is_none_or(|since| {
+                    now.duration_since(*since) < self.replace_after
+                        && voters.contains(&node_id(&m.id))
+                })
             })
             .cloned()
             .collect();
@@ -709,9 +728,10 @@ impl Replication {
     }
 
     fn place(&self, core: &mut Core, g: &GroupId) {
+        let voters = core.driver.status(g).map(|s| s.voters).unwrap_or_default();
         let wanted = {
             let peers = lock(&self.peers);
-            self.wanted(&peers, g)
+            self.wanted(&peers, g, &voters)
         };
         if !wanted.is_empty() {
             core.driver.set_replicas(g, &wanted);
@@ -731,23 +751,42 @@ impl Replication {
             };
             leaderless += i64::from(status.leader.is_none());
             let leads = status.leader == Some(self.me_id);
+            let wanted = self.wanted(&peers, &g, &status.voters);
             if leads && g != meta_group() {
                 let asked = self
                     .broker
                     .topic(&g.topic)
                     .map_or(0, |t| t.config().replicas as usize);
                 under += i64::from(status.voters.len() < asked);
+                // Said once per group while the mesh has too few brokers
+                // (not while a new replica catches up, which passes).
+                let lacking = wanted.len() < asked;
+                if lacking && core.under_warned.insert(g.clone()) {
+                    tracing::warn!(
+                        group = %group_label(&g),
+                        brokers = wanted.len(),
+                        replicas = asked,
+                        "partition has fewer replicas than its topic asks: the mesh has too few live broker agents"
+                    );
+                } else if !lacking {
+                    core.under_warned.remove(&g);
+                }
             }
-            let wanted = self.wanted(&peers, &g);
             if wanted.is_empty() {
                 continue;
             }
             core.driver.set_replicas(&g, &wanted);
+            let recently = core
+                .transferred_at
+                .get(&g)
+                .is_some_and(|t| core.ticks < t + TRANSFER_BACKOFF_TICKS);
             if wanted[0] != self.me_id
                 && leads
                 && status.serving
+                && !recently
                 && core.driver.transfer_leader(&g, wanted[0])
             {
+                core.transferred_at.insert(g.clone(), core.ticks);
                 tracing::debug!(group = %group_label(&g), "handing leadership to placement's first choice");
             }
         }
@@ -858,7 +897,11 @@ impl Replication {
             Some(Hint::Skip(n)) => *n,
             None => 0,
         };
-        let wanted = self.wanted(&peers, &g);
+        let voters = status
+            .as_ref()
+            .map(|s| s.voters.clone())
+            .unwrap_or_default();
+        let wanted = self.wanted(&peers, &g, &voters);
         let candidates: Vec<(String, Option<SocketAddr>)> = wanted
             .iter()
             .filter_map(|id| {
@@ -900,6 +943,26 @@ impl Replication {
         }
     }
 
+    /// `node` did not answer a call: the groups here that it leads wake, so
+    /// their followers elect another leader if it died while they slept.
+    pub fn suspect(&self, node: &str) {
+        let id = node_id(node);
+        let mut core = lock(&self.core);
+        let led: Vec<GroupId> = core
+            .driver
+            .groups()
+            .filter(|g| core.driver.status(g).is_some_and(|s| s.leader == Some(id)))
+            .cloned()
+            .collect();
+        for g in &led {
+            core.driver.wake_group(g);
+        }
+        drop(core);
+        if !led.is_empty() {
+            self.wake.notify_one();
+        }
+    }
+
     /// A peer answered for a partition: it leads (`ok`), or try another.
     pub fn note_answer(&self, topic: &str, partition: u32, node: &str, ok: bool) {
         let mut peers = lock(&self.peers);
@@ -938,7 +1001,8 @@ impl Replication {
             let mut core = lock(&self.core);
             let wanted_len = {
                 let peers = lock(&self.peers);
-                self.wanted(&peers, &g).len()
+                let voters = core.driver.status(&g).map(|s| s.voters).unwrap_or_default();
+                self.wanted(&peers, &g, &voters).len()
             };
             let check = match core.driver.status(&g) {
                 None => Err(not_leader(&topic.name, partition, None)),
@@ -956,6 +1020,9 @@ impl Replication {
                 Some(_) => Ok(()),
             };
             if let Err(e) = check {
+                core.driver.wake_group(&g);
+                drop(core);
+                self.wake.notify_one();
                 return messages.iter().map(|_| Err(e.clone())).collect();
             }
             let now = crate::time::now_ms();
@@ -1050,9 +1117,24 @@ impl Replication {
             };
             out.push(result);
         }
-        self.metrics
-            .replica_commit_latency
-            .observe(started.elapsed().as_secs_f64());
+        let (mut published, mut bytes) = (0u64, 0u64);
+        for (m, r) in messages.iter().zip(&out) {
+            match r {
+                Ok(o) if o.duplicate => {
+                    topic.metrics.deduplicated.inc();
+                }
+                Ok(_) => {
+                    published += 1;
+                    bytes += m.payload.len() as u64;
+                }
+                Err(_) => {}
+            }
+        }
+        topic.metrics.published.inc_by(published);
+        topic.metrics.published_bytes.inc_by(bytes);
+        let elapsed = started.elapsed().as_secs_f64();
+        self.metrics.store_latency.observe(elapsed);
+        self.metrics.replica_commit_latency.observe(elapsed);
         out
     }
 
@@ -1082,6 +1164,7 @@ impl Replication {
                 };
                 let status = grp.status();
                 if !status.serving {
+                    core.driver.wake_group(&g);
                     return Err(not_leader(topic, partition, None));
                 }
                 let first = grp.store().first_index().max(status.first_index);

@@ -40,7 +40,7 @@ use tokio::sync::watch;
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
 /// Longest a publish forwarded to a replicated partition's leader waits
 /// before trying another replica (a leader that died does not answer).
-pub const REPLICATED_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+pub const REPLICATED_FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How long a publish keeps retrying, inside the agent, a partition that is
 /// moving between agents before the app gets 503.
 pub const MOVE_RETRY_WINDOW: Duration = Duration::from_secs(3);
@@ -1171,7 +1171,11 @@ impl Router {
                                 for ((_, pid, _), o) in batch.iter().zip(&outcome) {
                                     match o {
                                         Ok(_) => r.note_answer(&topic.name, *pid, node, true),
-                                        Err(e) if retryable(e) || e.code == "home_unavailable" => {
+                                        Err(e) if e.code == "home_unavailable" => {
+                                            r.suspect(node);
+                                            r.note_answer(&topic.name, *pid, node, false)
+                                        }
+                                        Err(e) if retryable(e) => {
                                             r.note_answer(&topic.name, *pid, node, false)
                                         }
                                         Err(_) => {}

@@ -1,5 +1,9 @@
 //! The mesh with real processes on loopback: agents started with --dev share
 //! one CA, join over QUIC with mutual TLS, and see each other come and go.
+//!
+//! The topics here ask for `replicas: 1`: each partition lives on one agent,
+//! its home, and moves by hand-off. Replicated partitions (the default, 3)
+//! are tested in `replication.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -434,7 +438,10 @@ async fn five_agents_form_one_mesh_and_agree_on_homes() {
     for a in &agents {
         let r = a
             .client
-            .put_json("/v1/topics/orders", &serde_json::json!({"partitions": 16}))
+            .put_json(
+                "/v1/topics/orders",
+                &serde_json::json!({"partitions": 16, "replicas": 1}),
+            )
             .await
             .unwrap();
         assert!(r.status.is_success());
@@ -571,7 +578,12 @@ async fn a_message_published_on_one_agent_is_stored_at_its_home_and_read_on_anot
     let agents = mesh_of(root.path(), 3).await;
     let (a1, a2, a3) = (&agents[0], &agents[1], &agents[2]);
     expect_status(
-        &put_topic(&a1.client, "orders", serde_json::json!({"partitions": 6})).await,
+        &put_topic(
+            &a1.client,
+            "orders",
+            serde_json::json!({"partitions": 6, "replicas": 1}),
+        )
+        .await,
         201,
         "create orders",
     );
@@ -655,7 +667,7 @@ async fn a_group_spread_over_three_agents_shares_the_work_once() {
         &put_topic(
             &agents[0].client,
             "jobs",
-            serde_json::json!({"partitions": 6}),
+            serde_json::json!({"partitions": 6, "replicas": 1}),
         )
         .await,
         201,
@@ -737,7 +749,7 @@ async fn a_graceful_stop_during_a_publish_loop_loses_nothing_acknowledged() {
         &put_topic(
             &agents[0].client,
             "ledger",
-            serde_json::json!({"partitions": 8}),
+            serde_json::json!({"partitions": 8, "replicas": 1}),
         )
         .await,
         201,
@@ -833,7 +845,12 @@ async fn a_joining_agent_takes_over_its_share_with_the_data() {
     })
     .await;
     expect_status(
-        &put_topic(&a1.client, "history", serde_json::json!({"partitions": 6})).await,
+        &put_topic(
+            &a1.client,
+            "history",
+            serde_json::json!({"partitions": 6, "replicas": 1}),
+        )
+        .await,
         201,
         "create history",
     );
@@ -883,7 +900,12 @@ async fn keyless_publishes_avoid_a_killed_home_and_keyed_ones_get_503_not_a_hang
     })
     .await;
     expect_status(
-        &put_topic(&a1.client, "fragile", serde_json::json!({"partitions": 4})).await,
+        &put_topic(
+            &a1.client,
+            "fragile",
+            serde_json::json!({"partitions": 4, "replicas": 1}),
+        )
+        .await,
         201,
         "create fragile",
     );
@@ -1049,7 +1071,12 @@ async fn well_framed_but_invalid_peer_messages_get_errors_and_metrics() {
     let agent = start(root.path(), "ca", "agent-1", port, None);
     wait_until("the agent is ready", || ready(&agent)).await;
     expect_status(
-        &put_topic(&agent.client, "t", serde_json::json!({"partitions": 1})).await,
+        &put_topic(
+            &agent.client,
+            "t",
+            serde_json::json!({"partitions": 1, "replicas": 1}),
+        )
+        .await,
         201,
         "create t",
     );
@@ -1186,7 +1213,12 @@ async fn a_slow_home_slows_its_publishers_with_503_and_bounded_waiting() {
     for i in 0..32 {
         let name = format!("slow-{i}");
         expect_status(
-            &put_topic(&a1.client, &name, serde_json::json!({"partitions": 1})).await,
+            &put_topic(
+                &a1.client,
+                &name,
+                serde_json::json!({"partitions": 1, "replicas": 1}),
+            )
+            .await,
             201,
             "create",
         );
@@ -1261,7 +1293,12 @@ async fn a_client_only_agent_homes_nothing_but_publishes_and_reads() {
     })
     .await;
     expect_status(
-        &put_topic(&a2.client, "jobs", serde_json::json!({"partitions": 4})).await,
+        &put_topic(
+            &a2.client,
+            "jobs",
+            serde_json::json!({"partitions": 4, "replicas": 1}),
+        )
+        .await,
         201,
         "create jobs on the client-only agent",
     );
@@ -1317,7 +1354,12 @@ async fn a_crashed_home_keeps_its_partitions_through_a_join_and_hands_them_on_re
     })
     .await;
     expect_status(
-        &put_topic(&a1.client, "keep", serde_json::json!({"partitions": 6})).await,
+        &put_topic(
+            &a1.client,
+            "keep",
+            serde_json::json!({"partitions": 6, "replicas": 1}),
+        )
+        .await,
         201,
         "create keep",
     );
@@ -1385,7 +1427,7 @@ async fn a_whole_mesh_stopped_and_started_again_keeps_every_acknowledged_message
                 &put_topic(
                     &agents[0].client,
                     "durable",
-                    serde_json::json!({"partitions": 6}),
+                    serde_json::json!({"partitions": 6, "replicas": 1}),
                 )
                 .await,
                 201,

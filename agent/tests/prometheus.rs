@@ -920,7 +920,7 @@ async fn a_real_prometheus_scrapes_the_mesh_and_runs_every_dashboard_and_alert_q
     // counts (increase() ignores a series' first sample).
     for topic in TOPICS {
         expect_status(
-            &put_topic(&a1.client, topic, json!({"partitions": 4})).await,
+            &put_topic(&a1.client, topic, json!({"partitions": 4, "replicas": 1})).await,
             201,
             &format!("create {topic}"),
         );

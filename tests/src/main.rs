@@ -24,6 +24,7 @@ mod conn;
 mod mesh;
 mod mesh_report;
 mod nats;
+mod replication;
 mod report;
 mod workloads;
 
@@ -50,6 +51,10 @@ enum Part {
     Mesh,
     /// The mesh side by side with NATS and JetStream (not part of the default run).
     Compare,
+    /// Replicated partitions (issue 11): durable R=3 vs JetStream R3,
+    /// failover after SIGKILL of a leader, idle cost of 1,000 partitions x 3
+    /// replicas (not part of the default run).
+    Replication,
 }
 
 /// Benchmarks one release shoal-agent, then a mesh of three: throughput,
@@ -107,6 +112,18 @@ struct Cli {
     /// group-3, durable-sync, durable-inflight), e.g. to profile one.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
+    /// Replication: leader kills of the failover part (0 skips it; default 10, 2 with --quick).
+    #[arg(long)]
+    kills: Option<usize>,
+    /// Replication: partitions (x 3 replicas) of the idle part (0 skips it; default 1000, 50 with --quick).
+    #[arg(long)]
+    idle_partitions: Option<u32>,
+    /// Replication: seconds of the idle window (default 60, 10 with --quick).
+    #[arg(long)]
+    idle_seconds: Option<u64>,
+    /// Replication: rounds per system of each throughput mode (0 skips them; default 2, 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
 }
 
 /// Counts and durations of one run.
@@ -267,6 +284,9 @@ async fn run(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     if cli.only == Some(Part::Compare) {
         return run_compare(cli, workspace).await;
     }
+    if cli.only == Some(Part::Replication) {
+        return run_replication(cli, workspace).await;
+    }
     if cli.only != Some(Part::Mesh) {
         run_single(cli, workspace).await?;
     }
@@ -367,6 +387,49 @@ async fn run_compare(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
             "compare: not every message was accounted for ({missing} missing, {bad} failed rounds)"
         )
         .into());
+    }
+    Ok(())
+}
+
+async fn run_replication(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
+    let bin = cli
+        .agent_bin
+        .clone()
+        .unwrap_or_else(|| agent::default_binary(workspace));
+    let nats_bin = nats::ensure_server(workspace, !cli.no_install)?;
+    let nats_version = nats::server_version(&nats_bin)?;
+    let mut plan = replication::ReplPlan::new(cli.quick);
+    if let Some(k) = cli.kills {
+        plan.kills = k;
+    }
+    if let Some(p) = cli.idle_partitions {
+        plan.idle_partitions = p;
+    }
+    if let Some(s) = cli.idle_seconds {
+        plan.idle_time = Duration::from_secs(s.max(1));
+    }
+    if let Some(r) = cli.rounds {
+        plan.rounds = r;
+    }
+    println!("==> replicated partitions: {plan:?}");
+    let started = Instant::now();
+    let results = replication::run(&bin, &nats_bin, &plan, agent::clock_ticks_per_sec()).await?;
+    let took_s = started.elapsed().as_secs_f64();
+    println!("==> replication part took {took_s:.0} s");
+    let report = replication::ReplReport {
+        quick: cli.quick,
+        command: command_line(),
+        machine: Machine::detect(workspace),
+        nats_version,
+        plan,
+        results,
+        took_s,
+    };
+    let md = report.markdown();
+    println!("{md}");
+    if let Some(path) = out_path(cli, workspace) {
+        report::write_marked(&path, replication::BEGIN_PREFIX, replication::END, &md)?;
+        println!("==> wrote {}", path.display());
     }
     Ok(())
 }

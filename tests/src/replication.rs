@@ -105,10 +105,7 @@ impl Node {
     }
 
     fn spawn(&mut self, bin: &Path, ca: &Path, join: Option<SocketAddr>) -> Result<(), BoxError> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
+        let log = File::options().create(true).append(true).open(&self.log)?;
         let mut cmd = Command::new(bin);
         cmd.args(["--dev", "--node-name", &self.name])
             .arg("--ca-dir")
@@ -174,7 +171,8 @@ impl Node {
         let admin = AgentClient::new(&format!("http://{}", self.admin));
         loop {
             self.check_alive()?;
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), admin.get("/readyz")).await
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_secs(2), admin.get("/readyz")).await
             {
                 if r.status.is_success() {
                     return Ok(started.elapsed());
@@ -330,7 +328,9 @@ impl Cluster {
                 return Ok(());
             }
             if started.elapsed() > limit {
-                return Err(format!("the agents did not see 3 alive members within {limit:?}").into());
+                return Err(
+                    format!("the agents did not see 3 alive members within {limit:?}").into(),
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -405,7 +405,9 @@ impl Cluster {
             )
             .await?;
         if !r.status.is_success() {
-            return Err(format!("PUT /v1/topics/{topic} answered {}: {}", r.status, r.text()).into());
+            return Err(
+                format!("PUT /v1/topics/{topic} answered {}: {}", r.status, r.text()).into(),
+            );
         }
         Ok(())
     }
@@ -501,6 +503,11 @@ impl NatsCluster {
                     .unwrap_or_default()
                     .lines()
                     .filter(|l| l.contains("[WRN]") || l.contains("[ERR]"))
+                    // Routes to servers not started yet, at start-up.
+                    .filter(|l| {
+                        !l.contains("Error trying to connect to route")
+                            && !l.contains("Waiting for routing")
+                    })
                     .map(str::to_string)
                     .collect::<Vec<_>>()
             })
@@ -558,8 +565,8 @@ pub struct Kill {
     pub new_leader: String,
     /// Publishes answered with an error (or not at all within 10 s).
     pub failed: u64,
-    /// Longest publish among those sent in the second before the kill.
-    pub slowest_inflight: Duration,
+    /// Longest publish of the load (sent before or after the kill).
+    pub slowest: Duration,
     /// Restart → the group has its three voters again.
     pub reformed: Duration,
 }
@@ -670,9 +677,8 @@ async fn shoal_round(
                     }
                     Ok(Ok((s, b))) => {
                         failed += 1;
-                        first.get_or_insert_with(|| {
-                            format!("{s}: {}", String::from_utf8_lossy(&b))
-                        });
+                        first
+                            .get_or_insert_with(|| format!("{s}: {}", String::from_utf8_lossy(&b)));
                     }
                     Ok(Err(e)) => {
                         failed += 1;
@@ -813,14 +819,17 @@ async fn nats_setup(
             .as_ref()
             .and_then(|c| c.leader.clone())
             .unwrap_or_default();
-        let replicas = info.cluster.as_ref().map_or(0, |c| {
-            c.replicas.iter().filter(|r| r.current).count()
-        });
+        let replicas = info
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.replicas.iter().filter(|r| r.current).count());
         if !leader.is_empty() && replicas == 2 {
             break leader;
         }
         if started.elapsed() > Duration::from_secs(60) {
-            return Err(format!("stream R3 has no leader with 2 current replicas: {info:?}").into());
+            return Err(
+                format!("stream R3 has no leader with 2 current replicas: {info:?}").into(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -850,11 +859,15 @@ type Shot = (Instant, Instant, bool);
 /// pool, answered or failed within 10 s); measures kill → first 201 of a
 /// publish sent after the kill; restarts the victim (same name, ports,
 /// data) and waits for three voters again.
-async fn one_kill(cluster: &mut Cluster, topic: &str) -> Result<Kill, BoxError> {
+async fn one_kill(cluster: &mut Cluster, topic: &str, k: usize) -> Result<Kill, BoxError> {
     let l = cluster.leaders(topic).await;
-    let g = l.get(&0).ok_or("the failover partition has no leader")?.clone();
+    let g = l
+        .get(&0)
+        .ok_or("the failover partition has no leader")?
+        .clone();
     let vi = cluster.index_of(&g.leader).ok_or("unknown leader")?;
-    let pi = (vi + 1) % 3;
+    // Alternate between the two other agents.
+    let pi = (vi + 1 + k % 2) % 3;
     let via = cluster.nodes[pi].name.clone();
     let pool = Pool::new(cluster.nodes[pi].app, 4).await?;
     let shots: Arc<Mutex<Vec<Shot>>> = Arc::new(Mutex::new(Vec::new()));
@@ -874,17 +887,22 @@ async fn one_kill(cluster: &mut Cluster, topic: &str) -> Result<Kill, BoxError> 
                     let ok = tokio::time::timeout(Duration::from_secs(10), async {
                         let mut c = pool.take().await?;
                         let (s, _) = c
-                            .post(&path, "application/octet-stream", Bytes::from_static(b"failover"))
+                            .post(
+                                &path,
+                                "application/octet-stream",
+                                Bytes::from_static(b"failover"),
+                            )
                             .await?;
                         pool.give(c);
                         Ok::<bool, BoxError>(s.is_success())
                     })
                     .await;
                     let ok = matches!(ok, Ok(Ok(true)));
-                    shots
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((sent, Instant::now(), ok));
+                    shots.lock().unwrap_or_else(|p| p.into_inner()).push((
+                        sent,
+                        Instant::now(),
+                        ok,
+                    ));
                 });
             }
             while tasks.join_next().await.is_some() {}
@@ -893,7 +911,10 @@ async fn one_kill(cluster: &mut Cluster, topic: &str) -> Result<Kill, BoxError> 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let killed_at = Instant::now();
     cluster.nodes[vi].kill9()?;
-    println!("[failover] SIGKILL {} (leader, term {}); publishing through {via}", g.leader, g.term);
+    println!(
+        "[failover] SIGKILL {} (leader, term {}); publishing through {via}",
+        g.leader, g.term
+    );
     // Until a publish sent after the kill is acknowledged (at most 20 s), then 0.5 s more.
     let limit = killed_at + Duration::from_secs(20);
     let failover = loop {
@@ -917,9 +938,8 @@ async fn one_kill(cluster: &mut Cluster, topic: &str) -> Result<Kill, BoxError> 
     let _ = tokio::time::timeout(Duration::from_secs(15), publisher).await;
     let shots = std::mem::take(&mut *shots.lock().unwrap_or_else(|p| p.into_inner()));
     let failed = shots.iter().filter(|(_, _, ok)| !ok).count() as u64;
-    let slowest_inflight = shots
+    let slowest = shots
         .iter()
-        .filter(|(s, _, _)| *s < killed_at)
         .map(|(s, d, _)| *d - *s)
         .max()
         .unwrap_or_default();
@@ -932,19 +952,32 @@ async fn one_kill(cluster: &mut Cluster, topic: &str) -> Result<Kill, BoxError> 
     println!(
         "[failover] {}: first publish acknowledged {} after the kill; {failed} failed; new leader {new_leader}",
         g.leader,
-        failover.map_or("never (20 s)".into(), |d| ms(d.as_micros() as u64))
+        failover.map_or("never (20 s)".into(), |d| format!("{} ms", ms(d.as_micros() as u64)))
     );
     // Restart: same name, ports and data directory.
     let restarted = Instant::now();
     cluster.spawn(vi)?;
-    cluster.nodes[vi].wait_ready(Duration::from_secs(60)).await?;
+    cluster.nodes[vi]
+        .wait_ready(Duration::from_secs(60))
+        .await?;
     cluster.wait_members(Duration::from_secs(60)).await?;
     let reformed = match cluster
-        .wait_formed(topic, 1, Duration::from_secs(60), Duration::from_millis(100))
+        .wait_formed(
+            topic,
+            1,
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+        )
         .await
     {
         Ok(_) => restarted.elapsed(),
-        Err(_) => return Err(format!("{topic} did not get 3 voters within 60 s of restarting {}", g.leader).into()),
+        Err(_) => {
+            return Err(format!(
+                "{topic} did not get 3 voters within 60 s of restarting {}",
+                g.leader
+            )
+            .into())
+        }
     };
     println!(
         "[failover] {} restarted; 3 voters again after {} ms",
@@ -957,7 +990,7 @@ async fn one_kill(cluster: &mut Cluster, topic: &str) -> Result<Kill, BoxError> 
         failover,
         new_leader,
         failed,
-        slowest_inflight,
+        slowest,
         reformed,
     })
 }
@@ -972,93 +1005,40 @@ pub async fn run(
     clk_tck: f64,
 ) -> Result<ReplResults, BoxError> {
     let mut warnings = Vec::new();
-    // 1. Throughput and latency against JetStream R3.
     let mut cluster = Cluster::start(bin).await?;
-    let nats = NatsCluster::start(nats_bin)?;
-    let (js, nats_leader, nats_via) = nats_setup(&nats).await?;
-    cluster.create_topic("r3", 1).await?;
-    let formed = cluster
-        .wait_formed("r3", 1, Duration::from_secs(60), Duration::from_millis(100))
-        .await
-        .map_err(|(n, t)| format!("topic r3: {n} of 1 groups formed in {t:?}"))?;
-    println!("==> topic r3 (1 partition, 3 replicas) formed in {} ms", formed.as_millis());
-    // Let leadership move to placement's choice before picking who publishes.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let leader_before = cluster
-        .leaders("r3")
-        .await
-        .get(&0)
-        .map(|g| g.leader.clone())
-        .unwrap_or_default();
-    let vi = cluster.index_of(&leader_before).unwrap_or(0);
-    let pi = (vi + 1) % 3;
-    let tput_via = cluster.nodes[pi].name.clone();
-    println!("==> r3 led by {leader_before}; publishing through {tput_via}");
-    let app = cluster.nodes[pi].app;
-    // Warm-up, unmeasured.
-    let mut warm = plan.clone();
-    warm.round_time = Duration::from_millis(500);
-    shoal_round(app, "r3", 8, &warm, &cluster.pids(), clk_tck).await?;
-    nats_round(&js, "bench.r3.warm", 8, &warm, &nats.pids(), clk_tck).await?;
+    // 1. Throughput and latency against JetStream R3.
     let mut modes = Vec::new();
-    for window in [1, plan.inflight] {
-        let mut mode = Mode {
-            inflight: window,
-            shoal: Vec::new(),
-            nats: Vec::new(),
-        };
-        for r in 0..plan.rounds {
-            crate::settle().await;
-            let s = shoal_round(app, "r3", window, plan, &cluster.pids(), clk_tck).await?;
-            println!(
-                "[shoal r3] {window} in flight, round {}: {:.0} acks/s, p50 {} p99 {}, {} failed",
-                r + 1,
-                s.rate(),
-                ms(s.latency.value_at_quantile(0.5)),
-                ms(s.latency.value_at_quantile(0.99)),
-                s.failed
-            );
-            mode.shoal.push(s);
-            cluster.check_alive()?;
-            crate::settle().await;
-            let subject = format!("bench.r3.{window}.{r}");
-            let n = nats_round(&js, &subject, window, plan, &nats.pids(), clk_tck).await?;
-            println!(
-                "[jetstream r3] {window} in flight, round {}: {:.0} acks/s, p50 {} p99 {}, {} failed",
-                r + 1,
-                n.rate(),
-                ms(n.latency.value_at_quantile(0.5)),
-                ms(n.latency.value_at_quantile(0.99)),
-                n.failed
-            );
-            mode.nats.push(n);
-        }
-        modes.push(mode);
+    let mut tput = (
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
+    if plan.rounds > 0 {
+        let (m, t) = throughput(&mut cluster, nats_bin, plan, clk_tck, &mut warnings).await?;
+        modes = m;
+        tput = t;
     }
-    let leader_after = cluster
-        .leaders("r3")
-        .await
-        .get(&0)
-        .map(|g| g.leader.clone())
-        .unwrap_or_default();
-    warnings.extend(nats.warnings().into_iter().map(|w| format!("nats: {w}")));
-    drop(js);
-    drop(nats);
-
     // 2. Failover.
     let mut kills = Vec::new();
     if plan.kills > 0 {
         crate::settle().await;
         cluster.create_topic("failover", 1).await?;
         cluster
-            .wait_formed("failover", 1, Duration::from_secs(60), Duration::from_millis(100))
+            .wait_formed(
+                "failover",
+                1,
+                Duration::from_secs(60),
+                Duration::from_millis(100),
+            )
             .await
             .map_err(|(n, t)| format!("topic failover: {n} of 1 groups formed in {t:?}"))?;
         for k in 0..plan.kills {
             // Let leadership settle (a leader hands over to placement's choice).
             tokio::time::sleep(Duration::from_secs(3)).await;
             println!("==> kill {} of {}", k + 1, plan.kills);
-            kills.push(one_kill(&mut cluster, "failover").await?);
+            kills.push(one_kill(&mut cluster, "failover", k).await?);
         }
     }
     for n in &cluster.nodes {
@@ -1090,11 +1070,100 @@ pub async fn run(
         modes,
         kills,
         idle,
-        tput_leaders: (leader_before, leader_after),
-        tput_via,
-        nats_leader: (nats_leader, nats_via),
+        tput_leaders: (tput.0, tput.1),
+        tput_via: tput.2,
+        nats_leader: (tput.3, tput.4),
         warnings,
     })
+}
+
+/// The throughput rounds; returns the modes and (Shoal leader before,
+/// after, agent published through, stream leader, NATS server used).
+async fn throughput(
+    cluster: &mut Cluster,
+    nats_bin: &Path,
+    plan: &ReplPlan,
+    clk_tck: f64,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<Mode>, (String, String, String, String, String)), BoxError> {
+    let nats = NatsCluster::start(nats_bin)?;
+    let (js, nats_leader, nats_via) = nats_setup(&nats).await?;
+    cluster.create_topic("r3", 1).await?;
+    let formed = cluster
+        .wait_formed("r3", 1, Duration::from_secs(60), Duration::from_millis(100))
+        .await
+        .map_err(|(n, t)| format!("topic r3: {n} of 1 groups formed in {t:?}"))?;
+    println!(
+        "==> topic r3 (1 partition, 3 replicas) formed in {} ms",
+        formed.as_millis()
+    );
+    // Let leadership move to placement's choice before picking who publishes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader_before = cluster
+        .leaders("r3")
+        .await
+        .get(&0)
+        .map(|g| g.leader.clone())
+        .unwrap_or_default();
+    let vi = cluster.index_of(&leader_before).unwrap_or(0);
+    let pi = (vi + 1) % 3;
+    let tput_via = cluster.nodes[pi].name.clone();
+    println!("==> r3 led by {leader_before}; publishing through {tput_via}");
+    let app = cluster.nodes[pi].app;
+    // Warm-up, unmeasured.
+    let mut warm = plan.clone();
+    warm.round_time = Duration::from_millis(500);
+    shoal_round(app, "r3", 8, &warm, &cluster.pids(), clk_tck).await?;
+    nats_round(&js, "bench.r3.warm", 8, &warm, &nats.pids(), clk_tck).await?;
+    let mut modes = Vec::new();
+    for window in [1, plan.inflight] {
+        let mut mode = Mode {
+            inflight: window,
+            shoal: Vec::new(),
+            nats: Vec::new(),
+        };
+        for r in 0..plan.rounds {
+            crate::settle().await;
+            let s = shoal_round(app, "r3", window, plan, &cluster.pids(), clk_tck).await?;
+            println!(
+                "[shoal r3] {window} in flight, round {}: {:.0} acks/s, p50 {} p99 {} ms, {} failed",
+                r + 1,
+                s.rate(),
+                ms(s.latency.value_at_quantile(0.5)),
+                ms(s.latency.value_at_quantile(0.99)),
+                s.failed
+            );
+            mode.shoal.push(s);
+            cluster.check_alive()?;
+            crate::settle().await;
+            let subject = format!("bench.r3.{window}.{r}");
+            let n = nats_round(&js, &subject, window, plan, &nats.pids(), clk_tck).await?;
+            println!(
+                "[jetstream r3] {window} in flight, round {}: {:.0} acks/s, p50 {} p99 {} ms, {} failed",
+                r + 1,
+                n.rate(),
+                ms(n.latency.value_at_quantile(0.5)),
+                ms(n.latency.value_at_quantile(0.99)),
+                n.failed
+            );
+            mode.nats.push(n);
+        }
+        modes.push(mode);
+    }
+    let leader_after = cluster
+        .leaders("r3")
+        .await
+        .get(&0)
+        .map(|g| g.leader.clone())
+        .unwrap_or_default();
+    warnings.extend(nats.warnings().into_iter().map(|w| format!("nats: {w}")));
+    drop(js);
+    drop(nats);
+
+    Ok((
+        modes,
+        (leader_before, leader_after, tput_via, nats_leader, nats_via),
+    ))
 }
 
 async fn idle_part(cluster: &Cluster, plan: &ReplPlan, clk_tck: f64) -> Result<Idle, BoxError> {
@@ -1195,15 +1264,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn merged(rounds: &[Round]) -> Histogram<u64> {
-    let mut h = rounds
-        .first()
-        .map(|r| r.latency.clone())
-        .unwrap_or_else(|| Histogram::new(3).unwrap_or_else(|_| unreachable!()));
-    for r in rounds.iter().skip(1) {
+fn merged(rounds: &[Round]) -> Option<Histogram<u64>> {
+    let (first, rest) = rounds.split_first()?;
+    let mut h = first.latency.clone();
+    for r in rest {
         let _ = h.add(&r.latency);
     }
-    h
+    Some(h)
 }
 
 fn pct(x: f64) -> String {
@@ -1242,7 +1309,9 @@ impl ReplReport {
         s.push_str(&format!(
             "{BEGIN_PREFIX} (generated by `cargo run --release -p shoal-bench -- --only replication`; edits here are overwritten) -->\n"
         ));
-        s.push_str("## Replicated partitions: R=3 vs JetStream R3, failover, idle cost (issue 11)\n\n");
+        s.push_str(
+            "## Replicated partitions: R=3 vs JetStream R3, failover, idle cost (issue 11)\n\n",
+        );
         s.push_str(&format!(
             "Measured {} at commit `{}` with:\n\n```sh\n{}\n```\n\n",
             m.date, m.commit, self.command
@@ -1263,12 +1332,18 @@ impl ReplReport {
             let what = if mode.inflight == 1 {
                 "durable R=3, waiting for each ack ≥ 1.0× JetStream R3".to_string()
             } else {
-                format!("durable R=3, {} in flight ≥ 1.0× JetStream R3", mode.inflight)
+                format!(
+                    "durable R=3, {} in flight ≥ 1.0× JetStream R3",
+                    mode.inflight
+                )
             };
             let verdict = if ratio >= 1.0 {
                 format!("met ({ratio:.2}×)")
             } else {
-                format!("**missed** by {:.0} % ({ratio:.2}× < 1×)", (1.0 - ratio) * 100.0)
+                format!(
+                    "**missed** by {:.0} % ({ratio:.2}× < 1×)",
+                    (1.0 - ratio) * 100.0
+                )
             };
             s.push_str(&format!(
                 "| {what} | {} msg/s | {} msg/s | {ratio:.2}× | {verdict} |\n",
@@ -1281,7 +1356,10 @@ impl ReplReport {
         if !r.kills.is_empty() {
             let mut sorted = fo.clone();
             sorted.sort();
-            let p50 = sorted.get(sorted.len().saturating_sub(1) / 2).copied().unwrap_or_default();
+            let p50 = sorted
+                .get(sorted.len().saturating_sub(1) / 2)
+                .copied()
+                .unwrap_or_default();
             let max = sorted.last().copied().unwrap_or_default();
             let verdict = if never > 0 {
                 format!("**missed**: {never} kill(s) without a publish accepted within 20 s")
@@ -1330,7 +1408,8 @@ impl ReplReport {
         }
         s.push('\n');
         // Throughput details.
-        s.push_str(&format!(
+        if !r.modes.is_empty() {
+            s.push_str(&format!(
             "### Durable R=3 publish vs JetStream R3 ({} B)\n\nShoal: one topic, 1 partition, `replicas: 3` (fsync `interval`, the default), led by {} before the rounds and {} after; every publish goes to **{}**, which does not lead it (the publish is forwarded to the leader, which answers 201 after a majority commit). JetStream: stream `R3`, file storage, `num_replicas: 3` (default sync), led by {}; the publisher is connected to **{}**, which does not lead it. Rounds alternate Shoal, JetStream, each up to {} messages or {} s, `sync(1)` and a second of rest between rounds; rates are the median of {} round(s) per system, latencies (publish → ack) merge all rounds.\n\n",
             p.size,
             r.tput_leaders.0,
@@ -1342,58 +1421,61 @@ impl ReplReport {
             p.round_time.as_secs(),
             p.rounds
         ));
-        s.push_str("| mode | system | acks/s | p50 / p99 / max | CPU s per million (3 servers) | rounds |\n| --- | --- | --- | --- | --- | --- |\n");
-        for mode in &r.modes {
-            let label = if mode.inflight == 1 {
-                "waiting for each ack (1 in flight)".to_string()
-            } else {
-                format!(
+            s.push_str("| mode | system | acks/s | p50 / p99 / max | CPU s per million (3 servers) | rounds |\n| --- | --- | --- | --- | --- | --- |\n");
+            for mode in &r.modes {
+                let label = if mode.inflight == 1 {
+                    "waiting for each ack (1 in flight)".to_string()
+                } else {
+                    format!(
                     "{} in flight (Shoal: {} keep-alive connections; JetStream: async publish on one connection)",
                     mode.inflight, mode.inflight
                 )
-            };
-            for (sys, rounds) in [("Shoal R=3", &mode.shoal), ("JetStream R3", &mode.nats)] {
-                let h = merged(rounds);
-                let acked: u64 = rounds.iter().map(|r| r.acked).sum();
-                let cpu: f64 = rounds.iter().map(|r| r.cpu_s).sum();
-                let per_round: Vec<String> = rounds
-                    .iter()
-                    .map(|r| {
-                        let mut t = format!(
-                            "{}/s, {} acked in {:.1} s",
-                            thousands(r.rate() as u64),
-                            thousands(r.acked),
-                            r.elapsed.as_secs_f64()
-                        );
-                        if r.failed > 0 {
-                            t.push_str(&format!(
-                                ", **{} failed**: {}",
-                                r.failed,
-                                r.first_error.clone().unwrap_or_default().replace('|', "/")
-                            ));
-                        }
-                        t
-                    })
-                    .collect();
-                s.push_str(&format!(
-                    "| {label} | {sys} | {} | {} / {} / {} ms | {:.1} | {} |\n",
-                    thousands(median(rounds.iter().map(Round::rate).collect()) as u64),
-                    ms(h.value_at_quantile(0.5)).trim_end_matches(" ms"),
-                    ms(h.value_at_quantile(0.99)).trim_end_matches(" ms"),
-                    ms(h.max()).trim_end_matches(" ms"),
-                    cpu / (acked.max(1) as f64 / 1e6),
-                    per_round.join("; ")
-                ));
+                };
+                for (sys, rounds) in [("Shoal R=3", &mode.shoal), ("JetStream R3", &mode.nats)] {
+                    let Some(h) = merged(rounds) else {
+                        continue;
+                    };
+                    let acked: u64 = rounds.iter().map(|r| r.acked).sum();
+                    let cpu: f64 = rounds.iter().map(|r| r.cpu_s).sum();
+                    let per_round: Vec<String> = rounds
+                        .iter()
+                        .map(|r| {
+                            let mut t = format!(
+                                "{}/s, {} acked in {:.1} s",
+                                thousands(r.rate() as u64),
+                                thousands(r.acked),
+                                r.elapsed.as_secs_f64()
+                            );
+                            if r.failed > 0 {
+                                t.push_str(&format!(
+                                    ", **{} failed**: {}",
+                                    r.failed,
+                                    r.first_error.clone().unwrap_or_default().replace('|', "/")
+                                ));
+                            }
+                            t
+                        })
+                        .collect();
+                    s.push_str(&format!(
+                        "| {label} | {sys} | {} | {} / {} / {} ms | {:.1} | {} |\n",
+                        thousands(median(rounds.iter().map(Round::rate).collect()) as u64),
+                        ms(h.value_at_quantile(0.5)),
+                        ms(h.value_at_quantile(0.99)),
+                        ms(h.max()),
+                        cpu / (acked.max(1) as f64 / 1e6),
+                        per_round.join("; ")
+                    ));
+                }
             }
+            s.push('\n');
         }
-        s.push('\n');
         // Failover details.
         if !r.kills.is_empty() {
             s.push_str(&format!(
-                "### Failover\n\nA topic of 1 partition, `replicas: 3`. Each kill: wait until the group has a leader and 3 voters and 3 s more (a leader hands over to placement's first choice), publish through an agent that does not lead it (one publish every 20 ms, each on its own pooled keep-alive connection, 10 s timeout, no retries by the bench: the agent itself retries for up to 5 s), SIGKILL the leader after 1 s, and take the time from the kill to the **201 of the first publish sent after the kill** (resolution 20 ms). Then restart the killed agent with the same name, ports and data directory (agent-1 without `--join`, the others joining agent-1) and wait until the group has 3 voters again. {} kills.\n\n",
+                "### Failover\n\nA topic of 1 partition, `replicas: 3`. Each kill: wait until the group has a leader and 3 voters and 3 s more (a leader hands over to placement's first choice), publish through an agent that does not lead it (the two others in turn; one publish every 20 ms, each on its own pooled keep-alive connection, 10 s timeout, no retries by the bench: the agent itself retries for up to 5 s), SIGKILL the leader after 1 s, and take the time from the kill to the **201 of the first publish sent after the kill** (resolution 20 ms). Then restart the killed agent with the same name, ports and data directory (agent-1 without `--join`, the others joining agent-1) and wait until the group has 3 voters again. {} kills.\n\n",
                 r.kills.len()
             ));
-            s.push_str("| # | killed leader | published through | kill → first 201 | new leader | publishes failed | slowest publish in flight at the kill | restart → 3 voters |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+            s.push_str("| # | killed leader | published through | kill → first 201 | new leader | publishes failed | longest publish | restart → 3 voters |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
             for (i, k) in r.kills.iter().enumerate() {
                 s.push_str(&format!(
                     "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -1403,7 +1485,7 @@ impl ReplReport {
                     k.failover.map_or("none within 20 s".into(), secs),
                     k.new_leader,
                     k.failed,
-                    secs(k.slowest_inflight),
+                    secs(k.slowest),
                     secs(k.reformed)
                 ));
             }
@@ -1445,7 +1527,7 @@ impl ReplReport {
         }
         if !r.warnings.is_empty() {
             s.push_str(&format!(
-                "Log lines with WARN/ERROR (agents) or [WRN]/[ERR] (nats-servers): {} in all; the first 15:\n\n```text\n",
+                "Log lines with WARN/ERROR (agents) or [WRN]/[ERR] (nats-servers, without the route connection attempts at start-up): {} in all; the first 15:\n\n```text\n",
                 r.warnings.len()
             ));
             for w in r.warnings.iter().take(15) {

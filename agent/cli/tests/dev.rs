@@ -541,7 +541,10 @@ async fn topics_counts_at_the_homes_and_a_clean_restart_prints_no_warnings() {
     let mut dev = Dev::start(dir.path(), base);
     dev.wait_for_stdout("Ctrl-C", READY_WAIT);
     let put = app(base, 0)
-        .put_json("/v1/topics/orders", &serde_json::json!({"partitions": 6}))
+        .put_json(
+            "/v1/topics/orders",
+            &serde_json::json!({"partitions": 6, "replicas": 1}),
+        )
         .await
         .unwrap();
     assert!(put.status.is_success(), "create orders: {}", put.status);

@@ -728,6 +728,18 @@ impl<S: LogStore> Driver<S> {
             .is_some_and(|g| g.transfer_to(to))
     }
 
+    /// Wakes a hibernating group: a publish or a read reached this replica,
+    /// which does not lead it. If its leader died while the group slept, the
+    /// replica's election timer runs again and it campaigns, instead of
+    /// waiting for membership to say the leader is down.
+    pub fn wake_group(&mut self, group: &GroupId) {
+        if let Some(g) = self.groups.get_mut(group) {
+            if g.hibernating && !g.is_leader() {
+                g.wake();
+            }
+        }
+    }
+
     /// Groups this replica leads.
     pub fn leading(&self) -> usize {
         self.groups.values().filter(|g| g.is_leader()).count()
