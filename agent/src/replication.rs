@@ -65,6 +65,9 @@ pub const COMMIT_EVERY_TICKS: u64 = 5;
 /// How often the meta leader looks for partitions without a group, and
 /// every agent re-reads placement for the groups it holds.
 const RECONCILE_EVERY_TICKS: u64 = 5;
+/// How often (in ticks: a minute) every replica applies its topic's
+/// retention by age.
+const RETENTION_EVERY_TICKS: u64 = 300;
 /// Ticks (30 s) before leadership of a group is handed to placement's
 /// first choice again after a try.
 const TRANSFER_BACKOFF_TICKS: u64 = 150;
@@ -418,6 +421,9 @@ impl Replication {
                 if core.ticks.is_multiple_of(COMMIT_EVERY_TICKS) {
                     self.flush_commits(&mut core);
                 }
+                if core.ticks.is_multiple_of(RETENTION_EVERY_TICKS) {
+                    self.enforce_retention(&mut core);
+                }
             }
             let outbox = core.driver.process();
             let removed = self.handle_events(&mut core);
@@ -625,6 +631,51 @@ impl Replication {
                     self.place(core, &g);
                 }
                 Err(e) => tracing::error!(group = %label, error = %e, "cannot create the group"),
+            }
+        }
+    }
+
+    /// Retention by age on every replica held here: whole segments older
+    /// than the topic's `maxAge` go (each replica on its own; a replica that
+    /// falls behind the leader's log start catches up from a snapshot).
+    /// `maxBytes` is not applied to replicated partitions yet.
+    fn enforce_retention(&self, core: &mut Core) {
+        let now = crate::time::now_ms();
+        let groups: Vec<GroupId> = core
+            .driver
+            .groups()
+            .filter(|g| **g != meta_group())
+            .cloned()
+            .collect();
+        for g in groups {
+            let Some(max_age) = self
+                .broker
+                .topic(&g.topic)
+                .and_then(|t| t.config().retention.max_age)
+            else {
+                continue;
+            };
+            let cutoff = now.saturating_sub(max_age.as_millis() as u64);
+            let Some(grp) = core.driver.group(&g) else {
+                continue;
+            };
+            let first = grp.store().first_index();
+            let keep_from = match grp.store().log().index_at_time(cutoff) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(group = %group_label(&g), error = %e, "retention could not read the log");
+                    continue;
+                }
+            };
+            if keep_from > first {
+                match core.driver.compact(&g, keep_from) {
+                    Ok(()) => {
+                        tracing::debug!(group = %group_label(&g), keep_from, "retention dropped old segments")
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %group_label(&g), error = %e, "retention failed")
+                    }
+                }
             }
         }
     }
