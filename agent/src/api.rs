@@ -902,6 +902,18 @@ async fn topics_json(state: &AppState, topics: &[Arc<crate::topic::Topic>]) -> V
                     state.subs.uses_topic(&topic.name).into(),
                 );
                 o.insert("stats".into(), json!({"partitions": partitions}));
+                // The Raft groups of this topic this agent holds a replica
+                // of: leader, term, commit index, voters, followers' lag.
+                if let Some(r) = &state.router {
+                    let held: Vec<_> = r
+                        .replica_view()
+                        .into_iter()
+                        .filter(|g| g.topic == *topic.name && g.namespace == state.namespace)
+                        .collect();
+                    if !held.is_empty() {
+                        o.insert("replication".into(), json!(held));
+                    }
+                }
             }
             v
         })

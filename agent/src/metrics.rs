@@ -297,6 +297,8 @@ pub struct Metrics {
     pub replica_under_replicated: Gauge,
     /// Groups with a replica here that know no leader.
     pub replica_leaderless: Gauge,
+    /// Entries the furthest-behind follower of any group led here lacks.
+    pub replica_follower_lag: Gauge,
     /// Leader or term changes seen by the replicas here.
     pub replica_leader_changes: Counter,
     /// Publish to a led partition until a majority stored it (a batch's wait).
@@ -420,6 +422,7 @@ impl Metrics {
             replica_leader_changes: Counter::default(),
             replica_under_replicated: Gauge::default(),
             replica_leaderless: Gauge::default(),
+            replica_follower_lag: Gauge::default(),
             replica_commit_latency: latency_histogram(),
         };
         let r = &mut registry;
@@ -700,6 +703,11 @@ impl Metrics {
             "shoal_replica_leaderless",
             "Raft groups with a replica on this agent that know no leader",
             m.replica_leaderless.clone(),
+        );
+        r.register(
+            "shoal_replica_follower_lag_entries",
+            "Entries the furthest-behind follower of any group this agent leads lacks",
+            m.replica_follower_lag.clone(),
         );
         r.register(
             "shoal_replica_leader_changes",

@@ -795,13 +795,18 @@ impl Replication {
     fn place_all(&self, core: &mut Core) {
         let groups: Vec<GroupId> = core.driver.groups().cloned().collect();
         let peers = lock(&self.peers);
-        let (mut under, mut leaderless) = (0i64, 0i64);
+        let (mut under, mut leaderless, mut max_lag) = (0i64, 0i64, 0u64);
         for g in groups {
             let Some(status) = core.driver.status(&g) else {
                 continue;
             };
             leaderless += i64::from(status.leader.is_none());
             let leads = status.leader == Some(self.me_id);
+            if leads {
+                for (_, matched) in &status.matched {
+                    max_lag = max_lag.max(status.last_index.saturating_sub(*matched));
+                }
+            }
             let wanted = self.wanted(&peers, &g, &status.voters);
             if leads && g != meta_group() {
                 let asked = self
@@ -843,6 +848,9 @@ impl Replication {
         }
         self.metrics.replica_under_replicated.set(under);
         self.metrics.replica_leaderless.set(leaderless);
+        self.metrics
+            .replica_follower_lag
+            .set(i64::try_from(max_lag).unwrap_or(i64::MAX));
     }
 
     /// Gossip's view changed: who is up, where, and which brokers count.

@@ -680,7 +680,7 @@ pub async fn choose_topics(mesh: &Mesh) -> Result<Topics, BoxError> {
     put(
         client,
         &format!("/v1/topics/{rr}"),
-        serde_json::json!({"partitions": 1}),
+        serde_json::json!({"partitions": 1, "replicas": 1}),
     )
     .await?;
     let mut all = vec![format!("{rr}/0")];
@@ -690,7 +690,9 @@ pub async fn choose_topics(mesh: &Mesh) -> Result<Topics, BoxError> {
             put(
                 client,
                 &format!("/v1/topics/{t}"),
-                serde_json::json!({"partitions": 1}),
+                // One copy, homed on agent-2: topics in a mesh default to
+                // 3 replicas, which `--only replication` measures.
+                serde_json::json!({"partitions": 1, "replicas": 1}),
             )
             .await?;
             all.push(format!("{t}/0"));
