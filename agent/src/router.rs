@@ -1535,9 +1535,16 @@ impl Router {
         };
         let start = serde_json::to_string(start).unwrap_or_default();
         let (t, g) = (topic.to_string(), group.to_string());
+        // A replicated partition's leader that does not answer within its
+        // long poll and a little more has likely died: another is elected.
+        let timeout = if self.replicated(topic).is_some() {
+            FETCH_WAIT + REPLICATED_FORWARD_TIMEOUT
+        } else {
+            FETCH_WAIT + SHORT_CALL
+        };
         let answer = self
             .mesh
-            .call(addr, FETCH_WAIT + SHORT_CALL, |req| Message::Fetch {
+            .call(addr, timeout, |req| Message::Fetch {
                 req,
                 topic: t,
                 partition,
@@ -1550,6 +1557,9 @@ impl Router {
             .await;
         if let Some(r) = self.replicated(topic) {
             let ok = matches!(&answer, Ok(Message::Fetched { result: Ok(_), .. }));
+            if answer.is_err() {
+                r.suspect(&node);
+            }
             r.note_answer(topic, partition, &node, ok);
         }
         match answer {
