@@ -105,6 +105,10 @@ enum MetaRecord {
         topic: String,
         partition: u32,
         bootstrapper: String,
+        /// The bootstrapper's run (its start time): a record is acted on
+        /// only by the run that proposed it, never by a later run replaying
+        /// the meta log (it may have created the group and lost it since).
+        incarnation: u64,
     },
 }
 
@@ -216,6 +220,8 @@ pub struct Replication {
     round: watch::Sender<u64>,
     leader_wait: Duration,
     replace_after: Duration,
+    /// This run of the agent (its start time, ms).
+    incarnation: u64,
 }
 
 impl std::fmt::Debug for Replication {
@@ -248,11 +254,77 @@ fn group_label(g: &GroupId) -> String {
     shoal_replica::group_name(g)
 }
 
+/// Bytes of entry data per `Raft` frame: well under the mesh's frame limit,
+/// so many groups appending at once in one round still go out.
+const MAX_BATCH_DATA: usize = 4 << 20;
+
+/// Splits one round's batch to a peer into frames of at most
+/// [`MAX_BATCH_DATA`] bytes of entries and snapshots (a single group's
+/// messages larger than that still go alone).
+fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
+    use shoal_proto::raft::EntryPayload;
+    let size = |gm: &shoal_proto::raft::GroupMessages| -> usize {
+        gm.messages
+            .iter()
+            .map(|m| {
+                64 + m
+                    .entries
+                    .iter()
+                    .map(|e| match &e.payload {
+                        EntryPayload::Normal(d) => d.len() + 24,
+                        EntryPayload::ConfChange(_) => 128,
+                    })
+                    .sum::<usize>()
+                    + m.snapshot.as_ref().map_or(0, |s| s.data.len())
+            })
+            .sum()
+    };
+    let incarnation = batch.incarnation;
+    let mut out: Vec<RaftBatch> = Vec::new();
+    let mut current = RaftBatch {
+        incarnation,
+        groups: Vec::new(),
+    };
+    let mut bytes = 0;
+    for gm in batch.groups {
+        let n = size(&gm);
+        if !current.groups.is_empty() && bytes + n > MAX_BATCH_DATA {
+            out.push(std::mem::replace(
+                &mut current,
+                RaftBatch {
+                    incarnation,
+                    groups: Vec::new(),
+                },
+            ));
+            bytes = 0;
+        }
+        bytes += n;
+        current.groups.push(gm);
+    }
+    out.push(current);
+    out
+}
+
 /// A store opener for the driver (a group this agent joins).
 fn opener(root: PathBuf) -> shoal_replica::driver::NewStore<DiskStore> {
     Box::new(move |g: &GroupId| {
+        // A peer names the group: its names become directories here.
+        if !valid_group(g) {
+            return Err(shoal_replica::store::StoreError::Io(format!(
+                "refused a group with an invalid name: {:?}/{:?}/{}",
+                g.namespace, g.topic, g.partition
+            )));
+        }
         DiskStore::open(&group_dir(&root, g), shoal_storage::LogConfig::default())
     })
+}
+
+/// Whether a group's names are safe as directory names: the meta group, or
+/// a namespace and topic that follow the naming rule.
+fn valid_group(g: &GroupId) -> bool {
+    *g == meta_group()
+        || (crate::names::validate("namespace", &g.namespace).is_ok()
+            && crate::names::validate("topic", &g.topic).is_ok())
 }
 
 impl Replication {
@@ -274,11 +346,16 @@ impl Replication {
         } = settings;
         let data_dir = data_dir.as_path();
         let root = data_dir.join(REPLICAS_DIR);
+        // Only an agent that was never part of a mesh founds one: a seed
+        // whose meta replica moved away (or was removed) must not start a
+        // second meta group on its next start.
+        let fresh = !root.exists();
         std::fs::create_dir_all(&root)
             .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
         let me_id = node_id(&me);
+        let incarnation = crate::time::now_ms();
         let config = DriverConfig {
-            incarnation: crate::time::now_ms(),
+            incarnation,
             seed: fastrand::u64(..),
             ..DriverConfig::default()
         };
@@ -304,7 +381,10 @@ impl Replication {
             }
         }
         let meta = meta_group();
-        if driver.group(&meta).is_none() && seed {
+        if driver.group(&meta).is_none() && seed && !fresh {
+            tracing::info!("this agent was started without --join but was part of a mesh before: it does not found a new one (it waits for the others to reach it)");
+        }
+        if driver.group(&meta).is_none() && seed && fresh {
             let store = DiskStore::open(
                 &group_dir(&root, &meta),
                 shoal_storage::LogConfig::default(),
@@ -346,6 +426,7 @@ impl Replication {
             round: watch::Sender::new(0),
             leader_wait: DEFAULT_LEADER_WAIT,
             replace_after,
+            incarnation,
         }))
     }
 
@@ -459,13 +540,17 @@ impl Replication {
             };
             let mesh = self.mesh.clone();
             tokio::spawn(async move {
-                let sent = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    mesh.tell(addr, Message::Raft(batch)),
-                )
-                .await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    tracing::debug!(peer = %name, "raft batch not delivered");
+                // In order, one frame after the other, each under the frame limit.
+                for part in split_batch(batch) {
+                    let sent = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        mesh.tell(addr, Message::Raft(part)),
+                    )
+                    .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        tracing::debug!(peer = %name, "raft batch not delivered");
+                        return;
+                    }
                 }
             });
         }
@@ -576,6 +661,7 @@ impl Replication {
                 topic,
                 partition,
                 bootstrapper,
+                incarnation,
             }) = postcard::from_bytes::<MetaRecord>(body)
             else {
                 tracing::error!(index = e.index, "unreadable meta record; skipped");
@@ -587,7 +673,7 @@ impl Replication {
                 continue;
             }
             core.records.insert(key.clone(), bootstrapper.clone());
-            if bootstrapper == self.me {
+            if bootstrapper == self.me && incarnation == self.incarnation {
                 to_create.push(key);
             }
         }
@@ -705,6 +791,7 @@ impl Replication {
                     topic: key.1.clone(),
                     partition,
                     bootstrapper: self.me.clone(),
+                    incarnation: self.incarnation,
                 };
                 let Ok(body) = postcard::to_allocvec(&record) else {
                     continue;
@@ -906,8 +993,10 @@ impl Replication {
             peers
                 .by_id
                 .iter()
-                .find(|(_, (_, a))| *a == from)
-                .map(|(id, _)| *id)
+                .filter(|(_, (_, a))| *a == from)
+                .map(|(id, (n, _))| (*id, peers.down.contains(n)))
+                .min_by_key(|(_, down)| *down)
+                .map(|(id, _)| id)
         };
         let Some(id) = id else {
             return false;
@@ -1230,9 +1319,13 @@ impl Replication {
                 let at = match start_at {
                     Some(a) => a,
                     None => {
+                        let pending = core
+                            .pending_commits
+                            .get(&(topic.to_string(), partition, group.to_string()))
+                            .copied();
                         let a = match from {
                             Some(f) => f,
-                            None => match grp.state().offset(group) {
+                            None => match pending.or_else(|| grp.state().offset(group)) {
                                 Some(o) => o,
                                 None => {
                                     let a = match start {
@@ -1244,10 +1337,11 @@ impl Replication {
                                             .unwrap_or(first),
                                     };
                                     // The choice is kept, so a restart resumes from it.
-                                    core.pending_commits.insert(
-                                        (topic.to_string(), partition, group.to_string()),
-                                        a,
-                                    );
+                                    let kept = core
+                                        .pending_commits
+                                        .entry((topic.to_string(), partition, group.to_string()))
+                                        .or_insert(a);
+                                    *kept = (*kept).max(a);
                                     a
                                 }
                             },
@@ -1347,6 +1441,10 @@ impl Replication {
                 .status(&g)
                 .is_some_and(|s| s.serving && s.leader == Some(self.me_id));
             if leads {
+                // An offset past the log's end (a peer's mistake or lie)
+                // would make the group skip every message still to come.
+                let end = core.driver.status(&g).map_or(0, |s| s.last_index + 1);
+                let next = next.min(end);
                 if core
                     .driver
                     .group(&g)
