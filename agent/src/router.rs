@@ -1210,9 +1210,20 @@ impl Router {
             }
             tokio::time::sleep(MOVE_RETRY_STEP).await;
         }
+        let replicated = repl.is_some();
         Ok(results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(ApiError::internal("publish lost a result"))))
+            .map(|r| match r {
+                // The leader that did not answer is being replaced: for the
+                // app it is the same as no leader (one code, whatever the timing).
+                Err(e) if replicated && e.code == "home_unavailable" => Err(ApiError::unavailable(
+                    "not_leader",
+                    format!("no leader of this partition of topic {topic_name:?} answered within the retry window ({})", e.message),
+                    1,
+                )),
+                r => r,
+            })
             .collect())
     }
 

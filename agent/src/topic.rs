@@ -198,6 +198,23 @@ impl TopicSpec {
         }
         if c.kind == TopicKind::Ephemeral {
             c.replicas = 0;
+        } else if c.replicas == 0 {
+            return Err(ApiError::bad_request(
+                "invalid_config",
+                "a durable topic needs 1 to 7 replicas (0 is for ephemeral topics)",
+            ));
+        }
+        // One copy lives in a local log, two or more in a Raft group: a
+        // change across that line would leave the stored messages behind.
+        if existing && base.kind == TopicKind::Durable && (base.replicas >= 2) != (c.replicas >= 2)
+        {
+            return Err(ApiError::conflict(
+                "replicas_change",
+                format!(
+                    "a topic's replicas can change between 2 and 7, but not between 1 and 2 or more (has {}, asked {}): its messages are stored differently; create a new topic",
+                    base.replicas, c.replicas
+                ),
+            ));
         }
         Ok(c)
     }
@@ -808,6 +825,29 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(zero.apply(&base, false).unwrap_err().status.as_u16(), 400);
+        let replicas = |r| TopicSpec {
+            replicas: Some(r),
+            ..Default::default()
+        };
+        // base has one copy: it may not become a Raft group in place...
+        let err = replicas(3).apply(&base, true).unwrap_err();
+        assert_eq!((err.status.as_u16(), err.code), (409, "replicas_change"));
+        assert!(
+            replicas(3).apply(&base, false).is_ok(),
+            "a new topic may ask for 3"
+        );
+        // ...a replicated one may grow or shrink its groups, but not below 2...
+        let replicated = replicas(3).apply(&base, false).unwrap();
+        assert_eq!(replicas(5).apply(&replicated, true).unwrap().replicas, 5);
+        assert_eq!(
+            replicas(1).apply(&replicated, true).unwrap_err().code,
+            "replicas_change"
+        );
+        // ...and a durable topic always keeps at least one copy.
+        assert_eq!(
+            replicas(0).apply(&base, false).unwrap_err().code,
+            "invalid_config"
+        );
     }
 
     #[test]

@@ -771,7 +771,7 @@ async fn status(client: &AgentClient) -> Result<ExitCode, ClientError> {
         .collect();
     if !unavailable.is_empty() {
         println!(
-            "unavailable until their home returns: {}",
+            "unavailable now (home or leader down, or no leader yet): {}",
             unavailable.join(" ")
         );
     }
