@@ -1082,6 +1082,25 @@ fn subscription_json(state: &AppState, sub: &crate::subscription::Subscription) 
             .partitions()
             .iter()
             .map(|p| {
+                let held = state
+                    .router
+                    .as_ref()
+                    .and_then(|r| r.replicated(&sub.topic))
+                    .map(|r| r.position(&sub.topic, p.id, &sub.group));
+                if let Some(position) = held {
+                    // A replicated partition: its Raft group's figures, when
+                    // this agent holds a replica (null otherwise).
+                    let (committed, end, lag) = match position {
+                        Some((c, e, l)) => (c, Some(e), l),
+                        None => (None, None, None),
+                    };
+                    return json!({
+                        "partition": p.id,
+                        "committedOffset": committed,
+                        "endOffset": end,
+                        "lag": lag,
+                    });
+                }
                 let end = p.committed() + 1;
                 let committed = p.committed_offset(&sub.group);
                 json!({

@@ -53,6 +53,9 @@ pub struct BrokerSettings {
 pub type TopicHook = Box<dyn Fn(&str) + Send + Sync>;
 /// Names the consumer groups that read a topic now (anywhere in the mesh).
 pub type GroupsHook = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+/// The consumer lag of a replicated topic's partitions led by this agent:
+/// (partition, group, messages not acknowledged) for the given groups.
+pub type ReplicatedLagHook = Box<dyn Fn(&str, &[String]) -> Vec<(u32, String, u64)> + Send + Sync>;
 
 /// Where a published message was stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -87,6 +90,7 @@ pub struct Broker {
 struct HookCell(
     std::sync::OnceLock<TopicHook>,
     std::sync::RwLock<Option<GroupsHook>>,
+    std::sync::OnceLock<ReplicatedLagHook>,
 );
 
 impl std::fmt::Debug for HookCell {
@@ -761,8 +765,15 @@ impl Broker {
         Ok(())
     }
 
+    /// Sets where the lag of replicated topics comes from (their Raft
+    /// groups, not the local partitions).
+    pub fn set_replicated_lag_hook(&self, hook: ReplicatedLagHook) {
+        let _ = self.topic_hook.2.set(hook);
+    }
+
     /// Recomputes `shoal_consumer_lag_messages` for the partitions this agent
-    /// serves and the consumer groups that read them now.
+    /// serves (for a replicated topic: leads) and the consumer groups that
+    /// read them now.
     pub fn refresh_lag_metrics(&self) {
         let per_topic = self.metrics.topic_labels();
         let mut totals: BTreeMap<String, i64> = BTreeMap::new();
@@ -770,6 +781,29 @@ impl Broker {
         for topic in self.topics() {
             let groups = self.live_groups(&topic.name);
             if groups.is_empty() {
+                continue;
+            }
+            let replicated = self
+                .topic_hook
+                .2
+                .get()
+                .filter(|_| crate::replication::is_replicated(&topic.config()));
+            if let Some(hook) = replicated {
+                for (partition, g, lag) in hook(&topic.name, &groups) {
+                    let lag = i64::try_from(lag).unwrap_or(i64::MAX);
+                    if per_topic {
+                        self.metrics
+                            .consumer_lag
+                            .get_or_create(&crate::metrics::LagLabels {
+                                topic: topic.name.to_string(),
+                                group: g,
+                                partition: partition.to_string(),
+                            })
+                            .set(lag);
+                    } else {
+                        *totals.entry(g).or_default() += lag;
+                    }
+                }
                 continue;
             }
             for p in topic.partitions() {

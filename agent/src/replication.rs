@@ -1434,6 +1434,9 @@ impl Replication {
         }
         let pending = std::mem::take(&mut core.pending_commits);
         let now = crate::time::now_ms();
+        // Not proposed or sent this time (leadership moving, no leader
+        // known): kept for the next flush, so no offset is lost on the way.
+        let mut retry = Vec::new();
         for ((topic, partition, group), next) in pending {
             let g = self.group_id(&topic, partition);
             let leads = core
@@ -1462,12 +1465,14 @@ impl Replication {
                     continue;
                 };
                 if core.driver.propose(&g, 0, data).is_err() {
-                    tracing::debug!(group = %group, "offset commit not proposed (leadership moved); the group may see redeliveries");
+                    tracing::debug!(group = %group, "offset commit not proposed (leadership moving); trying again");
+                    retry.push(((topic, partition, group), next));
                 }
                 continue;
             }
             // Led elsewhere: tell the leader (it proposes it).
             let Route::Peer { addr, .. } = self.route_unlocked(core, &topic, partition) else {
+                retry.push(((topic, partition, group), next));
                 continue;
             };
             let mesh = self.mesh.clone();
@@ -1480,6 +1485,10 @@ impl Replication {
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(5), mesh.tell(addr, msg)).await;
             });
+        }
+        for (key, next) in retry {
+            let kept = core.pending_commits.entry(key).or_insert(next);
+            *kept = (*kept).max(next);
         }
     }
 
@@ -1504,6 +1513,68 @@ impl Replication {
             }
         }
         Route::Unavailable
+    }
+
+    /// Messages between `from` and the commit index of a group held here
+    /// (control entries not counted). Reads at most 1 MiB of the log; past
+    /// that, the remaining entries are counted as messages (an upper bound).
+    fn messages_from(grp: &shoal_replica::group::Group<DiskStore>, from: u64) -> u64 {
+        let status = grp.status();
+        let end = status.commit.min(grp.store().last_index());
+        let from = from.max(grp.store().first_index());
+        if from > end {
+            return 0;
+        }
+        let Ok(entries) = grp.store().entries(from, end + 1, 1 << 20) else {
+            return end + 1 - from;
+        };
+        let last = entries.last().map_or(from.saturating_sub(1), |e| e.index);
+        let counted = entries
+            .iter()
+            .filter(|e| matches!(Command::decode(&e.data), Ok(Command::Message { .. })))
+            .count() as u64;
+        counted + end.saturating_sub(last)
+    }
+
+    /// The lag of `groups` on the partitions of `topic` this agent leads:
+    /// (partition, group, messages not acknowledged), for the lag metric.
+    pub fn lag(&self, topic: &str, groups: &[String]) -> Vec<(u32, String, u64)> {
+        let core = lock(&self.core);
+        let mut out = Vec::new();
+        for g in core.driver.groups() {
+            if g.topic != topic || g.namespace != self.namespace {
+                continue;
+            }
+            let Some(grp) = core.driver.group(g) else {
+                continue;
+            };
+            if grp.status().leader != Some(self.me_id) {
+                continue;
+            }
+            for name in groups {
+                if let Some(next) = grp.state().offset(name) {
+                    out.push((g.partition, name.clone(), Self::messages_from(grp, next)));
+                }
+            }
+        }
+        out
+    }
+
+    /// A consumer group's position on a replicated partition this agent
+    /// holds a replica of: (committed offset, end offset, messages between).
+    pub fn position(
+        &self,
+        topic: &str,
+        partition: u32,
+        group: &str,
+    ) -> Option<(Option<u64>, u64, Option<u64>)> {
+        let g = self.group_id(topic, partition);
+        let core = lock(&self.core);
+        let grp = core.driver.group(&g)?;
+        let end = grp.status().commit + 1;
+        let committed = grp.state().offset(group);
+        let lag = committed.map(|c| Self::messages_from(grp, c));
+        Some((committed, end, lag))
     }
 
     /// A replicated partition's figures as this agent's replica has them

@@ -194,6 +194,13 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
                 message: e,
             })?;
             replication.start(replication_stop_rx);
+            let lag_source = Arc::downgrade(&replication);
+            broker.set_replicated_lag_hook(Box::new(move |topic, groups| {
+                lag_source
+                    .upgrade()
+                    .map(|r| r.lag(topic, groups))
+                    .unwrap_or_default()
+            }));
             r.attach_replication(replication);
             subs.attach_router(&r);
             r.start(&subs);

@@ -779,3 +779,60 @@ async fn an_isolated_leader_and_a_lossy_link_lose_nothing() {
         acked.len()
     );
 }
+
+#[tokio::test]
+async fn consumer_lag_of_a_replicated_topic_counts_messages_not_log_entries() {
+    let root = tempdir();
+    let nodes = mesh_of(root.path(), 3, &[]).await;
+    create_topic(&nodes[0].agent.client).await;
+    {
+        let all: Vec<&Node> = nodes.iter().collect();
+        formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    }
+    let c = &nodes[1].agent.client;
+    publish_range(c, 0..10).await;
+    put_sub(c, "lagging", json!({"topic": TOPIC, "start": "earliest"})).await;
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked < 4 {
+        assert!(Instant::now() < deadline, "pulled {acked} of 4 within 30 s");
+        let got = pull(c, "lagging", 4 - acked, "1s").await;
+        if !got.is_empty() {
+            let ids: Vec<String> = got.iter().map(ackid).collect();
+            ack(c, "lagging", &ids).await;
+            acked += got.len();
+        }
+    }
+    // The acknowledged offsets go through each partition's log; the lag,
+    // as the API and the metric count it, is the 6 messages left (the
+    // log's no-ops, membership changes and offsets do not count).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = c.get("/v1/subscriptions/lagging").await.unwrap().json();
+        let api: u64 = v["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["lag"].as_u64().unwrap_or(0))
+            .sum();
+        let mut metric = 0.0;
+        for n in &nodes {
+            let m = metrics(&n.agent.admin).await;
+            metric += m
+                .lines()
+                .filter(|l| {
+                    l.starts_with("shoal_consumer_lag_messages{") && l.contains("group=\"lagging\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        if api == 6 && metric == 6.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lag of the group: API {api}, metric summed over the leaders {metric}; 6 expected: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
