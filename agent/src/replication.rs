@@ -900,7 +900,18 @@ impl Replication {
                     .broker
                     .topic(&g.topic)
                     .map_or(0, |t| t.config().replicas as usize);
-                under += i64::from(status.voters.len() < asked);
+                // A voter that is down (not yet replaced) holds no live copy.
+                let live_voters = status
+                    .voters
+                    .iter()
+                    .filter(|v| {
+                        peers
+                            .by_id
+                            .get(v)
+                            .is_none_or(|(name, _)| !peers.down.contains(name))
+                    })
+                    .count();
+                under += i64::from(live_voters < asked);
                 // Said once per group while the mesh has too few brokers
                 // (not while a new replica catches up, which passes).
                 let lacking = wanted.len() < asked;
