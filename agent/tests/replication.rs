@@ -139,46 +139,62 @@ struct Acked {
 /// [`PUBLISH_PATIENCE`]. Returns the acknowledged ones and the longest time
 /// one publish took.
 async fn publish_range(c: &AgentClient, range: std::ops::Range<usize>) -> (Vec<Acked>, Duration) {
+    let clients: Clients = std::sync::Arc::new(std::sync::Mutex::new(vec![c.clone()]));
     let mut acked = Vec::new();
     let mut slowest = Duration::ZERO;
+    let mut at = 0;
     for i in range {
-        let id = format!("id-{i}");
-        let key = format!("k{}", i % 8);
-        let body = format!("m-{i}");
-        let started = Instant::now();
-        loop {
-            let r = c
-                .publish(
-                    TOPIC,
-                    &[("shoal-key", &key), ("shoal-id", &id)],
-                    body.clone(),
-                )
-                .await;
-            match r {
-                Ok(r) if r.status == 201 || r.status == 200 => {
-                    let v = r.json();
-                    acked.push(Acked {
-                        id: id.clone(),
-                        key: key.clone(),
-                        body: body.clone(),
-                        partition: v["partition"].as_u64().unwrap(),
-                        offset: v["offset"].as_u64().unwrap(),
-                    });
-                    break;
-                }
-                Ok(r) if r.status == 503 || r.status == 504 => {}
-                Ok(r) => panic!("publish {id}: {} {}", r.status, r.text()),
-                Err(_) => {}
-            }
-            assert!(
-                started.elapsed() < PUBLISH_PATIENCE,
-                "publish {id} got no acknowledgement within {PUBLISH_PATIENCE:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        slowest = slowest.max(started.elapsed());
+        let (a, took) = publish_until_acked(&clients, &mut at, i).await;
+        acked.push(a);
+        slowest = slowest.max(took);
     }
     (acked, slowest)
+}
+
+/// Publishes message `i` (key `k{i % 8}`, `Shoal-Id` `id-{i}`) through the
+/// agents of `clients`, starting at `at`, until one acknowledges it: a 503
+/// is tried again (same id), an agent that does not answer is left for the
+/// next one. Fails after [`PUBLISH_PATIENCE`].
+async fn publish_until_acked(clients: &Clients, at: &mut usize, i: usize) -> (Acked, Duration) {
+    let id = format!("id-{i}");
+    let key = format!("k{}", i % 8);
+    let body = format!("m-{i}");
+    let started = Instant::now();
+    loop {
+        let c = {
+            let list = clients.lock().unwrap();
+            list[*at % list.len()].clone()
+        };
+        let r = c
+            .publish(
+                TOPIC,
+                &[("shoal-key", &key), ("shoal-id", &id)],
+                body.clone(),
+            )
+            .await;
+        match r {
+            Ok(r) if r.status == 201 || r.status == 200 => {
+                let v = r.json();
+                let acked = Acked {
+                    id,
+                    key,
+                    body,
+                    partition: v["partition"].as_u64().unwrap(),
+                    offset: v["offset"].as_u64().unwrap(),
+                };
+                return (acked, started.elapsed());
+            }
+            Ok(r) if r.status == 503 || r.status == 504 => {}
+            Ok(r) => panic!("publish {id}: {} {}", r.status, r.text()),
+            // This agent is down (stopped, restarting): use another.
+            Err(_) => *at += 1,
+        }
+        assert!(
+            started.elapsed() < PUBLISH_PATIENCE,
+            "publish {id} got no acknowledgement within {PUBLISH_PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Reads the whole topic back through `c` with a new consumer group and
@@ -279,6 +295,26 @@ fn busiest_leader(l: &BTreeMap<u64, (String, BTreeSet<String>)>, candidates: &[&
         .unwrap_or_else(|| candidates[0].to_string())
 }
 
+/// Partition → (leader, voters) of the test topic.
+type Leaders = BTreeMap<u64, (String, BTreeSet<String>)>;
+
+/// Three agents with the test topic, every group formed on all three; the
+/// leaders then.
+async fn formed_mesh(root: &Path) -> (Vec<Node>, Leaders) {
+    let nodes = mesh_of(root, 3, &[]).await;
+    create_topic(&nodes[0].agent.client).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let l = formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    (nodes, l)
+}
+
+/// The agent to hurt: the busiest leader other than agent-3 (which the
+/// tests publish through).
+fn victim_of<'a>(nodes: &'a [Node], l: &Leaders) -> &'a Node {
+    let name = busiest_leader(l, &["agent-1", "agent-2"]);
+    nodes.iter().find(|n| n.name == name).unwrap()
+}
+
 async fn create_topic(c: &AgentClient) {
     let r = put_topic(c, TOPIC, json!({"partitions": PARTITIONS, "replicas": 3})).await;
     assert!(
@@ -291,12 +327,9 @@ async fn create_topic(c: &AgentClient) {
 #[tokio::test]
 async fn kill_9_of_a_leader_loses_no_acknowledged_message() {
     let root = tempdir();
-    let mut nodes = mesh_of(root.path(), 3, &[]).await;
-    create_topic(&nodes[0].agent.client).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    let l = formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    let (mut nodes, l) = formed_mesh(root.path()).await;
     // Kill the busiest leader other than the publisher's agent (agent-3).
-    let victim = busiest_leader(&l, &["agent-1", "agent-2"]);
+    let victim = victim_of(&nodes, &l).name.clone();
     let (mut acked, _) = publish_range(&nodes[2].agent.client, 0..150).await;
     let v = nodes.iter_mut().find(|n| n.name == victim).unwrap();
     v.agent.child.kill().unwrap();
@@ -323,17 +356,11 @@ async fn kill_9_of_a_leader_loses_no_acknowledged_message() {
 #[tokio::test]
 async fn a_graceful_stop_hands_leadership_over_and_loses_nothing() {
     let root = tempdir();
-    let nodes = mesh_of(root.path(), 3, &[]).await;
-    create_topic(&nodes[0].agent.client).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    let l = formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
-    let victim = busiest_leader(&l, &["agent-1", "agent-2"]);
+    let (nodes, l) = formed_mesh(root.path()).await;
+    let v = victim_of(&nodes, &l);
+    let victim = v.name.clone();
     let (mut acked, _) = publish_range(&nodes[2].agent.client, 0..100).await;
-    let v = nodes.iter().find(|n| n.name == victim).unwrap();
-    std::process::Command::new("kill")
-        .args(["-TERM", &v.agent.child.id().to_string()])
-        .status()
-        .unwrap();
+    v.signal("-TERM");
     let (more, slowest) = publish_range(&nodes[2].agent.client, 100..200).await;
     acked.extend(more);
     eprintln!("SIGTERM of {victim}: longest publish after it {slowest:?}");
@@ -430,46 +457,9 @@ fn start_load(clients: Clients, first: usize) -> Load {
             if flag.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
-            let id = format!("id-{i}");
-            let key = format!("k{}", i % 8);
-            let body = format!("m-{i}");
-            let started = Instant::now();
-            loop {
-                let c = {
-                    let list = clients.lock().unwrap();
-                    list[at % list.len()].clone()
-                };
-                let r = c
-                    .publish(
-                        TOPIC,
-                        &[("shoal-key", &key), ("shoal-id", &id)],
-                        body.clone(),
-                    )
-                    .await;
-                match r {
-                    Ok(r) if r.status == 201 || r.status == 200 => {
-                        let v = r.json();
-                        acked.push(Acked {
-                            id: id.clone(),
-                            key: key.clone(),
-                            body: body.clone(),
-                            partition: v["partition"].as_u64().unwrap(),
-                            offset: v["offset"].as_u64().unwrap(),
-                        });
-                        break;
-                    }
-                    Ok(r) if r.status == 503 || r.status == 504 => {}
-                    Ok(r) => panic!("publish {id}: {} {}", r.status, r.text()),
-                    // This agent is down (stopped, restarting): use another.
-                    Err(_) => at += 1,
-                }
-                assert!(
-                    started.elapsed() < PUBLISH_PATIENCE,
-                    "publish {id} got no acknowledgement within {PUBLISH_PATIENCE:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            slowest = slowest.max(started.elapsed());
+            let (a, took) = publish_until_acked(&clients, &mut at, i).await;
+            acked.push(a);
+            slowest = slowest.max(took);
         }
         (acked, slowest)
     });
@@ -486,14 +476,9 @@ impl Load {
 #[tokio::test]
 async fn a_leader_paused_for_10_s_with_sigstop_loses_nothing() {
     let root = tempdir();
-    let nodes = mesh_of(root.path(), 3, &[]).await;
-    create_topic(&nodes[0].agent.client).await;
+    let (nodes, l) = formed_mesh(root.path()).await;
     let all: Vec<&Node> = nodes.iter().collect();
-    let l = formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
-    let victim = nodes
-        .iter()
-        .find(|n| n.name == busiest_leader(&l, &["agent-1", "agent-2"]))
-        .unwrap();
+    let victim = victim_of(&nodes, &l);
     let load = start_load(
         std::sync::Arc::new(std::sync::Mutex::new(vec![nodes[2].agent.client.clone()])),
         0,
@@ -757,14 +742,9 @@ async fn an_isolated_leader_and_a_lossy_link_lose_nothing() {
         return;
     }
     let root = tempdir();
-    let nodes = mesh_of(root.path(), 3, &[]).await;
-    create_topic(&nodes[0].agent.client).await;
+    let (nodes, l) = formed_mesh(root.path()).await;
     let all: Vec<&Node> = nodes.iter().collect();
-    let l = formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
-    let victim = nodes
-        .iter()
-        .find(|n| n.name == busiest_leader(&l, &["agent-1", "agent-2"]))
-        .unwrap();
+    let victim = victim_of(&nodes, &l);
     let load = start_load(
         std::sync::Arc::new(std::sync::Mutex::new(vec![nodes[2].agent.client.clone()])),
         0,
