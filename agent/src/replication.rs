@@ -43,7 +43,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch};
 
 /// The namespace of the meta group.
 pub const META_NAMESPACE: &str = "shoal-system";
@@ -74,6 +74,33 @@ const TRANSFER_BACKOFF_TICKS: u64 = 150;
 /// File listing the groups this agent created, so a restart that replays
 /// the meta log never creates one twice.
 const CREATED_FILE: &str = "created.json";
+
+/// Wakes the driver's thread: at most one wake-up is pending at a time.
+#[derive(Debug)]
+struct Waker {
+    tx: std::sync::mpsc::SyncSender<()>,
+    rx: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Waker {
+    fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        Waker {
+            tx,
+            rx: Mutex::new(rx),
+        }
+    }
+
+    /// Asks for a round now (a full queue means one is already asked for).
+    fn wake(&self) {
+        let _ = self.tx.try_send(());
+    }
+
+    /// Waits until woken or `timeout` passed.
+    fn wait(&self, timeout: Duration) {
+        let _ = lock(&self.rx).recv_timeout(timeout);
+    }
+}
 
 /// How an agent's replication starts.
 #[derive(Debug, Clone)]
@@ -215,7 +242,8 @@ pub struct Replication {
     metrics: Arc<Metrics>,
     core: Mutex<Core>,
     peers: Mutex<Peers>,
-    wake: Notify,
+    /// Wakes the driver's thread for a round now (a proposal, a peer's batch).
+    wake: Waker,
     /// Bumped after every round, so readers waiting for entries look again.
     round: watch::Sender<u64>,
     leader_wait: Duration,
@@ -422,7 +450,7 @@ impl Replication {
                 ticks: 0,
             }),
             peers: Mutex::new(Peers::default()),
-            wake: Notify::new(),
+            wake: Waker::new(),
             round: watch::Sender::new(0),
             leader_wait: DEFAULT_LEADER_WAIT,
             replace_after,
@@ -465,24 +493,35 @@ impl Replication {
     }
 
     /// Starts the driver's loop; it ends when `stop` turns true.
-    pub fn start(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
+    pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) {
         let this = self.clone();
-        tokio::spawn(async move {
-            let tick = Duration::from_millis(shoal_replica::driver::DEFAULT_TICK_MS);
-            let mut interval = tokio::time::interval(tick);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let ticked = tokio::select! {
-                    _ = interval.tick() => true,
-                    _ = this.wake.notified() => false,
-                    _ = stop.changed() => {
-                        if *stop.borrow() { return; }
-                        false
+        let runtime = tokio::runtime::Handle::current();
+        // Its own thread: a round writes and fsyncs every group it touched,
+        // which must not hold up the runtime's workers (the mesh, the app API).
+        let spawned = std::thread::Builder::new()
+            .name("shoal-replica".into())
+            .spawn(move || {
+                let _runtime = runtime.enter();
+                let tick = Duration::from_millis(shoal_replica::driver::DEFAULT_TICK_MS);
+                let mut next_tick = std::time::Instant::now() + tick;
+                loop {
+                    if *stop.borrow() {
+                        return;
                     }
-                };
-                this.round(ticked);
-            }
-        });
+                    let now = std::time::Instant::now();
+                    let ticked = if now >= next_tick {
+                        next_tick = now + tick;
+                        true
+                    } else {
+                        this.wake.wait(next_tick - now);
+                        false
+                    };
+                    this.round(ticked);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the replication thread; replicated partitions stay unavailable");
+        }
     }
 
     /// One round: tick (if due), process every group, send what it hands out.
@@ -993,7 +1032,7 @@ impl Replication {
         }
         self.place_all(&mut core);
         drop(core);
-        self.wake.notify_one();
+        self.wake.wake();
     }
 
     /// Steps a batch from the peer at `from`; a sender that is not a known
@@ -1013,7 +1052,7 @@ impl Replication {
             return false;
         };
         lock(&self.core).driver.step(id, batch);
-        self.wake.notify_one();
+        self.wake.wake();
         true
     }
 
@@ -1118,7 +1157,7 @@ impl Replication {
         }
         drop(core);
         if !led.is_empty() {
-            self.wake.notify_one();
+            self.wake.wake();
         }
     }
 
@@ -1181,7 +1220,7 @@ impl Replication {
             if let Err(e) = check {
                 core.driver.wake_group(&g);
                 drop(core);
-                self.wake.notify_one();
+                self.wake.wake();
                 return messages.iter().map(|_| Err(e.clone())).collect();
             }
             let now = crate::time::now_ms();
@@ -1246,7 +1285,7 @@ impl Replication {
                 }
             }
         }
-        self.wake.notify_one();
+        self.wake.wake();
         let started = std::time::Instant::now();
         let mut out = Vec::with_capacity(messages.len());
         for (m, p) in messages.iter().zip(pending) {
@@ -1609,7 +1648,7 @@ impl Replication {
     /// (a graceful stop); returns how many transfers started.
     pub fn transfer_leadership(&self) -> usize {
         let n = lock(&self.core).driver.transfer_all_leadership();
-        self.wake.notify_one();
+        self.wake.wake();
         n
     }
 
