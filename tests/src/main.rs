@@ -412,6 +412,7 @@ async fn run_replication(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
         plan.rounds = r;
     }
     println!("==> replicated partitions: {plan:?}");
+    let load_before = load_average();
     let started = Instant::now();
     let results = replication::run(&bin, &nats_bin, &plan, agent::clock_ticks_per_sec()).await?;
     let took_s = started.elapsed().as_secs_f64();
@@ -424,6 +425,7 @@ async fn run_replication(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
         plan,
         results,
         took_s,
+        load: (load_before, load_average()),
     };
     let md = report.markdown();
     println!("{md}");

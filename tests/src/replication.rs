@@ -396,6 +396,45 @@ impl Cluster {
         }
     }
 
+    /// Whether `name` holds partition 0 of `topic` as a voter following the
+    /// group's leader, not recovering, and the leader counts it 0 entries
+    /// behind (it has every entry).
+    async fn caught_up(&self, topic: &str, name: &str) -> bool {
+        let Some(me) = self.index_of(name) else {
+            return false;
+        };
+        let mine = self.cluster(me).await.and_then(|v| {
+            v["replicated"]
+                .as_array()?
+                .iter()
+                .find(|g| g["topic"] == topic && g["partition"] == 0)
+                .cloned()
+        });
+        let Some(mine) = mine else {
+            return false;
+        };
+        let Some(leader) = mine["leader"].as_str().map(str::to_string) else {
+            return false;
+        };
+        if leader == name || mine["recovering"] == true {
+            return leader == name;
+        }
+        let Some(li) = self.index_of(&leader) else {
+            return false;
+        };
+        self.cluster(li).await.is_some_and(|v| {
+            v["replicated"].as_array().into_iter().flatten().any(|g| {
+                g["topic"] == topic
+                    && g["partition"] == 0
+                    && g["leader"].as_str() == Some(leader.as_str())
+                    && g["voters"]
+                        .as_array()
+                        .is_some_and(|vs| vs.iter().any(|v| v == name))
+                    && g["lag"][name].as_u64() == Some(0)
+            })
+        })
+    }
+
     async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), BoxError> {
         let r = self.nodes[0]
             .client
@@ -567,7 +606,8 @@ pub struct Kill {
     pub failed: u64,
     /// Longest publish of the load (sent before or after the kill).
     pub slowest: Duration,
-    /// Restart → the group has its three voters again.
+    /// Restart → the restarted replica is a voter following the leader with
+    /// every entry (lag 0 at the leader).
     pub reformed: Duration,
 }
 
@@ -970,7 +1010,18 @@ async fn one_kill(cluster: &mut Cluster, topic: &str, k: usize) -> Result<Kill, 
         )
         .await
     {
-        Ok(_) => restarted.elapsed(),
+        Ok(_) => {
+            let victim = cluster.nodes[vi].name.clone();
+            while !cluster.caught_up(topic, &victim).await {
+                if restarted.elapsed() > Duration::from_secs(60) {
+                    return Err(
+                        format!("{victim} did not catch up within 60 s of its restart").into(),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            restarted.elapsed()
+        }
         Err(_) => {
             return Err(format!(
                 "{topic} did not get 3 voters within 60 s of restarting {}",
@@ -980,7 +1031,7 @@ async fn one_kill(cluster: &mut Cluster, topic: &str, k: usize) -> Result<Kill, 
         }
     };
     println!(
-        "[failover] {} restarted; 3 voters again after {} ms",
+        "[failover] {} restarted; a caught-up voter following the leader again after {} ms",
         g.leader,
         reformed.as_millis()
     );
@@ -1297,6 +1348,8 @@ pub struct ReplReport {
     pub results: ReplResults,
     /// Seconds the part took.
     pub took_s: f64,
+    /// `/proc/loadavg` before and after the part (1, 5, 15 minutes).
+    pub load: (String, String),
 }
 
 impl ReplReport {
@@ -1320,8 +1373,8 @@ impl ReplReport {
             s.push_str("**Quick run: small counts, not the figures of record.**\n\n");
         }
         s.push_str(&format!(
-            "Machine: {} × {}, Linux {}. The three agents, the three nats-servers and the bench client share these cores. {}; the part took {:.0} s.\n\n",
-            m.nproc, m.model, m.kernel, self.nats_version, self.took_s
+            "Machine: {} × {}, Linux {}. The three agents, the three nats-servers and the bench client share these cores. {}; the part took {:.0} s; load average (1, 5, 15 min) {} before, {} after.\n\n",
+            m.nproc, m.model, m.kernel, self.nats_version, self.took_s, self.load.0, self.load.1
         ));
         // Targets.
         s.push_str("| target | Shoal | JetStream R3 / bound | ratio | |\n| --- | --- | --- | --- | --- |\n");
@@ -1472,10 +1525,10 @@ impl ReplReport {
         // Failover details.
         if !r.kills.is_empty() {
             s.push_str(&format!(
-                "### Failover\n\nA topic of 1 partition, `replicas: 3`. Each kill: wait until the group has a leader and 3 voters and 3 s more (a leader hands over to placement's first choice), publish through an agent that does not lead it (the two others in turn; one publish every 20 ms, each on its own pooled keep-alive connection, 10 s timeout, no retries by the bench: the agent itself retries for up to 5 s), SIGKILL the leader after 1 s, and take the time from the kill to the **201 of the first publish sent after the kill** (resolution 20 ms). Then restart the killed agent with the same name, ports and data directory (agent-1 without `--join`, the others joining agent-1) and wait until the group has 3 voters again. {} kills.\n\n",
+                "### Failover\n\nA topic of 1 partition, `replicas: 3`. Each kill: wait until the group has a leader and 3 voters and 3 s more (a leader hands over to placement's first choice), publish through an agent that does not lead it (the two others in turn; one publish every 20 ms, each on its own pooled keep-alive connection, 10 s timeout, no retries by the bench: the agent itself retries for up to 5 s), SIGKILL the leader after 1 s, and take the time from the kill to the **201 of the first publish sent after the kill** (resolution 20 ms). Then restart the killed agent with the same name, ports and data directory (agent-1 without `--join`, the others joining agent-1) and wait until the group has a leader with 3 voters and the restarted replica follows it with every entry (the leader reports it 0 entries behind; its voter seat never went away, as `--replace-after` is 60 s). {} kills.\n\n",
                 r.kills.len()
             ));
-            s.push_str("| # | killed leader | published through | kill → first 201 | new leader | publishes failed | longest publish | restart → 3 voters |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+            s.push_str("| # | killed leader | published through | kill → first 201 | new leader | publishes failed | longest publish | restart → caught-up voter again |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
             for (i, k) in r.kills.iter().enumerate() {
                 s.push_str(&format!(
                     "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
