@@ -229,6 +229,13 @@ pub struct MeshSettings {
     pub broker: bool,
     /// Expected cluster size (tunes gossip).
     pub expected_size: u32,
+    /// Mesh addresses of the members this agent knew in its last run: it
+    /// announces itself to them at start and every
+    /// [`RECONNECT_INTERVAL`] until each is a member again (they need not
+    /// answer for this agent to be joined). A restarted agent started
+    /// without `--join` is heard from at once instead of waiting for the
+    /// others to find it.
+    pub known: Vec<SocketAddr>,
 }
 
 /// A member as `GET /v1/cluster` shows it.
@@ -614,9 +621,15 @@ impl Mesh {
         );
         let (view_tx, view_rx) = watch::channel(view_of(&membership, !seeds.is_empty()));
         let expected = Arc::new(ExpectedDowns::default());
+        let known: Vec<SocketAddr> = settings
+            .known
+            .iter()
+            .copied()
+            .filter(|a| *a != advertised && *a != local_addr)
+            .collect();
         tokio::spawn(run_membership(
             membership,
-            seeds,
+            (seeds, known),
             peers.clone(),
             (input_rx, input_tx.clone()),
             view_tx,
@@ -832,7 +845,7 @@ fn spawn_stats(peers: Peers, metrics: Arc<Metrics>) {
 
 async fn run_membership(
     mut m: Membership,
-    seeds: Vec<SocketAddr>,
+    (seeds, known): (Vec<SocketAddr>, Vec<SocketAddr>),
     peers: Peers,
     (mut input, timers): (mpsc::Receiver<Input>, mpsc::Sender<Input>),
     view: watch::Sender<ClusterView>,
@@ -905,12 +918,18 @@ async fn run_membership(
                 None => return,
             },
             _ = reconnect.tick(), if refused.is_none() => {
-                let down: Vec<SocketAddr> = m
-                    .members()
+                let members = m.members();
+                let mut down: Vec<SocketAddr> = members
                     .iter()
                     .filter(|(_, l)| *l == Liveness::Down)
                     .map(|(a, _)| a.addr)
                     .collect();
+                // Last run's members that gossip does not list yet.
+                down.extend(
+                    known
+                        .iter()
+                        .filter(|k| !members.iter().any(|(a, _)| a.addr == **k)),
+                );
                 for addr in down {
                     if let Ok(fx) = m.join(AgentId::seed(addr)) {
                         apply(&m, fx);

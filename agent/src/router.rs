@@ -2591,6 +2591,17 @@ impl Handler for Router {
     }
 }
 
+/// Mesh addresses of the members `data_dir`'s [`MEMBERS_FILE`] keeps from
+/// the last run (not this agent, not those that left).
+pub fn saved_member_addrs(data_dir: &std::path::Path, me: &str) -> Vec<SocketAddr> {
+    load_members(&data_dir.join(MEMBERS_FILE))
+        .members
+        .into_iter()
+        .filter(|m| m.node != me && !m.departed)
+        .map(|m| m.addr)
+        .collect()
+}
+
 /// Reads [`MEMBERS_FILE`]; a missing or unreadable file is an empty list
 /// (this agent then learns its members from gossip, as on a first start).
 fn load_members(path: &std::path::Path) -> SavedMembers {

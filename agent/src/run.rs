@@ -145,6 +145,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
                 service_account: config.service_account(),
                 broker: config.broker,
                 expected_size: crate::mesh::DEFAULT_EXPECTED_SIZE,
+                known: crate::router::saved_member_addrs(&config.data_dir, &node),
             },
             metrics.clone(),
         )

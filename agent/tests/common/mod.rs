@@ -842,10 +842,12 @@ pub fn start_mesh_agent(
     if std::env::var_os("SHOAL_TEST_LOGS").is_some() {
         cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
     }
-    // SHOAL_TEST_LOG_DIR=DIR: each agent's logs in DIR/NAME.log (appended
-    // across restarts), to tell the agents of a failing test apart.
+    // SHOAL_TEST_LOG_DIR=DIR: each agent's logs in DIR/MESH-NAME.log
+    // (appended across restarts), to tell the agents of a failing test apart.
     if let Some(dir) = std::env::var_os("SHOAL_TEST_LOG_DIR") {
-        let path = Path::new(&dir).join(format!("{name}.log"));
+        // One file per test mesh (its temporary directory) and agent.
+        let mesh = root.file_name().and_then(|n| n.to_str()).unwrap_or("mesh");
+        let path = Path::new(&dir).join(format!("{mesh}-{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
