@@ -199,10 +199,8 @@ impl TopicSpec {
         if c.kind == TopicKind::Ephemeral {
             c.replicas = 0;
         } else if c.replicas == 0 {
-            return Err(ApiError::bad_request(
-                "invalid_config",
-                "a durable topic needs 1 to 7 replicas (0 is for ephemeral topics)",
-            ));
+            // 0 is the ephemeral topics' count; a durable topic keeps a copy.
+            c.replicas = 1;
         }
         // One copy lives in a local log, two or more in a Raft group: a
         // change across that line would leave the stored messages behind.
@@ -844,10 +842,7 @@ mod tests {
             "replicas_change"
         );
         // ...and a durable topic always keeps at least one copy.
-        assert_eq!(
-            replicas(0).apply(&base, false).unwrap_err().code,
-            "invalid_config"
-        );
+        assert_eq!(replicas(0).apply(&base, false).unwrap().replicas, 1);
     }
 
     #[test]
