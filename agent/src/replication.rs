@@ -1141,6 +1141,26 @@ impl Replication {
         }
     }
 
+    /// Whether a replicated partition has a leader that is up, as this
+    /// agent's replica knows it; `None` when it holds no replica.
+    pub fn has_live_leader(&self, topic: &str, partition: u32) -> Option<bool> {
+        let g = self.group_id(topic, partition);
+        let leader = lock(&self.core).driver.status(&g)?.leader;
+        let Some(leader) = leader else {
+            return Some(false);
+        };
+        if leader == self.me_id {
+            return Some(true);
+        }
+        let peers = lock(&self.peers);
+        Some(
+            peers
+                .by_id
+                .get(&leader)
+                .is_some_and(|(name, _)| !peers.down.contains(name)),
+        )
+    }
+
     /// `node` did not answer a call: the groups here that it leads wake, so
     /// their followers elect another leader if it died while they slept.
     pub fn suspect(&self, node: &str) {

@@ -1237,13 +1237,20 @@ impl Router {
             return choose_partition(topic, m);
         }
         let count = topic.partition_count().max(1);
+        // A replicated partition is live when it has a leader that is up (as
+        // far as this agent's replica knows); another, when its home is up.
+        let repl = self.replicated(name);
+        let live = |p: u32| match repl {
+            Some(r) => r.has_live_leader(name, p) != Some(false),
+            None => !matches!(self.home(name, p), Home::Down { .. }),
+        };
         let first = choose_partition(topic, m);
-        if !matches!(self.home(name, first), Home::Down { .. }) {
+        if live(first) {
             return first;
         }
         (1..count)
             .map(|_| choose_partition(topic, m))
-            .find(|p| !matches!(self.home(name, *p), Home::Down { .. }))
+            .find(|p| live(*p))
             .unwrap_or(first)
     }
 
