@@ -34,9 +34,6 @@ pub const JOIN_RETRY: Duration = Duration::from_secs(2);
 /// partition, hears from the rest again (Serf's reconnect to failed members)
 /// even if nothing else would make either side probe the other.
 pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a member going down waits to be logged: a warning, unless this
-/// agent has started stopping meanwhile (the whole mesh stopping at once).
-const DOWN_LOG_GRACE: Duration = Duration::from_millis(250);
 /// How often per-peer QUIC statistics are exported.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// Datagrams queued for the membership task before new ones are dropped
@@ -876,21 +873,7 @@ async fn run_membership(
                     Some(why) => {
                         tracing::info!(node = %a.node, addr = %a.addr, "member down ({why})")
                     }
-                    None => {
-                        // When a whole mesh stops, the first agent out can be
-                        // seen down a few milliseconds before this agent's own
-                        // stop signal arrives: decide on the level a moment later.
-                        let expected = expected.clone();
-                        let a = a.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(DOWN_LOG_GRACE).await;
-                            if expected.stopping.load(std::sync::atomic::Ordering::Acquire) {
-                                tracing::info!(node = %a.node, addr = %a.addr, "member down (this agent is stopping too)");
-                            } else {
-                                tracing::warn!(node = %a.node, addr = %a.addr, "member down");
-                            }
-                        });
-                    }
+                    None => tracing::warn!(node = %a.node, addr = %a.addr, "member down"),
                 },
                 Event::Alone if expected.stopping.load(std::sync::atomic::Ordering::Acquire) => {
                     tracing::info!("no other member is alive (this agent is stopping too)")
