@@ -27,14 +27,14 @@ use crate::mesh::Mesh;
 use crate::message::Message as AppMessage;
 use crate::metrics::Metrics;
 use crate::subscription::StartPosition;
-use crate::topic::{Topic, TopicConfig, TopicKind};
+use crate::topic::{FsyncPolicy, Topic, TopicConfig, TopicKind};
 use serde::{Deserialize, Serialize};
 use shoal_cluster::membership::Liveness;
 use shoal_cluster::placement::{self, Member, PartitionKey};
 use shoal_proto::raft::RaftBatch;
 use shoal_proto::{FetchedBatch, Message, WireEntry};
 use shoal_replica::command::Command;
-use shoal_replica::disk::DiskStore;
+use shoal_replica::disk::{DiskStore, SyncPolicy};
 use shoal_replica::state::Applied;
 use shoal_replica::store::LogStore;
 use shoal_replica::{node_id, Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
@@ -116,6 +116,8 @@ pub struct ReplicationSettings {
     pub seed: bool,
     /// How long an agent may be down before its replicas move (`--replace-after`).
     pub replace_after: Duration,
+    /// How often groups of `interval` topics fsync (`--fsync-interval`).
+    pub fsync_interval: Duration,
 }
 
 /// Whether a topic's partitions are Raft groups.
@@ -248,6 +250,8 @@ pub struct Replication {
     round: watch::Sender<u64>,
     leader_wait: Duration,
     replace_after: Duration,
+    /// Ticks between flushes of `interval` groups (`--fsync-interval`).
+    flush_every_ticks: u64,
     /// This run of the agent (its start time, ms).
     incarnation: u64,
 }
@@ -334,7 +338,7 @@ fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
 }
 
 /// A store opener for the driver (a group this agent joins).
-fn opener(root: PathBuf) -> shoal_replica::driver::NewStore<DiskStore> {
+fn opener(root: PathBuf, broker: Arc<Broker>) -> shoal_replica::driver::NewStore<DiskStore> {
     Box::new(move |g: &GroupId| {
         // A peer names the group: its names become directories here.
         if !valid_group(g) {
@@ -343,8 +347,24 @@ fn opener(root: PathBuf) -> shoal_replica::driver::NewStore<DiskStore> {
                 g.namespace, g.topic, g.partition
             )));
         }
-        DiskStore::open(&group_dir(&root, g), shoal_storage::LogConfig::default())
+        let mut store = DiskStore::open(&group_dir(&root, g), shoal_storage::LogConfig::default())?;
+        store.set_sync_policy(sync_policy_of(&broker, g))?;
+        Ok(store)
     })
+}
+
+/// How a group's writes reach the disk: its topic's fsync policy. The meta
+/// group, and a group whose topic this agent does not know yet, sync every
+/// write (the safe side until the topic arrives).
+fn sync_policy_of(broker: &Broker, g: &GroupId) -> SyncPolicy {
+    if *g == meta_group() {
+        return SyncPolicy::Always;
+    }
+    match broker.topic(&g.topic).map(|t| t.config().fsync) {
+        Some(FsyncPolicy::Interval) => SyncPolicy::Interval,
+        Some(FsyncPolicy::Never) => SyncPolicy::Never,
+        Some(FsyncPolicy::Always) | None => SyncPolicy::Always,
+    }
 }
 
 /// Whether a group's names are safe as directory names: the meta group, or
@@ -371,6 +391,7 @@ impl Replication {
             data_dir,
             seed,
             replace_after,
+            fsync_interval,
         } = settings;
         let data_dir = data_dir.as_path();
         let root = data_dir.join(REPLICAS_DIR);
@@ -387,7 +408,7 @@ impl Replication {
             seed: fastrand::u64(..),
             ..DriverConfig::default()
         };
-        let mut driver = Driver::new(me_id, config, opener(root.clone()));
+        let mut driver = Driver::new(me_id, config, opener(root.clone(), broker.clone()));
         let mut opened = 0usize;
         for g in Self::kept_groups(&root) {
             let dir = group_dir(&root, &g);
@@ -454,6 +475,9 @@ impl Replication {
             round: watch::Sender::new(0),
             leader_wait: DEFAULT_LEADER_WAIT,
             replace_after,
+            flush_every_ticks: (fsync_interval.as_millis()
+                / u128::from(shoal_replica::driver::DEFAULT_TICK_MS))
+            .clamp(1, u128::from(u64::MAX)) as u64,
             incarnation,
         }))
     }
@@ -506,6 +530,9 @@ impl Replication {
                 let mut next_tick = std::time::Instant::now() + tick;
                 loop {
                     if *stop.borrow() {
+                        // What `interval` topics left in the page cache goes
+                        // to disk before the agent exits.
+                        lock(&this.core).driver.flush_stores();
                         return;
                     }
                     let now = std::time::Instant::now();
@@ -537,6 +564,10 @@ impl Replication {
                     core.waiters.retain(|_, w| !w.tx.is_closed());
                     self.propose_missing(&mut core);
                     self.place_all(&mut core);
+                    self.apply_sync_policies(&mut core);
+                }
+                if core.ticks.is_multiple_of(self.flush_every_ticks) {
+                    core.driver.flush_stores();
                 }
                 if core.ticks.is_multiple_of(COMMIT_EVERY_TICKS) {
                     self.flush_commits(&mut core);
@@ -918,6 +949,22 @@ impl Replication {
     /// Every group moves toward the replicas placement wants, and a leader
     /// hands its group to placement's first choice once that one has every
     /// entry, so leaders spread over the agents as homes did.
+    /// Brings every group's sync policy in line with its topic's fsync
+    /// policy (a topic's config can change, and arrives after its groups
+    /// may have been created by a peer's message).
+    fn apply_sync_policies(&self, core: &mut Core) {
+        let groups: Vec<GroupId> = core.driver.groups().cloned().collect();
+        for g in groups {
+            let policy = sync_policy_of(&self.broker, &g);
+            let Some(store) = core.driver.store_mut(&g) else {
+                continue;
+            };
+            if let Err(e) = store.set_sync_policy(policy) {
+                tracing::warn!(group = %group_label(&g), error = %e, "cannot change a replica's sync policy");
+            }
+        }
+    }
+
     fn place_all(&self, core: &mut Core) {
         let groups: Vec<GroupId> = core.driver.groups().cloned().collect();
         let peers = lock(&self.peers);
@@ -1712,6 +1759,13 @@ impl Replication {
                     .collect(),
                 hibernating: s.hibernating,
                 recovering: s.recovering,
+                fsync: core.driver.group(g).map_or("always", |grp| {
+                    match grp.store().sync_policy() {
+                        SyncPolicy::Always => "always",
+                        SyncPolicy::Interval => "interval",
+                        SyncPolicy::Never => "never",
+                    }
+                }),
             })
             .collect()
     }
@@ -1745,4 +1799,7 @@ pub struct ReplicaView {
     pub hibernating: bool,
     /// Lost entries; does not vote until caught up.
     pub recovering: bool,
+    /// When this replica's writes are fsynced (`always`, `interval`,
+    /// `never`): its topic's fsync policy once this agent knows the topic.
+    pub fsync: &'static str,
 }

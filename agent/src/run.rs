@@ -185,6 +185,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
                     data_dir: config.data_dir.clone(),
                     seed: config.join.is_empty(),
                     replace_after: config.replace_after,
+                    fsync_interval: config.fsync_interval,
                 },
                 m.clone(),
                 broker.clone(),

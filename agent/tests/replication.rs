@@ -124,6 +124,33 @@ async fn formed(nodes: &[&Node], voters: &[&str]) -> BTreeMap<u64, (String, BTre
     }
 }
 
+/// Waits until every replica of the test topic on `nodes` applies `fsync`
+/// (the agent brings its replicas in line with the topic's policy once a
+/// second).
+async fn wait_fsync(nodes: &[Node], fsync: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut seen = BTreeSet::new();
+        for n in nodes {
+            if let Some(c) = cluster(&n.agent.client).await {
+                for g in c["replicated"].as_array().into_iter().flatten() {
+                    if g["topic"] == TOPIC {
+                        seen.insert(g["fsync"].as_str().unwrap_or("?").to_string());
+                    }
+                }
+            }
+        }
+        if seen.len() == 1 && seen.contains(fsync) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replicas of {TOPIC} did not all apply fsync {fsync} within 20 s: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A message the publisher was told is stored.
 #[derive(Debug, Clone)]
 struct Acked {
@@ -301,8 +328,13 @@ type Leaders = BTreeMap<u64, (String, BTreeSet<String>)>;
 /// Three agents with the test topic, every group formed on all three; the
 /// leaders then.
 async fn formed_mesh(root: &Path) -> (Vec<Node>, Leaders) {
+    formed_mesh_with(root, "interval").await
+}
+
+/// [`formed_mesh`] with the topic's fsync policy given.
+async fn formed_mesh_with(root: &Path, fsync: &str) -> (Vec<Node>, Leaders) {
     let nodes = mesh_of(root, 3, &[]).await;
-    create_topic(&nodes[0].agent.client).await;
+    create_topic_with(&nodes[0].agent.client, fsync).await;
     let all: Vec<&Node> = nodes.iter().collect();
     let l = formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
     (nodes, l)
@@ -316,7 +348,18 @@ fn victim_of<'a>(nodes: &'a [Node], l: &Leaders) -> &'a Node {
 }
 
 async fn create_topic(c: &AgentClient) {
-    let r = put_topic(c, TOPIC, json!({"partitions": PARTITIONS, "replicas": 3})).await;
+    create_topic_with(c, "interval").await;
+}
+
+/// The test topic, R=3, with `fsync` as its policy (`interval`, the default,
+/// acknowledges entries written to a majority's OS; `always`, fsynced there).
+async fn create_topic_with(c: &AgentClient, fsync: &str) {
+    let r = put_topic(
+        c,
+        TOPIC,
+        json!({"partitions": PARTITIONS, "replicas": 3, "fsync": fsync}),
+    )
+    .await;
     assert!(
         r.status == 201 || r.status == 200,
         "create {TOPIC}: {}",
@@ -328,6 +371,7 @@ async fn create_topic(c: &AgentClient) {
 async fn kill_9_of_a_leader_loses_no_acknowledged_message() {
     let root = tempdir();
     let (mut nodes, l) = formed_mesh(root.path()).await;
+    wait_fsync(&nodes, "interval").await;
     // Kill the busiest leader other than the publisher's agent (agent-3).
     let victim = victim_of(&nodes, &l).name.clone();
     let (mut acked, _) = publish_range(&nodes[2].agent.client, 0..150).await;
@@ -356,7 +400,9 @@ async fn kill_9_of_a_leader_loses_no_acknowledged_message() {
 #[tokio::test]
 async fn a_graceful_stop_hands_leadership_over_and_loses_nothing() {
     let root = tempdir();
-    let (nodes, l) = formed_mesh(root.path()).await;
+    // The other tests run the default policy (`interval`); this one fsyncs.
+    let (nodes, l) = formed_mesh_with(root.path(), "always").await;
+    wait_fsync(&nodes, "always").await;
     let v = victim_of(&nodes, &l);
     let victim = v.name.clone();
     let (mut acked, _) = publish_range(&nodes[2].agent.client, 0..100).await;

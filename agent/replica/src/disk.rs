@@ -121,10 +121,32 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+/// When a group's log writes reach the disk, from the topic's fsync policy.
+/// Term, vote and configuration are fsynced before the messages that depend
+/// on them leave, whatever the policy: only message entries wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncPolicy {
+    /// Every round's writes are fsynced before this replica acknowledges
+    /// them: an acknowledged entry is on the disks of a majority.
+    #[default]
+    Always,
+    /// Written to the OS before acknowledged, fsynced by [`LogStore::flush`]
+    /// (every `--fsync-interval`): an acknowledged entry is in the page cache
+    /// of a majority, so it survives any process dying, not a majority of
+    /// machines losing power within the interval.
+    Interval,
+    /// Written to the OS before acknowledged; the OS writes it back when it
+    /// likes.
+    Never,
+}
+
 /// A group's log and state in one directory.
 pub struct DiskStore {
     dir: PathBuf,
     log: Log,
+    policy: SyncPolicy,
+    /// Files written and not yet fsynced (`Interval`).
+    unsynced: Option<shoal_storage::SyncHandle>,
     meta: RaftMeta,
     /// What `raft-state` holds now.
     written: StateFile,
@@ -172,6 +194,8 @@ impl DiskStore {
         Ok(DiskStore {
             dir: dir.to_path_buf(),
             log,
+            policy: SyncPolicy::Always,
+            unsynced: None,
             written: StateFile::of(&meta),
             meta,
             lost: problem.is_some(),
@@ -187,6 +211,29 @@ impl DiskStore {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The sync policy now.
+    pub fn sync_policy(&self) -> SyncPolicy {
+        self.policy
+    }
+
+    /// Changes the sync policy; a store turning to `Always` first syncs what
+    /// it had left for later.
+    pub fn set_sync_policy(&mut self, policy: SyncPolicy) -> Result<(), StoreError> {
+        if policy == self.policy {
+            return Ok(());
+        }
+        if policy == SyncPolicy::Always {
+            if let Some(handle) = self.unsynced.take() {
+                handle.sync().map_err(io)?;
+            }
+        }
+        if policy == SyncPolicy::Never {
+            self.unsynced = None;
+        }
+        self.policy = policy;
+        Ok(())
     }
 
     /// The underlying log (for reads by consumers and storage gauges).
@@ -370,7 +417,14 @@ impl LogStore for DiskStore {
 
     fn sync(&mut self) -> Result<(), StoreError> {
         if let Some(handle) = self.log.write_buffered().map_err(storage_error)? {
-            handle.sync().map_err(io)?;
+            match self.policy {
+                SyncPolicy::Always => handle.sync().map_err(io)?,
+                SyncPolicy::Interval => match &mut self.unsynced {
+                    Some(pending) => pending.merge(handle),
+                    None => self.unsynced = Some(handle),
+                },
+                SyncPolicy::Never => {}
+            }
         }
         let state = StateFile::of(&self.meta);
         let commit_moved = state.commit >= self.written.commit + COMMIT_WRITE_STRIDE;
@@ -378,6 +432,14 @@ impl LogStore for DiskStore {
             self.write_state()?;
         }
         Ok(())
+    }
+
+    fn flush(&mut self) -> Result<bool, StoreError> {
+        let Some(handle) = self.unsynced.take() else {
+            return Ok(false);
+        };
+        handle.sync().map_err(io)?;
+        Ok(true)
     }
 
     fn lost_entries(&self) -> bool {

@@ -287,6 +287,32 @@ impl<S: LogStore> Driver<S> {
         self.groups.get(group)
     }
 
+    /// A group's store, to change how it writes (its sync policy). Its log
+    /// and state belong to the group: write them only through the driver.
+    pub fn store_mut(&mut self, group: &GroupId) -> Option<&mut S> {
+        self.groups.get_mut(group).map(Group::store_mut)
+    }
+
+    /// Flushes every store that left writes for later ([`LogStore::flush`]);
+    /// returns how many synced. A store that fails stops its replica, as a
+    /// failed write does.
+    pub fn flush_stores(&mut self) -> u64 {
+        let mut synced = 0;
+        let mut failed = Vec::new();
+        for (id, g) in &mut self.groups {
+            match g.store_mut().flush() {
+                Ok(true) => synced += 1,
+                Ok(false) => {}
+                Err(e) => failed.push((id.clone(), e.to_string())),
+            }
+        }
+        self.stats.syncs += synced;
+        for (id, reason) in failed {
+            self.fail(&id, reason);
+        }
+        synced
+    }
+
     /// A group's status.
     pub fn status(&self, group: &GroupId) -> Option<GroupStatus> {
         self.groups.get(group).map(Group::status)

@@ -89,8 +89,16 @@ pub trait LogStore {
     fn reset(&mut self, index: u64, term: u64) -> Result<(), StoreError>;
     /// Drops entries before `first_index` (retention).
     fn compact(&mut self, first_index: u64) -> Result<(), StoreError>;
-    /// Makes every write so far durable.
+    /// Makes every write so far durable, as far as the store's policy asks,
+    /// before the messages that promise durability (votes, append
+    /// acknowledgements) leave.
     fn sync(&mut self) -> Result<(), StoreError>;
+    /// Makes durable the writes [`LogStore::sync`] left to a later flush (a
+    /// store that syncs lazily, every interval); returns whether it synced
+    /// anything. A store that syncs on every `sync` has nothing to flush.
+    fn flush(&mut self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
     /// Whether opening the store cut entries it had made durable (a
     /// corrupt record), so the replica may have lost entries it
     /// acknowledged. A torn unsynced tail does not count.

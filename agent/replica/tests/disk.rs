@@ -4,7 +4,7 @@
 
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType};
 use shoal_replica::command::Command;
-use shoal_replica::disk::{DiskStore, STATE_FILE};
+use shoal_replica::disk::{DiskStore, SyncPolicy, STATE_FILE};
 use shoal_replica::store::{LogStore, RaftMeta};
 use shoal_replica::{Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
 use shoal_storage::LogConfig;
@@ -95,6 +95,50 @@ fn unsynced_entries_are_not_there_after_a_reopen_and_a_conflicting_tail_is_cut()
     assert_eq!(
         store.entries(1, 3, u64::MAX).unwrap(),
         vec![message(1, 1, "a"), message(2, 2, "B")]
+    );
+}
+
+#[test]
+fn an_interval_store_leaves_its_fsync_to_the_flush_and_writes_to_the_os_on_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    assert_eq!(store.sync_policy(), SyncPolicy::Always);
+    store.append(&[message(1, 1, "a")]).unwrap();
+    store.sync().unwrap();
+    assert!(!store.flush().unwrap(), "an Always store synced already");
+
+    store.set_sync_policy(SyncPolicy::Interval).unwrap();
+    store.append(&[message(2, 1, "b")]).unwrap();
+    store.sync().unwrap();
+    store.append(&[message(3, 1, "c")]).unwrap();
+    store.sync().unwrap();
+    // Both rounds' files wait for one fsync.
+    assert!(store.flush().unwrap());
+    assert!(!store.flush().unwrap(), "nothing left after a flush");
+
+    store.append(&[message(4, 1, "d")]).unwrap();
+    store.sync().unwrap();
+    // Turning to Always syncs what was pending.
+    store.set_sync_policy(SyncPolicy::Always).unwrap();
+    assert!(!store.flush().unwrap());
+
+    store.set_sync_policy(SyncPolicy::Never).unwrap();
+    store.append(&[message(5, 1, "e")]).unwrap();
+    store.sync().unwrap();
+    assert!(
+        !store.flush().unwrap(),
+        "a Never store leaves its writes to the OS"
+    );
+    drop(store);
+
+    // What `sync` wrote reached the OS under every policy: a process that
+    // dies keeps it.
+    let store = open(dir.path());
+    assert!(!store.lost_entries());
+    assert_eq!(store.last_index(), 5);
+    assert_eq!(
+        store.entries(5, 6, u64::MAX).unwrap(),
+        vec![message(5, 1, "e")]
     );
 }
 
