@@ -56,6 +56,9 @@ pub struct ApiSettings {
     pub max_message_bytes: usize,
     /// Largest batch body.
     pub max_batch_bytes: usize,
+    /// A client-only agent (`--broker=false`, a Job's sidecar): it stores no
+    /// message of its own, so with no mesh to forward to it refuses publishes.
+    pub client_only: bool,
 }
 
 /// What request handlers share.
@@ -87,6 +90,11 @@ impl AppState {
         let started = std::time::Instant::now();
         let published = match &self.router {
             Some(r) => r.publish(topic, messages).await,
+            None if self.settings.client_only => Err(ApiError::unavailable(
+                "no_broker",
+                "this agent is client-only (--broker=false, or the pod's shoal.io/broker: \"false\") and has no mesh: it keeps no messages of its own, and has no broker agent to send them to",
+                5,
+            )),
             None => self.broker.publish(topic, messages).await,
         };
         self.metrics

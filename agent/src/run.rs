@@ -162,6 +162,9 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             );
         }
         tracing::info!("mesh off: no identity source (start with --dev to join other agents)");
+        if !config.broker {
+            tracing::warn!("client-only agent (--broker=false) with no mesh: it refuses publishes (503 no_broker), as it keeps no messages of its own");
+        }
         None
     };
     let (replication_stop, replication_stop_rx) = watch::channel(false);
@@ -218,6 +221,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         settings: ApiSettings {
             max_message_bytes: config.max_message_bytes,
             max_batch_bytes: config.max_batch_bytes,
+            client_only: !config.broker,
         },
         metrics: metrics.clone(),
     });

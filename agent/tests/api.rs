@@ -434,6 +434,50 @@ async fn ephemeral_topic_fans_out_and_stores_nothing() {
     );
 }
 
+#[tokio::test]
+async fn a_client_only_agent_with_no_mesh_refuses_publishes_and_stores_nothing() {
+    let dir = tempdir();
+    let agent = start_agent(dir.path(), &["--broker", "false"]).await;
+    let c = &agent.client;
+    let r = c
+        .publish("jobs", &[("content-type", "text/plain")], "a Job's result")
+        .await
+        .unwrap();
+    expect_error(
+        &r,
+        503,
+        "no_broker",
+        "publish through a client-only agent alone",
+    );
+    assert!(
+        r.headers.get("retry-after").is_some(),
+        "a no_broker answer says when to retry"
+    );
+    let m = metrics(&agent.admin).await;
+    assert_eq!(
+        series_value(&m, "shoal_api_errors_total{code=\"no_broker\"}"),
+        Some(1.0),
+        "the refusal is counted"
+    );
+    agent.stop().await;
+    let mut stack = vec![dir.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(path);
+            } else {
+                assert!(
+                    path.extension().is_none_or(|x| x != "log"),
+                    "a client-only agent wrote a segment: {}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_overrun_by_an_ephemeral_ring_counts_what_it_skipped() {
     let dir = tempdir();
