@@ -250,8 +250,10 @@ pub struct Replication {
     round: watch::Sender<u64>,
     leader_wait: Duration,
     replace_after: Duration,
-    /// Ticks between flushes of `interval` groups (`--fsync-interval`).
-    flush_every_ticks: u64,
+    /// How often groups of `interval` topics fsync (`--fsync-interval`).
+    fsync_interval: Duration,
+    /// The driver's thread, once started.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// This run of the agent (its start time, ms).
     incarnation: u64,
 }
@@ -338,7 +340,11 @@ fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
 }
 
 /// A store opener for the driver (a group this agent joins).
-fn opener(root: PathBuf, broker: Arc<Broker>) -> shoal_replica::driver::NewStore<DiskStore> {
+fn opener(
+    root: PathBuf,
+    broker: Arc<Broker>,
+    namespace: String,
+) -> shoal_replica::driver::NewStore<DiskStore> {
     Box::new(move |g: &GroupId| {
         // A peer names the group: its names become directories here.
         if !valid_group(g) {
@@ -348,7 +354,7 @@ fn opener(root: PathBuf, broker: Arc<Broker>) -> shoal_replica::driver::NewStore
             )));
         }
         let mut store = DiskStore::open(&group_dir(&root, g), shoal_storage::LogConfig::default())?;
-        store.set_sync_policy(sync_policy_of(&broker, g))?;
+        store.set_sync_policy(sync_policy_of(&broker, &namespace, g))?;
         Ok(store)
     })
 }
@@ -356,8 +362,8 @@ fn opener(root: PathBuf, broker: Arc<Broker>) -> shoal_replica::driver::NewStore
 /// How a group's writes reach the disk: its topic's fsync policy. The meta
 /// group, and a group whose topic this agent does not know yet, sync every
 /// write (the safe side until the topic arrives).
-fn sync_policy_of(broker: &Broker, g: &GroupId) -> SyncPolicy {
-    if *g == meta_group() {
+fn sync_policy_of(broker: &Broker, namespace: &str, g: &GroupId) -> SyncPolicy {
+    if *g == meta_group() || g.namespace != namespace {
         return SyncPolicy::Always;
     }
     match broker.topic(&g.topic).map(|t| t.config().fsync) {
@@ -408,7 +414,11 @@ impl Replication {
             seed: fastrand::u64(..),
             ..DriverConfig::default()
         };
-        let mut driver = Driver::new(me_id, config, opener(root.clone(), broker.clone()));
+        let mut driver = Driver::new(
+            me_id,
+            config,
+            opener(root.clone(), broker.clone(), namespace.clone()),
+        );
         let mut opened = 0usize;
         for g in Self::kept_groups(&root) {
             let dir = group_dir(&root, &g);
@@ -475,9 +485,8 @@ impl Replication {
             round: watch::Sender::new(0),
             leader_wait: DEFAULT_LEADER_WAIT,
             replace_after,
-            flush_every_ticks: (fsync_interval.as_millis()
-                / u128::from(shoal_replica::driver::DEFAULT_TICK_MS))
-            .clamp(1, u128::from(u64::MAX)) as u64,
+            fsync_interval,
+            thread: Mutex::new(None),
             incarnation,
         }))
     }
@@ -516,7 +525,8 @@ impl Replication {
         self.leader_wait
     }
 
-    /// Starts the driver's loop; it ends when `stop` turns true.
+    /// Starts the driver's loop; it ends when `stop` turns true (see
+    /// [`Replication::join`]).
     pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) {
         let this = self.clone();
         let runtime = tokio::runtime::Handle::current();
@@ -528,6 +538,7 @@ impl Replication {
                 let _runtime = runtime.enter();
                 let tick = Duration::from_millis(shoal_replica::driver::DEFAULT_TICK_MS);
                 let mut next_tick = std::time::Instant::now() + tick;
+                let mut next_flush = std::time::Instant::now() + this.fsync_interval;
                 loop {
                     if *stop.borrow() {
                         // What `interval` topics left in the page cache goes
@@ -536,18 +547,37 @@ impl Replication {
                         return;
                     }
                     let now = std::time::Instant::now();
+                    if now >= next_flush {
+                        lock(&this.core).driver.flush_stores();
+                        next_flush = now + this.fsync_interval;
+                    }
                     let ticked = if now >= next_tick {
                         next_tick = now + tick;
                         true
                     } else {
-                        this.wake.wait(next_tick - now);
+                        this.wake.wait(next_tick.min(next_flush) - now);
                         false
                     };
                     this.round(ticked);
                 }
             });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the replication thread; replicated partitions stay unavailable");
+        match spawned {
+            Ok(handle) => *lock(&self.thread) = Some(handle),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the replication thread; replicated partitions stay unavailable")
+            }
+        }
+    }
+
+    /// Waits (blocking) until the driver's thread has ended, after its stop
+    /// signal: it flushes the stores of `interval` topics on its way out.
+    pub fn join(&self) {
+        self.wake.wake();
+        let handle = lock(&self.thread).take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the replication thread panicked");
+            }
         }
     }
 
@@ -566,9 +596,7 @@ impl Replication {
                     self.place_all(&mut core);
                     self.apply_sync_policies(&mut core);
                 }
-                if core.ticks.is_multiple_of(self.flush_every_ticks) {
-                    core.driver.flush_stores();
-                }
+
                 if core.ticks.is_multiple_of(COMMIT_EVERY_TICKS) {
                     self.flush_commits(&mut core);
                 }
@@ -946,25 +974,27 @@ impl Replication {
         }
     }
 
-    /// Every group moves toward the replicas placement wants, and a leader
-    /// hands its group to placement's first choice once that one has every
-    /// entry, so leaders spread over the agents as homes did.
     /// Brings every group's sync policy in line with its topic's fsync
     /// policy (a topic's config can change, and arrives after its groups
-    /// may have been created by a peer's message).
+    /// may have been created by a peer's message). A store that cannot
+    /// switch (its fsync failed) stops its replica, as a failed write does.
     fn apply_sync_policies(&self, core: &mut Core) {
         let groups: Vec<GroupId> = core.driver.groups().cloned().collect();
         for g in groups {
-            let policy = sync_policy_of(&self.broker, &g);
+            let policy = sync_policy_of(&self.broker, &self.namespace, &g);
             let Some(store) = core.driver.store_mut(&g) else {
                 continue;
             };
             if let Err(e) = store.set_sync_policy(policy) {
-                tracing::warn!(group = %group_label(&g), error = %e, "cannot change a replica's sync policy");
+                core.driver
+                    .stop_group(&g, format!("cannot change how it syncs: {e}"));
             }
         }
     }
 
+    /// Every group moves toward the replicas placement wants, and a leader
+    /// hands its group to placement's first choice once that one has every
+    /// entry, so leaders spread over the agents as homes did.
     fn place_all(&self, core: &mut Core) {
         let groups: Vec<GroupId> = core.driver.groups().cloned().collect();
         let peers = lock(&self.peers);

@@ -168,6 +168,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         None
     };
     let (replication_stop, replication_stop_rx) = watch::channel(false);
+    let mut replication_thread = None;
     let router = match &mesh {
         None => None,
         Some(m) => {
@@ -199,6 +200,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
                 message: e,
             })?;
             replication.start(replication_stop_rx);
+            replication_thread = Some(replication.clone());
             let lag_source = Arc::downgrade(&replication);
             broker.set_replicated_lag_hook(Box::new(move |topic, groups| {
                 lag_source
@@ -317,6 +319,12 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             m.leave().await;
         }
         let _ = replication_stop.send(true);
+        if let Some(r) = replication_thread {
+            // Its last round flushes what `interval` topics left unsynced.
+            if tokio::task::spawn_blocking(move || r.join()).await.is_err() {
+                tracing::error!("stopping the replication thread failed");
+            }
+        }
         subs.shutdown(deadline).await;
         for t in app_tasks {
             let _ = tokio::time::timeout_at(deadline, t).await;

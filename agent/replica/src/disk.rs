@@ -136,7 +136,7 @@ pub enum SyncPolicy {
     /// machines losing power within the interval.
     Interval,
     /// Written to the OS before acknowledged; the OS writes it back when it
-    /// likes.
+    /// likes (and the store fsyncs it before the state file names it).
     Never,
 }
 
@@ -145,7 +145,7 @@ pub struct DiskStore {
     dir: PathBuf,
     log: Log,
     policy: SyncPolicy,
-    /// Files written and not yet fsynced (`Interval`).
+    /// Files written and not yet fsynced (`Interval`, `Never`).
     unsynced: Option<shoal_storage::SyncHandle>,
     meta: RaftMeta,
     /// What `raft-state` holds now.
@@ -218,21 +218,28 @@ impl DiskStore {
         self.policy
     }
 
-    /// Changes the sync policy; a store turning to `Always` first syncs what
-    /// it had left for later.
+    /// Changes the sync policy. Whatever was written under the old one is
+    /// fsynced first, so a switch never leaves writes behind (`interval` to
+    /// `never`) or an `always` store with unsynced entries.
     pub fn set_sync_policy(&mut self, policy: SyncPolicy) -> Result<(), StoreError> {
         if policy == self.policy {
             return Ok(());
         }
-        if policy == SyncPolicy::Always {
-            if let Some(handle) = self.unsynced.take() {
-                handle.sync().map_err(io)?;
+        self.sync_unsynced()?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// Fsyncs the log files written and not synced yet. A failed fsync keeps
+    /// them pending (and the caller stops the replica: after a failed fsync
+    /// the kernel may have dropped the pages, so a retry proves nothing).
+    fn sync_unsynced(&mut self) -> Result<(), StoreError> {
+        if let Some(handle) = self.unsynced.take() {
+            if let Err(e) = handle.sync() {
+                self.unsynced = Some(handle);
+                return Err(io(e));
             }
         }
-        if policy == SyncPolicy::Never {
-            self.unsynced = None;
-        }
-        self.policy = policy;
         Ok(())
     }
 
@@ -246,6 +253,11 @@ impl DiskStore {
         if state == self.written {
             return Ok(());
         }
+        // The state names a commit index, a configuration and a log start
+        // that the log must back after a power loss: under `interval` and
+        // `never` its entries are fsynced first (rare: terms, membership,
+        // compaction, every `COMMIT_WRITE_STRIDE` commits).
+        self.sync_unsynced()?;
         shoal_storage::meta::write_atomic(&self.dir.join(STATE_FILE), &encode_state(&state))
             .map_err(io)?;
         self.written = state;
@@ -417,13 +429,10 @@ impl LogStore for DiskStore {
 
     fn sync(&mut self) -> Result<(), StoreError> {
         if let Some(handle) = self.log.write_buffered().map_err(storage_error)? {
-            match self.policy {
-                SyncPolicy::Always => handle.sync().map_err(io)?,
-                SyncPolicy::Interval => match &mut self.unsynced {
-                    Some(pending) => pending.merge(handle),
-                    None => self.unsynced = Some(handle),
-                },
-                SyncPolicy::Never => {}
+            match (self.policy, &mut self.unsynced) {
+                (SyncPolicy::Always, _) => handle.sync().map_err(io)?,
+                (_, Some(pending)) => pending.merge(handle),
+                (_, None) => self.unsynced = Some(handle),
             }
         }
         let state = StateFile::of(&self.meta);
@@ -435,10 +444,10 @@ impl LogStore for DiskStore {
     }
 
     fn flush(&mut self) -> Result<bool, StoreError> {
-        let Some(handle) = self.unsynced.take() else {
+        if self.policy != SyncPolicy::Interval || self.unsynced.is_none() {
             return Ok(false);
-        };
-        handle.sync().map_err(io)?;
+        }
+        self.sync_unsynced()?;
         Ok(true)
     }
 

@@ -293,6 +293,15 @@ impl<S: LogStore> Driver<S> {
         self.groups.get_mut(group).map(Group::store_mut)
     }
 
+    /// Stops a group's replica as a failed write does (its store failed
+    /// outside the driver, for example changing how it syncs); it reports
+    /// [`Event::Failed`].
+    pub fn stop_group(&mut self, group: &GroupId, reason: String) {
+        if self.groups.contains_key(group) {
+            self.fail(group, reason);
+        }
+    }
+
     /// Flushes every store that left writes for later ([`LogStore::flush`]);
     /// returns how many synced. A store that fails stops its replica, as a
     /// failed write does.

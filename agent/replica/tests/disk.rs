@@ -116,14 +116,26 @@ fn an_interval_store_leaves_its_fsync_to_the_flush_and_writes_to_the_os_on_sync(
     assert!(store.flush().unwrap());
     assert!(!store.flush().unwrap(), "nothing left after a flush");
 
-    store.append(&[message(4, 1, "d")]).unwrap();
+    // A state write (a new term) fsyncs the entries first, so the state never
+    // names more than the log on disk holds.
+    store.append(&[message(4, 2, "after a new term")]).unwrap();
+    let mut meta = store.meta().clone();
+    meta.hard_state.term = 2;
+    store.set_meta(meta).unwrap();
+    store.sync().unwrap();
+    assert!(
+        !store.flush().unwrap(),
+        "the state write synced the log first"
+    );
+
+    store.append(&[message(5, 2, "d")]).unwrap();
     store.sync().unwrap();
     // Turning to Always syncs what was pending.
     store.set_sync_policy(SyncPolicy::Always).unwrap();
     assert!(!store.flush().unwrap());
 
     store.set_sync_policy(SyncPolicy::Never).unwrap();
-    store.append(&[message(5, 1, "e")]).unwrap();
+    store.append(&[message(6, 2, "e")]).unwrap();
     store.sync().unwrap();
     assert!(
         !store.flush().unwrap(),
@@ -135,10 +147,10 @@ fn an_interval_store_leaves_its_fsync_to_the_flush_and_writes_to_the_os_on_sync(
     // dies keeps it.
     let store = open(dir.path());
     assert!(!store.lost_entries());
-    assert_eq!(store.last_index(), 5);
+    assert_eq!(store.last_index(), 6);
     assert_eq!(
-        store.entries(5, 6, u64::MAX).unwrap(),
-        vec![message(5, 1, "e")]
+        store.entries(6, 7, u64::MAX).unwrap(),
+        vec![message(6, 2, "e")]
     );
 }
 
