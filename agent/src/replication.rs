@@ -581,10 +581,35 @@ impl Replication {
         }
     }
 
+    /// A round for new work (a proposal, a peer's batch): on the caller's
+    /// task when it writes only to the OS, which saves the hand-off to the
+    /// driver's thread on every step of a commit; on that thread when a
+    /// store with work would fsync (`always` topics, the meta group), so an
+    /// fsync never holds up the runtime's workers.
+    fn round_now(&self) {
+        // Busy (another round under way): the driver's thread takes it.
+        let Ok(core) = self.core.try_lock() else {
+            self.wake.wake();
+            return;
+        };
+        if core
+            .driver
+            .any_ready_store(|s| s.sync_policy() == SyncPolicy::Always)
+        {
+            drop(core);
+            self.wake.wake();
+        } else {
+            self.round_in(core, false);
+        }
+    }
+
     /// One round: tick (if due), process every group, send what it hands out.
-    fn round(self: &Arc<Self>, ticked: bool) {
+    fn round(&self, ticked: bool) {
+        self.round_in(lock(&self.core), ticked);
+    }
+
+    fn round_in(&self, mut core: MutexGuard<'_, Core>, ticked: bool) {
         let (outbox, removed) = {
-            let mut core = lock(&self.core);
             if ticked {
                 core.driver.tick();
                 core.ticks += 1;
@@ -618,6 +643,7 @@ impl Replication {
                 .set(core.driver.hibernating() as i64);
             (outbox, removed)
         };
+        drop(core);
         for dir in removed {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot delete a removed replica's files");
@@ -1129,7 +1155,7 @@ impl Replication {
             return false;
         };
         lock(&self.core).driver.step(id, batch);
-        self.wake.wake();
+        self.round_now();
         true
     }
 
@@ -1292,7 +1318,8 @@ impl Replication {
         let g = self.group_id(&topic.name, partition);
         let window_ms = topic.config().dedupe_window.as_millis() as u64;
         let mut pending: Vec<Result<oneshot::Receiver<_>, ApiError>> = Vec::new();
-        {
+        let mut proposed = 0;
+        let alone = {
             let mut core = lock(&self.core);
             let wanted_len = {
                 let peers = lock(&self.peers);
@@ -1364,6 +1391,7 @@ impl Replication {
                     Ok(_) => {
                         let (tx, rx) = oneshot::channel();
                         core.waiters.insert(token, Waiter { tx });
+                        proposed += 1;
                         pending.push(Ok(rx));
                     }
                     Err(e) => pending.push(Err(match e {
@@ -1381,8 +1409,15 @@ impl Replication {
                     })),
                 }
             }
+            core.waiters.len() <= proposed
+        };
+        // Alone, the proposal goes out at once; with others in flight the
+        // driver's thread gathers them into one append per round.
+        if alone {
+            self.round_now();
+        } else {
+            self.wake.wake();
         }
-        self.wake.wake();
         let started = std::time::Instant::now();
         let mut out = Vec::with_capacity(messages.len());
         for (m, p) in messages.iter().zip(pending) {

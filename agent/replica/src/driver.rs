@@ -293,6 +293,14 @@ impl<S: LogStore> Driver<S> {
         self.groups.get_mut(group).map(Group::store_mut)
     }
 
+    /// Whether a group with work for [`Self::process`] has a store that
+    /// `pred` picks (the shell asks whether a round would fsync).
+    pub fn any_ready_store(&self, pred: impl Fn(&S) -> bool) -> bool {
+        self.groups
+            .values()
+            .any(|g| g.node.has_ready() && pred(g.store()))
+    }
+
     /// Stops a group's replica as a failed write does (its store failed
     /// outside the driver, for example changing how it syncs); it reports
     /// [`Event::Failed`].
