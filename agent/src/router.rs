@@ -138,6 +138,8 @@ pub struct Router {
     changed: watch::Sender<u64>,
     request_rr: AtomicUsize,
     forwards: Arc<tokio::sync::Semaphore>,
+    /// Forwards to one agent for one topic, coalesced (see [`Router::forward`]).
+    lanes: Mutex<HashMap<(SocketAddr, String), Lane>>,
     /// Where the members this agent knows are kept between runs, and what
     /// was written there last.
     members_file: Option<(std::path::PathBuf, Mutex<String>)>,
@@ -196,6 +198,46 @@ impl std::fmt::Debug for Router {
 
 /// A message waiting to be stored: its index in the request, its partition, the message.
 type Placed = (usize, u32, AppMessage);
+
+/// Publish calls to one agent for one topic sent at once; more wait and go
+/// together in the next call.
+pub const FORWARD_CALLS_PER_LANE: usize = 4;
+
+/// Per-message results of a forward.
+type Outcomes = Vec<Result<PublishOutcome, ApiError>>;
+
+/// A forward waiting for a call of its lane.
+struct Queued {
+    batch: Vec<Placed>,
+    turn: tokio::sync::oneshot::Sender<Turn>,
+}
+
+/// What a waiting forward hears.
+enum Turn {
+    /// Its results: another forward carried it.
+    Done(Outcomes),
+    /// It sends the next call, with these waiting forwards in it.
+    Lead(Vec<Queued>),
+}
+
+/// A lane's call under way; its end hands the lane's next call over.
+struct LaneTurn<'a> {
+    router: &'a Router,
+    key: (SocketAddr, String),
+}
+
+impl Drop for LaneTurn<'_> {
+    fn drop(&mut self) {
+        self.router.hand_over(&self.key);
+    }
+}
+
+/// The calls under way to one agent for one topic and the forwards waiting.
+#[derive(Default)]
+struct Lane {
+    calls: usize,
+    queue: Vec<Queued>,
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -361,6 +403,7 @@ impl Router {
             changed: watch::Sender::new(0),
             request_rr: AtomicUsize::new(0),
             forwards: Arc::new(tokio::sync::Semaphore::new(max_forwards.max(1))),
+            lanes: Mutex::new(HashMap::new()),
             members_file,
             replication: OnceLock::new(),
         })
@@ -1266,14 +1309,22 @@ impl Router {
         self.broker.append(topic, placed).await
     }
 
+    /// Forwards a batch to its home (a replicated partition's leader).
+    /// Forwards to one agent for one topic share its lane: up to
+    /// [`FORWARD_CALLS_PER_LANE`] calls at once, and the forwards that come
+    /// meanwhile go together in the next call, so many concurrent publishes
+    /// become a few frames and one proposal round at the leader instead of
+    /// one each.
     async fn forward(
         &self,
         topic: &Arc<Topic>,
         node: &str,
         addr: SocketAddr,
         batch: &[Placed],
-    ) -> Vec<Result<PublishOutcome, ApiError>> {
-        let Ok(_slot) = self.forwards.clone().try_acquire_owned() else {
+    ) -> Outcomes {
+        // Every forward holds a permit while it waits, queued or in a call
+        // (`--max-forwards`).
+        let Ok(_permit) = self.forwards.clone().try_acquire_owned() else {
             self.count_forward("busy", batch.len());
             let e = ApiError::unavailable(
                 "home_busy",
@@ -1282,6 +1333,108 @@ impl Router {
             );
             return batch.iter().map(|_| Err(e.clone())).collect();
         };
+        let key = (addr, topic.name.to_string());
+        let mut others = {
+            let mut lanes = lock(&self.lanes);
+            let lane = lanes.entry(key.clone()).or_default();
+            if lane.calls < FORWARD_CALLS_PER_LANE {
+                lane.calls += 1;
+                None
+            } else {
+                let (turn, rx) = tokio::sync::oneshot::channel();
+                lane.queue.push(Queued {
+                    batch: batch.to_vec(),
+                    turn,
+                });
+                Some(rx)
+            }
+        }
+        .map_or(Ok(Vec::new()), Err);
+        if let Err(rx) = others {
+            match rx.await {
+                Ok(Turn::Done(outcomes)) => return outcomes,
+                Ok(Turn::Lead(queued)) => others = Ok(queued),
+                // The forward that carried it was cancelled.
+                Err(_) => {
+                    let e = ApiError::unavailable(
+                        "not_ready",
+                        "a forward to the partition's home was cancelled; retry",
+                        1,
+                    );
+                    return batch.iter().map(|_| Err(e.clone())).collect();
+                }
+            }
+        }
+        // However this ends (also when the publisher goes away mid-call),
+        // the lane's next call is handed over.
+        let _lane = LaneTurn { router: self, key };
+        let mut queued = others.unwrap_or_default();
+        let mut combined = batch.to_vec();
+        for q in &queued {
+            combined.extend(q.batch.iter().cloned());
+        }
+        let mut outcomes = self.forward_call(topic, node, addr, &combined).await;
+        let rest = outcomes.split_off(batch.len().min(outcomes.len()));
+        let mut rest = rest.into_iter();
+        for q in queued.drain(..) {
+            let mine: Outcomes = rest.by_ref().take(q.batch.len()).collect();
+            let _ = q.turn.send(Turn::Done(mine));
+        }
+        outcomes
+    }
+
+    /// A call of a lane ended: the forwards waiting (as many as fit one
+    /// frame) go in the next call, sent by the first of them still waiting.
+    fn hand_over(&self, key: &(SocketAddr, String)) {
+        let mut lanes = lock(&self.lanes);
+        let Some(lane) = lanes.get_mut(key) else {
+            return;
+        };
+        loop {
+            if lane.queue.is_empty() {
+                lane.calls -= 1;
+                if lane.calls == 0 {
+                    lanes.remove(key);
+                }
+                return;
+            }
+            let mut bytes = 0usize;
+            let take = lane
+                .queue
+                .iter()
+                .take_while(|q| {
+                    bytes += q
+                        .batch
+                        .iter()
+                        .map(|p| p.2.payload.len() + 512)
+                        .sum::<usize>();
+                    bytes <= FORWARD_FRAME_BYTES
+                })
+                .count()
+                .max(1);
+            let mut next: Vec<Queued> = lane.queue.drain(..take).collect();
+            let lead = next.remove(0);
+            match lead.turn.send(Turn::Lead(next)) {
+                Ok(()) => return,
+                // That publisher went away: the next one leads, with the
+                // rest put back in front.
+                Err(Turn::Lead(back)) => {
+                    for (i, q) in back.into_iter().enumerate() {
+                        lane.queue.insert(i, q);
+                    }
+                }
+                Err(Turn::Done(_)) => {}
+            }
+        }
+    }
+
+    async fn forward_call(
+        &self,
+        topic: &Arc<Topic>,
+        node: &str,
+        addr: SocketAddr,
+        batch: &[Placed],
+    ) -> Outcomes {
         let started = Instant::now();
         let mut entries = Vec::with_capacity(batch.len());
         let mut encoded: Vec<Option<ApiError>> = Vec::with_capacity(batch.len());

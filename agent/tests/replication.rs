@@ -873,3 +873,40 @@ async fn consumer_lag_of_a_replicated_topic_counts_messages_not_log_entries() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_through_a_follower_go_together_and_all_land() {
+    let root = tempdir();
+    let (nodes, l) = formed_mesh(root.path()).await;
+    // Publish through an agent that does not lead partition 0, so its
+    // publishes to that partition are forwarded.
+    let (leader0, _) = &l[&0];
+    let via = nodes.iter().find(|n| &n.name != leader0).unwrap();
+    let clients: Clients =
+        std::sync::Arc::new(std::sync::Mutex::new(vec![via.agent.client.clone()]));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let clients = clients.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut at = 0;
+            publish_until_acked(&clients, &mut at, i).await.0
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.push(t.await.unwrap());
+    }
+    let dups = check_read_back(&via.agent.client, "checker", &acked).await;
+    eprintln!("200 concurrent publishes read back, {dups} duplicates");
+    let m = metrics(&via.agent.admin).await;
+    let messages = series_value(&m, "shoal_forwarded_messages_total{outcome=\"stored\"}")
+        .expect("forwarded messages are counted");
+    let calls =
+        metric_value(&m, "shoal_forward_duration_seconds_count").expect("forward calls are timed");
+    eprintln!("{messages} messages forwarded in {calls} calls");
+    assert!(messages > 0.0, "some publishes were forwarded");
+    assert!(
+        calls < messages,
+        "concurrent forwards to one leader share calls: {messages} messages took {calls} calls"
+    );
+}
