@@ -140,6 +140,8 @@ pub struct Router {
     forwards: Arc<tokio::sync::Semaphore>,
     /// Forwards to one agent for one topic, coalesced (see [`Router::forward`]).
     lanes: Mutex<HashMap<(SocketAddr, String), Lane>>,
+    /// This router, for the tasks it spawns.
+    this: Weak<Router>,
     /// Where the members this agent knows are kept between runs, and what
     /// was written there last.
     members_file: Option<(std::path::PathBuf, Mutex<String>)>,
@@ -209,27 +211,7 @@ type Outcomes = Vec<Result<PublishOutcome, ApiError>>;
 /// A forward waiting for a call of its lane.
 struct Queued {
     batch: Vec<Placed>,
-    turn: tokio::sync::oneshot::Sender<Turn>,
-}
-
-/// What a waiting forward hears.
-enum Turn {
-    /// Its results: another forward carried it.
-    Done(Outcomes),
-    /// It sends the next call, with these waiting forwards in it.
-    Lead(Vec<Queued>),
-}
-
-/// A lane's call under way; its end hands the lane's next call over.
-struct LaneTurn<'a> {
-    router: &'a Router,
-    key: (SocketAddr, String),
-}
-
-impl Drop for LaneTurn<'_> {
-    fn drop(&mut self) {
-        self.router.hand_over(&self.key);
-    }
+    done: tokio::sync::oneshot::Sender<Outcomes>,
 }
 
 /// The calls under way to one agent for one topic and the forwards waiting.
@@ -389,7 +371,8 @@ impl Router {
             (path, Mutex::new(String::new()))
         });
         Self::recompute_members(&mut inner);
-        Arc::new(Router {
+        Arc::new_cyclic(|this| Router {
+            this: this.clone(),
             me,
             namespace,
             mesh,
@@ -1311,10 +1294,11 @@ impl Router {
 
     /// Forwards a batch to its home (a replicated partition's leader).
     /// Forwards to one agent for one topic share its lane: up to
-    /// [`FORWARD_CALLS_PER_LANE`] calls at once, and the forwards that come
-    /// meanwhile go together in the next call, so many concurrent publishes
-    /// become a few frames and one proposal round at the leader instead of
-    /// one each.
+    /// [`FORWARD_CALLS_PER_LANE`] calls at once, each sent by a task of its
+    /// own that keeps taking the forwards waiting (as many as fit one
+    /// frame) until none is left. Many concurrent publishes so become a few
+    /// frames and proposal rounds at the leader instead of one each, and a
+    /// publisher that goes away never cancels a call carrying others.
     async fn forward(
         &self,
         topic: &Arc<Topic>,
@@ -1322,8 +1306,7 @@ impl Router {
         addr: SocketAddr,
         batch: &[Placed],
     ) -> Outcomes {
-        // Every forward holds a permit while it waits, queued or in a call
-        // (`--max-forwards`).
+        // Every forward holds a permit while it waits (`--max-forwards`).
         let Ok(_permit) = self.forwards.clone().try_acquire_owned() else {
             self.count_forward("busy", batch.len());
             let e = ApiError::unavailable(
@@ -1334,96 +1317,87 @@ impl Router {
             return batch.iter().map(|_| Err(e.clone())).collect();
         };
         let key = (addr, topic.name.to_string());
-        let mut others = {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let start_call = {
             let mut lanes = lock(&self.lanes);
             let lane = lanes.entry(key.clone()).or_default();
-            if lane.calls < FORWARD_CALLS_PER_LANE {
+            lane.queue.push(Queued {
+                batch: batch.to_vec(),
+                done,
+            });
+            let start = lane.calls < FORWARD_CALLS_PER_LANE;
+            if start {
                 lane.calls += 1;
-                None
-            } else {
-                let (turn, rx) = tokio::sync::oneshot::channel();
-                lane.queue.push(Queued {
-                    batch: batch.to_vec(),
-                    turn,
-                });
-                Some(rx)
             }
-        }
-        .map_or(Ok(Vec::new()), Err);
-        if let Err(rx) = others {
-            match rx.await {
-                Ok(Turn::Done(outcomes)) => return outcomes,
-                Ok(Turn::Lead(queued)) => others = Ok(queued),
-                // The forward that carried it was cancelled.
-                Err(_) => {
-                    let e = ApiError::unavailable(
-                        "not_ready",
-                        "a forward to the partition's home was cancelled; retry",
-                        1,
-                    );
+            start
+        };
+        if start_call {
+            match self.this.upgrade() {
+                Some(router) => {
+                    let (topic, node) = (topic.clone(), node.to_string());
+                    tokio::spawn(async move { router.run_lane(&topic, &node, key).await });
+                }
+                // The router is being dropped (the agent stops): no call.
+                None => {
+                    let e = ApiError::unavailable("shutting_down", "the agent is stopping", 1);
                     return batch.iter().map(|_| Err(e.clone())).collect();
                 }
             }
         }
-        // However this ends (also when the publisher goes away mid-call),
-        // the lane's next call is handed over.
-        let _lane = LaneTurn { router: self, key };
-        let mut queued = others.unwrap_or_default();
-        let mut combined = batch.to_vec();
-        for q in &queued {
-            combined.extend(q.batch.iter().cloned());
+        match rx.await {
+            Ok(outcomes) => outcomes,
+            Err(_) => {
+                let e = ApiError::internal("a forward to the partition's home was lost");
+                batch.iter().map(|_| Err(e.clone())).collect()
+            }
         }
-        let mut outcomes = self.forward_call(topic, node, addr, &combined).await;
-        let rest = outcomes.split_off(batch.len().min(outcomes.len()));
-        let mut rest = rest.into_iter();
-        for q in queued.drain(..) {
-            let mine: Outcomes = rest.by_ref().take(q.batch.len()).collect();
-            let _ = q.turn.send(Turn::Done(mine));
-        }
-        outcomes
     }
 
-    /// A call of a lane ended: the forwards waiting (as many as fit one
-    /// frame) go in the next call, sent by the first of them still waiting.
-    fn hand_over(&self, key: &(SocketAddr, String)) {
-        let mut lanes = lock(&self.lanes);
-        let Some(lane) = lanes.get_mut(key) else {
-            return;
-        };
+    /// One call slot of a lane: sends the forwards waiting, together, until
+    /// none is left.
+    async fn run_lane(&self, topic: &Arc<Topic>, node: &str, key: (SocketAddr, String)) {
         loop {
-            if lane.queue.is_empty() {
-                lane.calls -= 1;
-                if lane.calls == 0 {
-                    lanes.remove(key);
-                }
-                return;
-            }
-            let mut bytes = 0usize;
-            let take = lane
-                .queue
-                .iter()
-                .take_while(|q| {
-                    bytes += q
-                        .batch
-                        .iter()
-                        .map(|p| p.2.payload.len() + 512)
-                        .sum::<usize>();
-                    bytes <= FORWARD_FRAME_BYTES
-                })
-                .count()
-                .max(1);
-            let mut next: Vec<Queued> = lane.queue.drain(..take).collect();
-            let lead = next.remove(0);
-            match lead.turn.send(Turn::Lead(next)) {
-                Ok(()) => return,
-                // That publisher went away: the next one leads, with the
-                // rest put back in front.
-                Err(Turn::Lead(back)) => {
-                    for (i, q) in back.into_iter().enumerate() {
-                        lane.queue.insert(i, q);
+            let jobs: Vec<Queued> = {
+                let mut lanes = lock(&self.lanes);
+                let Some(lane) = lanes.get_mut(&key) else {
+                    return;
+                };
+                if lane.queue.is_empty() {
+                    lane.calls -= 1;
+                    if lane.calls == 0 {
+                        lanes.remove(&key);
                     }
+                    return;
                 }
-                Err(Turn::Done(_)) => {}
+                let mut bytes = 0usize;
+                let take = lane
+                    .queue
+                    .iter()
+                    .take_while(|q| {
+                        bytes += q
+                            .batch
+                            .iter()
+                            .map(|p| p.2.payload.len() + 512)
+                            .sum::<usize>();
+                        bytes <= FORWARD_FRAME_BYTES
+                    })
+                    .count()
+                    .max(1);
+                lane.queue.drain(..take).collect()
+            };
+            // Publishers that went away meanwhile are left out.
+            let jobs: Vec<Queued> = jobs.into_iter().filter(|q| !q.done.is_closed()).collect();
+            if jobs.is_empty() {
+                continue;
+            }
+            let combined: Vec<Placed> = jobs.iter().flat_map(|q| q.batch.iter().cloned()).collect();
+            let mut outcomes = self
+                .forward_call(topic, node, key.0, &combined)
+                .await
+                .into_iter();
+            for q in jobs {
+                let mine: Outcomes = outcomes.by_ref().take(q.batch.len()).collect();
+                let _ = q.done.send(mine);
             }
         }
     }
