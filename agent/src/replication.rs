@@ -96,9 +96,9 @@ impl Waker {
         let _ = self.tx.try_send(());
     }
 
-    /// Waits until woken or `timeout` passed.
-    fn wait(&self, timeout: Duration) {
-        let _ = lock(&self.rx).recv_timeout(timeout);
+    /// Waits until woken (true) or `timeout` passed (false).
+    fn wait(&self, timeout: Duration) -> bool {
+        lock(&self.rx).recv_timeout(timeout).is_ok()
     }
 }
 
@@ -551,14 +551,12 @@ impl Replication {
                         lock(&this.core).driver.flush_stores();
                         next_flush = now + this.fsync_interval;
                     }
-                    let ticked = if now >= next_tick {
+                    if now >= next_tick {
                         next_tick = now + tick;
-                        true
-                    } else {
-                        this.wake.wait(next_tick.min(next_flush) - now);
-                        false
-                    };
-                    this.round(ticked);
+                        this.round(true);
+                    } else if this.wake.wait(next_tick.min(next_flush) - now) {
+                        this.round(false);
+                    }
                 }
             });
         match spawned {
@@ -583,9 +581,11 @@ impl Replication {
 
     /// A round for new work (a proposal, a peer's batch): on the caller's
     /// task when it writes only to the OS, which saves the hand-off to the
-    /// driver's thread on every step of a commit; on that thread when a
-    /// store with work would fsync (`always` topics, the meta group), so an
-    /// fsync never holds up the runtime's workers.
+    /// driver's thread on every step of a commit; on that thread when it
+    /// could block on the disk (a store with work that fsyncs every round:
+    /// `always` topics, the meta group; a snapshot; a new term or vote). A
+    /// state write every `COMMIT_WRITE_STRIDE` commits and a membership
+    /// change still fsync inline: rare, and one small file.
     fn round_now(&self) {
         // Busy (another round under way): the driver's thread takes it.
         let Ok(core) = self.core.try_lock() else {
@@ -594,7 +594,7 @@ impl Replication {
         };
         if core
             .driver
-            .any_ready_store(|s| s.sync_policy() == SyncPolicy::Always)
+            .round_may_block(|s| s.sync_policy() == SyncPolicy::Always)
         {
             drop(core);
             self.wake.wake();
@@ -1006,8 +1006,11 @@ impl Replication {
     /// switch (its fsync failed) stops its replica, as a failed write does.
     fn apply_sync_policies(&self, core: &mut Core) {
         let groups: Vec<GroupId> = core.driver.groups().cloned().collect();
+        let mut by_topic: HashMap<(String, String), SyncPolicy> = HashMap::new();
         for g in groups {
-            let policy = sync_policy_of(&self.broker, &self.namespace, &g);
+            let policy = *by_topic
+                .entry((g.namespace.clone(), g.topic.clone()))
+                .or_insert_with(|| sync_policy_of(&self.broker, &self.namespace, &g));
             let Some(store) = core.driver.store_mut(&g) else {
                 continue;
             };

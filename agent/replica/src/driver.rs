@@ -293,12 +293,14 @@ impl<S: LogStore> Driver<S> {
         self.groups.get_mut(group).map(Group::store_mut)
     }
 
-    /// Whether a group with work for [`Self::process`] has a store that
-    /// `pred` picks (the shell asks whether a round would fsync).
-    pub fn any_ready_store(&self, pred: impl Fn(&S) -> bool) -> bool {
+    /// Whether the next [`Self::process`] could block on the disk: a group
+    /// with work has a store that `syncs_each_round` picks (it fsyncs every
+    /// round), a snapshot to build or install, or a new term or vote to make
+    /// durable. The shell runs such a round on its own thread.
+    pub fn round_may_block(&self, syncs_each_round: impl Fn(&S) -> bool) -> bool {
         self.groups
             .values()
-            .any(|g| g.node.has_ready() && pred(g.store()))
+            .any(|g| g.node.has_ready() && (syncs_each_round(g.store()) || g.round_may_block()))
     }
 
     /// Stops a group's replica as a failed write does (its store failed

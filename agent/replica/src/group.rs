@@ -428,6 +428,18 @@ impl<S: LogStore> Group<S> {
         nodes
     }
 
+    /// Whether processing this group now could do slow disk work beyond
+    /// writing entries: a snapshot to build or install, or a new term or
+    /// vote to make durable (the state file is fsynced).
+    pub(crate) fn round_may_block(&self) -> bool {
+        let raft = &self.node.raft;
+        let hs = &self.store().meta().hard_state;
+        self.node.store().snapshot_wanted.get()
+            || raft.raft_log.unstable.snapshot.is_some()
+            || raft.term != hs.term
+            || raft.vote != hs.vote
+    }
+
     /// A snapshot of what the group looks like from here.
     pub fn status(&self) -> GroupStatus {
         let raft = &self.node.raft;
