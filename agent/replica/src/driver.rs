@@ -213,6 +213,9 @@ pub struct Driver<S: LogStore> {
     rng: fastrand::Rng,
     /// The newest incarnation each peer has sent.
     peer_incarnations: BTreeMap<NodeId, u64>,
+    /// Groups whose stores were written since the last
+    /// [`Driver::flush_stores`] (only they can hold writes left for later).
+    written: BTreeSet<GroupId>,
 }
 
 impl<S: LogStore> std::fmt::Debug for Driver<S> {
@@ -248,6 +251,7 @@ impl<S: LogStore> Driver<S> {
             stats: DriverStats::default(),
             rng,
             peer_incarnations: BTreeMap::new(),
+            written: BTreeSet::new(),
         }
     }
 
@@ -318,7 +322,10 @@ impl<S: LogStore> Driver<S> {
     pub fn flush_stores(&mut self) -> u64 {
         let mut synced = 0;
         let mut failed = Vec::new();
-        for (id, g) in &mut self.groups {
+        for id in std::mem::take(&mut self.written) {
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
             match g.store_mut().flush() {
                 Ok(true) => synced += 1,
                 Ok(false) => {}
@@ -533,6 +540,9 @@ impl<S: LogStore> Driver<S> {
                 failed.push((id.clone(), e.to_string()));
             }
             self.stats.group_ticks += 1;
+            if g.is_leader() {
+                g.nudge_recovering_peers();
+            }
             if g.is_leader() && changes < self.config.max_concurrent_changes {
                 match g.reconfigure(self.config.catch_up_slack) {
                     Ok(true) => {
@@ -633,6 +643,7 @@ impl<S: LogStore> Driver<S> {
             let Some(g) = self.groups.get_mut(id) else {
                 continue;
             };
+            self.written.insert(id.clone());
             match g.store_mut().sync() {
                 Ok(()) => synced += 1,
                 Err(e) => failed.push((id.clone(), e.to_string())),

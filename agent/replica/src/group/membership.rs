@@ -30,6 +30,29 @@ impl<S: LogStore> Group<S> {
         }
     }
 
+    /// Once per tick on a leader: a recovering peer whose progress this
+    /// leader reset and that has every entry gets no append from raft-rs
+    /// while the log stands still (heartbeats only: it may have caught up by
+    /// a snapshot alone, or before the reset), yet it ends its recovery on an
+    /// append of this term, which carries the commit index it must reach.
+    /// Send it an empty one.
+    pub(crate) fn nudge_recovering_peers(&mut self) {
+        if self.reset_peers.is_empty() || self.reset_term != self.node.raft.term {
+            return;
+        }
+        let raft = &mut self.node.raft;
+        let last = raft.raft_log.last_index();
+        for peer in &self.reset_peers {
+            let caught_up = raft
+                .prs()
+                .get(*peer)
+                .is_some_and(|pr| pr.matched >= last && pr.state != raft::ProgressState::Snapshot);
+            if caught_up {
+                raft.send_append(*peer);
+            }
+        }
+    }
+
     /// Recovering peers whose progress this leader reset in its term.
     pub(crate) fn reset_peers(&self) -> &BTreeSet<NodeId> {
         &self.reset_peers
