@@ -1339,8 +1339,7 @@ impl Router {
                 }
                 // The router is being dropped (the agent stops): no call.
                 None => {
-                    let e = ApiError::unavailable("shutting_down", "the agent is stopping", 1);
-                    return batch.iter().map(|_| Err(e.clone())).collect();
+                    return batch.iter().map(|_| Err(stopping())).collect();
                 }
             }
         }
@@ -1374,11 +1373,7 @@ impl Router {
                     .queue
                     .iter()
                     .take_while(|q| {
-                        bytes += q
-                            .batch
-                            .iter()
-                            .map(|p| p.2.payload.len() + 512)
-                            .sum::<usize>();
+                        bytes += q.batch.iter().map(frame_bytes).sum::<usize>();
                         bytes <= FORWARD_FRAME_BYTES
                     })
                     .count()
@@ -1832,9 +1827,7 @@ impl Router {
         message: AppMessage,
         timeout: Duration,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ApiError> {
-        let subs = self
-            .subs()
-            .ok_or_else(|| ApiError::unavailable("shutting_down", "the agent is stopping", 1))?;
+        let subs = self.subs().ok_or_else(stopping)?;
         if subs.has_push_subscriber(topic) {
             return subs.request(topic, message, timeout).await;
         }
@@ -2456,12 +2449,18 @@ const FORWARD_FRAME_BYTES: usize = 8 << 20;
 /// Largest reply body carried back across the mesh.
 pub const MAX_REPLY_BYTES: usize = 16 << 20;
 
+/// What a message takes of a forward frame: its payload and room for its
+/// headers and framing.
+fn frame_bytes(placed: &Placed) -> usize {
+    placed.2.payload.len() + 512
+}
+
 /// Splits messages bound for one home into batches that each fit a frame.
 fn split_by_bytes(batch: Vec<Placed>) -> Vec<Vec<Placed>> {
     let mut out = vec![Vec::new()];
     let mut bytes = 0usize;
     for placed in batch {
-        let size = placed.2.payload.len() + 512;
+        let size = frame_bytes(&placed);
         if bytes + size > FORWARD_FRAME_BYTES && out.last().is_some_and(|b| !b.is_empty()) {
             out.push(Vec::new());
             bytes = 0;
@@ -2472,6 +2471,10 @@ fn split_by_bytes(batch: Vec<Placed>) -> Vec<Vec<Placed>> {
         }
     }
     out
+}
+
+fn stopping() -> ApiError {
+    ApiError::unavailable("shutting_down", "the agent is stopping", 1)
 }
 
 fn not_ready() -> ApiError {
