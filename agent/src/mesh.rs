@@ -453,11 +453,28 @@ pub struct Mesh {
 struct ExpectedDowns {
     stopping: std::sync::atomic::AtomicBool,
     leaving: Mutex<std::collections::HashSet<String>>,
-    /// Members that went down while this agent was stopping.
+    /// Members that went down while this agent was stopping, or that said
+    /// themselves they left (and have not come back since).
     down_while_stopping: Mutex<std::collections::HashSet<String>>,
 }
 
 impl ExpectedDowns {
+    /// `node` announced its own leave: a graceful stop, not a failure.
+    fn left(&self, node: &str) {
+        self.down_while_stopping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node.to_string());
+    }
+
+    /// `node` is up again: what it said or did before no longer holds.
+    fn back_up(&self, node: &str) {
+        self.down_while_stopping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
+    }
+
     /// Whether `node` going down is expected; forgets a leaving member's word.
     fn down_expected(&self, node: &str) -> Option<&'static str> {
         let left = self
@@ -658,8 +675,8 @@ impl Mesh {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Whether `node` went down after this agent began stopping: the whole
-    /// mesh is stopping, not one agent failing.
+    /// Whether `node` went down after this agent began stopping, or said
+    /// itself it left: the whole mesh is stopping, not one agent failing.
     pub fn went_down_while_stopping(&self, node: &str) -> bool {
         self.expected
             .down_while_stopping
@@ -864,9 +881,20 @@ async fn run_membership(
                 let _ = tx.send(Input::Timer(timer)).await;
             });
         }
+        // Alone because the last other member left on purpose: nothing failed.
+        let someone_left = fx.events.iter().any(|e| matches!(e, Event::Left(_)));
         for e in &fx.events {
             match e {
-                Event::Up(a) => tracing::info!(node = %a.node, addr = %a.addr, "member up"),
+                Event::Up(a) => {
+                    expected.back_up(&a.node);
+                    tracing::info!(node = %a.node, addr = %a.addr, "member up")
+                }
+                // It said so itself: a graceful stop (often the whole mesh
+                // stopping at once, its signal ahead of this agent's).
+                Event::Left(a) => {
+                    expected.left(&a.node);
+                    tracing::info!(node = %a.node, addr = %a.addr, "member left")
+                }
                 // A member that said it leaves, or any while this agent
                 // stops (the whole mesh stopping), going down is expected.
                 Event::Down(a) => match expected.down_expected(&a.node) {
@@ -877,6 +905,9 @@ async fn run_membership(
                 },
                 Event::Alone if expected.stopping.load(std::sync::atomic::Ordering::Acquire) => {
                     tracing::info!("no other member is alive (this agent is stopping too)")
+                }
+                Event::Alone if someone_left => {
+                    tracing::info!("no other member is alive (the last one left)")
                 }
                 Event::Joined => tracing::info!(me = %m.me().node, "joined the mesh"),
                 Event::Alone => tracing::warn!("no other member is alive"),

@@ -6,7 +6,7 @@
 //! connections (authenticated, one per agent pair) and owns the clock;
 //! tests step a simulated cluster by hand.
 
-use foca::{Config, Foca, PostcardCodec};
+use foca::{Codec, Config, Foca, PostcardCodec};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -83,8 +83,12 @@ pub enum Liveness {
 pub enum Event {
     /// A member is up.
     Up(AgentId),
-    /// A member was declared down (or left).
+    /// A member was declared down: it stopped answering (or its leave
+    /// reached this agent only second-hand).
     Down(AgentId),
+    /// A member said itself that it leaves (a graceful stop): it is down
+    /// from now on, and nothing failed.
+    Left(AgentId),
     /// This agent is known to the cluster: it has joined.
     Joined,
     /// Every other member is gone.
@@ -182,9 +186,22 @@ impl Membership {
     }
 
     /// Feeds a datagram from a peer. Bad datagrams are an error, never a panic.
+    ///
+    /// A member going down on its own datagram declared itself down: foca's
+    /// leave. That is reported as [`Event::Left`], so a graceful stop is told
+    /// apart from a failure.
     pub fn handle_data(&mut self, data: &[u8]) -> Result<Effects, MembershipError> {
+        let sender = PostcardCodec.decode_header(data).ok().map(|h| h.src);
         let r = self.foca.handle_data(data, &mut self.runtime);
-        self.run(r)
+        let mut fx = self.run(r)?;
+        if let Some(sender) = sender {
+            for e in &mut fx.events {
+                if matches!(e, Event::Down(a) if *a == sender) {
+                    *e = Event::Left(sender.clone());
+                }
+            }
+        }
+        Ok(fx)
     }
 
     /// Fires a timer scheduled earlier.

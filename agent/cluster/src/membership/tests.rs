@@ -12,6 +12,8 @@ struct Sim {
     seq: u64,
     queue: VecDeque<(usize, bytes::Bytes)>,
     delivered: u64,
+    /// Every event, with the agent that saw it.
+    events: Vec<(usize, Event)>,
 }
 
 fn addr(i: usize) -> SocketAddr {
@@ -37,6 +39,7 @@ impl Sim {
             seq: 0,
             queue: VecDeque::new(),
             delivered: 0,
+            events: Vec::new(),
         };
         for i in 0..n {
             sim.by_addr.insert(addr(i), i);
@@ -50,6 +53,8 @@ impl Sim {
     }
 
     fn apply(&mut self, from: usize, fx: Effects) {
+        self.events
+            .extend(fx.events.iter().map(|e| (from, e.clone())));
         for (to, data) in fx.send {
             if let Some(&j) = self.by_addr.get(&to.addr) {
                 if self.agents[from].is_some() {
@@ -174,6 +179,38 @@ fn a_crashed_agent_is_suspected_then_declared_down_by_all() {
         );
         assert_eq!(view.len(), 99, "agent {i}");
     }
+}
+
+/// What agent `i` was told about agent `about`: `Down` or `Left` events.
+fn downs_seen(sim: &Sim, i: usize, about: usize) -> Vec<Event> {
+    sim.events
+        .iter()
+        .filter(|(at, e)| {
+            *at == i && matches!(e, Event::Down(a) | Event::Left(a) if a.addr == addr(about))
+        })
+        .map(|(_, e)| e.clone())
+        .collect()
+}
+
+#[test]
+fn a_graceful_leave_is_reported_as_left_and_a_crash_as_down() {
+    let mut sim = joined_cluster(3);
+    let fx = sim.agents[2].as_mut().unwrap().leave().unwrap();
+    sim.apply(2, fx);
+    sim.deliver_all();
+    sim.agents[2] = None;
+    sim.run_for(Duration::from_secs(10));
+    for i in [0, 1] {
+        assert_eq!(
+            downs_seen(&sim, i, 2),
+            vec![Event::Left(id(2, 0))],
+            "agent {i} heard the leave from the leaver itself"
+        );
+    }
+    // A crash says nothing: found by probes, it is a failure.
+    sim.agents[1] = None;
+    sim.run_for(Duration::from_secs(30));
+    assert_eq!(downs_seen(&sim, 0, 1), vec![Event::Down(id(1, 0))]);
 }
 
 #[test]
