@@ -18,6 +18,30 @@ pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default partitions of an auto-created topic.
 pub const DEFAULT_PARTITIONS: u32 = 4;
+/// Default trust domain of cluster identities (the injector's default).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Where the agent's mesh identity comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// No identity: the mesh is off and the agent runs alone.
+    None,
+    /// `--dev`: the development CA in `--ca-dir`.
+    Dev,
+    /// `--cert-dir`: certificate, key and roots from files.
+    Files(PathBuf),
+    /// `--identity-addr`: the injector's identity service.
+    Service {
+        /// `host:port`.
+        addr: String,
+        /// The name its certificate carries.
+        server_name: String,
+        /// Roots its certificate chains to, PEM.
+        anchors: String,
+        /// The service-account token file.
+        token_file: PathBuf,
+    },
+}
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -66,6 +90,43 @@ pub struct Config {
     /// Directory of the development CA, shared by local agents.
     #[arg(long, env = "SHOAL_CA_DIR", default_value = "shoal-ca")]
     pub ca_dir: PathBuf,
+
+    /// The mesh identity from files: `cert.pem`, `key.pem` and `ca.pem` in
+    /// this directory (cert-manager, a pod-certificate volume), reloaded
+    /// when they change.
+    #[arg(long, env = "SHOAL_CERT_DIR", conflicts_with = "dev")]
+    pub cert_dir: Option<PathBuf>,
+
+    /// The injector's identity service (`host:port`): the agent trades a CSR
+    /// and its service-account token (--token-file) for a mesh certificate,
+    /// and learns other agents' mesh addresses with it.
+    #[arg(long, env = "SHOAL_IDENTITY_ADDR", conflicts_with_all = ["dev", "cert_dir"])]
+    pub identity_addr: Option<String>,
+
+    /// The name the identity service's certificate carries. Default: the
+    /// host of --identity-addr.
+    #[arg(long, env = "SHOAL_IDENTITY_SERVER_NAME")]
+    pub identity_server_name: Option<String>,
+
+    /// Roots (PEM) the identity service's certificate must chain to: the
+    /// mesh trust bundle, which the injector writes into the pod spec.
+    #[arg(long, env = "SHOAL_IDENTITY_TRUST_ANCHORS", hide_env_values = true)]
+    pub identity_trust_anchors: Option<String>,
+
+    /// The projected service-account token (audience `shoal`) sent to the
+    /// identity service; re-read for every request.
+    #[arg(long, env = "SHOAL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Trust domain of the mesh identity asked of the identity service.
+    #[arg(long, env = "SHOAL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// The mesh address other agents reach this one at. Default: $POD_IP
+    /// with the --mesh-addr port when set, else the bound address
+    /// (127.0.0.1 when bound to 0.0.0.0).
+    #[arg(long, env = "SHOAL_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<SocketAddr>,
 
     /// Whether this agent stores partitions (false: a client-only agent, for Jobs).
     #[arg(long, env = "SHOAL_BROKER", default_value_t = true, action = clap::ArgAction::Set)]
@@ -222,6 +283,68 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Where the mesh identity comes from, checked: the identity service
+    /// needs its trust anchors and a token file.
+    pub fn identity_source(&self) -> Result<IdentitySource, AgentError> {
+        if self.dev {
+            return Ok(IdentitySource::Dev);
+        }
+        if let Some(dir) = &self.cert_dir {
+            return Ok(IdentitySource::Files(dir.clone()));
+        }
+        let Some(addr) = self.identity_addr.clone().filter(|a| !a.trim().is_empty()) else {
+            return Ok(IdentitySource::None);
+        };
+        let host = match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            _ => {
+                return Err(AgentError::Config(format!(
+                    "--identity-addr {addr:?} is not host:port"
+                )))
+            }
+        };
+        let anchors = self
+            .identity_trust_anchors
+            .clone()
+            .filter(|a| !a.trim().is_empty())
+            .ok_or_else(|| {
+                AgentError::Config(
+                    "--identity-addr needs --identity-trust-anchors (SHOAL_IDENTITY_TRUST_ANCHORS): the PEM roots the identity service's certificate chains to, which the injector writes into the pod spec".into(),
+                )
+            })?;
+        let token_file = self.token_file.clone().ok_or_else(|| {
+            AgentError::Config(
+                "--identity-addr needs --token-file (SHOAL_TOKEN_FILE): the projected service-account token with audience shoal".into(),
+            )
+        })?;
+        Ok(IdentitySource::Service {
+            server_name: self.identity_server_name.clone().unwrap_or(host),
+            addr,
+            anchors,
+            token_file,
+        })
+    }
+
+    /// The mesh address to advertise: the flag, else $POD_IP with the mesh
+    /// port, else none (the bound address).
+    pub fn advertise_addr(&self) -> Result<Option<SocketAddr>, AgentError> {
+        if let Some(a) = self.advertise_addr {
+            return Ok(Some(a));
+        }
+        match std::env::var("POD_IP") {
+            Ok(ip) if !ip.trim().is_empty() => {
+                let ip: std::net::IpAddr = ip.trim().parse().map_err(|e| {
+                    AgentError::Config(format!("$POD_IP {ip:?} is not an IP address: {e}"))
+                })?;
+                Ok(Some(SocketAddr::new(ip, self.mesh_addr.port())))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The identity's namespace: the flag, else $POD_NAMESPACE, else `default`.

@@ -10,14 +10,13 @@ use crate::metrics::Metrics;
 use bytes::Bytes;
 use serde::Serialize;
 use shoal_cluster::membership::{self, AgentId, Effects, Event, Liveness, Membership};
-use shoal_mesh::certs::{CertSource, DevCertSource};
+use shoal_mesh::certs::{CertSource, Identity};
 use shoal_mesh::tls::CertStore;
 use shoal_mesh::transport::Endpoint;
 use shoal_mesh::{MeshError, SpiffeId};
 use shoal_proto::Message;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -211,14 +210,18 @@ async fn read_answers(
 }
 
 /// What the mesh needs to start.
-#[derive(Clone, Debug)]
 pub struct MeshSettings {
     /// UDP address to bind.
     pub addr: SocketAddr,
     /// Seeds (`host:port`).
     pub join: Vec<String>,
-    /// Development CA directory.
-    pub ca_dir: PathBuf,
+    /// Where the identity comes from, and renewals.
+    pub source: Arc<dyn CertSource>,
+    /// The identity to start with (from `source`).
+    pub identity: Identity,
+    /// The address other agents reach this one at (default: the bound one,
+    /// loopback when bound to an unspecified address).
+    pub advertise: Option<SocketAddr>,
     /// Node name.
     pub node: String,
     /// Namespace of this agent's identity.
@@ -314,6 +317,8 @@ enum Input {
     Datagram(Bytes),
     Timer(membership::Timer),
     Leave(oneshot::Sender<()>),
+    /// Other agents' addresses, newly learned (discovery).
+    Discovered(Vec<SocketAddr>),
 }
 
 /// Connections to other agents, one per address.
@@ -443,6 +448,13 @@ pub struct Mesh {
     pub local_addr: SocketAddr,
     /// This agent's SPIFFE ID.
     pub id: SpiffeId,
+    /// Whether it started with other agents to join (`--join`, or agents
+    /// the identity service named): false for the first agent of a mesh.
+    pub seeded: bool,
+    /// Whether this agent founds the mesh when new (creates its meta
+    /// group): the identity service's word when it gave one, else "nobody
+    /// to join".
+    pub founder: bool,
     /// What makes a member going down expected rather than a warning.
     expected: Arc<ExpectedDowns>,
 }
@@ -546,18 +558,9 @@ impl Mesh {
     /// Issues or loads the identity, binds the endpoint, and starts gossip.
     pub async fn start(settings: MeshSettings, metrics: Arc<Metrics>) -> Result<Mesh, AgentError> {
         let mesh_err = |e: shoal_mesh::MeshError| AgentError::Config(format!("mesh: {e}"));
-        let spiffe = SpiffeId::new(
-            shoal_mesh::identity::DEV_TRUST_DOMAIN,
-            &settings.namespace,
-            &settings.service_account,
-        )
-        .map_err(|e| AgentError::Config(format!("mesh identity: {e}")))?;
-        let source: Arc<dyn CertSource> = Arc::new(DevCertSource::new(
-            &settings.ca_dir,
-            &settings.node,
-            spiffe.clone(),
-        ));
-        let identity = source.load().map_err(mesh_err)?;
+        let identity = settings.identity;
+        let spiffe = identity.id.clone();
+        let source = settings.source;
         let refusals = metrics.clone();
         let store = CertStore::new(
             &identity,
@@ -572,11 +575,21 @@ impl Mesh {
             }),
         )
         .map_err(mesh_err)?;
-        spawn_cert_reload(source, store.clone(), identity);
+        let discovered = source.peers();
+        let founds_mesh = source.founds_mesh();
         let endpoint = Endpoint::bind(settings.addr, &store).map_err(mesh_err)?;
         let local_addr = endpoint.local_addr().map_err(mesh_err)?;
         // The address others reach this agent at: the bound one, unless it is unspecified.
-        let advertised = if local_addr.ip().is_unspecified() {
+        let advertised = if let Some(a) = settings.advertise {
+            SocketAddr::new(
+                a.ip(),
+                if a.port() == 0 {
+                    local_addr.port()
+                } else {
+                    a.port()
+                },
+            )
+        } else if local_addr.ip().is_unspecified() {
             SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local_addr.port())
         } else {
             local_addr
@@ -626,17 +639,29 @@ impl Mesh {
                 }
             });
         }
-        let seeds = resolve(&settings.join).await;
+        let mut seeds = resolve(&settings.join).await;
+        // Agents the identity service named: seeds like --join's.
+        seeds.extend(
+            discovered
+                .iter()
+                .filter(|d| !seeds.contains(d))
+                .collect::<Vec<_>>(),
+        );
         let seeds: Vec<SocketAddr> = seeds
             .into_iter()
             .filter(|s| *s != advertised && *s != local_addr)
             .collect();
+        if !discovered.is_empty() {
+            tracing::info!(peers = ?discovered, source = %source.describe(), "other agents discovered");
+        }
         let membership = Membership::new(
             me,
             membership::config(settings.expected_size),
             crate::time::now_ms(),
         );
-        let (view_tx, view_rx) = watch::channel(view_of(&membership, !seeds.is_empty()));
+        let seeded = !seeds.is_empty();
+        let founder = founds_mesh.unwrap_or(settings.join.is_empty() && discovered.is_empty());
+        let (view_tx, view_rx) = watch::channel(view_of(&membership, seeded));
         let expected = Arc::new(ExpectedDowns::default());
         let known: Vec<SocketAddr> = settings
             .known
@@ -653,6 +678,13 @@ impl Mesh {
             metrics.clone(),
             expected.clone(),
         ));
+        spawn_cert_reload(
+            source,
+            store.clone(),
+            identity,
+            input_tx.clone(),
+            metrics.clone(),
+        );
         spawn_stats(peers.clone(), metrics);
         tracing::info!(addr = %local_addr, id = %spiffe, "mesh listening (QUIC, mTLS, ALPN shoal/1)");
         Ok(Mesh {
@@ -662,6 +694,8 @@ impl Mesh {
             endpoint,
             local_addr,
             id: spiffe,
+            seeded,
+            founder,
             expected,
         })
     }
@@ -776,8 +810,11 @@ impl Mesh {
 fn spawn_cert_reload(
     source: Arc<dyn CertSource>,
     store: Arc<CertStore>,
-    mut current: shoal_mesh::certs::Identity,
+    mut current: Identity,
+    input: mpsc::Sender<Input>,
+    metrics: Arc<Metrics>,
 ) {
+    metrics.certificate_loaded(&current);
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(CERT_CHECK_INTERVAL).await;
@@ -785,20 +822,35 @@ fn spawn_cert_reload(
                 continue;
             }
             let s = source.clone();
-            match tokio::task::spawn_blocking(move || s.load()).await {
+            let failed = match tokio::task::spawn_blocking(move || s.load()).await {
                 Ok(Ok(next)) => match store.install(&next) {
                     Ok(()) => {
                         tracing::info!(source = %source.describe(), id = %next.id, "mesh certificate reloaded");
+                        metrics.certificate_loaded(&next);
                         current = next;
+                        let peers = source.peers();
+                        if !peers.is_empty() && input.send(Input::Discovered(peers)).await.is_err()
+                        {
+                            return;
+                        }
+                        false
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "new mesh certificate refused; keeping the old one")
+                        tracing::error!(error = %e, "new mesh certificate refused; keeping the old one");
+                        true
                     }
                 },
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "cannot load the mesh certificate; keeping the old one")
+                    tracing::error!(error = %e, source = %source.describe(), "cannot load the mesh certificate; keeping the old one");
+                    true
                 }
-                Err(e) => tracing::error!(error = %e, "certificate reload task failed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "certificate reload task failed");
+                    true
+                }
+            };
+            if failed {
+                metrics.mesh_certificate_failures.inc();
             }
         }
     });
@@ -862,7 +914,7 @@ fn spawn_stats(peers: Peers, metrics: Arc<Metrics>) {
 
 async fn run_membership(
     mut m: Membership,
-    (seeds, known): (Vec<SocketAddr>, Vec<SocketAddr>),
+    (seeds, mut known): (Vec<SocketAddr>, Vec<SocketAddr>),
     peers: Peers,
     (mut input, timers): (mpsc::Receiver<Input>, mpsc::Sender<Input>),
     view: watch::Sender<ClusterView>,
@@ -926,7 +978,20 @@ async fn run_membership(
     loop {
         tokio::select! {
             got = input.recv() => match got {
-                Some(Input::Datagram(_) | Input::Timer(_)) if refused.is_some() => {}
+                Some(Input::Datagram(_) | Input::Timer(_) | Input::Discovered(_)) if refused.is_some() => {}
+                Some(Input::Discovered(addrs)) => {
+                    // Announced to now, and every reconnect interval until
+                    // members: two meshes that formed apart merge this way.
+                    let me = m.me().addr;
+                    for addr in addrs {
+                        if addr != me && !known.contains(&addr) {
+                            if let Ok(fx) = m.join(AgentId::seed(addr)) {
+                                apply(&m, fx);
+                            }
+                            known.push(addr);
+                        }
+                    }
+                }
                 Some(Input::Datagram(d)) => match m.handle_data(&d) {
                     Ok(fx) => apply(&m, fx),
                     Err(e) => {

@@ -258,6 +258,10 @@ pub struct Metrics {
     pub mesh_bad_datagrams: Counter,
     /// Times this agent found its node name taken by another agent and left.
     pub mesh_name_conflicts: Counter,
+    /// When the mesh certificate in use expires, seconds since the Unix epoch.
+    pub mesh_certificate_expiry: Gauge,
+    /// Mesh certificate loads or renewals that failed.
+    pub mesh_certificate_failures: Counter,
     /// Mesh stream frames refused, by reason; each ends its stream.
     pub mesh_bad_frames: Family<ReasonLabel, Counter>,
     /// QUIC round-trip time per peer.
@@ -362,6 +366,15 @@ impl TopicMetrics {
 }
 
 impl Metrics {
+    /// Records the mesh certificate now in use.
+    pub fn certificate_loaded(&self, identity: &shoal_mesh::certs::Identity) {
+        let expiry = identity
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.mesh_certificate_expiry.set(expiry);
+    }
+
     /// Registers every metric; `topic_labels` false folds all topics into `_all`.
     pub fn new(topic_labels: bool) -> Self {
         let mut registry = Registry::default();
@@ -402,6 +415,8 @@ impl Metrics {
             mesh_bytes_out: Counter::default(),
             mesh_bad_datagrams: Counter::default(),
             mesh_name_conflicts: Counter::default(),
+            mesh_certificate_expiry: Gauge::default(),
+            mesh_certificate_failures: Counter::default(),
             mesh_bad_frames: Family::default(),
             mesh_rtt: Family::default(),
             mesh_lost_packets: Family::default(),
@@ -606,6 +621,16 @@ impl Metrics {
             "shoal_mesh_name_conflicts",
             "Times this agent found its node name taken by an agent that started first, and left the mesh",
             m.mesh_name_conflicts.clone(),
+        );
+        r.register(
+            "shoal_mesh_certificate_expiry_timestamp_seconds",
+            "When the mesh certificate in use expires, seconds since the Unix epoch (0 with no mesh identity)",
+            m.mesh_certificate_expiry.clone(),
+        );
+        r.register(
+            "shoal_mesh_certificate_failures",
+            "Mesh certificate loads and renewals that failed (the identity service refused or was unreachable, files unreadable); the certificate in use stays",
+            m.mesh_certificate_failures.clone(),
         );
         r.register(
             "shoal_mesh_bad_frames",

@@ -111,8 +111,8 @@ pub struct ReplicationSettings {
     pub namespace: String,
     /// The data directory (groups live in `REPLICAS_DIR` inside).
     pub data_dir: PathBuf,
-    /// The first agent of a mesh (started without `--join`): creates the
-    /// meta group when none is kept.
+    /// The first agent of a mesh (started without `--join`, or the one the
+    /// identity service calls the founder): creates the meta group when new.
     pub seed: bool,
     /// How long an agent may be down before its replicas move (`--replace-after`).
     pub replace_after: Duration,

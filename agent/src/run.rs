@@ -97,7 +97,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             dedupe_window: config.dedupe_window,
             max_pending_bytes: config.max_pending_bytes,
             log: shoal_storage::LogConfig::default(),
-            meshed: config.dev,
+            meshed: config.identity_source()? != crate::config::IdentitySource::None,
         },
         metrics.clone(),
         config.fsync_interval,
@@ -134,12 +134,16 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         }
     }
 
-    let mesh = if config.dev {
+    let mesh = if let Some((source, identity)) =
+        first_identity(&config, &node, &admin, &metrics).await?
+    {
         let mesh = crate::mesh::Mesh::start(
             crate::mesh::MeshSettings {
                 addr: config.mesh_addr,
                 join: config.join.clone(),
-                ca_dir: config.ca_dir.clone(),
+                source,
+                identity,
+                advertise: config.advertise_addr()?,
                 node: node.clone(),
                 namespace: config.namespace(),
                 service_account: config.service_account(),
@@ -153,15 +157,15 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         Some(Arc::new(mesh))
     } else {
         if !config.join.is_empty() {
-            // An injected pod must start even so (the injector's
-            // --agent-join sets SHOAL_JOIN before agents can get a cluster
-            // identity): run alone, and say so loudly.
+            // An injected pod must start even so: run alone, and say so loudly.
             tracing::error!(
                 join = ?config.join,
-                "--join is ignored: joining needs a mesh identity, and outside --dev this agent has none yet (cluster identities are not wired in); running alone"
+                "--join is ignored: joining needs a mesh identity (--dev, --cert-dir or --identity-addr); running alone"
             );
         }
-        tracing::info!("mesh off: no identity source (start with --dev to join other agents)");
+        tracing::info!(
+            "mesh off: no identity source (--dev, --cert-dir or --identity-addr); running alone"
+        );
         if !config.broker {
             tracing::warn!("client-only agent (--broker=false) with no mesh: it refuses publishes (503 no_broker), as it keeps no messages of its own");
         }
@@ -187,7 +191,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
                     me: node.clone(),
                     namespace: config.namespace(),
                     data_dir: config.data_dir.clone(),
-                    seed: config.join.is_empty(),
+                    seed: m.founder,
                     replace_after: config.replace_after,
                     fsync_interval: config.fsync_interval,
                 },
@@ -539,4 +543,94 @@ pub async fn signal() {
         _ = term => {},
         _ = tokio::signal::ctrl_c() => {},
     }
+}
+
+/// The mesh identity to start with, and its source: none when the agent has
+/// no identity source. From the identity service, the first certificate is
+/// waited for (retrying with backoff, the agent not ready and `/readyz`
+/// saying why); files and the development CA must load at once.
+async fn first_identity(
+    config: &Config,
+    node: &str,
+    admin: &AdminState,
+    metrics: &Metrics,
+) -> Result<
+    Option<(
+        Arc<dyn shoal_mesh::certs::CertSource>,
+        shoal_mesh::certs::Identity,
+    )>,
+    AgentError,
+> {
+    use crate::config::IdentitySource;
+    use shoal_mesh::certs::{CertSource, DevCertSource, FileCertSource};
+    let mesh_err = |e: shoal_mesh::MeshError| AgentError::Config(format!("mesh: {e}"));
+    let spiffe = |trust_domain: &str| {
+        shoal_mesh::SpiffeId::new(trust_domain, &config.namespace(), &config.service_account())
+            .map_err(|e| AgentError::Config(format!("mesh identity: {e}")))
+    };
+    let source: Arc<dyn CertSource> = match config.identity_source()? {
+        IdentitySource::None => return Ok(None),
+        IdentitySource::Dev => Arc::new(DevCertSource::new(
+            &config.ca_dir,
+            node,
+            spiffe(shoal_mesh::identity::DEV_TRUST_DOMAIN)?,
+        )),
+        IdentitySource::Files(dir) => Arc::new(FileCertSource::in_dir(&dir)),
+        IdentitySource::Service {
+            addr,
+            server_name,
+            anchors,
+            token_file,
+        } => {
+            let source =
+                shoal_mesh::client::IdentityServiceSource::new(shoal_mesh::client::ClientConfig {
+                    endpoint: addr,
+                    server_name,
+                    token_file,
+                    anchors_pem: anchors,
+                    id: spiffe(&config.trust_domain)?,
+                    timeout: shoal_mesh::client::DEFAULT_TIMEOUT,
+                })
+                .map_err(mesh_err)?;
+            let source: Arc<dyn CertSource> = Arc::new(source);
+            let mut failures = 0u32;
+            loop {
+                let s = source.clone();
+                let loaded = tokio::task::spawn_blocking(move || s.load())
+                    .await
+                    .map_err(|e| AgentError::Config(format!("mesh: certificate task: {e}")))?;
+                match loaded {
+                    Ok(identity) => {
+                        *admin
+                            .not_ready_reason
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = None;
+                        tracing::info!(id = %identity.id, source = %source.describe(), "mesh certificate issued");
+                        return Ok(Some((source, identity)));
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        metrics.mesh_certificate_failures.inc();
+                        let wait = shoal_mesh::client::backoff(failures);
+                        let why = format!(
+                            "waiting for a mesh certificate from {}: {e}",
+                            source.describe()
+                        );
+                        tracing::warn!(retry_in = ?wait, "{why}");
+                        *admin
+                            .not_ready_reason
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(why);
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+    };
+    let s = source.clone();
+    let identity = tokio::task::spawn_blocking(move || s.load())
+        .await
+        .map_err(|e| AgentError::Config(format!("mesh: certificate task: {e}")))?
+        .map_err(mesh_err)?;
+    Ok(Some((source, identity)))
 }

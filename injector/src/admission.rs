@@ -61,7 +61,13 @@ pub struct Webhook {
     config: Arc<InjectConfig>,
     namespaces: Arc<dyn NamespaceLookup>,
     metrics: Arc<Metrics>,
+    trust_anchors: Option<TrustAnchors>,
 }
+
+/// The mesh trust bundle as the identity service last loaded it (None
+/// until the mesh CA is loaded); injected pods get it, so their agents can
+/// verify the identity service before they have a certificate.
+pub type TrustAnchors = Arc<std::sync::RwLock<Option<String>>>;
 
 impl std::fmt::Debug for Webhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,7 +88,16 @@ impl Webhook {
             config: Arc::new(config),
             namespaces,
             metrics,
+            trust_anchors: None,
         }
+    }
+
+    /// Hands injected pods the mesh trust bundle in `anchors` once it is
+    /// known; until then they are injected without identity settings (and
+    /// told so in a warning).
+    pub fn with_trust_anchors(mut self, anchors: TrustAnchors) -> Webhook {
+        self.trust_anchors = Some(anchors);
+        self
     }
 
     /// The metrics this webhook records into.
@@ -171,15 +186,31 @@ impl Webhook {
             Some(a) => NamespaceInfo::Known(a),
             None => NamespaceInfo::Unknown,
         };
-        let outcome = inject::inject(
-            &pod,
-            PodContext {
-                namespace: &namespace,
-                namespace_info,
-                owner_kind: inject::owner_kind(&pod),
-            },
-            &self.config,
-        );
+        let context = PodContext {
+            namespace: &namespace,
+            namespace_info,
+            owner_kind: inject::owner_kind(&pod),
+        };
+        let outcome = match &self.trust_anchors {
+            Some(anchors) if self.config.identity => {
+                let known = anchors
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let config = InjectConfig {
+                    trust_anchors: known.clone(),
+                    ..(*self.config).clone()
+                };
+                let mut outcome = inject::inject(&pod, context, &config);
+                if known.is_none() && outcome.reason == Reason::Injected {
+                    outcome.warnings.push(
+                        "shoal: the mesh CA is not loaded yet, so this pod's agent gets no mesh identity and runs alone; recreate the pod once shoal-injector's identity service is serving".to_owned(),
+                    );
+                }
+                outcome
+            }
+            _ => inject::inject(&pod, context, &self.config),
+        };
         finish(base, outcome, owner)
     }
 }

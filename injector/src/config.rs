@@ -131,7 +131,19 @@ pub struct InjectConfig {
     pub excluded_namespaces: Vec<String>,
     /// Extra environment for the agent container (operator-chosen `SHOAL_*` settings).
     pub extra_env: BTreeMap<String, String>,
+    /// The identity service as agents reach it (`host:port`), handed to the
+    /// agent as `SHOAL_IDENTITY_ADDR`.
+    pub identity_addr: String,
+    /// The mesh trust bundle (PEM), handed to the agent as
+    /// `SHOAL_IDENTITY_TRUST_ANCHORS` so it can verify the identity service
+    /// before it has a certificate. Unknown (None) until the mesh CA is
+    /// loaded; a pod injected then gets no identity settings and its agent
+    /// runs alone.
+    pub trust_anchors: Option<String>,
 }
+
+/// Default address of the identity service as agents reach it.
+pub const DEFAULT_IDENTITY_ADDR: &str = "shoal-injector.shoal-system.svc:4711";
 
 impl Default for InjectConfig {
     fn default() -> Self {
@@ -152,6 +164,8 @@ impl Default for InjectConfig {
                 .map(|s| (*s).to_owned())
                 .collect(),
             extra_env: BTreeMap::new(),
+            identity_addr: DEFAULT_IDENTITY_ADDR.to_owned(),
+            trust_anchors: None,
         }
     }
 }

@@ -17,7 +17,8 @@
 //!    default, back-dated for clock skew.
 //!
 //! The answer is `{"spiffe_id", "certificate", "trust_bundle", "not_before",
-//! "not_after"}`; a refusal is `{"error": {"code", "message"}}` with one of
+//! "not_after", "peers"}` (`peers`: a few other agents' mesh addresses, from
+//! [`crate::peers`]); a refusal is `{"error": {"code", "message"}}` with one of
 //! the codes of [`Outcome`].
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::meshca::CaStore;
 use crate::metrics::Metrics;
+use crate::peers::PeerBook;
 
 /// Default listen address of the identity endpoint (HTTPS).
 pub const DEFAULT_IDENTITY_ADDR: &str = "0.0.0.0:4711";
@@ -384,6 +386,14 @@ pub struct CertificateResponse {
     pub not_before: i64,
     /// End of validity, unix seconds.
     pub not_after: i64,
+    /// Other agents' mesh addresses (`ip:port`), for discovery: a few of the
+    /// injected pods the injector watches (empty for the first agent).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Whether the agent's pod is the oldest injected pod: a new agent told
+    /// so founds the mesh (creates its meta group); every other one joins.
+    #[serde(default)]
+    pub founder: bool,
 }
 
 /// Settings of the identity service.
@@ -417,6 +427,7 @@ pub struct IdentityService {
     ca: Arc<CaStore>,
     config: Arc<IdentityConfig>,
     metrics: Arc<Metrics>,
+    peers: Option<PeerBook>,
 }
 
 impl std::fmt::Debug for IdentityService {
@@ -446,7 +457,14 @@ impl IdentityService {
             ca,
             config: Arc::new(config),
             metrics,
+            peers: None,
         }
+    }
+
+    /// Answers name other agents from `peers` (discovery).
+    pub fn with_peers(mut self, peers: PeerBook) -> IdentityService {
+        self.peers = Some(peers);
+        self
     }
 
     /// The metrics requests are counted in.
@@ -487,6 +505,19 @@ impl IdentityService {
         let csr = parse_csr(&req.csr)?;
         let status = self.review(token).await?;
         let allowed = decide(&status, &csr.id, &self.config.policy)?;
+        let discovery = match &self.peers {
+            None => None,
+            Some(book) => Some(
+                book.peers_for((&csr.id.namespace, &allowed.pod))
+                    .await
+                    .ok_or_else(|| {
+                        Denial::new(
+                            Outcome::ApiUnavailable,
+                            "the injector has not listed the injected pods yet (discovery); retry shortly",
+                        )
+                    })?,
+            ),
+        };
         let ca = self.ca.get();
         let lifetime = i64::try_from(self.config.cert_lifetime.as_secs()).unwrap_or(i64::MAX);
         let spiffe_id = csr.id.to_string();
@@ -500,6 +531,11 @@ impl IdentityService {
             trust_bundle: ca.trust_bundle().to_owned(),
             not_before: issued.not_before,
             not_after: issued.not_after,
+            peers: discovery
+                .as_ref()
+                .map(|d| d.peers.iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
+            founder: discovery.is_some_and(|d| d.founder),
         })
     }
 

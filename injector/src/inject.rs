@@ -524,6 +524,13 @@ fn agent_container(
             "SHOAL_TOKEN_FILE",
             format!("{}/{}", cfg::TOKEN_MOUNT_PATH, cfg::TOKEN_FILE_NAME),
         ));
+        if let Some(anchors) = &config.trust_anchors {
+            env.push(value_env(
+                "SHOAL_IDENTITY_ADDR",
+                config.identity_addr.clone(),
+            ));
+            env.push(value_env("SHOAL_IDENTITY_TRUST_ANCHORS", anchors.clone()));
+        }
     }
     for (k, v) in &config.extra_env {
         if !env.iter().any(|e| &e.name == k) {

@@ -13,6 +13,7 @@
 //! - [`tls`], [`bootstrap`]: serving certificates from files or self-made.
 //! - [`identity`], [`meshca`]: the identity service that signs agent
 //!   certificates with the mesh CA kept in a Secret.
+//! - [`peers`]: discovery, from a watch of injected pods.
 //! - [`server`], [`run`]: the HTTPS and admin servers and the process.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -28,6 +29,7 @@ pub mod meshca;
 pub mod metrics;
 pub mod nscache;
 pub mod offline;
+pub mod peers;
 pub mod run;
 pub mod server;
 pub mod tls;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admission::Webhook;
+use crate::admission::{TrustAnchors, Webhook};
 use crate::bootstrap::{self, BootstrapTarget};
 use crate::config::InjectFlags;
 use crate::error::InjectorError;
@@ -18,6 +18,7 @@ use crate::identity::{self, IdentityConfig, IdentityService, Policy, SpiffeId};
 use crate::meshca::{self, CaStore, MeshCa};
 use crate::metrics::Metrics;
 use crate::nscache::NamespaceCache;
+use crate::peers::PeerBook;
 use crate::server;
 use crate::tls::{self, CertFiles, CertStore};
 
@@ -236,8 +237,11 @@ pub async fn run(args: Args) -> Result<(), InjectorError> {
     // The identity service must never take the webhook down: its settings
     // and port are checked now, the mesh CA is loaded (or made) in the
     // background, with retries.
+    let trust_anchors: TrustAnchors = Arc::default();
     let identity_task = if args.inject.identity {
         let identity = IdentitySetup {
+            anchors: trust_anchors.clone(),
+            peers: PeerBook::start(client.clone(), shutdown_rx.clone()),
             config: identity_config(&args)?,
             client: client.clone(),
             target: MeshCaTarget {
@@ -265,11 +269,15 @@ pub async fn run(args: Args) -> Result<(), InjectorError> {
         let stopping = stopping.clone();
         Arc::new(move || namespaces.is_ready() && !stopping.load(Ordering::Acquire))
     };
-    let webhook = Webhook::new(
-        args.inject.to_config(),
-        Arc::new(namespaces),
-        metrics.clone(),
+    let mut inject_config = args.inject.to_config();
+    inject_config.identity_addr = format!(
+        "{}.{}.svc:{}",
+        args.service,
+        args.namespace,
+        args.identity_addr.port()
     );
+    let webhook = Webhook::new(inject_config, Arc::new(namespaces), metrics.clone())
+        .with_trust_anchors(trust_anchors);
 
     let webhook_listener = bind(args.listen_addr).await?;
     let admin_listener = bind(args.admin_addr).await?;
@@ -392,6 +400,10 @@ struct MeshCaTarget {
 /// What the identity service needs to start.
 struct IdentitySetup {
     config: IdentityConfig,
+    /// Where the webhook reads the trust bundle it hands injected pods.
+    anchors: TrustAnchors,
+    /// Injected pods, for discovery.
+    peers: PeerBook,
     client: kube::Client,
     target: MeshCaTarget,
     metrics: Arc<Metrics>,
@@ -410,6 +422,8 @@ async fn run_identity(
 ) {
     let IdentitySetup {
         config,
+        anchors,
+        peers,
         client,
         target,
         metrics,
@@ -450,13 +464,15 @@ async fn run_identity(
         }
     };
     tracing::info!(roots = ca.roots(), "identity service serving");
+    set_anchors(&anchors, &ca);
     let ca_store = CaStore::new(ca);
-    let service = IdentityService::new(client.clone(), ca_store.clone(), config, metrics.clone());
+    let service = IdentityService::new(client.clone(), ca_store.clone(), config, metrics.clone())
+        .with_peers(peers);
     tokio::join!(
         mesh_ca_loop(
             client,
             target,
-            ca_store,
+            (ca_store, anchors),
             serving_store,
             serving_not_after,
             metrics,
@@ -473,7 +489,7 @@ async fn run_identity(
 async fn mesh_ca_loop(
     client: kube::Client,
     target: MeshCaTarget,
-    ca_store: Arc<CaStore>,
+    (ca_store, anchors): (Arc<CaStore>, TrustAnchors),
     serving: Arc<CertStore>,
     mut serving_not_after: i64,
     metrics: Arc<Metrics>,
@@ -490,6 +506,7 @@ async fn mesh_ca_loop(
                 if ca.material() != ca_store.get().material() {
                     tracing::info!(secret = %target.secret, roots = ca.roots(), "mesh CA changed; signing with the new one");
                     metrics.mesh_ca_expiry.set(ca.not_after());
+                    set_anchors(&anchors, &ca);
                     ca_store.set(ca);
                     changed = true;
                 }
@@ -517,6 +534,13 @@ async fn mesh_ca_loop(
             }
         }
     }
+}
+
+/// Hands pods injected from now on the trust bundle of `ca`.
+fn set_anchors(anchors: &TrustAnchors, ca: &MeshCa) {
+    *anchors
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ca.trust_bundle().to_owned());
 }
 
 #[cfg(test)]

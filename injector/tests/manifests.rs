@@ -165,7 +165,7 @@ fn base_installs_what_the_docs_promise() {
     find(&docs, "Service", "shoal-injector");
     find(&docs, "Namespace", "shoal-system");
 
-    // RBAC: namespaces read-only, nothing cluster-wide beyond the one webhook configuration.
+    // RBAC: namespaces and pods read-only, nothing cluster-wide beyond the one webhook configuration.
     let role = find(&docs, "ClusterRole", "shoal-injector");
     for rule in role["rules"].as_array().unwrap() {
         let verbs: Vec<&str> = rule["verbs"]
@@ -182,6 +182,9 @@ fn base_installs_what_the_docs_promise() {
                 serde_json::json!(["authentication.k8s.io"])
             );
             assert_eq!(verbs, ["create"]);
+        } else if rule["resources"][0] == "pods" {
+            // Discovery reads injected pods; it never changes them.
+            assert_eq!(verbs, ["list", "watch"]);
         } else {
             assert_eq!(rule["resourceNames"], serde_json::json!(["shoal-injector"]));
         }

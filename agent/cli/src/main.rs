@@ -97,7 +97,7 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run one agent, as `shoal-agent` does (the agents of `shoal dev`).
     #[command(hide = true)]
-    Agent(dev::AgentArgs),
+    Agent(Box<dev::AgentArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -258,7 +258,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Inject(a) => inject::run(a),
         // The agent builds its own runtime, as shoal-agent does.
-        Command::Agent(a) => dev::run_agent(a),
+        Command::Agent(a) => dev::run_agent(*a),
         Command::Dev(a) => block_on(dev::run(a)),
         Command::Pub(a) => with_client(a.conn.client(), |c| async move {
             if let Err(e) = check_name("topic", &a.topic) {

@@ -64,6 +64,17 @@ pub trait CertSource: Send + Sync + 'static {
     fn changed(&self, current: &Identity) -> bool;
     /// For logs.
     fn describe(&self) -> String;
+    /// Mesh addresses of other agents learned with the last identity
+    /// (discovery through the identity service); none for other sources.
+    fn peers(&self) -> Vec<std::net::SocketAddr> {
+        Vec::new()
+    }
+    /// Whether the source says this agent founds the mesh (creates its meta
+    /// group when new); None when it has no say (then an agent with no one
+    /// to join founds).
+    fn founds_mesh(&self) -> Option<bool> {
+        None
+    }
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {

@@ -61,7 +61,16 @@ struct Answer {
     spiffe_id: String,
     certificate: String,
     trust_bundle: String,
+    /// Other agents' mesh addresses (`ip:port`), for discovery.
+    #[serde(default)]
+    peers: Vec<String>,
+    /// Whether this agent's pod is the oldest injected one (it founds the mesh).
+    #[serde(default)]
+    founder: bool,
 }
+
+/// Most peer addresses taken from one answer.
+pub const MAX_PEERS: usize = 16;
 
 #[derive(Deserialize)]
 struct ErrorBody {
@@ -82,6 +91,10 @@ struct State {
     not_before: Option<SystemTime>,
     /// The trust bundle of the last answer, also trusted for the endpoint.
     learned_roots: Vec<CertificateDer<'static>>,
+    /// Other agents named in the last answer.
+    peers: Vec<SocketAddr>,
+    /// Whether the last answer said this agent founds the mesh.
+    founder: bool,
 }
 
 /// A [`CertSource`] backed by the injector's identity service.
@@ -221,7 +234,20 @@ impl IdentityServiceSource {
             return Err(cert_err("issued certificate is not for our key"));
         }
         let (not_before, not_after) = validity_of(leaf)?;
-        self.state().learned_roots = roots.clone();
+        // Addresses that do not parse are skipped: discovery is a hint,
+        // and every peer is still authenticated by mTLS.
+        let peers: Vec<SocketAddr> = answer
+            .peers
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .take(MAX_PEERS)
+            .collect();
+        {
+            let mut st = self.state();
+            st.learned_roots = roots.clone();
+            st.peers = peers;
+            st.founder = answer.founder;
+        }
         Ok(Identity {
             id,
             chain,
@@ -309,6 +335,14 @@ impl CertSource for IdentityServiceSource {
 
     fn describe(&self) -> String {
         format!("identity service {}", self.config.endpoint)
+    }
+
+    fn peers(&self) -> Vec<SocketAddr> {
+        self.state().peers.clone()
+    }
+
+    fn founds_mesh(&self) -> Option<bool> {
+        Some(self.state().founder)
     }
 }
 

@@ -88,3 +88,87 @@ async fn invalid_inject_annotation_is_counted_like_the_others() {
         "{text}"
     );
 }
+
+/// The agent container's environment in a review's patch.
+fn agent_env(response: &Value) -> BTreeMap<String, String> {
+    let patch = decode_patch(response).unwrap().unwrap();
+    let mut env = BTreeMap::new();
+    for op in patch.as_array().unwrap() {
+        let v = &op["value"];
+        let containers: Vec<&Value> = if v.is_array() {
+            v.as_array().unwrap().iter().collect()
+        } else {
+            vec![v]
+        };
+        for c in containers {
+            if c["name"] == crate::config::AGENT_CONTAINER_NAME {
+                for e in c["env"].as_array().unwrap() {
+                    if let Some(value) = e["value"].as_str() {
+                        env.insert(e["name"].as_str().unwrap().to_owned(), value.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    env
+}
+
+#[tokio::test]
+async fn injected_pods_get_the_identity_service_and_its_trust_anchors_once_known() {
+    let namespaces = BTreeMap::from([(
+        "on".to_owned(),
+        BTreeMap::from([("shoal.io/inject".to_owned(), "enabled".to_owned())]),
+    )]);
+    let anchors: TrustAnchors = Arc::default();
+    let config = crate::InjectConfig {
+        identity_addr: "shoal-injector.shoal-system.svc:4711".to_owned(),
+        ..crate::InjectConfig::default()
+    };
+    let webhook = Webhook::new(
+        config,
+        Arc::new(StaticNamespaces(namespaces)),
+        Arc::new(Metrics::new()),
+    )
+    .with_trust_anchors(anchors.clone());
+    let review = serde_json::to_vec(&serde_json::json!({
+        "apiVersion": ADMISSION_API_VERSION, "kind": ADMISSION_KIND,
+        "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "on", "operation": "CREATE", "userInfo": {},
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                "spec": {"containers": [{"name": "app", "image": "i"}]}}}
+    }))
+    .unwrap();
+
+    // The mesh CA is not loaded yet: injected, told so, no identity settings
+    // (an agent given an address it cannot verify would not start).
+    let v: Value = serde_json::from_slice(&webhook.review(&review).await.unwrap()).unwrap();
+    let env = agent_env(&v["response"]);
+    assert!(env.contains_key("SHOAL_TOKEN_FILE"), "{env:?}");
+    assert!(!env.contains_key("SHOAL_IDENTITY_ADDR"), "{env:?}");
+    assert!(
+        v["response"]["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("runs alone")),
+        "{v}"
+    );
+
+    // Once loaded: the service's address and the bundle to verify it by.
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    *anchors.write().unwrap() = Some(pem.to_owned());
+    let v: Value = serde_json::from_slice(&webhook.review(&review).await.unwrap()).unwrap();
+    let env = agent_env(&v["response"]);
+    assert_eq!(
+        env.get("SHOAL_IDENTITY_ADDR").map(String::as_str),
+        Some("shoal-injector.shoal-system.svc:4711")
+    );
+    assert_eq!(
+        env.get("SHOAL_IDENTITY_TRUST_ANCHORS").map(String::as_str),
+        Some(pem)
+    );
+    assert!(
+        v["response"]["warnings"].is_null() || v["response"]["warnings"] == serde_json::json!([])
+    );
+}

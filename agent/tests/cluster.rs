@@ -1,0 +1,509 @@
+//! Agents as a cluster runs them: no `--dev`, no seeds. Each real
+//! `shoal-agent` process gets its mesh certificate from the injector's
+//! identity service (the real `shoal_injector` code, run in this test
+//! against an API-server stand-in that answers TokenReviews, keeps the mesh
+//! CA Secret and lists the injected pods), with the settings the injector
+//! writes into a pod (`SHOAL_IDENTITY_ADDR`, `SHOAL_IDENTITY_TRUST_ANCHORS`,
+//! `SHOAL_TOKEN_FILE`, `POD_IP`). The identity answers name other agents,
+//! so the agents find each other and form one mesh.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt as _, Full};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec, PodStatus, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde_json::{json, Value};
+use shoal_agent::client::AgentClient;
+use shoal_injector::identity::{IdentityConfig, IdentityService};
+use shoal_injector::meshca::{self, CaStore};
+use shoal_injector::metrics::Metrics;
+use shoal_injector::peers::PeerBook;
+use shoal_injector::{bootstrap, server, tls};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const SYSTEM_NS: &str = "shoal-system";
+const CA_SECRET: &str = "shoal-mesh-ca";
+const SERVER_NAME: &str = "shoal-injector.shoal-system.svc";
+const INJECTED: &str = "shoal.io/injected";
+
+/// What the API-server stand-in holds.
+#[derive(Default)]
+struct Cluster {
+    /// token -> (namespace, service account, pod name, audience)
+    tokens: BTreeMap<String, (String, String, String, String)>,
+    secrets: BTreeMap<String, Secret>,
+    pods: Vec<Pod>,
+    reviews: usize,
+}
+
+type State = Arc<Mutex<Cluster>>;
+
+fn respond(status: u16, body: Value) -> http::Response<Full<Bytes>> {
+    http::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+fn review(cluster: &Cluster, mut r: TokenReview) -> TokenReview {
+    let token = r.spec.token.clone().unwrap_or_default();
+    let wanted = r.spec.audiences.clone().unwrap_or_default();
+    r.status = Some(match cluster.tokens.get(&token) {
+        Some((ns, sa, pod, aud)) if wanted.contains(aud) => TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: Some(vec![aud.clone()]),
+            user: Some(UserInfo {
+                username: Some(format!("system:serviceaccount:{ns}:{sa}")),
+                extra: Some(BTreeMap::from([(
+                    "authentication.kubernetes.io/pod-name".to_owned(),
+                    vec![pod.clone()],
+                )])),
+                ..UserInfo::default()
+            }),
+            ..TokenReviewStatus::default()
+        },
+        Some(_) => TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some("token audiences are not acceptable".to_owned()),
+            ..TokenReviewStatus::default()
+        },
+        None => TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some("invalid bearer token".to_owned()),
+            ..TokenReviewStatus::default()
+        },
+    });
+    r
+}
+
+async fn api(
+    state: State,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let secrets = format!("/api/v1/namespaces/{SYSTEM_NS}/secrets");
+    match (method.as_str(), path.as_str()) {
+        ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => {
+            let r: TokenReview = serde_json::from_slice(&body).unwrap();
+            let mut cluster = state.lock().unwrap();
+            cluster.reviews += 1;
+            respond(201, serde_json::to_value(review(&cluster, r)).unwrap())
+        }
+        ("POST", p) if p == secrets => {
+            let mut s: Secret = serde_json::from_slice(&body).unwrap();
+            s.metadata.resource_version = Some("1".to_owned());
+            let name = s.metadata.name.clone().unwrap();
+            state.lock().unwrap().secrets.insert(name, s.clone());
+            respond(201, serde_json::to_value(s).unwrap())
+        }
+        ("GET", p) if p.starts_with(&format!("{secrets}/")) => {
+            match state.lock().unwrap().secrets.get(&p[secrets.len() + 1..]) {
+                Some(s) => respond(200, serde_json::to_value(s).unwrap()),
+                None => respond(
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+            }
+        }
+        ("GET", "/api/v1/pods") if query.contains("watch=true") => {
+            // No changes to report: the watch ends after a while and is
+            // made again, as an API server's would.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            respond(200, json!(null)).map(|_| Full::new(Bytes::new()))
+        }
+        ("GET", "/api/v1/pods") => {
+            let cluster = state.lock().unwrap();
+            let selected: Vec<&Pod> = cluster
+                .pods
+                .iter()
+                .filter(|p| {
+                    !query.contains("labelSelector")
+                        || p.metadata
+                            .labels
+                            .as_ref()
+                            .is_some_and(|l| l.get(INJECTED).map(String::as_str) == Some("true"))
+                })
+                .collect();
+            respond(
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList",
+                       "metadata": {"resourceVersion": "7"}, "items": selected}),
+            )
+        }
+        _ => respond(
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "reason": "NotFound", "code": 404, "message": path}),
+        ),
+    }
+}
+
+async fn start_api(state: State) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(api(state, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An injected pod as the API server lists it: its agent's mesh port named
+/// as the injector names it, its IP loopback.
+fn injected_pod(ns: &str, name: &str, mesh_port: u16, created_s: i64) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            namespace: Some(ns.to_owned()),
+            name: Some(name.to_owned()),
+            creation_timestamp: Some(Time(
+                k8s_openapi::chrono::DateTime::from_timestamp(1_800_000_000 + created_s, 0)
+                    .unwrap(),
+            )),
+            labels: Some(BTreeMap::from([(INJECTED.to_owned(), "true".to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: shoal_injector::config::AGENT_CONTAINER_NAME.to_owned(),
+                ports: Some(vec![ContainerPort {
+                    name: Some(shoal_injector::config::MESH_PORT_NAME.to_owned()),
+                    container_port: i32::from(mesh_port),
+                    ..ContainerPort::default()
+                }]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            pod_ip: Some("127.0.0.1".to_owned()),
+            phase: Some("Running".to_owned()),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+/// The identity service, as `shoal-injector` runs it.
+struct Identity {
+    addr: SocketAddr,
+    bundle: String,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+async fn start_identity(state: State) -> Identity {
+    let api_addr = start_api(state).await;
+    let mut config = kube::Config::new(format!("http://{api_addr}").parse().unwrap());
+    config.connect_timeout = Some(Duration::from_secs(2));
+    let kube = kube::Client::try_from(config).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let ca = meshca::reconcile(kube.clone(), SYSTEM_NS, CA_SECRET, now)
+        .await
+        .unwrap();
+    let bundle = ca.trust_bundle().to_owned();
+    let (serving, key) = ca
+        .issue_serving(
+            &bootstrap::service_dns_names("shoal-injector", SYSTEM_NS),
+            now,
+            24 * 3600,
+        )
+        .unwrap();
+    let store = tls::CertStore::new(
+        tls::certified_key(serving.cert_pem.as_bytes(), key.as_bytes()).unwrap(),
+    );
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown, rx) = watch::channel(false);
+    let service = IdentityService::new(
+        kube.clone(),
+        CaStore::new(ca),
+        IdentityConfig::default(),
+        metrics.clone(),
+    )
+    .with_peers(PeerBook::start(kube, rx.clone()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::serve_identity(
+        listener,
+        tls::server_config(store).unwrap(),
+        service,
+        rx,
+    ));
+    Identity {
+        addr,
+        bundle,
+        metrics,
+        shutdown,
+    }
+}
+
+/// A pod's agent: the environment the injector gives it, plus loopback
+/// addresses. No `--dev`, no `--join`.
+fn start_pod_agent(
+    root: &Path,
+    identity: &Identity,
+    (ns, sa, pod): (&str, &str, &str),
+    token: &str,
+    mesh_port: u16,
+) -> MeshAgent {
+    use std::process::{Command, Stdio};
+    let dir = root.join(pod);
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let (app, admin) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-agent"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SHOAL_") || k.starts_with("POD_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("SHOAL_IDENTITY_ADDR", identity.addr.to_string())
+        .env("SHOAL_IDENTITY_SERVER_NAME", SERVER_NAME)
+        .env("SHOAL_IDENTITY_TRUST_ANCHORS", &identity.bundle)
+        .env("SHOAL_TOKEN_FILE", &token_file)
+        .env("POD_NAMESPACE", ns)
+        .env("POD_SERVICE_ACCOUNT", sa)
+        .env("POD_IP", "127.0.0.1")
+        .env("SHOAL_NODE_NAME", pod)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--app-addr")
+        .arg(format!("127.0.0.1:{app}"))
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{admin}"))
+        .arg("--mesh-addr")
+        .arg(format!("0.0.0.0:{mesh_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if std::env::var_os("SHOAL_TEST_LOGS").is_some() {
+        cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+    }
+    MeshAgent {
+        child: cmd.spawn().unwrap(),
+        client: AgentClient::new(&format!("http://127.0.0.1:{app}")),
+        admin: AgentClient::new(&format!("http://127.0.0.1:{admin}")),
+        admin_addr: format!("127.0.0.1:{admin}"),
+    }
+}
+
+/// Names of the alive members `a` sees, itself included.
+async fn alive(a: &MeshAgent) -> Vec<String> {
+    let Ok(r) = a.client.get("/v1/cluster").await else {
+        return Vec::new();
+    };
+    if r.status != 200 {
+        return Vec::new();
+    }
+    let v = r.json();
+    let mut names: Vec<String> = v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["state"] == "alive")
+        .filter_map(|m| m["node"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn injected_agents_get_certificates_find_each_other_and_deliver() {
+    let root = tempfile::tempdir().unwrap();
+    let state: State = Arc::default();
+    let pods = [
+        ("orders", "api", "orders-api-0", "tok-orders-0"),
+        ("orders", "api", "orders-api-1", "tok-orders-1"),
+        ("billing", "worker", "billing-worker-0", "tok-billing-0"),
+    ];
+    let ports: Vec<u16> = pods.iter().map(|_| free_udp_port()).collect();
+    {
+        let mut cluster = state.lock().unwrap();
+        // Created a second apart, all before any agent asks (a cold start):
+        // the oldest pod's agent founds the mesh, the others join.
+        for (i, ((ns, sa, pod, token), port)) in pods.iter().zip(&ports).enumerate() {
+            cluster.tokens.insert(
+                (*token).to_owned(),
+                (
+                    (*ns).to_owned(),
+                    (*sa).to_owned(),
+                    (*pod).to_owned(),
+                    "shoal".to_owned(),
+                ),
+            );
+            cluster.pods.push(injected_pod(ns, pod, *port, i as i64));
+        }
+        // A token the identity service must refuse: another audience.
+        cluster.tokens.insert(
+            "tok-wrong-audience".to_owned(),
+            (
+                "orders".to_owned(),
+                "api".to_owned(),
+                "stray".to_owned(),
+                "https://kubernetes.default.svc".to_owned(),
+            ),
+        );
+    }
+    let identity = start_identity(state.clone()).await;
+
+    // All start at once; each is told of the others by the identity service.
+    let agents: Vec<MeshAgent> = pods
+        .iter()
+        .zip(&ports)
+        .map(|((ns, sa, pod, token), port)| {
+            start_pod_agent(root.path(), &identity, (ns, sa, pod), token, *port)
+        })
+        .collect();
+    let everyone: Vec<String> = {
+        let mut v: Vec<String> = pods.iter().map(|p| p.2.to_owned()).collect();
+        v.sort();
+        v
+    };
+    for a in &agents {
+        wait_until(
+            "every agent sees all three alive, with no seeds given",
+            || async { alive(a).await == everyone },
+        )
+        .await;
+    }
+    for a in &agents {
+        let r = a.admin.get("/readyz").await.unwrap();
+        assert_eq!(r.status, 200, "ready with a certificate and joined");
+        let m = metrics(&a.admin).await;
+        let expiry = metric_value(&m, "shoal_mesh_certificate_expiry_timestamp_seconds").unwrap();
+        assert!(
+            expiry > 1.7e9,
+            "a certificate's expiry is exported: {expiry}"
+        );
+    }
+    // Each agent's identity is its pod's service account, from the service.
+    let v = agents[2].client.get("/v1/cluster").await.unwrap().json();
+    assert_eq!(
+        v["id"], "spiffe://cluster.local/ns/billing/sa/worker",
+        "the identity the service certified: {v}"
+    );
+    let issued = identity
+        .metrics
+        .encode(shoal_exposition::Format::Text)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("shoal_injector_identity_certificates_issued_total ")
+                .map(str::to_owned)
+        })
+        .unwrap();
+    assert_eq!(issued.trim(), "3", "one certificate per agent");
+
+    // hello across pods: a subscriber on one pod's agent receives what an
+    // app on another pod's agent publishes.
+    let topic = json!({"partitions": 2});
+    expect_status(
+        &put_topic(&agents[0].client, "greetings", topic).await,
+        201,
+        "create topic",
+    );
+    put_sub(
+        &agents[2].client,
+        "hello",
+        json!({"topic": "greetings", "start": "earliest"}),
+    )
+    .await;
+    for i in 0..10 {
+        publish(&agents[1].client, "greetings", &[], format!("hello {i}")).await;
+    }
+    let got = pull_n(&agents[2].client, "hello", 10).await;
+    let mut texts: Vec<String> = got.iter().map(text_of).collect();
+    texts.sort();
+    let mut want: Vec<String> = (0..10).map(|i| format!("hello {i}")).collect();
+    want.sort();
+    assert_eq!(texts, want, "every message delivered across pods");
+}
+
+#[tokio::test]
+async fn an_agent_whose_token_is_refused_is_not_ready_and_says_why() {
+    let root = tempfile::tempdir().unwrap();
+    let state: State = Arc::default();
+    let port = free_udp_port();
+    {
+        let mut cluster = state.lock().unwrap();
+        cluster.tokens.insert(
+            "tok-kube-audience".to_owned(),
+            (
+                "orders".to_owned(),
+                "api".to_owned(),
+                "orders-api-0".to_owned(),
+                "https://kubernetes.default.svc".to_owned(),
+            ),
+        );
+        cluster
+            .pods
+            .push(injected_pod("orders", "orders-api-0", port, 0));
+    }
+    let identity = start_identity(state.clone()).await;
+    let a = start_pod_agent(
+        root.path(),
+        &identity,
+        ("orders", "api", "orders-api-0"),
+        "tok-kube-audience",
+        port,
+    );
+    wait_until("the agent says why it is not ready", || async {
+        match a.admin.get("/readyz").await {
+            Ok(r) => r.status == 503 && r.text().contains("token_audience"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    wait_until("the refusal is counted on both sides", || async {
+        let m = metrics(&a.admin).await;
+        metric_value(&m, "shoal_mesh_certificate_failures_total").unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    let text = identity.metrics.encode(shoal_exposition::Format::Text);
+    assert!(
+        text.contains("shoal_injector_identity_requests_total{outcome=\"token_audience\"}"),
+        "{text}"
+    );
+    // It stores nothing and serves no mesh while it waits.
+    assert!(
+        a.client.get("/v1/cluster").await.is_err() || {
+            let r = a.client.get("/v1/cluster").await.unwrap();
+            r.status != 200 || r.json()["members"].as_array().is_none_or(|m| m.len() <= 1)
+        }
+    );
+}

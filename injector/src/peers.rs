@@ -1,0 +1,189 @@
+//! Discovery: the injector watches injected pods (label
+//! `shoal.io/injected=true`, every namespace) and hands each agent that asks
+//! for a certificate a few other agents' mesh addresses, so injected agents
+//! find each other with no seeds configured by anyone.
+//!
+//! A pod counts once it has an IP and is not being deleted, ready or not:
+//! two agents starting together must learn of each other, or each would
+//! start a mesh of its own. An address that is stale costs a failed join
+//! attempt; every peer is still authenticated by mutual TLS.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt as _};
+
+use crate::annotations::INJECTED_LABEL;
+use crate::config::{AGENT_CONTAINER_NAME, DEFAULT_MESH_PORT, MESH_PORT_NAME};
+
+/// Most peers named in one answer.
+pub const MAX_PEERS: usize = 8;
+/// How long a certificate request waits for the first full list of pods
+/// (after the injector starts) before it is refused.
+pub const SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// The mesh address of an injected pod's agent: its IP and the agent
+/// container's `mesh` port. None for a pod with no IP yet, one being
+/// deleted or finished, or one without the agent container.
+pub fn mesh_address(pod: &Pod) -> Option<SocketAddr> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+    let spec = pod.spec.as_ref()?;
+    let agent = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == AGENT_CONTAINER_NAME)?;
+    let port = agent
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(MESH_PORT_NAME))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .unwrap_or(DEFAULT_MESH_PORT);
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Up to [`MAX_PEERS`] mesh addresses of `pods`, leaving out the pod
+/// `asker` (namespace, name); a random choice (`seed`) when there are more,
+/// so answers spread over the mesh.
+pub fn choose(pods: &[Arc<Pod>], asker: (&str, &str), seed: u64) -> Vec<SocketAddr> {
+    let mut found: Vec<SocketAddr> = pods
+        .iter()
+        .filter(|p| {
+            p.metadata.namespace.as_deref() != Some(asker.0)
+                || p.metadata.name.as_deref() != Some(asker.1)
+        })
+        .filter_map(|p| mesh_address(p))
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    if found.len() > MAX_PEERS {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        rng.shuffle(&mut found);
+        found.truncate(MAX_PEERS);
+        found.sort_unstable();
+    }
+    found
+}
+
+/// Whether the pod `asker` (namespace, name) is the oldest injected pod
+/// listed (by creation time, then namespace and name): its agent, when new,
+/// founds the mesh (creates its meta group). Exactly one pod is the oldest
+/// in any list; a pod created later is never older than the ones before it,
+/// so a new pod joining a running mesh never founds a second one. A pod not
+/// listed yet is the newest, so it founds only when nothing is listed.
+pub fn is_oldest(pods: &[Arc<Pod>], asker: (&str, &str)) -> bool {
+    let key = |p: &Pod| {
+        (
+            p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            p.metadata.namespace.clone().unwrap_or_default(),
+            p.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    let is_asker = |p: &Pod| {
+        p.metadata.namespace.as_deref() == Some(asker.0)
+            && p.metadata.name.as_deref() == Some(asker.1)
+    };
+    let Some(me) = pods.iter().find(|p| is_asker(p)) else {
+        return pods.iter().all(|p| mesh_address(p).is_none());
+    };
+    let mine = key(me);
+    pods.iter()
+        .filter(|p| !is_asker(p) && mesh_address(p).is_some())
+        .all(|p| key(p) > mine)
+}
+
+/// What discovery tells one agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discovery {
+    /// Other agents' mesh addresses.
+    pub peers: Vec<SocketAddr>,
+    /// Whether its pod is the oldest injected one ([`is_oldest`]).
+    pub founder: bool,
+}
+
+/// Injected pods, watched.
+#[derive(Clone)]
+pub struct PeerBook {
+    store: Store<Pod>,
+    synced: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PeerBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerBook")
+            .field("synced", &self.synced.load(Ordering::Acquire))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerBook {
+    /// Starts watching injected pods in every namespace until `shutdown`.
+    pub fn start(client: kube::Client, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        let api: Api<Pod> = Api::all(client);
+        let (store, writer) = reflector::store();
+        let selector = format!("{INJECTED_LABEL}=true");
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default().labels(&selector)),
+        )
+        .default_backoff()
+        .touched_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    item = stream.next() => match item {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => tracing::warn!(error = %e, "injected-pod watch error; retrying"),
+                        None => return,
+                    },
+                }
+            }
+        });
+        let synced = Arc::new(AtomicBool::new(false));
+        let flag = synced.clone();
+        let waiting = store.clone();
+        tokio::spawn(async move {
+            if waiting.wait_until_ready().await.is_ok() {
+                flag.store(true, Ordering::Release);
+                tracing::info!("injected-pod watch synced (discovery ready)");
+            }
+        });
+        PeerBook { store, synced }
+    }
+
+    /// Mesh addresses for the agent of pod `asker` (namespace, name), once
+    /// the first list of pods has arrived; None when it has not within
+    /// [`SYNC_WAIT`] (answering "no peers" then could split the mesh).
+    pub async fn peers_for(&self, asker: (&str, &str)) -> Option<Discovery> {
+        if !self.synced.load(Ordering::Acquire) {
+            let waited = tokio::time::timeout(SYNC_WAIT, self.store.wait_until_ready()).await;
+            if !matches!(waited, Ok(Ok(()))) {
+                return None;
+            }
+        }
+        let pods = self.store.state();
+        Some(Discovery {
+            peers: choose(&pods, asker, fastrand::u64(..)),
+            founder: is_oldest(&pods, asker),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
