@@ -1026,7 +1026,7 @@ fn cluster(state: &AppState) -> Response<Body> {
         .unwrap_or_default();
     json_response(
         StatusCode::OK,
-        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.local_addr, "joined": view.joined, "members": members, "departed": departed, "unavailable": unavailable, "groups": groups, "name_conflict": name_conflict, "replicated": replicated}),
+        &json!({"mesh": true, "id": mesh.id.to_string(), "addr": mesh.advertised, "bound": mesh.local_addr, "joined": view.joined, "members": members, "departed": departed, "unavailable": unavailable, "groups": groups, "name_conflict": name_conflict, "replicated": replicated}),
     )
 }
 

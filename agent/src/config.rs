@@ -330,11 +330,15 @@ impl Config {
         })
     }
 
-    /// The mesh address to advertise: the flag, else $POD_IP with the mesh
-    /// port, else none (the bound address).
+    /// The mesh address to advertise: the flag, else (outside `--dev`, bound
+    /// to an unspecified address, as in a pod) $POD_IP with the mesh port,
+    /// else none (the bound address).
     pub fn advertise_addr(&self) -> Result<Option<SocketAddr>, AgentError> {
         if let Some(a) = self.advertise_addr {
             return Ok(Some(a));
+        }
+        if self.dev || !self.mesh_addr.ip().is_unspecified() {
+            return Ok(None);
         }
         match std::env::var("POD_IP") {
             Ok(ip) if !ip.trim().is_empty() => {

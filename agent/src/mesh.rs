@@ -446,6 +446,8 @@ pub struct Mesh {
     endpoint: Endpoint,
     /// The bound mesh address.
     pub local_addr: SocketAddr,
+    /// The address other agents reach this one at.
+    pub advertised: SocketAddr,
     /// This agent's SPIFFE ID.
     pub id: SpiffeId,
     /// Whether it started with other agents to join (`--join`, or agents
@@ -473,6 +475,10 @@ struct ExpectedDowns {
 impl ExpectedDowns {
     /// `node` announced its own leave: a graceful stop, not a failure.
     fn left(&self, node: &str) {
+        self.leaving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
         self.down_while_stopping
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -481,6 +487,10 @@ impl ExpectedDowns {
 
     /// `node` is up again: what it said or did before no longer holds.
     fn back_up(&self, node: &str) {
+        self.leaving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
         self.down_while_stopping
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -660,7 +670,8 @@ impl Mesh {
             crate::time::now_ms(),
         );
         let seeded = !seeds.is_empty();
-        let founder = founds_mesh.unwrap_or(settings.join.is_empty() && discovered.is_empty());
+        // --join always means "join, never found", whatever discovery says.
+        let founder = settings.join.is_empty() && founds_mesh.unwrap_or(discovered.is_empty());
         let (view_tx, view_rx) = watch::channel(view_of(&membership, seeded));
         let expected = Arc::new(ExpectedDowns::default());
         let known: Vec<SocketAddr> = settings
@@ -693,6 +704,7 @@ impl Mesh {
             peers,
             endpoint,
             local_addr,
+            advertised,
             id: spiffe,
             seeded,
             founder,

@@ -599,6 +599,17 @@ async fn first_identity(
                 let loaded = tokio::task::spawn_blocking(move || s.load())
                     .await
                     .map_err(|e| AgentError::Config(format!("mesh: certificate task: {e}")))?;
+                let loaded = loaded.and_then(|identity| {
+                    if source.founds_mesh() == Some(false) && source.peers().is_empty() {
+                        // Alone but not the oldest pod: another agent must
+                        // found the mesh; running alone would start a second.
+                        Err(shoal_mesh::MeshError::Certificate(
+                            "the identity service named no other agent yet and this pod is not the oldest injected one (which founds the mesh); asking again".into(),
+                        ))
+                    } else {
+                        Ok(identity)
+                    }
+                });
                 match loaded {
                     Ok(identity) => {
                         *admin

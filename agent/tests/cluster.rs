@@ -194,6 +194,11 @@ fn injected_pod(ns: &str, name: &str, mesh_port: u16, created_s: i64) -> Pod {
         spec: Some(PodSpec {
             containers: vec![Container {
                 name: shoal_injector::config::AGENT_CONTAINER_NAME.to_owned(),
+                env: Some(vec![k8s_openapi::api::core::v1::EnvVar {
+                    name: "SHOAL_IDENTITY_ADDR".to_owned(),
+                    value: Some(format!("{SERVER_NAME}:4711")),
+                    ..Default::default()
+                }]),
                 ports: Some(vec![ContainerPort {
                     name: Some(shoal_injector::config::MESH_PORT_NAME.to_owned()),
                     container_port: i32::from(mesh_port),

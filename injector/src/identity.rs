@@ -508,12 +508,12 @@ impl IdentityService {
         let discovery = match &self.peers {
             None => None,
             Some(book) => Some(
-                book.peers_for((&csr.id.namespace, &allowed.pod))
+                book.peers_for((&csr.id.namespace, &allowed.pod), allowed.pod_uid.as_deref())
                     .await
                     .ok_or_else(|| {
                         Denial::new(
                             Outcome::ApiUnavailable,
-                            "the injector has not listed the injected pods yet (discovery); retry shortly",
+                            "the injector's watch does not list this pod yet (discovery); retry shortly",
                         )
                     })?,
             ),

@@ -22,6 +22,8 @@ use kube::runtime::{watcher, WatchStreamExt as _};
 use crate::annotations::INJECTED_LABEL;
 use crate::config::{AGENT_CONTAINER_NAME, DEFAULT_MESH_PORT, MESH_PORT_NAME};
 
+/// The variable that gives an injected agent its identity service.
+pub const IDENTITY_ADDR_ENV: &str = "SHOAL_IDENTITY_ADDR";
 /// Most peers named in one answer.
 pub const MAX_PEERS: usize = 8;
 /// How long a certificate request waits for the first full list of pods
@@ -46,6 +48,18 @@ pub fn mesh_address(pod: &Pod) -> Option<SocketAddr> {
         .iter()
         .chain(spec.init_containers.iter().flatten())
         .find(|c| c.name == AGENT_CONTAINER_NAME)?;
+    // A pod injected without identity settings (before the mesh CA was
+    // loaded, by an older injector, or offline) runs an agent that never
+    // joins: naming it would hand out a seed nobody can join, and counting
+    // it as the oldest would leave the mesh without a founder.
+    if !agent
+        .env
+        .iter()
+        .flatten()
+        .any(|e| e.name == IDENTITY_ADDR_ENV)
+    {
+        return None;
+    }
     let port = agent
         .ports
         .iter()
@@ -84,7 +98,7 @@ pub fn choose(pods: &[Arc<Pod>], asker: (&str, &str), seed: u64) -> Vec<SocketAd
 /// founds the mesh (creates its meta group). Exactly one pod is the oldest
 /// in any list; a pod created later is never older than the ones before it,
 /// so a new pod joining a running mesh never founds a second one. A pod not
-/// listed yet is the newest, so it founds only when nothing is listed.
+/// listed (the watch has not shown it yet) is never the oldest.
 pub fn is_oldest(pods: &[Arc<Pod>], asker: (&str, &str)) -> bool {
     let key = |p: &Pod| {
         (
@@ -98,7 +112,7 @@ pub fn is_oldest(pods: &[Arc<Pod>], asker: (&str, &str)) -> bool {
             && p.metadata.name.as_deref() == Some(asker.1)
     };
     let Some(me) = pods.iter().find(|p| is_asker(p)) else {
-        return pods.iter().all(|p| mesh_address(p).is_none());
+        return false;
     };
     let mine = key(me);
     pods.iter()
@@ -168,16 +182,32 @@ impl PeerBook {
     }
 
     /// Mesh addresses for the agent of pod `asker` (namespace, name), once
-    /// the first list of pods has arrived; None when it has not within
-    /// [`SYNC_WAIT`] (answering "no peers" then could split the mesh).
-    pub async fn peers_for(&self, asker: (&str, &str)) -> Option<Discovery> {
+    /// the first list of pods has arrived and shows the asker's pod (with
+    /// `uid`, when the token named it); None when not within [`SYNC_WAIT`]:
+    /// answering "no peers" then could split the mesh.
+    pub async fn peers_for(&self, asker: (&str, &str), uid: Option<&str>) -> Option<Discovery> {
         if !self.synced.load(Ordering::Acquire) {
             let waited = tokio::time::timeout(SYNC_WAIT, self.store.wait_until_ready()).await;
             if !matches!(waited, Ok(Ok(()))) {
                 return None;
             }
         }
-        let pods = self.store.state();
+        let listed = |pods: &[Arc<Pod>]| {
+            pods.iter().any(|p| {
+                p.metadata.namespace.as_deref() == Some(asker.0)
+                    && p.metadata.name.as_deref() == Some(asker.1)
+                    && uid.is_none_or(|u| p.metadata.uid.as_deref() == Some(u))
+            })
+        };
+        let deadline = tokio::time::Instant::now() + SYNC_WAIT;
+        let mut pods = self.store.state();
+        while !listed(&pods) {
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            pods = self.store.state();
+        }
         Some(Discovery {
             peers: choose(&pods, asker, fastrand::u64(..)),
             founder: is_oldest(&pods, asker),

@@ -362,9 +362,15 @@ fn agent_command(exe: &Path, p: &Plan, args: &DevArgs, seeds: &[SocketAddr]) -> 
     if let Some(level) = &args.log_level {
         cmd.arg("--log-level").arg(level);
     }
-    // shoal dev decides these; other SHOAL_* variables reach every agent.
+    // shoal dev decides these (a local mesh of --dev identities on
+    // loopback, even when run inside a pod); other SHOAL_* variables reach
+    // every agent.
     cmd.env_remove("SHOAL_JOIN")
         .env_remove("SHOAL_APP_PORT")
+        .env_remove("SHOAL_ADVERTISE_ADDR")
+        .env_remove("SHOAL_IDENTITY_ADDR")
+        .env_remove("SHOAL_CERT_DIR")
+        .env_remove("POD_IP")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

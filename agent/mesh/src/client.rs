@@ -66,7 +66,7 @@ struct Answer {
     peers: Vec<String>,
     /// Whether this agent's pod is the oldest injected one (it founds the mesh).
     #[serde(default)]
-    founder: bool,
+    founder: Option<bool>,
 }
 
 /// Most peer addresses taken from one answer.
@@ -93,8 +93,9 @@ struct State {
     learned_roots: Vec<CertificateDer<'static>>,
     /// Other agents named in the last answer.
     peers: Vec<SocketAddr>,
-    /// Whether the last answer said this agent founds the mesh.
-    founder: bool,
+    /// Whether the last answer said this agent founds the mesh (None: it
+    /// did not say, as an identity service without discovery).
+    founder: Option<bool>,
 }
 
 /// A [`CertSource`] backed by the injector's identity service.
@@ -342,7 +343,7 @@ impl CertSource for IdentityServiceSource {
     }
 
     fn founds_mesh(&self) -> Option<bool> {
-        Some(self.state().founder)
+        self.state().founder
     }
 }
 

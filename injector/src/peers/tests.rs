@@ -17,6 +17,11 @@ fn pod(ns: &str, name: &str, ip: Option<&str>, mesh_port: Option<i32>) -> Pod {
                 },
                 Container {
                     name: AGENT_CONTAINER_NAME.to_owned(),
+                    env: Some(vec![k8s_openapi::api::core::v1::EnvVar {
+                        name: IDENTITY_ADDR_ENV.to_owned(),
+                        value: Some("shoal-injector.shoal-system.svc:4711".to_owned()),
+                        ..Default::default()
+                    }]),
                     ports: mesh_port.map(|p| {
                         vec![ContainerPort {
                             name: Some(MESH_PORT_NAME.to_owned()),
@@ -60,6 +65,15 @@ fn pods_without_ip_agent_or_future_have_none() {
         s.phase = Some("Succeeded".to_owned());
     }
     assert_eq!(mesh_address(&done), None);
+
+    // Injected without identity settings: its agent never joins.
+    let mut no_identity = pod("a", "p", Some("10.0.0.1"), None);
+    if let Some(spec) = no_identity.spec.as_mut() {
+        for c in &mut spec.containers {
+            c.env = None;
+        }
+    }
+    assert_eq!(mesh_address(&no_identity), None);
 
     let mut no_agent = pod("a", "p", Some("10.0.0.1"), None);
     if let Some(spec) = no_agent.spec.as_mut() {
@@ -152,17 +166,19 @@ fn only_the_oldest_listed_pod_founds_the_mesh() {
     assert!(is_oldest(&tied, ("a", "p9")));
     assert!(!is_oldest(&tied, ("b", "p1")));
 
-    // A pod the watch has not shown yet is newer than all listed ones.
+    // A pod the watch has not shown yet never founds: it is asked to retry.
     assert!(!is_oldest(&pods, ("d", "p4")));
-    // With nobody else (listed or with an address), the asker founds.
-    assert!(is_oldest(&[], ("d", "p4")));
-    let gone = vec![Arc::new(created(pod("a", "old", None, None), 0))];
+    assert!(!is_oldest(&[], ("d", "p4")));
+    let alone = vec![Arc::new(created(pod("d", "p4", Some("10.0.0.4"), None), 0))];
+    assert!(is_oldest(&alone, ("d", "p4")), "the only pod founds");
+    let mut gone = alone.clone();
+    gone.push(Arc::new(created(pod("a", "old", None, None), -5)));
     assert!(
         is_oldest(&gone, ("d", "p4")),
         "a pod without an IP runs no agent"
     );
     // An older pod that has no IP (not running) does not count either.
     let mut with_gone = pods.clone();
-    with_gone.push(gone[0].clone());
+    with_gone.push(gone[1].clone());
     assert!(is_oldest(&with_gone, ("a", "p2")));
 }
