@@ -450,9 +450,6 @@ pub struct Mesh {
     pub advertised: SocketAddr,
     /// This agent's SPIFFE ID.
     pub id: SpiffeId,
-    /// Whether it started with other agents to join (`--join`, or agents
-    /// the identity service named): false for the first agent of a mesh.
-    pub seeded: bool,
     /// Whether this agent founds the mesh when new (creates its meta
     /// group): the identity service's word when it gave one, else "nobody
     /// to join".
@@ -475,42 +472,23 @@ struct ExpectedDowns {
 impl ExpectedDowns {
     /// `node` announced its own leave: a graceful stop, not a failure.
     fn left(&self, node: &str) {
-        self.leaving
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(node);
-        self.down_while_stopping
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(node.to_string());
+        lock(&self.leaving).remove(node);
+        lock(&self.down_while_stopping).insert(node.to_string());
     }
 
     /// `node` is up again: what it said or did before no longer holds.
     fn back_up(&self, node: &str) {
-        self.leaving
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(node);
-        self.down_while_stopping
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(node);
+        lock(&self.leaving).remove(node);
+        lock(&self.down_while_stopping).remove(node);
     }
 
     /// Whether `node` going down is expected; forgets a leaving member's word.
     fn down_expected(&self, node: &str) -> Option<&'static str> {
-        let left = self
-            .leaving
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(node);
+        let left = lock(&self.leaving).remove(node);
         if left {
             Some("it left")
         } else if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
-            self.down_while_stopping
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(node.to_string());
+            lock(&self.down_while_stopping).insert(node.to_string());
             Some("this agent is stopping too")
         } else {
             None
@@ -651,12 +629,9 @@ impl Mesh {
         }
         let mut seeds = resolve(&settings.join).await;
         // Agents the identity service named: seeds like --join's.
-        seeds.extend(
-            discovered
-                .iter()
-                .filter(|d| !seeds.contains(d))
-                .collect::<Vec<_>>(),
-        );
+        seeds.extend(&discovered);
+        seeds.sort_unstable();
+        seeds.dedup();
         let seeds: Vec<SocketAddr> = seeds
             .into_iter()
             .filter(|s| *s != advertised && *s != local_addr)
@@ -706,7 +681,6 @@ impl Mesh {
             local_addr,
             advertised,
             id: spiffe,
-            seeded,
             founder,
             expected,
         })
@@ -724,21 +698,13 @@ impl Mesh {
     /// Whether `node` went down after this agent began stopping, or said
     /// itself it left: the whole mesh is stopping, not one agent failing.
     pub fn went_down_while_stopping(&self, node: &str) -> bool {
-        self.expected
-            .down_while_stopping
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(node)
+        lock(&self.expected.down_while_stopping).contains(node)
     }
 
     /// Says `node` told this agent it leaves (gracefully): its going down is
     /// then logged at INFO, not as a warning.
     pub fn peer_leaves(&self, node: &str) {
-        self.expected
-            .leaving
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(node.to_string());
+        lock(&self.expected.leaving).insert(node.to_string());
     }
 
     /// Installs what handles peers' messages (once, before traffic flows).
@@ -819,6 +785,19 @@ impl Mesh {
     }
 }
 
+/// Loads `source`'s identity on a blocking thread (it may read files or make
+/// a request of its own).
+pub(crate) async fn load_identity(source: &Arc<dyn CertSource>) -> Result<Identity, MeshError> {
+    let s = source.clone();
+    tokio::task::spawn_blocking(move || s.load())
+        .await
+        .unwrap_or_else(|e| {
+            Err(MeshError::Certificate(format!(
+                "certificate task failed: {e}"
+            )))
+        })
+}
+
 fn spawn_cert_reload(
     source: Arc<dyn CertSource>,
     store: Arc<CertStore>,
@@ -833,9 +812,8 @@ fn spawn_cert_reload(
             if !source.changed(&current) {
                 continue;
             }
-            let s = source.clone();
-            let failed = match tokio::task::spawn_blocking(move || s.load()).await {
-                Ok(Ok(next)) => match store.install(&next) {
+            let failed = match load_identity(&source).await {
+                Ok(next) => match store.install(&next) {
                     Ok(()) => {
                         tracing::info!(source = %source.describe(), id = %next.id, "mesh certificate reloaded");
                         metrics.certificate_loaded(&next);
@@ -852,12 +830,8 @@ fn spawn_cert_reload(
                         true
                     }
                 },
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, source = %source.describe(), "cannot load the mesh certificate; keeping the old one");
-                    true
-                }
                 Err(e) => {
-                    tracing::error!(error = %e, "certificate reload task failed");
+                    tracing::error!(error = %e, source = %source.describe(), "cannot load the mesh certificate; keeping the old one");
                     true
                 }
             };

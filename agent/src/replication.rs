@@ -621,7 +621,6 @@ impl Replication {
                     self.place_all(&mut core);
                     self.apply_sync_policies(&mut core);
                 }
-
                 if core.ticks.is_multiple_of(COMMIT_EVERY_TICKS) {
                     self.flush_commits(&mut core);
                 }

@@ -1286,7 +1286,7 @@ impl Router {
         batch: &[Placed],
     ) -> Vec<Result<PublishOutcome, ApiError>> {
         if !self.joined.load(Ordering::Acquire) {
-            return batch.iter().map(|_| Err(not_ready())).collect();
+            return all_failed(batch, not_ready());
         }
         let placed = batch.iter().map(|(_, p, m)| (*p, m.clone())).collect();
         self.broker.append(topic, placed).await
@@ -1314,7 +1314,7 @@ impl Router {
                 format!("too many publishes are waiting for home agents (agent {node} among them); retry shortly"),
                 1,
             );
-            return batch.iter().map(|_| Err(e.clone())).collect();
+            return all_failed(batch, e);
         };
         let key = (addr, topic.name.to_string());
         let (done, rx) = tokio::sync::oneshot::channel();
@@ -1339,7 +1339,7 @@ impl Router {
                 }
                 // The router is being dropped (the agent stops): no call.
                 None => {
-                    return batch.iter().map(|_| Err(stopping())).collect();
+                    return all_failed(batch, stopping());
                 }
             }
         }
@@ -1347,7 +1347,7 @@ impl Router {
             Ok(outcomes) => outcomes,
             Err(_) => {
                 let e = ApiError::internal("a forward to the partition's home was lost");
-                batch.iter().map(|_| Err(e.clone())).collect()
+                all_failed(batch, e)
             }
         }
     }
@@ -1444,18 +1444,18 @@ impl Router {
             Ok(Message::Failed { error, .. }) => {
                 let e = api_error(error);
                 self.count_forward(forward_outcome(&e), batch.len());
-                return batch.iter().map(|_| Err(e.clone())).collect();
+                return all_failed(batch, e);
             }
             Ok(_) => {
-                return batch
-                    .iter()
-                    .map(|_| Err(ApiError::internal("unexpected answer from the home agent")))
-                    .collect()
+                return all_failed(
+                    batch,
+                    ApiError::internal("unexpected answer from the home agent"),
+                )
             }
             Err(e) => {
                 self.count_forward("unreachable", batch.len());
                 let err = call_error(node, &e);
-                return batch.iter().map(|_| Err(err.clone())).collect();
+                return all_failed(batch, err);
             }
         };
         let mut out = Vec::with_capacity(batch.len());
@@ -2471,6 +2471,11 @@ fn split_by_bytes(batch: Vec<Placed>) -> Vec<Vec<Placed>> {
         }
     }
     out
+}
+
+/// The same error for every message of `batch`.
+fn all_failed(batch: &[Placed], e: ApiError) -> Outcomes {
+    batch.iter().map(|_| Err(e.clone())).collect()
 }
 
 fn stopping() -> ApiError {

@@ -85,6 +85,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         });
     }
 
+    let identity_source = config.identity_source()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| AgentError::Storage {
         path: config.data_dir.clone(),
         message: e.to_string(),
@@ -97,7 +98,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             dedupe_window: config.dedupe_window,
             max_pending_bytes: config.max_pending_bytes,
             log: shoal_storage::LogConfig::default(),
-            meshed: config.identity_source()? != crate::config::IdentitySource::None,
+            meshed: identity_source != crate::config::IdentitySource::None,
         },
         metrics.clone(),
         config.fsync_interval,
@@ -135,7 +136,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     }
 
     let mesh = if let Some((source, identity)) =
-        first_identity(&config, &node, &admin, &metrics).await?
+        first_identity(&config, identity_source, &node, &admin, &metrics).await?
     {
         let mesh = crate::mesh::Mesh::start(
             crate::mesh::MeshSettings {
@@ -551,6 +552,7 @@ pub async fn signal() {
 /// saying why); files and the development CA must load at once.
 async fn first_identity(
     config: &Config,
+    identity_source: crate::config::IdentitySource,
     node: &str,
     admin: &AdminState,
     metrics: &Metrics,
@@ -568,21 +570,24 @@ async fn first_identity(
         shoal_mesh::SpiffeId::new(trust_domain, &config.namespace(), &config.service_account())
             .map_err(|e| AgentError::Config(format!("mesh identity: {e}")))
     };
-    let source: Arc<dyn CertSource> = match config.identity_source()? {
+    let (source, waits): (Arc<dyn CertSource>, bool) = match identity_source {
         IdentitySource::None => return Ok(None),
-        IdentitySource::Dev => Arc::new(DevCertSource::new(
-            &config.ca_dir,
-            node,
-            spiffe(shoal_mesh::identity::DEV_TRUST_DOMAIN)?,
-        )),
-        IdentitySource::Files(dir) => Arc::new(FileCertSource::in_dir(&dir)),
+        IdentitySource::Dev => (
+            Arc::new(DevCertSource::new(
+                &config.ca_dir,
+                node,
+                spiffe(shoal_mesh::identity::DEV_TRUST_DOMAIN)?,
+            )),
+            false,
+        ),
+        IdentitySource::Files(dir) => (Arc::new(FileCertSource::in_dir(&dir)), false),
         IdentitySource::Service {
             addr,
             server_name,
             anchors,
             token_file,
-        } => {
-            let source =
+        } => (
+            Arc::new(
                 shoal_mesh::client::IdentityServiceSource::new(shoal_mesh::client::ClientConfig {
                     endpoint: addr,
                     server_name,
@@ -591,57 +596,49 @@ async fn first_identity(
                     id: spiffe(&config.trust_domain)?,
                     timeout: shoal_mesh::client::DEFAULT_TIMEOUT,
                 })
-                .map_err(mesh_err)?;
-            let source: Arc<dyn CertSource> = Arc::new(source);
-            let mut failures = 0u32;
-            loop {
-                let s = source.clone();
-                let loaded = tokio::task::spawn_blocking(move || s.load())
-                    .await
-                    .map_err(|e| AgentError::Config(format!("mesh: certificate task: {e}")))?;
-                let loaded = loaded.and_then(|identity| {
-                    if source.founds_mesh() == Some(false) && source.peers().is_empty() {
-                        // Alone but not the oldest pod: another agent must
-                        // found the mesh; running alone would start a second.
-                        Err(shoal_mesh::MeshError::Certificate(
-                            "the identity service named no other agent yet and this pod is not the oldest injected one (which founds the mesh); asking again".into(),
-                        ))
-                    } else {
-                        Ok(identity)
-                    }
-                });
-                match loaded {
-                    Ok(identity) => {
-                        *admin
-                            .not_ready_reason
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner()) = None;
-                        tracing::info!(id = %identity.id, source = %source.describe(), "mesh certificate issued");
-                        return Ok(Some((source, identity)));
-                    }
-                    Err(e) => {
-                        failures = failures.saturating_add(1);
-                        metrics.mesh_certificate_failures.inc();
-                        let wait = shoal_mesh::client::backoff(failures);
-                        let why = format!(
-                            "waiting for a mesh certificate from {}: {e}",
-                            source.describe()
-                        );
-                        tracing::warn!(retry_in = ?wait, "{why}");
-                        *admin
-                            .not_ready_reason
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner()) = Some(why);
-                        tokio::time::sleep(wait).await;
-                    }
-                }
+                .map_err(mesh_err)?,
+            ),
+            true,
+        ),
+    };
+    let mut failures = 0u32;
+    loop {
+        let loaded = crate::mesh::load_identity(&source).await.and_then(|identity| {
+            if source.founds_mesh() == Some(false) && source.peers().is_empty() {
+                // Alone but not the oldest pod: another agent must found
+                // the mesh; running alone would start a second.
+                Err(shoal_mesh::MeshError::Certificate(
+                    "the identity service named no other agent yet and this pod is not the oldest injected one (which founds the mesh); asking again".into(),
+                ))
+            } else {
+                Ok(identity)
+            }
+        });
+        match loaded {
+            Ok(identity) => {
+                *admin
+                    .not_ready_reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+                tracing::info!(id = %identity.id, source = %source.describe(), "mesh certificate loaded");
+                return Ok(Some((source, identity)));
+            }
+            Err(e) if !waits => return Err(mesh_err(e)),
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                metrics.mesh_certificate_failures.inc();
+                let wait = shoal_mesh::client::backoff(failures);
+                let why = format!(
+                    "waiting for a mesh certificate from {}: {e}",
+                    source.describe()
+                );
+                tracing::warn!(retry_in = ?wait, "{why}");
+                *admin
+                    .not_ready_reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(why);
+                tokio::time::sleep(wait).await;
             }
         }
-    };
-    let s = source.clone();
-    let identity = tokio::task::spawn_blocking(move || s.load())
-        .await
-        .map_err(|e| AgentError::Config(format!("mesh: certificate task: {e}")))?
-        .map_err(mesh_err)?;
-    Ok(Some((source, identity)))
+    }
 }

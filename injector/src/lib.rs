@@ -33,6 +33,7 @@ pub mod peers;
 pub mod run;
 pub mod server;
 pub mod tls;
+mod watch;
 
 pub use config::InjectConfig;
 pub use error::InjectorError;

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -40,38 +39,18 @@ impl NamespaceCache {
     /// (with kube-rs' default backoff on errors) until `shutdown` fires.
     pub fn start(
         client: kube::Client,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> NamespaceCache {
         let api: Api<Namespace> = Api::all(client);
         let (store, writer) = reflector::store();
-        let ready = Arc::new(AtomicBool::new(false));
         let stream = reflector::reflector(
             writer,
             metadata_watcher(api.clone(), watcher::Config::default()),
         )
         .default_backoff()
         .touched_objects();
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            loop {
-                tokio::select! {
-                    _ = shutdown.changed() => return,
-                    item = stream.next() => match item {
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => tracing::warn!(error = %e, "namespace watch error; retrying"),
-                        None => return,
-                    },
-                }
-            }
-        });
-        let flag = ready.clone();
-        let waiting = store.clone();
-        tokio::spawn(async move {
-            if waiting.wait_until_ready().await.is_ok() {
-                flag.store(true, Ordering::Release);
-                tracing::info!("namespace cache synced");
-            }
-        });
+        crate::watch::drive(stream, shutdown, "namespace");
+        let ready = crate::watch::ready_flag(store.clone(), "namespace cache synced");
         NamespaceCache { store, api, ready }
     }
 

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
@@ -26,8 +25,9 @@ use crate::config::{AGENT_CONTAINER_NAME, DEFAULT_MESH_PORT, MESH_PORT_NAME};
 pub const IDENTITY_ADDR_ENV: &str = "SHOAL_IDENTITY_ADDR";
 /// Most peers named in one answer.
 pub const MAX_PEERS: usize = 8;
-/// How long a certificate request waits for the first full list of pods
-/// (after the injector starts) before it is refused.
+/// How long a certificate request waits for the watch to list the asker's
+/// pod (the first full list after the injector starts, or a new pod) before
+/// it is refused.
 pub const SYNC_WAIT: Duration = Duration::from_secs(5);
 
 /// The mesh address of an injected pod's agent: its IP and the agent
@@ -70,16 +70,18 @@ pub fn mesh_address(pod: &Pod) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// Whether `p` is the pod `(namespace, name)`.
+fn is_pod(p: &Pod, (namespace, name): (&str, &str)) -> bool {
+    p.metadata.namespace.as_deref() == Some(namespace) && p.metadata.name.as_deref() == Some(name)
+}
+
 /// Up to [`MAX_PEERS`] mesh addresses of `pods`, leaving out the pod
 /// `asker` (namespace, name); a random choice (`seed`) when there are more,
 /// so answers spread over the mesh.
 pub fn choose(pods: &[Arc<Pod>], asker: (&str, &str), seed: u64) -> Vec<SocketAddr> {
     let mut found: Vec<SocketAddr> = pods
         .iter()
-        .filter(|p| {
-            p.metadata.namespace.as_deref() != Some(asker.0)
-                || p.metadata.name.as_deref() != Some(asker.1)
-        })
+        .filter(|p| !is_pod(p, asker))
         .filter_map(|p| mesh_address(p))
         .collect();
     found.sort_unstable();
@@ -107,16 +109,12 @@ pub fn is_oldest(pods: &[Arc<Pod>], asker: (&str, &str)) -> bool {
             p.metadata.name.clone().unwrap_or_default(),
         )
     };
-    let is_asker = |p: &Pod| {
-        p.metadata.namespace.as_deref() == Some(asker.0)
-            && p.metadata.name.as_deref() == Some(asker.1)
-    };
-    let Some(me) = pods.iter().find(|p| is_asker(p)) else {
+    let Some(me) = pods.iter().find(|p| is_pod(p, asker)) else {
         return false;
     };
     let mine = key(me);
     pods.iter()
-        .filter(|p| !is_asker(p) && mesh_address(p).is_some())
+        .filter(|p| !is_pod(p, asker) && mesh_address(p).is_some())
         .all(|p| key(p) > mine)
 }
 
@@ -146,7 +144,7 @@ impl std::fmt::Debug for PeerBook {
 
 impl PeerBook {
     /// Starts watching injected pods in every namespace until `shutdown`.
-    pub fn start(client: kube::Client, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub fn start(client: kube::Client, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
         let api: Api<Pod> = Api::all(client);
         let (store, writer) = reflector::store();
         let selector = format!("{INJECTED_LABEL}=true");
@@ -156,28 +154,9 @@ impl PeerBook {
         )
         .default_backoff()
         .touched_objects();
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            loop {
-                tokio::select! {
-                    _ = shutdown.changed() => return,
-                    item = stream.next() => match item {
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => tracing::warn!(error = %e, "injected-pod watch error; retrying"),
-                        None => return,
-                    },
-                }
-            }
-        });
-        let synced = Arc::new(AtomicBool::new(false));
-        let flag = synced.clone();
-        let waiting = store.clone();
-        tokio::spawn(async move {
-            if waiting.wait_until_ready().await.is_ok() {
-                flag.store(true, Ordering::Release);
-                tracing::info!("injected-pod watch synced (discovery ready)");
-            }
-        });
+        crate::watch::drive(stream, shutdown, "injected-pod");
+        let synced =
+            crate::watch::ready_flag(store.clone(), "injected-pod watch synced (discovery ready)");
         PeerBook { store, synced }
     }
 
@@ -186,17 +165,11 @@ impl PeerBook {
     /// `uid`, when the token named it); None when not within [`SYNC_WAIT`]:
     /// answering "no peers" then could split the mesh.
     pub async fn peers_for(&self, asker: (&str, &str), uid: Option<&str>) -> Option<Discovery> {
-        if !self.synced.load(Ordering::Acquire) {
-            let waited = tokio::time::timeout(SYNC_WAIT, self.store.wait_until_ready()).await;
-            if !matches!(waited, Ok(Ok(()))) {
-                return None;
-            }
-        }
+        // Until the first list is in, the store is empty: the asker is not
+        // listed, and the wait below covers both.
         let listed = |pods: &[Arc<Pod>]| {
             pods.iter().any(|p| {
-                p.metadata.namespace.as_deref() == Some(asker.0)
-                    && p.metadata.name.as_deref() == Some(asker.1)
-                    && uid.is_none_or(|u| p.metadata.uid.as_deref() == Some(u))
+                is_pod(p, asker) && uid.is_none_or(|u| p.metadata.uid.as_deref() == Some(u))
             })
         };
         let deadline = tokio::time::Instant::now() + SYNC_WAIT;
