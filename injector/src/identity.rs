@@ -392,8 +392,10 @@ pub struct CertificateResponse {
     pub peers: Vec<String>,
     /// Whether the agent's pod is the oldest injected pod: a new agent told
     /// so founds the mesh (creates its meta group); every other one joins.
-    #[serde(default)]
-    pub founder: bool,
+    /// Absent when the service runs without discovery: the agent then
+    /// decides as without one (it founds when it has no one to join).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub founder: Option<bool>,
 }
 
 /// Settings of the identity service.
@@ -535,7 +537,7 @@ impl IdentityService {
                 .as_ref()
                 .map(|d| d.peers.iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
-            founder: discovery.is_some_and(|d| d.founder),
+            founder: discovery.map(|d| d.founder),
         })
     }
 

@@ -602,6 +602,10 @@ async fn the_agent_source_gets_its_certificate_from_the_endpoint() {
     );
     // Fresh, so not due for renewal.
     assert!(!source.changed(&first));
+    // A service without discovery names nobody and leaves founding to the
+    // agent's own rule (it does not say "not the founder").
+    assert!(source.peers().is_empty());
+    assert_eq!(source.founds_mesh(), None);
     // The mesh's own TLS takes the certificate and key.
     let store = shoal_mesh::tls::CertStore::new(&first, Arc::new(|_, _| {})).unwrap();
     shoal_mesh::tls::server_config(&store).unwrap();
