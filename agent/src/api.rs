@@ -68,7 +68,8 @@ pub struct AppState {
     pub mesh: Option<Arc<crate::mesh::Mesh>>,
     /// Routing across the mesh, when this agent runs one.
     pub router: Option<Arc<crate::router::Router>>,
-    /// Namespace of this agent's topics (placement keys).
+    /// Namespace of the topics' partitions (placement keys, group names:
+    /// [`crate::topic::TOPIC_NAMESPACE`]).
     pub namespace: String,
     /// Topics and publishing.
     pub broker: Arc<Broker>,

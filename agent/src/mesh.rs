@@ -224,10 +224,6 @@ pub struct MeshSettings {
     pub advertise: Option<SocketAddr>,
     /// Node name.
     pub node: String,
-    /// Namespace of this agent's identity.
-    pub namespace: String,
-    /// Service account of this agent's identity.
-    pub service_account: String,
     /// Whether this agent stores partitions.
     pub broker: bool,
     /// Expected cluster size (tunes gossip).

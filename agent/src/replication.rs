@@ -107,7 +107,8 @@ impl Waker {
 pub struct ReplicationSettings {
     /// This agent's node name.
     pub me: String,
-    /// Its namespace (the groups' namespace).
+    /// The namespace its topics' groups are named in
+    /// ([`crate::topic::TOPIC_NAMESPACE`]).
     pub namespace: String,
     /// The data directory (groups live in `REPLICAS_DIR` inside).
     pub data_dir: PathBuf,

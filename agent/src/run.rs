@@ -146,8 +146,6 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
                 identity,
                 advertise: config.advertise_addr()?,
                 node: node.clone(),
-                namespace: config.namespace(),
-                service_account: config.service_account(),
                 broker: config.broker,
                 expected_size: crate::mesh::DEFAULT_EXPECTED_SIZE,
                 known: crate::router::saved_member_addrs(&config.data_dir, &node),
@@ -179,7 +177,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         Some(m) => {
             let r = crate::router::Router::new(
                 node.clone(),
-                config.namespace(),
+                crate::topic::TOPIC_NAMESPACE.to_string(),
                 m.clone(),
                 broker.clone(),
                 metrics.clone(),
@@ -190,7 +188,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             let replication = crate::replication::Replication::open(
                 crate::replication::ReplicationSettings {
                     me: node.clone(),
-                    namespace: config.namespace(),
+                    namespace: crate::topic::TOPIC_NAMESPACE.to_string(),
                     data_dir: config.data_dir.clone(),
                     seed: m.founder,
                     replace_after: config.replace_after,
@@ -222,7 +220,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     let state = Arc::new(AppState {
         router: router.clone(),
         mesh: mesh.clone(),
-        namespace: config.namespace(),
+        namespace: crate::topic::TOPIC_NAMESPACE.to_string(),
         broker: broker.clone(),
         subs: subs.clone(),
         settings: ApiSettings {

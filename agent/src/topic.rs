@@ -13,6 +13,13 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// The namespace every topic's partitions are placed and replicated under
+/// (placement keys, Raft group names). Topics do not belong to namespaces
+/// yet, so agents of every Kubernetes namespace in one mesh share this one:
+/// each must compute the same homes and name the same groups, or a forward
+/// to a leader in another namespace finds no group there.
+pub const TOPIC_NAMESPACE: &str = "default";
+
 /// Most partitions a topic may have.
 pub const MAX_PARTITIONS: u32 = 1024;
 /// Most replicas a topic may ask for.

@@ -436,25 +436,61 @@ async fn injected_agents_get_certificates_find_each_other_and_deliver() {
 
     // hello across pods: a subscriber on one pod's agent receives what an
     // app on another pod's agent publishes.
-    let topic = json!({"partitions": 2});
+    // Twelve partitions: placement spreads their leaders over the agents of
+    // both namespaces, so forwards cross namespaces.
+    let topic = json!({"partitions": 12});
     expect_status(
         &put_topic(&agents[0].client, "greetings", topic).await,
         201,
         "create topic",
     );
+    // Its partitions' groups form: a leader, three voters, no learner left.
+    // While they form (learners, the joint swap, the hand-over to
+    // placement's first choice) a partition can be leaderless for longer
+    // than a publish's 5 s retry window, so this waits, as the replication
+    // tests do.
+    wait_until("every partition of greetings is formed", || async {
+        let mut led = std::collections::BTreeSet::new();
+        for (a, (_, _, name, _)) in agents.iter().zip(&pods) {
+            let Ok(r) = a.client.get("/v1/cluster").await else {
+                continue;
+            };
+            for g in r.json()["replicated"].as_array().into_iter().flatten() {
+                if g["topic"] == "greetings"
+                    && g["leader"] == *name
+                    && g["voters"].as_array().is_some_and(|v| v.len() == 3)
+                    && g["learners"].as_array().is_some_and(|l| l.is_empty())
+                {
+                    led.insert(g["partition"].as_u64());
+                }
+            }
+        }
+        led.len() == 12
+    })
+    .await;
     put_sub(
         &agents[2].client,
         "hello",
         json!({"topic": "greetings", "start": "earliest"}),
     )
     .await;
-    for i in 0..10 {
-        publish(&agents[1].client, "greetings", &[], format!("hello {i}")).await;
+    // Keyed, so every partition gets some, whichever agent leads it.
+    for i in 0..120 {
+        let key = format!("k{i}");
+        publish(
+            &agents[1].client,
+            "greetings",
+            &[("Shoal-Key", key.as_str())],
+            format!("hello {i}"),
+        )
+        .await;
     }
-    let got = pull_n(&agents[2].client, "hello", 10).await;
+    let got = pull_ack_n(&agents[2].client, "hello", 120).await;
+    let partitions: std::collections::BTreeSet<u64> = got.iter().map(|e| position(e).0).collect();
+    assert_eq!(partitions.len(), 12, "every partition was published to");
     let mut texts: Vec<String> = got.iter().map(text_of).collect();
     texts.sort();
-    let mut want: Vec<String> = (0..10).map(|i| format!("hello {i}")).collect();
+    let mut want: Vec<String> = (0..120).map(|i| format!("hello {i}")).collect();
     want.sort();
     assert_eq!(texts, want, "every message delivered across pods");
 }
