@@ -7,6 +7,7 @@ use crate::error::ApiError;
 use crate::message::Message;
 use crate::metrics::{HttpLabels, Metrics, Mode};
 use crate::subscription::SubscriptionSpec;
+use crate::tenancy::Action;
 use crate::topic::TopicSpec;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -650,7 +651,8 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    crate::names::validate("topic", topic)?;
+    let topic = &state.broker.full_topic_name(topic)?;
+    state.broker.authorize(topic, Action::Publish)?;
     let structured = content_type(req.headers()).as_deref() == Some("application/cloudevents+json");
     let limit = if structured {
         state.settings.max_message_bytes * 2 + 64 * 1024
@@ -703,7 +705,8 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    crate::names::validate("topic", topic)?;
+    let topic = &state.broker.full_topic_name(topic)?;
+    state.broker.authorize(topic, Action::Publish)?;
     let ct = content_type(req.headers());
     let (parts, body) = read_body(req, state.settings.max_batch_bytes).await?;
     let mut entries: Vec<Result<Message, ApiError>> = Vec::new();
@@ -1039,7 +1042,7 @@ async fn list_topics(state: &AppState) -> Response<Body> {
 }
 
 async fn get_topic(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
-    crate::names::validate("topic", name)?;
+    let name = &state.broker.full_topic_name(name)?;
     let topic = state
         .broker
         .topic(name)
@@ -1059,7 +1062,8 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    crate::names::validate("topic", name)?;
+    let name = &state.broker.full_topic_name(name)?;
+    state.broker.may_configure(name)?;
     let (parts, body) = read_body(req, MAX_JSON_BYTES).await?;
     let spec: TopicSpec = parse_json(&parts.headers, &body, true)?;
     let (topic, created) = state.broker.put_topic(name, &spec)?;
@@ -1072,7 +1076,8 @@ where
 }
 
 fn delete_topic(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
-    crate::names::validate("topic", name)?;
+    let name = &state.broker.full_topic_name(name)?;
+    state.broker.may_configure(name)?;
     let users = state.subs.uses_topic(name);
     if !users.is_empty() {
         return Err(ApiError::conflict(
@@ -1358,7 +1363,8 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    crate::names::validate("topic", topic)?;
+    let topic = &state.broker.full_topic_name(topic)?;
+    state.broker.authorize(topic, Action::Publish)?;
     let timeout = query.duration(
         "timeout",
         DEFAULT_REQUEST_TIMEOUT,

@@ -5,6 +5,7 @@ use crate::error::{AgentError, ApiError};
 use crate::flusher::Flusher;
 use crate::message::Message;
 use crate::metrics::Metrics;
+use crate::tenancy::Action;
 use crate::topic::{
     partition_for_key, Dedupe, FsyncPolicy, Partition, Retention, Topic, TopicConfig, TopicKind,
     TopicSpec,
@@ -47,6 +48,20 @@ pub struct BrokerSettings {
     /// Whether the agent is part of a mesh: partitions then start idle and
     /// the router decides which this agent serves.
     pub meshed: bool,
+    /// The Kubernetes namespace of this agent's app: plain topic names are
+    /// its topics ([`crate::names`]).
+    pub namespace: String,
+}
+
+/// 404 for another namespace's topic this agent has not heard of.
+fn foreign_topic_unknown(topic: &str) -> ApiError {
+    let owner = crate::names::namespace_of(topic);
+    ApiError::not_found(
+        "topic_not_found",
+        format!(
+            "topic {topic} is not known to this agent: only namespace {owner} creates its topics, and agents pass them on to each other as they meet (declare it there first, or retry shortly)"
+        ),
+    )
 }
 
 /// Called with a topic's name when its configuration changed here.
@@ -142,7 +157,7 @@ impl Broker {
             .collect();
         names.sort();
         for name in names {
-            if crate::names::validate("topic", &name).is_err() {
+            if crate::names::validate_full("topic", &name).is_err() {
                 tracing::warn!(dir = %topics_dir.join(&name).display(), "ignoring a directory that is not a topic");
                 continue;
             }
@@ -194,6 +209,7 @@ impl Broker {
             fsync: FsyncPolicy::Interval,
             dedupe_window: self.settings.dedupe_window,
             max_backlog: None,
+            grants: Default::default(),
         }
     }
 
@@ -334,12 +350,47 @@ impl Broker {
         self.read_lock().values().cloned().collect()
     }
 
-    /// A topic, created with defaults if missing.
+    /// The namespace of this agent's app.
+    pub fn namespace(&self) -> &str {
+        &self.settings.namespace
+    }
+
+    /// The full name of a topic as this agent's app names it.
+    pub fn full_topic_name(&self, raw: &str) -> Result<String, ApiError> {
+        crate::names::qualify("topic", &self.settings.namespace, raw)
+    }
+
+    /// Whether this agent's app may `action` on `topic` (a full name), by
+    /// the topic's grants as known here. Another namespace's topic that is
+    /// not known here is not found: only its own namespace creates it.
+    pub fn authorize(&self, topic: &str, action: Action) -> Result<(), ApiError> {
+        let grants = match self.topic(topic) {
+            Some(t) => t.config().grants,
+            None if crate::names::namespace_of(topic) != self.settings.namespace => {
+                return Err(foreign_topic_unknown(topic));
+            }
+            None => Default::default(),
+        };
+        crate::tenancy::authorize(&self.settings.namespace, topic, Some(&grants), action)
+            .inspect_err(|_| self.metrics.count_denial("app", action.as_str()))
+    }
+
+    /// Whether this agent's app may create, configure or delete `topic`.
+    pub fn may_configure(&self, topic: &str) -> Result<(), ApiError> {
+        crate::tenancy::may_configure(&self.settings.namespace, topic)
+            .inspect_err(|_| self.metrics.count_denial("app", "configure"))
+    }
+
+    /// A topic, created with defaults if missing (only topics of this
+    /// agent's own namespace are created).
     pub fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>, ApiError> {
         if let Some(t) = self.topic(name) {
             return Ok(t);
         }
-        crate::names::validate("topic", name)?;
+        crate::names::validate_full("topic", name)?;
+        if crate::names::namespace_of(name) != self.settings.namespace {
+            return Err(foreign_topic_unknown(name));
+        }
         let (topic, created) = self.put_topic_local(name, &TopicSpec::default())?;
         if created {
             self.topic_changed_here(name);
@@ -385,6 +436,7 @@ impl Broker {
     /// Creates or reconfigures a topic on behalf of an app (the change is
     /// shared with the mesh). Returns the topic and whether it was created.
     pub fn put_topic(&self, name: &str, spec: &TopicSpec) -> Result<(Arc<Topic>, bool), ApiError> {
+        self.may_configure(name)?;
         let (topic, created) = self.put_topic_local(name, spec)?;
         let version = crate::time::now_ms();
         if topic.version.swap(version, Ordering::Relaxed) != version {
@@ -396,14 +448,32 @@ impl Broker {
 
     /// Applies a topic configuration another agent shared. The higher version
     /// wins; partitions only grow. Returns whether anything changed here.
+    ///
+    /// Only an agent of the topic's own namespace (`from_owner`) configures
+    /// it. Any other agent may only pass on a topic this agent does not know
+    /// yet, and only as what it is: its grants are dropped (nothing is
+    /// granted until the owner says so) and its version is 0, so the owner's
+    /// next word replaces it.
     pub fn apply_catalog(
         &self,
         name: &str,
         config: TopicConfig,
         version: u64,
+        from_owner: bool,
     ) -> Result<bool, ApiError> {
-        crate::names::validate("topic", name)?;
+        crate::names::validate_full("topic", name)?;
         let local = self.topic(name);
+        let (config, version) = match (&local, from_owner) {
+            (_, true) => (config, version),
+            (Some(_), false) => return Ok(false),
+            (None, false) => (
+                TopicConfig {
+                    grants: Default::default(),
+                    ..config
+                },
+                0,
+            ),
+        };
         let (current, local_version) = match &local {
             Some(t) => (Some(t.config()), t.version.load(Ordering::Relaxed)),
             None => (None, 0),
@@ -439,6 +509,7 @@ impl Broker {
             fsync: Some(wanted.fsync),
             dedupe_window: Some(wanted.dedupe_window),
             max_backlog: wanted.max_backlog,
+            grants: Some(wanted.grants.clone()),
         };
         let (topic, _) = self.put_topic_local(name, &spec)?;
         let v = version.max(local_version);
@@ -452,7 +523,7 @@ impl Broker {
         name: &str,
         spec: &TopicSpec,
     ) -> Result<(Arc<Topic>, bool), ApiError> {
-        crate::names::validate("topic", name)?;
+        crate::names::validate_full("topic", name)?;
         let _guard = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.topic_dir(name);
         if let Some(topic) = self.topic(name) {
@@ -502,6 +573,7 @@ impl Broker {
 
     /// Deletes a topic and its data. The caller checks that no subscription uses it.
     pub fn delete_topic(&self, name: &str) -> Result<(), ApiError> {
+        self.may_configure(name)?;
         let _guard = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(topic) = self.write_lock().remove(name) else {
             return Err(ApiError::not_found(

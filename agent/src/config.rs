@@ -140,7 +140,7 @@ pub struct Config {
     #[arg(long, env = "SHOAL_NODE_NAME")]
     pub node_name: Option<String>,
 
-    /// Kubernetes namespace of this agent's identity (else $POD_NAMESPACE, else `default`).
+    /// Kubernetes namespace of this agent's app and identity: plain topic names are its topics (else $POD_NAMESPACE, else `default`).
     #[arg(long, env = "SHOAL_NAMESPACE")]
     pub namespace: Option<String>,
 
@@ -228,6 +228,9 @@ impl Config {
                 "--app-addr {addr} is not a loopback address: the app API carries message data and listens on loopback only (127.0.0.1, ::1)"
             )));
         }
+        crate::names::validate_namespace(&self.namespace()).map_err(|e| {
+            AgentError::Config(format!("--namespace (or $POD_NAMESPACE): {}", e.message))
+        })?;
         if self.default_partitions == 0 || self.default_partitions > crate::topic::MAX_PARTITIONS {
             return Err(AgentError::Config(format!(
                 "--default-partitions must be 1..={}",

@@ -10,6 +10,7 @@ use crate::message::{AttrValue, Message};
 use crate::metrics::{Metrics, Mode, ModeLabel, ReasonLabels};
 use crate::router::{ReadAt, Router};
 use crate::subscription::{StartPosition, Subscription, SubscriptionSpec};
+use crate::tenancy::Action;
 use crate::topic::{Partition, Topic};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
@@ -237,6 +238,7 @@ impl Subscriptions {
         name: &str,
         spec: SubscriptionSpec,
     ) -> Result<(Subscription, bool), ApiError> {
+        let spec = self.qualify(name, spec)?;
         let (sub, created) = {
             let mut subs = lock(&self.subs);
             let previous = subs.get(name).cloned();
@@ -257,6 +259,29 @@ impl Subscriptions {
             tracing::info!(subscription = name, topic = %sub.topic, group = %sub.group, "subscription declared");
         }
         Ok((sub, created))
+    }
+
+    /// The spec with full names (plain names are in this agent's namespace),
+    /// if this agent's namespace may read its topic, use its group and
+    /// publish to its dead-letter topic.
+    fn qualify(
+        &self,
+        name: &str,
+        mut spec: SubscriptionSpec,
+    ) -> Result<SubscriptionSpec, ApiError> {
+        let ns = self.broker.namespace();
+        spec.topic = crate::names::qualify("topic", ns, &spec.topic)?;
+        let group = crate::names::qualify("group", ns, spec.group.as_deref().unwrap_or(name))?;
+        crate::tenancy::may_use_group(ns, &group)
+            .inspect_err(|_| self.metrics.count_denial("app", "group"))?;
+        spec.group = Some(group);
+        self.broker.authorize(&spec.topic, Action::Subscribe)?;
+        if let Some(dlq) = spec.dead_letter_topic.take() {
+            let dlq = crate::names::qualify("dead-letter topic", ns, &dlq)?;
+            self.broker.authorize(&dlq, Action::Publish)?;
+            spec.dead_letter_topic = Some(dlq);
+        }
+        Ok(spec)
     }
 
     /// Deletes a subscription; its group keeps its committed offsets.
@@ -499,7 +524,7 @@ impl Subscriptions {
         message: Message,
         timeout: Duration,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ApiError> {
-        crate::names::validate("topic", topic)?;
+        crate::names::validate_full("topic", topic)?;
         let targets: Vec<Subscription> = lock(&self.subs)
             .values()
             .filter(|s| s.topic == topic && s.push_path.is_some())

@@ -33,6 +33,7 @@ pub mod replication;
 pub mod router;
 pub mod run;
 pub mod subscription;
+pub mod tenancy;
 pub mod time;
 pub mod topic;
 

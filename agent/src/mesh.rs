@@ -24,8 +24,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Cluster size gossip is tuned for until the mesh learns better.
 pub const DEFAULT_EXPECTED_SIZE: u32 = 16;
-/// How often certificate files are checked for changes and renewal.
+/// How often certificate files are checked for changes and renewal, at most.
 pub const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Shortest wait between two checks, when a renewal is due sooner.
+pub const MIN_CERT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a not-yet-joined agent announces itself to its seeds again.
 pub const JOIN_RETRY: Duration = Duration::from_secs(2);
 /// How often an agent announces itself to members it holds down: one that
@@ -47,11 +49,32 @@ const MAX_REQUESTS_PER_STREAM: usize = 4096;
 /// Longest a dial may take before a call fails.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Who sent a message: the connection's address, and the namespace and
+/// node name its verified certificate names (what authorization checks go by).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sender {
+    /// The connection's remote address.
+    pub addr: SocketAddr,
+    /// The Kubernetes namespace of the peer's SPIFFE ID.
+    pub namespace: Arc<str>,
+    /// The node name the peer's certificate is bound to (its one DNS SAN),
+    /// if it has one: such a peer speaks only for that node.
+    pub node: Option<Arc<str>>,
+}
+
+impl Sender {
+    /// Whether this peer may speak for `node`: its certificate names that
+    /// node, or names none (certificates from files may not).
+    pub fn may_speak_for(&self, node: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node)
+    }
+}
+
 /// Handles what peers send: requests (answered through the [`Replier`]) and
 /// one-way messages. The agent's router implements it.
 pub trait Handler: Send + Sync + 'static {
-    /// A message from the peer at `from`.
-    fn handle(self: Arc<Self>, from: SocketAddr, msg: Message, reply: Replier);
+    /// A message from the peer `from`.
+    fn handle(self: Arc<Self>, from: &Sender, msg: Message, reply: Replier);
     /// A connection to the peer at `addr` is up.
     fn connected(self: Arc<Self>, addr: SocketAddr);
 }
@@ -804,7 +827,13 @@ fn spawn_cert_reload(
     metrics.certificate_loaded(&current);
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(CERT_CHECK_INTERVAL).await;
+            // Short-lived certificates are renewed when due, not up to a
+            // whole check interval later (past their expiry).
+            let until_due = current
+                .renew_at()
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(until_due.clamp(MIN_CERT_CHECK_INTERVAL, CERT_CHECK_INTERVAL)).await;
             if !source.changed(&current) {
                 continue;
             }
@@ -1068,7 +1097,22 @@ async fn serve_streams(
     node: String,
     handler: Arc<OnceLock<Arc<dyn Handler>>>,
 ) {
-    let from = conn.remote_address();
+    let addr = conn.remote_address();
+    // The handshake verified the certificate; a connection without a
+    // readable SPIFFE ID gets no streams served.
+    let namespace = match shoal_mesh::transport::peer_id(&conn) {
+        Ok(id) => Arc::from(id.namespace.as_str()),
+        Err(e) => {
+            tracing::warn!(peer = %addr, error = %e, "a mesh connection without a SPIFFE ID; its streams are refused");
+            conn.close(0u32.into(), b"no SPIFFE ID");
+            return;
+        }
+    };
+    let from = Sender {
+        addr,
+        namespace,
+        node: shoal_mesh::transport::peer_node(&conn).map(Arc::from),
+    };
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(serve_stream(
             send,
@@ -1076,7 +1120,7 @@ async fn serve_streams(
             metrics.clone(),
             node.clone(),
             handler.clone(),
-            from,
+            from.clone(),
         ));
     }
 }
@@ -1094,7 +1138,7 @@ async fn serve_stream(
     metrics: Arc<Metrics>,
     node: String,
     handler: Arc<OnceLock<Arc<dyn Handler>>>,
-    from: SocketAddr,
+    from: Sender,
 ) {
     use shoal_proto::FrameError;
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
@@ -1192,7 +1236,7 @@ async fn serve_stream(
                                 tx: replier.tx.clone(),
                                 _slot: slot,
                             };
-                            h.clone().handle(from, msg, reply);
+                            h.clone().handle(&from, msg, reply);
                         }
                     }
                 }

@@ -177,6 +177,20 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Labels of `shoal_authorization_denials_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// Where the request came from: `app` (this agent's app) or `mesh` (a peer).
+    pub side: &'static str,
+    /// What was refused: `publish`, `subscribe`, `configure` or `group`.
+    pub action: &'static str,
+}
+
+/// Sides of [`DenialLabels`].
+pub const DENIAL_SIDES: [&str; 2] = ["app", "mesh"];
+/// Actions of [`DenialLabels`].
+pub const DENIAL_ACTIONS: [&str; 4] = ["publish", "subscribe", "configure", "group"];
+
 /// `peer` label: a mesh address.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabel {
@@ -286,6 +300,8 @@ pub struct Metrics {
     pub fetches_served: Counter,
     /// Well-framed mesh messages refused for their content, by reason.
     pub mesh_invalid_messages: Family<ReasonLabel, Counter>,
+    /// Requests refused because their namespace may not do what they ask.
+    pub authorization_denials: Family<DenialLabels, Counter>,
     /// Messages each live consumer group has not acknowledged, per partition
     /// this agent serves (refreshed at each scrape).
     pub consumer_lag: Family<LagLabels, Gauge>,
@@ -429,6 +445,7 @@ impl Metrics {
             handoffs: Family::default(),
             fetches_served: Counter::default(),
             mesh_invalid_messages: Family::default(),
+            authorization_denials: Family::default(),
             consumer_lag: Family::default(),
             partitions_unavailable: Gauge::default(),
             replica_groups: Gauge::default(),
@@ -695,6 +712,11 @@ impl Metrics {
             m.mesh_invalid_messages.clone(),
         );
         r.register(
+            "shoal_authorization_denials",
+            "Requests refused because their namespace may not do what they ask (another namespace's topic or group), by side and action",
+            m.authorization_denials.clone(),
+        );
+        r.register(
             "shoal_consumer_lag_messages",
             "Messages a live consumer group has not acknowledged, per partition this agent serves",
             m.consumer_lag.clone(),
@@ -778,6 +800,13 @@ impl Metrics {
                 .get_or_create(&ReasonLabel { reason })
                 .inc_by(0);
         }
+        for side in DENIAL_SIDES {
+            for action in DENIAL_ACTIONS {
+                self.authorization_denials
+                    .get_or_create(&DenialLabels { side, action })
+                    .inc_by(0);
+            }
+        }
         let refusals = shoal_mesh::tls::Refusal::ALL.map(shoal_mesh::tls::Refusal::as_str);
         for reason in refusals.into_iter().chain([PEER_REFUSED]) {
             self.mesh_handshake_failures
@@ -791,6 +820,13 @@ impl Metrics {
                     .inc_by(0);
             }
         }
+    }
+
+    /// Counts a request refused by namespace ([`DenialLabels`]).
+    pub fn count_denial(&self, side: &'static str, action: &'static str) {
+        self.authorization_denials
+            .get_or_create(&DenialLabels { side, action })
+            .inc();
     }
 
     /// Counts a request/reply exchange.

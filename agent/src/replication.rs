@@ -379,7 +379,7 @@ fn sync_policy_of(broker: &Broker, namespace: &str, g: &GroupId) -> SyncPolicy {
 fn valid_group(g: &GroupId) -> bool {
     *g == meta_group()
         || (crate::names::validate("namespace", &g.namespace).is_ok()
-            && crate::names::validate("topic", &g.topic).is_ok())
+            && crate::names::validate_full("topic", &g.topic).is_ok())
 }
 
 impl Replication {
@@ -1655,7 +1655,15 @@ impl Replication {
                 }
                 continue;
             }
-            // Led elsewhere: tell the leader (it proposes it).
+            // Led elsewhere: tell the leader (it proposes it). Only this
+            // agent's namespace's groups: the leader takes a commit from a
+            // peer only for the peer's own namespace's groups, so another
+            // namespace's commit that reached this follower is dropped (its
+            // reader sends the next one to the leader it finds then).
+            if crate::names::namespace_of(&group) != self.broker.namespace() {
+                tracing::debug!(group = %group, "a peer's offset commit reached a follower; dropped");
+                continue;
+            }
             let Route::Peer { addr, .. } = self.route_unlocked(core, &topic, partition) else {
                 retry.push(((topic, partition, group), next));
                 continue;

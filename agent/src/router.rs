@@ -14,11 +14,12 @@
 use crate::broker::{choose_partition, Broker, PublishOutcome};
 use crate::delivery::Subscriptions;
 use crate::error::ApiError;
-use crate::mesh::{CallError, Handler, Mesh, Replier};
+use crate::mesh::{CallError, Handler, Mesh, Replier, Sender};
 use crate::message::Message as AppMessage;
 use crate::metrics::{HandoffLabels, Metrics};
 use crate::replication::{self, Replication, Route};
 use crate::subscription::StartPosition;
+use crate::tenancy::Action;
 use crate::topic::{Partition, Role, Topic, TopicConfig};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -84,13 +85,22 @@ struct Known {
     incarnation: u64,
 }
 
+/// What another agent said it reads, and the namespace its certificate
+/// names: an entry counts only while that namespace may read the topic
+/// ([`Router::may_read`]), so a grant taken back, or one never given, takes
+/// no part in dealing partitions, backlogs or requests.
+struct RemoteSubs {
+    namespace: Arc<str>,
+    subs: Vec<SubscriberRef>,
+}
+
 #[derive(Default)]
 struct Inner {
     known: BTreeMap<String, Known>,
     /// Members that said they leave, with the incarnation that left.
     departed: HashMap<String, u64>,
     /// Consumer groups other agents have members in.
-    remote_subs: HashMap<String, Vec<SubscriberRef>>,
+    remote_subs: HashMap<String, RemoteSubs>,
     /// Members placement counts: known brokers that did not leave.
     members: Vec<Member>,
     /// Homes of every partition in the catalog, balanced (bounded loads).
@@ -258,6 +268,7 @@ const KNOWN_CODES: &[&str] = &[
     "peer_busy",
     "shutting_down",
     "internal",
+    "forbidden",
 ];
 
 fn api_error(w: WireError) -> ApiError {
@@ -1587,6 +1598,39 @@ impl Router {
             .any(|(n, k)| *n != self.me && k.addr == from)
     }
 
+    /// Whether a peer of namespace `ns` may `action` on `topic`, by the
+    /// grants in this agent's copy of the topic's configuration; `None`
+    /// when this agent does not know the topic.
+    fn peer_grant(&self, ns: &str, topic: &str, action: Action) -> Option<Result<(), ApiError>> {
+        let grants = self.broker.topic(topic)?.config().grants;
+        Some(crate::tenancy::authorize(ns, topic, Some(&grants), action))
+    }
+
+    /// Whether agents of namespace `ns` may read `topic` by what this agent
+    /// knows now: its own namespace's, or granted (an unknown topic: no).
+    fn may_read(&self, ns: &str, topic: &str) -> bool {
+        crate::names::namespace_of(topic) == ns
+            || matches!(self.peer_grant(ns, topic, Action::Subscribe), Some(Ok(())))
+    }
+
+    /// [`Router::peer_grant`], counted when refused. A topic not known here
+    /// passes: the handler then answers `topic_unknown` (retryable), as it
+    /// does to the owner, since nothing of it is stored or served here.
+    fn authorize_peer(&self, ns: &str, topic: &str, action: Action) -> Result<(), ApiError> {
+        match self.peer_grant(ns, topic, action) {
+            None => Ok(()),
+            Some(r) => r.inspect_err(|_| self.metrics.count_denial("mesh", action.as_str())),
+        }
+    }
+
+    /// Whether a peer of namespace `ns` may read `topic` with `group`, or
+    /// move the group's offsets.
+    fn authorize_reader(&self, ns: &str, topic: &str, group: &str) -> Result<(), ApiError> {
+        crate::tenancy::may_use_group(ns, group)
+            .inspect_err(|_| self.metrics.count_denial("mesh", "group"))?;
+        self.authorize_peer(ns, topic, Action::Subscribe)
+    }
+
     fn count_invalid(&self, reason: &'static str) {
         self.metrics
             .mesh_invalid_messages
@@ -1611,13 +1655,16 @@ impl Router {
         nodes.insert(self.me.clone());
         {
             let inner = lock(&self.inner);
-            for (node, subs) in &inner.remote_subs {
+            for (node, r) in &inner.remote_subs {
                 let alive = inner
                     .known
                     .get(node)
                     .is_some_and(|k| k.state != Liveness::Down)
                     && !inner.departed.contains_key(node);
-                if alive && subs.iter().any(|s| s.topic == topic && s.group == group) {
+                if alive
+                    && self.may_read(&r.namespace, topic)
+                    && r.subs.iter().any(|s| s.topic == topic && s.group == group)
+                {
                     nodes.insert(node.clone());
                 }
             }
@@ -1715,9 +1762,13 @@ impl Router {
         let mut groups = self.subs().map(|s| s.groups_of(topic)).unwrap_or_default();
         {
             let inner = lock(&self.inner);
-            for subs in inner.remote_subs.values() {
+            for r in inner.remote_subs.values() {
+                if !self.may_read(&r.namespace, topic) {
+                    continue;
+                }
                 groups.extend(
-                    subs.iter()
+                    r.subs
+                        .iter()
                         .filter(|s| s.topic == topic)
                         .map(|s| s.group.clone()),
                 );
@@ -1836,7 +1887,10 @@ impl Router {
             inner
                 .remote_subs
                 .iter()
-                .filter(|(_, s)| s.iter().any(|s| s.topic == topic && s.push))
+                .filter(|(_, r)| {
+                    self.may_read(&r.namespace, topic)
+                        && r.subs.iter().any(|s| s.topic == topic && s.push)
+                })
                 .filter_map(|(n, _)| {
                     inner
                         .known
@@ -2544,13 +2598,24 @@ async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
 }
 
 impl Handler for Router {
-    fn handle(self: Arc<Self>, from: SocketAddr, msg: Message, reply: Replier) {
+    fn handle(self: Arc<Self>, sender: &Sender, msg: Message, reply: Replier) {
+        let from = sender.addr;
+        let ns = &*sender.namespace;
         match msg {
             Message::Publish {
                 req,
                 topic,
                 entries,
-            } => self.serve_publish(topic, entries, reply, req),
+            } => match self.authorize_peer(ns, &topic, Action::Publish) {
+                Ok(()) => self.serve_publish(topic, entries, reply, req),
+                Err(e) => reply.send(Message::Published {
+                    req,
+                    results: entries
+                        .iter()
+                        .map(|_| PublishResult::Failed(wire_error(&e)))
+                        .collect(),
+                }),
+            },
             Message::Fetch {
                 req,
                 topic,
@@ -2560,13 +2625,25 @@ impl Handler for Router {
                 from: f,
                 max,
                 wait_ms,
-            } => self.serve_fetch(req, topic, partition, group, start, f, max, wait_ms, reply),
+            } => match self.authorize_reader(ns, &topic, &group) {
+                Ok(()) => {
+                    self.serve_fetch(req, topic, partition, group, start, f, max, wait_ms, reply)
+                }
+                Err(e) => reply.send(Message::Fetched {
+                    req,
+                    result: Err(wire_error(&e)),
+                }),
+            },
             Message::Commit {
                 topic,
                 partition,
                 group,
                 next,
             } => {
+                if let Err(e) = self.authorize_reader(ns, &topic, &group) {
+                    tracing::warn!(peer = %from, error = %e.message, "refused a peer's commit");
+                    return;
+                }
                 if let Some(r) = self.replicated(&topic) {
                     if self.is_member_addr(from) {
                         r.commit(&topic, partition, &group, next);
@@ -2585,12 +2662,30 @@ impl Handler for Router {
                     }
                 }
             }
+            Message::Topic { name, version, .. }
+                if crate::tenancy::may_configure(ns, &name).is_err()
+                    && self
+                        .broker
+                        .topic(&name)
+                        .is_some_and(|t| version > t.version.load(Ordering::Relaxed)) =>
+            {
+                // Agents pass on every topic they know, so an older or equal
+                // version from another namespace is a relay; a newer one
+                // would be a change, which only the owner makes.
+                self.metrics.count_denial("mesh", "configure");
+                tracing::warn!(peer = %from, namespace = ns, topic = %name, "refused another namespace's change to a topic");
+            }
             Message::Topic {
                 name,
                 config,
                 version,
             } => match serde_json::from_str::<TopicConfig>(&config) {
-                Ok(c) => match self.broker.apply_catalog(&name, c, version) {
+                Ok(c) => match self.broker.apply_catalog(
+                    &name,
+                    c,
+                    version,
+                    crate::tenancy::may_configure(ns, &name).is_ok(),
+                ) {
                     Ok(true) => {
                         self.refresh_assignment();
                         self.reconcile();
@@ -2610,11 +2705,34 @@ impl Handler for Router {
             Message::Subscribers { node, subs } => {
                 // A restarted agent may greet before gossip shows its new
                 // address, so only this agent's own name is refused here.
-                if node == self.me {
+                if node == self.me || !sender.may_speak_for(&node) {
                     self.count_invalid("unknown_sender");
+                    tracing::warn!(peer = %from, node = %node, certified = ?sender.node, "refused a peer's subscriber list for another node");
                     return;
                 }
-                lock(&self.inner).remote_subs.insert(node, subs);
+                // A peer speaks for its own namespace's consumer groups only,
+                // and they count only on topics its namespace may read
+                // (checked where they are used, as grants change).
+                let mut kept = Vec::with_capacity(subs.len());
+                for s in subs {
+                    if crate::tenancy::may_use_group(ns, &s.group).is_err() {
+                        self.metrics.count_denial("mesh", "group");
+                        tracing::warn!(peer = %from, namespace = ns, group = %s.group, "refused another namespace's consumer group in a peer's subscriber list");
+                        continue;
+                    }
+                    if let Some(Err(e)) = self.peer_grant(ns, &s.topic, Action::Subscribe) {
+                        self.metrics.count_denial("mesh", "subscribe");
+                        tracing::warn!(peer = %from, error = %e.message, "a peer lists a subscription its namespace may not read; it is not counted");
+                    }
+                    kept.push(s);
+                }
+                lock(&self.inner).remote_subs.insert(
+                    node,
+                    RemoteSubs {
+                        namespace: sender.namespace.clone(),
+                        subs: kept,
+                    },
+                );
                 self.bump();
             }
             Message::Request {
@@ -2622,7 +2740,13 @@ impl Handler for Router {
                 topic,
                 message,
                 timeout_ms,
-            } => self.serve_request(req, topic, message, timeout_ms, reply),
+            } => match self.authorize_peer(ns, &topic, Action::Publish) {
+                Ok(()) => self.serve_request(req, topic, message, timeout_ms, reply),
+                Err(e) => reply.send(Message::Reply {
+                    req,
+                    result: Err(wire_error(&e)),
+                }),
+            },
             Message::Handoff { req, .. } if !self.is_member_addr(from) => {
                 self.count_invalid("unknown_sender");
                 reply.send(Message::HandoffAck {
@@ -2674,7 +2798,7 @@ impl Handler for Router {
                 partitions,
             } => self.serve_stats(req, topic, partitions, reply),
             Message::Leaving { node } => {
-                if !self.is_member_at(&node, from) {
+                if !sender.may_speak_for(&node) || !self.is_member_at(&node, from) {
                     self.count_invalid("unknown_sender");
                     return;
                 }

@@ -99,6 +99,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             max_pending_bytes: config.max_pending_bytes,
             log: shoal_storage::LogConfig::default(),
             meshed: identity_source != crate::config::IdentitySource::None,
+            namespace: config.namespace(),
         },
         metrics.clone(),
         config.fsync_interval,
@@ -117,6 +118,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         data_dir = %config.data_dir.display(),
         "storage recovered"
     );
+    let mut deferred_subscriptions: Vec<(String, SubscriptionSpec)> = Vec::new();
     if let Some(json) = &config.subscriptions {
         let specs: Vec<SubscriptionSpec> = serde_json::from_str(json).map_err(|e| {
             AgentError::Config(format!(
@@ -129,9 +131,20 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
                     "--subscriptions: every entry needs a \"name\"".into(),
                 ));
             };
-            subs.put(&name, spec).map_err(|e| {
-                AgentError::Config(format!("--subscriptions: {name}: {}", e.message))
-            })?;
+            match subs.put(&name, spec.clone()) {
+                Ok(_) => {}
+                // Another namespace's topic is learnt from the mesh, after start.
+                Err(e) if e.code == "topic_not_found" => {
+                    tracing::info!(subscription = %name, topic = %spec.topic, "subscription waits until this agent learns its topic from the mesh");
+                    deferred_subscriptions.push((name, spec));
+                }
+                Err(e) => {
+                    return Err(AgentError::Config(format!(
+                        "--subscriptions: {name}: {}",
+                        e.message
+                    )))
+                }
+            }
         }
     }
 
@@ -217,6 +230,9 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             Some(r)
         }
     };
+    if !deferred_subscriptions.is_empty() {
+        tokio::spawn(declare_when_known(subs.clone(), deferred_subscriptions));
+    }
     let state = Arc::new(AppState {
         router: router.clone(),
         mesh: mesh.clone(),
@@ -613,7 +629,25 @@ async fn first_identity(
             }
         });
         match loaded {
+            Ok(identity) if identity.id.namespace != config.namespace() => {
+                // Peers authorize this agent by its certificate's namespace;
+                // its app's plain topic names must mean the same one.
+                return Err(AgentError::Config(format!(
+                    "the mesh certificate ({}, from {}) is for namespace {:?}, but this agent's namespace (--namespace, $POD_NAMESPACE) is {:?}: they must be the same",
+                    identity.id,
+                    source.describe(),
+                    identity.id.namespace,
+                    config.namespace()
+                )));
+            }
             Ok(identity) => {
+                let certified = identity
+                    .chain
+                    .first()
+                    .and_then(shoal_mesh::certs::node_name_of);
+                if certified.as_deref().is_some_and(|n| n != node) {
+                    tracing::warn!(node = %node, certified = ?certified, "the mesh certificate is bound to another node name; peers will refuse this agent's subscriber lists and leave notices (set the node name to the pod's name)");
+                }
                 *admin
                     .not_ready_reason
                     .lock()
@@ -638,5 +672,32 @@ async fn first_identity(
                 tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+/// How often subscriptions waiting for another namespace's topic try again.
+const DEFERRED_SUBSCRIPTION_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Declares `--subscriptions` entries whose topic (another namespace's) this
+/// agent had not heard of at start, once it has.
+async fn declare_when_known(
+    subs: Arc<Subscriptions>,
+    mut waiting: Vec<(String, SubscriptionSpec)>,
+) {
+    while !waiting.is_empty() {
+        tokio::time::sleep(DEFERRED_SUBSCRIPTION_RETRY).await;
+        let mut still = Vec::new();
+        for (name, spec) in waiting {
+            match subs.put(&name, spec.clone()) {
+                Ok(_) => {
+                    tracing::info!(subscription = %name, topic = %spec.topic, "subscription declared once its topic was known")
+                }
+                Err(e) if e.code == "topic_not_found" => still.push((name, spec)),
+                Err(e) => {
+                    tracing::error!(subscription = %name, error = %e.message, "--subscriptions entry refused")
+                }
+            }
+        }
+        waiting = still;
     }
 }

@@ -153,9 +153,9 @@ impl Subscription {
         app_port: Option<u16>,
     ) -> Result<Subscription, ApiError> {
         crate::names::validate("subscription", name)?;
-        crate::names::validate("topic", &spec.topic)?;
+        crate::names::validate_full("topic", &spec.topic)?;
         let group = spec.group.unwrap_or_else(|| name.to_string());
-        crate::names::validate("group", &group)?;
+        crate::names::validate_full("group", &group)?;
         if let Some(path) = &spec.push_path {
             if !path.starts_with('/') || path.len() > 1024 || !path.bytes().all(push_path_byte) {
                 return Err(ApiError::bad_request(
@@ -174,7 +174,7 @@ impl Subscription {
             }
         }
         if let Some(dlq) = &spec.dead_letter_topic {
-            crate::names::validate("dead-letter topic", dlq)?;
+            crate::names::validate_full("dead-letter topic", dlq)?;
             if dlq == &spec.topic {
                 return Err(ApiError::bad_request(
                     "invalid_subscription",

@@ -4,6 +4,7 @@
 
 use crate::error::ApiError;
 use crate::metrics::TopicMetrics;
+use crate::tenancy::Grants;
 use serde::{Deserialize, Serialize};
 use shoal_storage::{Entry, Log, StorageError, SyncHandle};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -13,11 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// The namespace every topic's partitions are placed and replicated under
-/// (placement keys, Raft group names). Topics do not belong to namespaces
-/// yet, so agents of every Kubernetes namespace in one mesh share this one:
-/// each must compute the same homes and name the same groups, or a forward
-/// to a leader in another namespace finds no group there.
+/// The namespace of every placement key and Raft group name. A topic's own
+/// namespace is already in its full name (`shop:orders`, see
+/// [`crate::names`]), and every agent of every Kubernetes namespace must
+/// compute the same homes and name the same groups, or a forward to a leader
+/// in another namespace finds no group there.
 pub const TOPIC_NAMESPACE: &str = "default";
 
 /// Most partitions a topic may have.
@@ -103,6 +104,9 @@ pub struct TopicConfig {
     /// catches up. None: no limit (retention alone bounds the log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_backlog: Option<u64>,
+    /// What other namespaces may do with the topic.
+    #[serde(default, skip_serializing_if = "Grants::is_empty")]
+    pub grants: Grants,
 }
 
 /// A create or configure request: every field optional.
@@ -125,6 +129,8 @@ pub struct TopicSpec {
     pub dedupe_window: Option<Duration>,
     /// Backlog limit.
     pub max_backlog: Option<u64>,
+    /// Grants to other namespaces (replacing the ones before).
+    pub grants: Option<Grants>,
 }
 
 impl TopicSpec {
@@ -202,6 +208,10 @@ impl TopicSpec {
                 ));
             }
             c.max_backlog = Some(b);
+        }
+        if let Some(g) = &self.grants {
+            g.validate()?;
+            c.grants = g.clone();
         }
         if c.kind == TopicKind::Ephemeral {
             c.replicas = 0;
@@ -813,6 +823,7 @@ mod tests {
             fsync: FsyncPolicy::Interval,
             dedupe_window: Duration::from_secs(120),
             max_backlog: None,
+            grants: Grants::default(),
         };
         let shrink = TopicSpec {
             partitions: Some(2),

@@ -231,6 +231,10 @@ impl Drop for Identity {
 }
 
 async fn start_identity(state: State) -> Identity {
+    start_identity_with(state, IdentityConfig::default()).await
+}
+
+async fn start_identity_with(state: State, settings: IdentityConfig) -> Identity {
     let api_addr = start_api(state).await;
     let mut config = kube::Config::new(format!("http://{api_addr}").parse().unwrap());
     config.connect_timeout = Some(Duration::from_secs(2));
@@ -255,13 +259,8 @@ async fn start_identity(state: State) -> Identity {
     );
     let metrics = Arc::new(Metrics::new());
     let (shutdown, rx) = watch::channel(false);
-    let service = IdentityService::new(
-        kube.clone(),
-        CaStore::new(ca),
-        IdentityConfig::default(),
-        metrics.clone(),
-    )
-    .with_peers(PeerBook::start(kube, rx.clone()));
+    let service = IdentityService::new(kube.clone(), CaStore::new(ca), settings, metrics.clone())
+        .with_peers(PeerBook::start(kube, rx.clone()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(server::serve_identity(
@@ -328,6 +327,95 @@ fn start_pod_agent(
     }
 }
 
+/// Certificates the identity service issued so far.
+fn issued(identity: &Identity) -> u64 {
+    identity
+        .metrics
+        .encode(shoal_exposition::Format::Text)
+        .lines()
+        .find_map(|l| l.strip_prefix("shoal_injector_identity_certificates_issued_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until every partition of `topic` (its full name) has a leader and
+/// three voters, no learner left, as the agents of `pods` see it.
+async fn wait_formed(
+    agents: &[MeshAgent],
+    pods: &[(&str, &str, &str, &str)],
+    topic: &str,
+    partitions: usize,
+) {
+    wait_until("every partition is formed", || async {
+        let mut led = std::collections::BTreeSet::new();
+        for (a, (_, _, name, _)) in agents.iter().zip(pods) {
+            let Ok(r) = a.client.get("/v1/cluster").await else {
+                continue;
+            };
+            for g in r.json()["replicated"].as_array().into_iter().flatten() {
+                if g["topic"] == topic
+                    && g["leader"] == *name
+                    && g["voters"].as_array().is_some_and(|v| v.len() == 3)
+                    && g["learners"].as_array().is_some_and(|l| l.is_empty())
+                {
+                    led.insert(g["partition"].as_u64());
+                }
+            }
+        }
+        led.len() == partitions
+    })
+    .await;
+}
+
+/// A pod: (namespace, service account, pod name, its token).
+type PodSpecOf<'a> = (&'a str, &'a str, &'a str, &'a str);
+
+/// Puts `pods` in the API-server stand-in, created a second apart in that
+/// order, each with a token of audience `shoal`; returns their mesh ports.
+fn register_pods(state: &State, pods: &[PodSpecOf<'_>]) -> Vec<u16> {
+    let ports: Vec<u16> = pods.iter().map(|_| free_udp_port()).collect();
+    let mut cluster = state.lock().unwrap();
+    for (i, ((ns, sa, pod, token), port)) in pods.iter().zip(&ports).enumerate() {
+        cluster.tokens.insert(
+            (*token).to_owned(),
+            (
+                (*ns).to_owned(),
+                (*sa).to_owned(),
+                (*pod).to_owned(),
+                "shoal".to_owned(),
+            ),
+        );
+        cluster.pods.push(injected_pod(ns, pod, *port, i as i64));
+    }
+    ports
+}
+
+/// Starts every pod's agent at once and waits until each sees all alive.
+async fn start_pods(
+    root: &Path,
+    identity: &Identity,
+    pods: &[PodSpecOf<'_>],
+    ports: &[u16],
+) -> Vec<MeshAgent> {
+    let agents: Vec<MeshAgent> = pods
+        .iter()
+        .zip(ports)
+        .map(|((ns, sa, pod, token), port)| {
+            start_pod_agent(root, identity, (ns, sa, pod), token, *port)
+        })
+        .collect();
+    let mut everyone: Vec<String> = pods.iter().map(|p| p.2.to_owned()).collect();
+    everyone.sort();
+    for a in &agents {
+        wait_until(
+            "every agent sees all alive, with no seeds given",
+            || async { alive(a).await == everyone },
+        )
+        .await;
+    }
+    agents
+}
+
 /// Names of the alive members `a` sees, itself included.
 async fn alive(a: &MeshAgent) -> Vec<String> {
     let Ok(r) = a.client.get("/v1/cluster").await else {
@@ -357,23 +445,11 @@ async fn injected_agents_get_certificates_find_each_other_and_deliver() {
         ("orders", "api", "orders-api-1", "tok-orders-1"),
         ("billing", "worker", "billing-worker-0", "tok-billing-0"),
     ];
-    let ports: Vec<u16> = pods.iter().map(|_| free_udp_port()).collect();
+    // Created a second apart, all before any agent asks (a cold start):
+    // the oldest pod's agent founds the mesh, the others join.
+    let ports = register_pods(&state, &pods);
     {
         let mut cluster = state.lock().unwrap();
-        // Created a second apart, all before any agent asks (a cold start):
-        // the oldest pod's agent founds the mesh, the others join.
-        for (i, ((ns, sa, pod, token), port)) in pods.iter().zip(&ports).enumerate() {
-            cluster.tokens.insert(
-                (*token).to_owned(),
-                (
-                    (*ns).to_owned(),
-                    (*sa).to_owned(),
-                    (*pod).to_owned(),
-                    "shoal".to_owned(),
-                ),
-            );
-            cluster.pods.push(injected_pod(ns, pod, *port, i as i64));
-        }
         // A token the identity service must refuse: another audience.
         cluster.tokens.insert(
             "tok-wrong-audience".to_owned(),
@@ -388,25 +464,7 @@ async fn injected_agents_get_certificates_find_each_other_and_deliver() {
     let identity = start_identity(state.clone()).await;
 
     // All start at once; each is told of the others by the identity service.
-    let agents: Vec<MeshAgent> = pods
-        .iter()
-        .zip(&ports)
-        .map(|((ns, sa, pod, token), port)| {
-            start_pod_agent(root.path(), &identity, (ns, sa, pod), token, *port)
-        })
-        .collect();
-    let everyone: Vec<String> = {
-        let mut v: Vec<String> = pods.iter().map(|p| p.2.to_owned()).collect();
-        v.sort();
-        v
-    };
-    for a in &agents {
-        wait_until(
-            "every agent sees all three alive, with no seeds given",
-            || async { alive(a).await == everyone },
-        )
-        .await;
-    }
+    let agents = start_pods(root.path(), &identity, &pods, &ports).await;
     for a in &agents {
         let r = a.admin.get("/readyz").await.unwrap();
         assert_eq!(r.status, 200, "ready with a certificate and joined");
@@ -423,57 +481,89 @@ async fn injected_agents_get_certificates_find_each_other_and_deliver() {
         v["id"], "spiffe://cluster.local/ns/billing/sa/worker",
         "the identity the service certified: {v}"
     );
-    let issued = identity
-        .metrics
-        .encode(shoal_exposition::Format::Text)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("shoal_injector_identity_certificates_issued_total ")
-                .map(str::to_owned)
-        })
-        .unwrap();
-    assert_eq!(issued.trim(), "3", "one certificate per agent");
+    assert_eq!(issued(&identity), 3, "one certificate per agent");
 
-    // hello across pods: a subscriber on one pod's agent receives what an
-    // app on another pod's agent publishes.
+    // hello across pods and namespaces: the orders namespace owns
+    // `greetings`; a billing app may read it and publish to it only once
+    // orders grants it, and then receives what apps on other pods publish.
     // Twelve partitions: placement spreads their leaders over the agents of
     // both namespaces, so forwards cross namespaces.
     let topic = json!({"partitions": 12});
-    expect_status(
-        &put_topic(&agents[0].client, "greetings", topic).await,
-        201,
-        "create topic",
+    let created = put_topic(&agents[0].client, "greetings", topic).await;
+    expect_status(&created, 201, "create topic");
+    assert_eq!(
+        created.json()["name"],
+        "orders:greetings",
+        "{}",
+        created.text()
     );
     // Its partitions' groups form: a leader, three voters, no learner left.
     // While they form (learners, the joint swap, the hand-over to
     // placement's first choice) a partition can be leaderless for longer
     // than a publish's 5 s retry window, so this waits, as the replication
     // tests do.
-    wait_until("every partition of greetings is formed", || async {
-        let mut led = std::collections::BTreeSet::new();
-        for (a, (_, _, name, _)) in agents.iter().zip(&pods) {
-            let Ok(r) = a.client.get("/v1/cluster").await else {
-                continue;
-            };
-            for g in r.json()["replicated"].as_array().into_iter().flatten() {
-                if g["topic"] == "greetings"
-                    && g["leader"] == *name
-                    && g["voters"].as_array().is_some_and(|v| v.len() == 3)
-                    && g["learners"].as_array().is_some_and(|l| l.is_empty())
-                {
-                    led.insert(g["partition"].as_u64());
-                }
-            }
-        }
-        led.len() == 12
+    wait_formed(&agents, &pods, "orders:greetings", 12).await;
+    let billing = &agents[2].client;
+    wait_until("billing's agent learnt orders' topic", || async {
+        billing
+            .get("/v1/topics/orders:greetings")
+            .await
+            .is_ok_and(|r| r.status == 200)
     })
     .await;
-    put_sub(
-        &agents[2].client,
-        "hello",
-        json!({"topic": "greetings", "start": "earliest"}),
+    let subscribe = json!({"topic": "orders:greetings", "start": "earliest"});
+    let r = billing
+        .put_json("/v1/subscriptions/hello", &subscribe)
+        .await
+        .unwrap();
+    expect_error(
+        &r,
+        403,
+        "forbidden",
+        "billing reads orders' topic before a grant",
+    );
+    assert!(
+        r.text().contains("grants.subscribe"),
+        "the error says how: {}",
+        r.text()
+    );
+    let r = billing
+        .publish("orders:greetings", &[], "early")
+        .await
+        .unwrap();
+    expect_error(
+        &r,
+        403,
+        "forbidden",
+        "billing publishes to orders' topic before a grant",
+    );
+    let r = put_topic(
+        billing,
+        "orders:greetings",
+        json!({"grants": {"subscribe": ["billing"]}}),
     )
     .await;
+    expect_error(&r, 403, "forbidden", "billing grants itself");
+
+    // orders grants billing reading and publishing; every agent learns it.
+    let grants = json!({"subscribe": ["billing"], "publish": ["billing"]});
+    let r = put_topic(&agents[0].client, "greetings", json!({"grants": grants})).await;
+    expect_status(&r, 200, "grant");
+    for a in &agents {
+        wait_until("every agent knows the grant", || async {
+            a.client
+                .get("/v1/topics/orders:greetings")
+                .await
+                .is_ok_and(|r| r.json()["grants"] == grants)
+        })
+        .await;
+    }
+    let r = billing
+        .put_json("/v1/subscriptions/hello", &subscribe)
+        .await
+        .unwrap();
+    expect_status(&r, 201, "billing subscribes once granted");
+    assert_eq!(r.json()["group"], "billing:hello", "{}", r.text());
     // Keyed, so every partition gets some, whichever agent leads it.
     for i in 0..120 {
         let key = format!("k{i}");
@@ -485,14 +575,89 @@ async fn injected_agents_get_certificates_find_each_other_and_deliver() {
         )
         .await;
     }
-    let got = pull_ack_n(&agents[2].client, "hello", 120).await;
+    let v = publish(billing, "orders:greetings", &[], "hello from billing").await;
+    assert_eq!(v["topic"], "orders:greetings", "{v}");
+    let got = pull_ack_n(billing, "hello", 121).await;
     let partitions: std::collections::BTreeSet<u64> = got.iter().map(|e| position(e).0).collect();
     assert_eq!(partitions.len(), 12, "every partition was published to");
     let mut texts: Vec<String> = got.iter().map(text_of).collect();
     texts.sort();
     let mut want: Vec<String> = (0..120).map(|i| format!("hello {i}")).collect();
+    want.push("hello from billing".into());
     want.sort();
-    assert_eq!(texts, want, "every message delivered across pods");
+    assert_eq!(
+        texts, want,
+        "every message delivered across pods and namespaces"
+    );
+    let m = metrics(&agents[2].admin).await;
+    for action in ["publish", "subscribe", "configure"] {
+        let n = series_value(
+            &m,
+            &format!("shoal_authorization_denials_total{{side=\"app\",action=\"{action}\"}}"),
+        );
+        assert_eq!(n, Some(1.0), "{action} refused once on billing's agent");
+    }
+}
+
+#[tokio::test]
+async fn certificates_that_live_seconds_rotate_and_no_message_is_lost() {
+    let root = tempfile::tempdir().unwrap();
+    let state: State = Arc::default();
+    let pods = [
+        ("shop", "api", "shop-api-0", "tok-0"),
+        ("shop", "api", "shop-api-1", "tok-1"),
+        ("shop", "worker", "shop-worker-0", "tok-2"),
+    ];
+    let ports = register_pods(&state, &pods);
+    // Six seconds: every agent renews about every four, all through the test.
+    let config = IdentityConfig {
+        cert_lifetime: Duration::from_secs(6),
+        ..IdentityConfig::default()
+    };
+    let identity = start_identity_with(state.clone(), config).await;
+    let agents = start_pods(root.path(), &identity, &pods, &ports).await;
+    expect_status(
+        &put_topic(&agents[0].client, "ticks", json!({"partitions": 3})).await,
+        201,
+        "create topic",
+    );
+    wait_formed(&agents, &pods, "shop:ticks", 3).await;
+    put_sub(
+        &agents[2].client,
+        "counter",
+        json!({"topic": "ticks", "start": "earliest"}),
+    )
+    .await;
+    let first = issued(&identity);
+    // Messages published from two agents while certificates come and go,
+    // until every agent has renewed at least twice.
+    let mut sent = 0u32;
+    while issued(&identity) < first + 6 && sent < 400 {
+        let key = format!("k{sent}");
+        publish(
+            &agents[(sent % 2) as usize].client,
+            "ticks",
+            &[("Shoal-Key", key.as_str())],
+            format!("tick {sent}"),
+        )
+        .await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        issued(&identity) >= first + 6,
+        "six renewals (about two per agent) during {sent} publishes"
+    );
+    let got = pull_ack_n(&agents[2].client, "counter", sent as usize).await;
+    let mut texts: Vec<String> = got.iter().map(text_of).collect();
+    texts.sort();
+    let mut want: Vec<String> = (0..sent).map(|i| format!("tick {i}")).collect();
+    want.sort();
+    assert_eq!(texts, want, "nothing lost while certificates rotated");
+    for a in &agents {
+        let r = a.admin.get("/readyz").await.unwrap();
+        assert_eq!(r.status, 200, "still ready on a renewed certificate");
+    }
 }
 
 #[tokio::test]

@@ -336,27 +336,7 @@ async fn an_agent_without_a_mesh_identity_ignores_join_loudly_and_runs_alone() {
 
 /// A mesh peer built from the same dev CA, speaking raw frames.
 async fn raw_peer(root: &Path, ca: &str) -> shoal_mesh::transport::Endpoint {
-    let id = shoal_mesh::SpiffeId::new("shoal.local", "default", "tester").unwrap();
-    let source = shoal_mesh::certs::DevCertSource::new(&root.join(ca), "tester", id);
-    let identity = shoal_mesh::certs::CertSource::load(&source).unwrap();
-    let store = shoal_mesh::tls::CertStore::new(&identity, std::sync::Arc::new(|_, _| {})).unwrap();
-    shoal_mesh::transport::Endpoint::bind("127.0.0.1:0".parse().unwrap(), &store).unwrap()
-}
-
-async fn exchange(conn: &shoal_mesh::quinn::Connection, bytes: &[u8]) -> Vec<shoal_proto::Message> {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(bytes).await.unwrap();
-    send.finish().unwrap();
-    let got = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
-        .await
-        .unwrap()
-        .unwrap_or_default();
-    let mut buf = bytes::BytesMut::from(&got[..]);
-    let mut out = Vec::new();
-    while let Ok(Some(m)) = shoal_proto::decode::<shoal_proto::Message>(&mut buf) {
-        out.push(m);
-    }
-    out
+    raw_mesh_peer(root, ca, "default").await
 }
 
 #[tokio::test]
@@ -377,19 +357,19 @@ async fn a_malformed_frame_ends_its_stream_not_the_agent() {
     shoal_proto::encode(&Message::Ping { seq: 1 }, &mut ping).unwrap();
     shoal_proto::encode(&Message::Ping { seq: 2 }, &mut ping).unwrap();
     assert_eq!(
-        exchange(&conn, &ping).await,
+        exchange_frames(&conn, &ping).await,
         vec![Message::Pong { seq: 1 }, Message::Pong { seq: 2 }]
     );
 
     // A frame from a future protocol version, then plain garbage.
     let mut future = ping.to_vec();
     future[4] = 9;
-    let refused = exchange(&conn, &future).await;
+    let refused = exchange_frames(&conn, &future).await;
     assert!(
         matches!(refused.as_slice(), [Message::Refuse { reason }] if reason.contains("version 9")),
         "{refused:?}"
     );
-    let garbage = exchange(
+    let garbage = exchange_frames(
         &conn,
         &[0, 0, 0, 3, shoal_proto::PROTOCOL_VERSION, 0xff, 0xff],
     )
@@ -400,7 +380,7 @@ async fn a_malformed_frame_ends_its_stream_not_the_agent() {
     );
 
     // The connection, the agent and its app API carry on.
-    assert_eq!(exchange(&conn, &ping).await.len(), 2);
+    assert_eq!(exchange_frames(&conn, &ping).await.len(), 2);
     publish(&agent.client, "still-up", &[], "x").await;
     let metrics = agent.admin.get("/metrics").await.unwrap().text();
     assert!(
@@ -1147,7 +1127,7 @@ async fn well_framed_but_invalid_peer_messages_get_errors_and_metrics() {
     ] {
         shoal_proto::encode(&m, &mut frames).unwrap();
     }
-    let mut answers = exchange(&conn, &frames).await;
+    let mut answers = exchange_frames(&conn, &frames).await;
     answers.sort_by_key(|m| m.req());
     assert_eq!(answers.len(), 3, "{answers:?}");
     match &answers[0] {

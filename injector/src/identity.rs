@@ -524,7 +524,13 @@ impl IdentityService {
         let lifetime = i64::try_from(self.config.cert_lifetime.as_secs()).unwrap_or(i64::MAX);
         let spiffe_id = csr.id.to_string();
         let issued = ca
-            .sign_agent(&spiffe_id, &csr.public_key, now_unix(), lifetime)
+            .sign_agent_of_node(
+                &spiffe_id,
+                Some(&allowed.pod),
+                &csr.public_key,
+                now_unix(),
+                lifetime,
+            )
             .map_err(|e| Denial::new(Outcome::Internal, format!("cannot sign: {e}")))?;
         tracing::debug!(pod = %allowed.pod, %spiffe_id, "token matches the CSR");
         Ok(CertificateResponse {

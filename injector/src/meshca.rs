@@ -259,9 +259,30 @@ impl MeshCa {
         now: i64,
         lifetime_seconds: i64,
     ) -> Result<Issued, InjectorError> {
+        self.sign_agent_of_node(spiffe_id, None, public_key, now, lifetime_seconds)
+    }
+
+    /// [`MeshCa::sign_agent`], bound to a node: `node` (the pod's name,
+    /// which is the agent's node name) becomes the certificate's one DNS
+    /// SAN, and peers then take messages about that node only from it.
+    pub fn sign_agent_of_node(
+        &self,
+        spiffe_id: &str,
+        node: Option<&str>,
+        public_key: &impl PublicKeyData,
+        now: i64,
+        lifetime_seconds: i64,
+    ) -> Result<Issued, InjectorError> {
         let uri = rcgen::Ia5String::try_from(spiffe_id.to_owned())?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(uri)];
+        if let Some(node) = node {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(rcgen::Ia5String::try_from(
+                    node.to_owned(),
+                )?));
+        }
         params
             .distinguished_name
             .push(DnType::CommonName, AGENT_COMMON_NAME);

@@ -433,7 +433,13 @@ async fn identity_end_to_end() {
     let der = CertificateDer::from_pem_slice(answer.certificate.as_bytes()).unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     let san = cert.subject_alternative_name().unwrap().unwrap();
-    assert_eq!(san.value.general_names, vec![GeneralName::URI(id)]);
+    // The SPIFFE ID, and the node the token is bound to (its pod's name,
+    // the agent's node name): peers take messages about that node only
+    // from this certificate.
+    assert_eq!(
+        san.value.general_names,
+        vec![GeneralName::URI(id), GeneralName::DNSName("api-7d9f-x2x")]
+    );
     assert_eq!(cert.public_key().raw, agent_key.public_key_der());
     assert!(!cert.is_ca());
     let (nb, na) = (

@@ -76,9 +76,16 @@ fn agent_url(raw: &str) -> Result<String, String> {
 
 /// Checks a topic, subscription or group name with the agent's own rule,
 /// before anything is sent (a name with `/` or a space would otherwise
-/// become another path or a bad request line).
+/// become another path or a bad request line). Topics and groups may be
+/// another namespace's full name (`shop:orders`); the agent decides whose
+/// a plain name is.
 fn check_name(what: &str, name: &str) -> Result<(), String> {
-    shoal_agent::names::validate(what, name).map_err(|e| e.message)
+    let checked = if what == "subscription" {
+        shoal_agent::names::validate(what, name)
+    } else {
+        shoal_agent::names::qualify(what, shoal_agent::names::DEFAULT_NAMESPACE, name).map(drop)
+    };
+    checked.map_err(|e| e.message)
 }
 
 #[derive(Subcommand, Debug)]

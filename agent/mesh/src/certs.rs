@@ -33,6 +33,9 @@ pub struct Identity {
     pub not_after: SystemTime,
     /// When it was issued (valid from).
     pub not_before: SystemTime,
+    /// When this agent got it: issuers back-date certificates for clock
+    /// skew, so its life here starts at the later of this and `not_before`.
+    pub loaded_at: SystemTime,
 }
 
 impl std::fmt::Debug for Identity {
@@ -45,13 +48,15 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    /// When to renew: at two thirds of the certificate's life.
+    /// When to renew: at two thirds of the certificate's life from when
+    /// it was issued or got, whichever is later. Counting from the
+    /// back-dated `not_before` alone would make a short-lived certificate
+    /// (under about 2.5 times the back-dating) due as soon as it arrives,
+    /// and the agent would renew in a loop.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life.mul_f64(2.0 / 3.0)
+        let start = self.not_before.max(self.loaded_at);
+        let life = self.not_after.duration_since(start).unwrap_or_default();
+        start + life.mul_f64(2.0 / 3.0)
     }
 }
 
@@ -166,6 +171,22 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
     }
 }
 
+/// The node name a certificate is bound to: its one DNS SAN (the dev CA
+/// and the identity service write the agent's node name, in a pod the pod's
+/// name, there). `None` when it has none or several.
+pub fn node_name_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let mut names = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => Some(*d),
+        _ => None,
+    });
+    match (names.next(), names.next()) {
+        (Some(one), None) => Some(one.to_owned()),
+        _ => None,
+    }
+}
+
 /// The validity window of a certificate.
 pub fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), MeshError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)
@@ -195,6 +216,7 @@ impl CertSource for FileCertSource {
             roots,
             not_after,
             not_before,
+            loaded_at: SystemTime::now(),
         })
     }
 

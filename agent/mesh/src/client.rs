@@ -256,6 +256,7 @@ impl IdentityServiceSource {
             roots,
             not_after,
             not_before,
+            loaded_at: std::time::SystemTime::now(),
         })
     }
 }
@@ -359,6 +360,36 @@ mod tests {
         assert_eq!(backoff(5), Duration::from_secs(16));
         assert_eq!(backoff(7), BACKOFF_MAX);
         assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn a_short_lived_back_dated_certificate_is_renewed_at_two_thirds_of_its_life_here() {
+        // The identity service back-dates 5 minutes and may issue for 1
+        // minute: counted from not_before, the certificate would be due on
+        // arrival, and the agent would renew in a loop.
+        let ca = crate::identity::Ca::generate(Duration::from_secs(3600)).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let issued = ca.issue(&id, "b-0", Duration::from_secs(60)).unwrap();
+        let chain =
+            crate::certs::parse_certs(std::path::Path::new("cert"), issued.chain_pem.as_bytes())
+                .unwrap();
+        let (not_before, not_after) = crate::certs::validity_of(&chain[0]).unwrap();
+        let loaded_at = std::time::SystemTime::now();
+        let identity = Identity {
+            id,
+            key: PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap(),
+            roots: Vec::new(),
+            chain,
+            not_after,
+            not_before,
+            loaded_at,
+        };
+        assert!(not_before < loaded_at, "back-dated");
+        let due = identity.renew_at().duration_since(loaded_at).unwrap();
+        assert!(
+            due > Duration::from_secs(35) && due <= Duration::from_secs(40),
+            "due {due:?} after it arrived"
+        );
     }
 
     #[test]

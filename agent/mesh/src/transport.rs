@@ -13,6 +13,9 @@ use std::time::Duration;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keep-alive interval, below the idle timeout.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Streams a peer may have open at once on one connection (quinn's default
+/// is 100).
+pub const MAX_STREAMS_PER_PEER: u32 = 8;
 /// Server name sent when dialing; not checked (peers are named by SPIFFE ID).
 const SERVER_NAME: &str = "shoal-agent";
 
@@ -37,16 +40,34 @@ fn transport() -> Arc<quinn::TransportConfig> {
         t.max_idle_timeout(Some(idle));
     }
     t.keep_alive_interval(Some(KEEP_ALIVE));
+    // A peer uses one long-lived stream per connection (and a few while a
+    // link is replaced); each stream may buffer one whole frame, so this
+    // bounds what one peer can make an agent hold.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS_PER_PEER));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     Arc::new(t)
 }
 
-fn peer_id(connection: &quinn::Connection) -> Result<SpiffeId, String> {
+fn peer_leaf(connection: &quinn::Connection) -> Result<CertificateDer<'static>, String> {
     let identity = connection.peer_identity().ok_or("no peer certificate")?;
     let certs = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| "peer identity is not a certificate chain")?;
-    let leaf = certs.first().ok_or("empty peer certificate chain")?;
-    spiffe_id_of(leaf)
+    certs
+        .first()
+        .cloned()
+        .ok_or_else(|| "empty peer certificate chain".to_owned())
+}
+
+/// The SPIFFE ID of a connection's peer, from the certificate it was verified with.
+pub fn peer_id(connection: &quinn::Connection) -> Result<SpiffeId, String> {
+    spiffe_id_of(&peer_leaf(connection)?)
+}
+
+/// The node name a connection's peer's certificate is bound to
+/// ([`crate::certs::node_name_of`]), if any.
+pub fn peer_node(connection: &quinn::Connection) -> Option<String> {
+    crate::certs::node_name_of(&peer_leaf(connection).ok()?)
 }
 
 impl Endpoint {

@@ -862,3 +862,34 @@ pub fn start_mesh_agent(
         admin_addr: format!("127.0.0.1:{admin}"),
     }
 }
+
+/// A mesh peer with a certificate of the dev CA in `root/ca` for namespace
+/// `ns`, that speaks raw frames (a stand-in for a compromised agent).
+pub async fn raw_mesh_peer(root: &Path, ca: &str, ns: &str) -> shoal_mesh::transport::Endpoint {
+    let id = shoal_mesh::SpiffeId::new("shoal.local", ns, "tester").unwrap();
+    let source = shoal_mesh::certs::DevCertSource::new(&root.join(ca), "tester", id);
+    let identity = shoal_mesh::certs::CertSource::load(&source).unwrap();
+    let store = shoal_mesh::tls::CertStore::new(&identity, std::sync::Arc::new(|_, _| {})).unwrap();
+    shoal_mesh::transport::Endpoint::bind("127.0.0.1:0".parse().unwrap(), &store).unwrap()
+}
+
+/// Writes `bytes` (encoded frames) on a new stream of `conn`, finishes it,
+/// and returns every frame the peer answered before closing the stream.
+pub async fn exchange_frames(
+    conn: &shoal_mesh::quinn::Connection,
+    bytes: &[u8],
+) -> Vec<shoal_proto::Message> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    let got = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    let mut buf = bytes::BytesMut::from(&got[..]);
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = shoal_proto::decode::<shoal_proto::Message>(&mut buf) {
+        out.push(m);
+    }
+    out
+}

@@ -37,6 +37,7 @@ fn agent_with(cert: IssuedCert, trust: &Ca) -> Agent {
         chain,
         not_after: std::time::SystemTime::now(),
         not_before: std::time::SystemTime::now(),
+        loaded_at: std::time::SystemTime::now(),
     };
     let refusals = Arc::new(Mutex::new(Vec::new()));
     let r = refusals.clone();
@@ -256,13 +257,24 @@ fn dev_source_issues_once_and_renews_when_due() {
     assert!(!source.changed(&first));
     let again = source.load().unwrap();
     assert_eq!(again.chain, first.chain, "a valid certificate is reused");
-    let short = crate::certs::DevCertSource::with_lifetime(
+    // Issued 5 minutes back for clock skew, a one-minute certificate is
+    // still not due on arrival (two thirds of its life here is 40 s)...
+    let minute = crate::certs::DevCertSource::with_lifetime(
         dir.path(),
         "agent-2",
         id("orders"),
-        Duration::from_secs(1),
+        Duration::from_secs(60),
+    );
+    let m = minute.load().unwrap();
+    assert!(!minute.changed(&m), "not renewed in a loop");
+    // ...and one past its life is.
+    let short = crate::certs::DevCertSource::with_lifetime(
+        dir.path(),
+        "agent-3",
+        id("orders"),
+        Duration::from_millis(200),
     );
     let s = short.load().unwrap();
-    // Issued 5 minutes back for clock skew: already past two thirds of a 1 s life.
+    std::thread::sleep(Duration::from_millis(300));
     assert!(short.changed(&s));
 }

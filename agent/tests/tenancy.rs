@@ -1,0 +1,463 @@
+//! Namespaces as tenants, on a real agent process: topics belong to the
+//! namespace of the app that names them, another namespace uses them only
+//! where the owner granted it, and a peer is judged by the namespace of its
+//! certificate, never by a name inside its messages.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use shoal_proto::{Message, PublishEntry, PublishResult, SubscriberRef};
+
+fn encoded(text: &str) -> Vec<u8> {
+    shoal_agent::message::Message {
+        id: format!("id-{text}"),
+        client_id: false,
+        key: None,
+        content_type: None,
+        expires_at_ms: None,
+        deliver_at_ms: None,
+        attributes: Vec::new(),
+        payload: bytes::Bytes::from(text.to_owned()),
+    }
+    .encode()
+    .unwrap()
+    .to_vec()
+}
+
+fn publish_frame(req: u64, topic: &str, text: &str) -> Message {
+    Message::Publish {
+        req,
+        topic: topic.into(),
+        entries: vec![PublishEntry {
+            partition: 0,
+            message: encoded(text),
+        }],
+    }
+}
+
+fn fetch_frame(req: u64, topic: &str, group: &str) -> Message {
+    Message::Fetch {
+        req,
+        topic: topic.into(),
+        partition: 0,
+        group: group.into(),
+        start: "\"earliest\"".into(),
+        from: Some(1),
+        max: 10,
+        wait_ms: 0,
+    }
+}
+
+async fn ask(conn: &shoal_mesh::quinn::Connection, m: Message) -> Message {
+    let mut frames = bytes::BytesMut::new();
+    shoal_proto::encode(&m, &mut frames).unwrap();
+    let mut answers = exchange_frames(conn, &frames).await;
+    assert_eq!(answers.len(), 1, "one answer to {m:?}: {answers:?}");
+    answers.remove(0)
+}
+
+async fn tell(conn: &shoal_mesh::quinn::Connection, m: Message) {
+    let mut frames = bytes::BytesMut::new();
+    shoal_proto::encode(&m, &mut frames).unwrap();
+    let answers = exchange_frames(conn, &frames).await;
+    assert!(
+        answers.is_empty(),
+        "a one-way message has no answer: {answers:?}"
+    );
+}
+
+fn stored(answer: &Message) -> bool {
+    matches!(answer, Message::Published { results, .. } if matches!(results[..], [PublishResult::Stored { .. }]))
+}
+
+fn refused(answer: &Message) -> bool {
+    match answer {
+        Message::Published { results, .. } => {
+            matches!(&results[..], [PublishResult::Failed(e)] if e.status == 403 && e.code == "forbidden")
+        }
+        Message::Fetched { result: Err(e), .. } | Message::Reply { result: Err(e), .. } => {
+            e.status == 403 && e.code == "forbidden"
+        }
+        _ => false,
+    }
+}
+
+/// Starts an agent (`start_mesh_agent`'s arguments) and waits until it is ready.
+async fn start_ready(
+    root: &std::path::Path,
+    ca: &str,
+    name: &str,
+    port: u16,
+    join: Option<u16>,
+    extra: &[&str],
+) -> MeshAgent {
+    let agent = start_mesh_agent(root, ca, name, port, join, extra);
+    wait_until("the agent is ready", || async {
+        agent
+            .admin
+            .get("/readyz")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    agent
+}
+
+async fn denials(a: &MeshAgent, side: &str, action: &str) -> f64 {
+    let m = metrics(&a.admin).await;
+    series_value(
+        &m,
+        &format!("shoal_authorization_denials_total{{side=\"{side}\",action=\"{action}\"}}"),
+    )
+    .unwrap_or_else(|| panic!("no denial series {side}/{action}: {m}"))
+}
+
+#[tokio::test]
+async fn a_peer_is_judged_by_its_certificates_namespace_and_the_owners_grants() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let agent = start_ready(
+        root.path(),
+        "ca",
+        "shop-0",
+        port,
+        None,
+        &["--namespace", "shop"],
+    )
+    .await;
+
+    // The app's plain name is its own namespace's topic.
+    let created = put_topic(
+        &agent.client,
+        "orders",
+        json!({"partitions": 1, "replicas": 1}),
+    )
+    .await;
+    expect_status(&created, 201, "create orders");
+    assert_eq!(created.json()["name"], "shop:orders", "{}", created.text());
+    let v = publish(&agent.client, "orders", &[], "from the owner").await;
+    assert_eq!(
+        (v["topic"].as_str(), v["offset"].as_u64()),
+        (Some("shop:orders"), Some(1)),
+        "{v}"
+    );
+    assert_eq!(
+        agent
+            .client
+            .get("/v1/topics/shop:orders")
+            .await
+            .unwrap()
+            .json()["name"],
+        "shop:orders",
+        "the full name names the same topic"
+    );
+
+    let connect = |ns: &'static str| {
+        let root = root.path().to_owned();
+        async move {
+            raw_mesh_peer(&root, "ca", ns)
+                .await
+                .connect(format!("127.0.0.1:{port}").parse().unwrap())
+                .await
+                .unwrap()
+                .connection
+        }
+    };
+    let billing = connect("billing").await;
+    let shop = connect("shop").await;
+
+    // A billing agent may not publish, read, request, configure or speak for
+    // shop's groups, whatever names its messages carry.
+    assert!(refused(
+        &ask(&billing, publish_frame(1, "shop:orders", "forged")).await
+    ));
+    assert!(refused(
+        &ask(&billing, fetch_frame(2, "shop:orders", "billing:audit")).await
+    ));
+    assert!(refused(
+        &ask(
+            &billing,
+            Message::Request {
+                req: 3,
+                topic: "shop:orders".into(),
+                message: encoded("ping"),
+                timeout_ms: 100,
+            }
+        )
+        .await
+    ));
+    let granted_to_billing = json!({
+        "partitions": 4, "replicas": 1, "kind": "durable",
+        "retention": {"maxAge": "7d"}, "fsync": "interval", "dedupeWindow": "2m",
+        "grants": {"publish": ["billing"], "subscribe": ["billing"]}
+    });
+    tell(
+        &billing,
+        Message::Topic {
+            name: "shop:orders".into(),
+            config: granted_to_billing.to_string(),
+            version: u64::MAX / 2,
+        },
+    )
+    .await;
+    tell(
+        &billing,
+        Message::Subscribers {
+            node: "tester".into(), // the name its certificate is bound to
+            subs: vec![
+                SubscriberRef {
+                    topic: "shop:orders".into(),
+                    group: "shop:workers".into(),
+                    push: true,
+                },
+                // billing's own group, on a topic billing may not read: a
+                // request to shop:orders must never be pushed to billing.
+                SubscriberRef {
+                    topic: "shop:orders".into(),
+                    group: "billing:rpc".into(),
+                    push: true,
+                },
+            ],
+        },
+    )
+    .await;
+    // A topic this agent does not know is passed on as what it is: learnt,
+    // with every grant dropped (only shop's agents grant), at version 0.
+    tell(
+        &billing,
+        Message::Topic {
+            name: "shop:fresh".into(),
+            config: granted_to_billing.to_string(),
+            version: 7,
+        },
+    )
+    .await;
+    wait_until("the relayed topic is known", || async {
+        agent
+            .client
+            .get("/v1/topics/fresh")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let fresh = agent.client.get("/v1/topics/fresh").await.unwrap().json();
+    assert_eq!(fresh["partitions"], 4, "{fresh}");
+    assert!(
+        fresh.get("grants").is_none(),
+        "a relay grants nothing: {fresh}"
+    );
+    assert!(refused(
+        &ask(&billing, publish_frame(11, "shop:fresh", "forged grant")).await
+    ));
+    // A topic unknown here: nothing to serve, and the answer is retryable.
+    match ask(&billing, publish_frame(12, "shop:unknown", "x")).await {
+        Message::Published { results, .. } => assert!(
+            matches!(&results[..], [PublishResult::Failed(e)] if e.code == "topic_unknown" && e.status == 503),
+            "{results:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Only shop's own agents move shop's groups; one of billing's is not shop's.
+    assert!(refused(
+        &ask(&shop, fetch_frame(4, "shop:orders", "billing:audit")).await
+    ));
+    tell(
+        &billing,
+        Message::Commit {
+            topic: "shop:orders".into(),
+            partition: 0,
+            group: "shop:workers".into(),
+            next: 99,
+        },
+    )
+    .await;
+
+    wait_until("every refusal is counted", || async {
+        denials(&agent, "mesh", "publish").await >= 3.0
+            && denials(&agent, "mesh", "subscribe").await >= 2.0
+            && denials(&agent, "mesh", "configure").await >= 1.0
+            && denials(&agent, "mesh", "group").await >= 3.0
+    })
+    .await;
+    let topic = agent.client.get("/v1/topics/orders").await.unwrap().json();
+    assert_eq!(
+        topic["partitions"], 1,
+        "billing's configuration was not applied: {topic}"
+    );
+    assert!(topic.get("grants").is_none(), "{topic}");
+
+    // A shop agent is the owner: it publishes and reads.
+    assert!(stored(
+        &ask(&shop, publish_frame(5, "shop:orders", "from a shop peer")).await
+    ));
+    match ask(&shop, fetch_frame(6, "shop:orders", "shop:workers")).await {
+        Message::Fetched { result: Ok(b), .. } => assert_eq!(b.entries.len(), 2, "{b:?}"),
+        other => panic!("the owner reads: {other:?}"),
+    }
+
+    // The owner grants billing publishing (not reading): billing's publish
+    // is stored, its fetch still refused.
+    let r = put_topic(
+        &agent.client,
+        "orders",
+        json!({"grants": {"publish": ["billing"]}}),
+    )
+    .await;
+    expect_status(&r, 200, "grant publish to billing");
+    assert_eq!(r.json()["grants"], json!({"publish": ["billing"]}));
+    assert!(stored(
+        &ask(&billing, publish_frame(7, "shop:orders", "granted")).await
+    ));
+    assert!(refused(
+        &ask(&billing, fetch_frame(8, "shop:orders", "billing:audit")).await
+    ));
+    // Then reading, for billing's own groups only.
+    put_topic(
+        &agent.client,
+        "orders",
+        json!({"grants": {"publish": ["billing"], "subscribe": ["*"]}}),
+    )
+    .await;
+    match ask(&billing, fetch_frame(9, "shop:orders", "billing:audit")).await {
+        Message::Fetched { result: Ok(b), .. } => assert_eq!(b.entries.len(), 3, "{b:?}"),
+        other => panic!("granted reading: {other:?}"),
+    }
+    assert!(refused(
+        &ask(&billing, fetch_frame(10, "shop:orders", "shop:workers")).await
+    ));
+}
+
+#[tokio::test]
+async fn an_app_names_its_own_topics_plainly_and_uses_others_only_as_granted() {
+    let root = tempfile::tempdir().unwrap();
+    let agent = start_ready(
+        root.path(),
+        "ca",
+        "shop-0",
+        free_udp_port(),
+        None,
+        &["--namespace", "shop"],
+    )
+    .await;
+    // Another namespace's topic is created only by that namespace.
+    let r = put_topic(&agent.client, "billing:invoices", json!({})).await;
+    expect_error(&r, 403, "forbidden", "configure another namespace's topic");
+    assert!(r.text().contains("only namespace billing"), "{}", r.text());
+    let r = agent
+        .client
+        .publish("billing:invoices", &[], "x")
+        .await
+        .unwrap();
+    expect_error(
+        &r,
+        404,
+        "topic_not_found",
+        "publish to an unknown topic of another namespace",
+    );
+    let r = agent
+        .client
+        .put_json(
+            "/v1/subscriptions/audit",
+            &json!({"topic": "billing:invoices"}),
+        )
+        .await
+        .unwrap();
+    expect_error(
+        &r,
+        404,
+        "topic_not_found",
+        "subscribe to an unknown topic of another namespace",
+    );
+    // Names: a namespace is a DNS label; the default namespace's full names are plain.
+    let r = put_topic(&agent.client, "Billing:invoices", json!({})).await;
+    expect_error(&r, 400, "invalid_name", "an upper-case namespace");
+    let r = put_topic(&agent.client, "default:orders", json!({})).await;
+    expect_error(&r, 403, "forbidden", "the default namespace's topic");
+    // A subscription's group is its namespace's, and may not be another's.
+    put_topic(&agent.client, "orders", json!({"replicas": 1})).await;
+    let v = put_sub(&agent.client, "workers", json!({"topic": "orders"})).await;
+    assert_eq!(
+        (v["topic"].as_str(), v["group"].as_str()),
+        (Some("shop:orders"), Some("shop:workers")),
+        "{v}"
+    );
+    let r = agent
+        .client
+        .put_json(
+            "/v1/subscriptions/spy",
+            &json!({"topic": "orders", "group": "billing:audit"}),
+        )
+        .await
+        .unwrap();
+    expect_error(&r, 403, "forbidden", "another namespace's group");
+    // Deleting another namespace's topic is refused as well.
+    let r = agent
+        .client
+        .call(
+            http::Method::DELETE,
+            "/v1/topics/billing:invoices",
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await
+        .unwrap();
+    expect_error(&r, 403, "forbidden", "delete another namespace's topic");
+    assert!(denials(&agent, "app", "configure").await >= 3.0);
+    assert!(denials(&agent, "app", "group").await >= 1.0);
+    // Not knowing another namespace's topic is not a refusal.
+    assert_eq!(denials(&agent, "app", "publish").await, 0.0);
+    assert_eq!(denials(&agent, "app", "subscribe").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let agent = start_ready(root.path(), "ca", "shop-0", port, None, &[]).await;
+    // The dev CA binds the raw peer's certificate to the node name "tester".
+    let peer = raw_mesh_peer(root.path(), "ca", "default")
+        .await
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap()
+        .connection;
+    let refused_senders = || async {
+        series_value(
+            &metrics(&agent.admin).await,
+            "shoal_mesh_invalid_messages_total{reason=\"unknown_sender\"}",
+        )
+        .unwrap()
+    };
+    let before = refused_senders().await;
+    let list = |node: &str| Message::Subscribers {
+        node: node.into(),
+        subs: vec![SubscriberRef {
+            topic: "orders".into(),
+            group: "workers".into(),
+            push: true,
+        }],
+    };
+    // Its own list is taken; another node's list is refused, and so is a
+    // leave notice for another node.
+    tell(&peer, list("tester")).await;
+    tell(&peer, list("shop-1")).await;
+    tell(
+        &peer,
+        Message::Leaving {
+            node: "shop-1".into(),
+        },
+    )
+    .await;
+    wait_until("both claims for another node are refused", || async {
+        refused_senders().await == before + 2.0
+    })
+    .await;
+    // Each frame was handled before its stream closed: the own list too.
+    assert_eq!(
+        refused_senders().await,
+        before + 2.0,
+        "its own list was taken"
+    );
+}
