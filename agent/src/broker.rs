@@ -94,6 +94,9 @@ pub struct Broker {
     settings: BrokerSettings,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     create_lock: Mutex<()>,
+    /// Topics known only from another namespace's agents so far: the
+    /// owner's word replaces them whatever its version.
+    relayed: Mutex<std::collections::HashSet<String>>,
     flusher: Flusher,
     topic_hook: HookCell,
     /// Metrics.
@@ -145,6 +148,7 @@ impl Broker {
             settings,
             topics: RwLock::new(BTreeMap::new()),
             create_lock: Mutex::new(()),
+            relayed: Mutex::default(),
             flusher,
             topic_hook: HookCell::default(),
             metrics,
@@ -438,6 +442,11 @@ impl Broker {
     pub fn put_topic(&self, name: &str, spec: &TopicSpec) -> Result<(Arc<Topic>, bool), ApiError> {
         self.may_configure(name)?;
         let (topic, created) = self.put_topic_local(name, spec)?;
+        // The owner's own word: no longer a relayed copy.
+        self.relayed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         let version = crate::time::now_ms();
         if topic.version.swap(version, Ordering::Relaxed) != version {
             self.write_version(name, version);
@@ -452,8 +461,8 @@ impl Broker {
     /// Only an agent of the topic's own namespace (`from_owner`) configures
     /// it. Any other agent may only pass on a topic this agent does not know
     /// yet, and only as what it is: its grants are dropped (nothing is
-    /// granted until the owner says so) and its version is 0, so the owner's
-    /// next word replaces it.
+    /// granted until the owner says so), and the owner's word replaces it
+    /// whatever its version (partitions still only grow).
     pub fn apply_catalog(
         &self,
         name: &str,
@@ -463,6 +472,7 @@ impl Broker {
     ) -> Result<bool, ApiError> {
         crate::names::validate_full("topic", name)?;
         let local = self.topic(name);
+        let mut relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
         let (config, version) = match (&local, from_owner) {
             (_, true) => (config, version),
             (Some(_), false) => return Ok(false),
@@ -474,11 +484,23 @@ impl Broker {
                 0,
             ),
         };
+        let provisional = from_owner && relayed.remove(name);
+        if !from_owner && local.is_none() {
+            relayed.insert(name.to_owned());
+        }
+        drop(relayed);
         let (current, local_version) = match &local {
-            Some(t) => (Some(t.config()), t.version.load(Ordering::Relaxed)),
+            // A relayed copy yields to the owner's word at any version.
+            Some(t) if !provisional => (Some(t.config()), t.version.load(Ordering::Relaxed)),
+            Some(t) => (Some(t.config()), 0),
             None => (None, 0),
         };
         let wanted = match &current {
+            Some(c) if provisional => TopicConfig {
+                partitions: config.partitions.max(c.partitions),
+                kind: c.kind,
+                ..config
+            },
             Some(c) if version < local_version => {
                 if config.partitions <= c.partitions {
                     return Ok(false);

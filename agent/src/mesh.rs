@@ -17,7 +17,7 @@ use shoal_mesh::{MeshError, SpiffeId};
 use shoal_proto::Message;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -126,22 +126,37 @@ struct Link {
     tx: mpsc::Sender<Message>,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>,
     conn: shoal_mesh::quinn::Connection,
+    /// Set when its stream could not be opened in time, or its writer or
+    /// answer reader ended: the next call opens a new link.
+    dead: Arc<AtomicBool>,
 }
 
 impl Link {
     fn open(conn: shoal_mesh::quinn::Connection, metrics: Arc<Metrics>) -> Arc<Link> {
         let (tx, mut rx) = mpsc::channel::<Message>(LINK_QUEUE);
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>> = Default::default();
+        let dead = Arc::new(AtomicBool::new(false));
         let link = Arc::new(Link {
             tx,
             pending: pending.clone(),
             conn: conn.clone(),
+            dead: dead.clone(),
         });
         tokio::spawn(async move {
-            let Ok((mut send, recv)) = conn.open_bi().await else {
+            // A peer that grants no stream (at its limit) must not leave a
+            // link that looks usable and swallows every call.
+            let Ok(Ok((mut send, recv))) = tokio::time::timeout(DIAL_TIMEOUT, conn.open_bi()).await
+            else {
+                dead.store(true, Ordering::Release);
                 return;
             };
-            tokio::spawn(read_answers(recv, pending.clone(), metrics.clone()));
+            let reader_dead = dead.clone();
+            let reader_pending = pending.clone();
+            let reader_metrics = metrics.clone();
+            tokio::spawn(async move {
+                read_answers(recv, reader_pending, reader_metrics).await;
+                reader_dead.store(true, Ordering::Release);
+            });
             let mut buf = bytes::BytesMut::new();
             while let Some(first) = rx.recv().await {
                 let mut next = Some(first);
@@ -169,6 +184,7 @@ impl Link {
                 buf.clear();
             }
             let _ = send.finish();
+            dead.store(true, Ordering::Release);
             // Callers waiting on this stream learn it closed.
             lock(&pending).clear();
         });
@@ -176,7 +192,9 @@ impl Link {
     }
 
     fn usable(&self) -> bool {
-        !self.tx.is_closed() && self.conn.close_reason().is_none()
+        !self.dead.load(Ordering::Acquire)
+            && !self.tx.is_closed()
+            && self.conn.close_reason().is_none()
     }
 }
 
@@ -826,14 +844,19 @@ fn spawn_cert_reload(
 ) {
     metrics.certificate_loaded(&current);
     tokio::spawn(async move {
+        let mut failures = 0u32;
         loop {
             // Short-lived certificates are renewed when due, not up to a
-            // whole check interval later (past their expiry).
+            // whole check interval later (past their expiry); after
+            // failures, no sooner than the backoff.
             let until_due = current
                 .renew_at()
                 .duration_since(std::time::SystemTime::now())
                 .unwrap_or_default();
-            tokio::time::sleep(until_due.clamp(MIN_CERT_CHECK_INTERVAL, CERT_CHECK_INTERVAL)).await;
+            let wait = until_due
+                .clamp(MIN_CERT_CHECK_INTERVAL, CERT_CHECK_INTERVAL)
+                .max(shoal_mesh::client::backoff(failures));
+            tokio::time::sleep(wait).await;
             if !source.changed(&current) {
                 continue;
             }
@@ -861,7 +884,10 @@ fn spawn_cert_reload(
                 }
             };
             if failed {
+                failures = failures.saturating_add(1);
                 metrics.mesh_certificate_failures.inc();
+            } else {
+                failures = 0;
             }
         }
     });

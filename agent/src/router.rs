@@ -2662,19 +2662,6 @@ impl Handler for Router {
                     }
                 }
             }
-            Message::Topic { name, version, .. }
-                if crate::tenancy::may_configure(ns, &name).is_err()
-                    && self
-                        .broker
-                        .topic(&name)
-                        .is_some_and(|t| version > t.version.load(Ordering::Relaxed)) =>
-            {
-                // Agents pass on every topic they know, so an older or equal
-                // version from another namespace is a relay; a newer one
-                // would be a change, which only the owner makes.
-                self.metrics.count_denial("mesh", "configure");
-                tracing::warn!(peer = %from, namespace = ns, topic = %name, "refused another namespace's change to a topic");
-            }
             Message::Topic {
                 name,
                 config,

@@ -645,8 +645,13 @@ async fn first_identity(
                     .chain
                     .first()
                     .and_then(shoal_mesh::certs::node_name_of);
-                if certified.as_deref().is_some_and(|n| n != node) {
-                    tracing::warn!(node = %node, certified = ?certified, "the mesh certificate is bound to another node name; peers will refuse this agent's subscriber lists and leave notices (set the node name to the pod's name)");
+                if let Some(certified) = certified.filter(|n| n != node) {
+                    // Peers would refuse this agent's subscriber lists and
+                    // leave notices, and it would run half-deaf.
+                    return Err(AgentError::Config(format!(
+                        "the mesh certificate ({}) is bound to node {certified:?}, but this agent's node name (--node-name, $SHOAL_NODE_NAME) is {node:?}: in a pod, leave SHOAL_NODE_NAME to the injector (the pod's name)",
+                        source.describe()
+                    )));
                 }
                 *admin
                     .not_ready_reason

@@ -177,6 +177,11 @@ impl std::fmt::Debug for MeshCa {
     }
 }
 
+/// The suffix of the DNS SAN binding an agent's certificate to its node
+/// name; the agent reads it as `shoal_mesh::certs::NODE_SAN_SUFFIX` (the
+/// identity end-to-end test checks they agree).
+pub const NODE_SAN_SUFFIX: &str = ".node.shoal";
+
 impl MeshCa {
     /// Checks `material` and makes it usable: the certificate parses and is a
     /// CA, the key matches it, the extra roots parse. The bundle is the
@@ -263,8 +268,9 @@ impl MeshCa {
     }
 
     /// [`MeshCa::sign_agent`], bound to a node: `node` (the pod's name,
-    /// which is the agent's node name) becomes the certificate's one DNS
-    /// SAN, and peers then take messages about that node only from it.
+    /// which is the agent's node name) goes into a DNS SAN
+    /// `<node>`[`NODE_SAN_SUFFIX`], and peers then take messages about that
+    /// node only from this certificate.
     pub fn sign_agent_of_node(
         &self,
         spiffe_id: &str,
@@ -279,9 +285,9 @@ impl MeshCa {
         if let Some(node) = node {
             params
                 .subject_alt_names
-                .push(SanType::DnsName(rcgen::Ia5String::try_from(
-                    node.to_owned(),
-                )?));
+                .push(SanType::DnsName(rcgen::Ia5String::try_from(format!(
+                    "{node}{NODE_SAN_SUFFIX}"
+                ))?));
         }
         params
             .distinguished_name

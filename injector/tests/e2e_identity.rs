@@ -438,7 +438,16 @@ async fn identity_end_to_end() {
     // from this certificate.
     assert_eq!(
         san.value.general_names,
-        vec![GeneralName::URI(id), GeneralName::DNSName("api-7d9f-x2x")]
+        vec![
+            GeneralName::URI(id),
+            GeneralName::DNSName("api-7d9f-x2x.node.shoal")
+        ]
+    );
+    assert_eq!(meshca::NODE_SAN_SUFFIX, shoal_mesh::certs::NODE_SAN_SUFFIX);
+    assert_eq!(
+        shoal_mesh::certs::node_name_of(&der).as_deref(),
+        Some("api-7d9f-x2x"),
+        "the agent reads the node its certificate is bound to"
     );
     assert_eq!(cert.public_key().raw, agent_key.public_key_der());
     assert!(!cert.is_ca());

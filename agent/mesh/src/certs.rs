@@ -171,18 +171,29 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
     }
 }
 
-/// The node name a certificate is bound to: its one DNS SAN (the dev CA
-/// and the identity service write the agent's node name, in a pod the pod's
-/// name, there). `None` when it has none or several.
+/// The suffix of the DNS SAN that binds a certificate to a node name:
+/// `<node>.node.shoal`. Only the dev CA and the identity service write it
+/// (the identity service with the pod's name, which is the agent's node
+/// name), so a certificate from elsewhere with DNS names of its own binds
+/// nothing.
+pub const NODE_SAN_SUFFIX: &str = ".node.shoal";
+
+/// The DNS SAN that binds a certificate to `node`.
+pub fn node_san(node: &str) -> String {
+    format!("{node}{NODE_SAN_SUFFIX}")
+}
+
+/// The node name a certificate is bound to ([`NODE_SAN_SUFFIX`]); `None`
+/// when it has no such SAN, or several.
 pub fn node_name_of(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
     let san = parsed.subject_alternative_name().ok()??;
     let mut names = san.value.general_names.iter().filter_map(|n| match n {
-        x509_parser::extensions::GeneralName::DNSName(d) => Some(*d),
+        x509_parser::extensions::GeneralName::DNSName(d) => d.strip_suffix(NODE_SAN_SUFFIX),
         _ => None,
     });
     match (names.next(), names.next()) {
-        (Some(one), None) => Some(one.to_owned()),
+        (Some(one), None) if !one.is_empty() => Some(one.to_owned()),
         _ => None,
     }
 }
@@ -216,7 +227,12 @@ impl CertSource for FileCertSource {
             roots,
             not_after,
             not_before,
-            loaded_at: SystemTime::now(),
+            // When the certificate file was written, not when it was read:
+            // a reload (or a restart) reading the same file must not push
+            // its renewal back.
+            loaded_at: modified(&self.cert)
+                .unwrap_or_else(SystemTime::now)
+                .min(SystemTime::now()),
         })
     }
 
@@ -259,7 +275,7 @@ impl DevCertSource {
 
     fn issue(&self) -> Result<(), MeshError> {
         let ca: Ca = identity::load_or_create_dev_ca(&self.ca_dir)?;
-        let issued = ca.issue(&self.id, &self.node, self.lifetime)?;
+        let issued = ca.issue(&self.id, &node_san(&self.node), self.lifetime)?;
         let dir = identity::dev_agent_dir(&self.ca_dir, &self.node);
         std::fs::create_dir_all(&dir).map_err(|source| MeshError::Io {
             path: dir.clone(),

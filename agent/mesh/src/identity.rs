@@ -198,7 +198,8 @@ impl Ca {
     }
 
     /// Issues a certificate for `id`, valid from a little before now for
-    /// `lifetime`. `dns_name` is added as a DNS SAN for tools; peers check the SPIFFE ID.
+    /// `lifetime`. `dns_name` is added as a DNS SAN (agents get
+    /// [`crate::certs::node_san`], which binds them to their node name).
     pub fn issue(
         &self,
         id: &SpiffeId,

@@ -257,6 +257,11 @@ fn dev_source_issues_once_and_renews_when_due() {
     assert!(!source.changed(&first));
     let again = source.load().unwrap();
     assert_eq!(again.chain, first.chain, "a valid certificate is reused");
+    assert_eq!(
+        again.renew_at(),
+        first.renew_at(),
+        "reading it again does not push its renewal back"
+    );
     // Issued 5 minutes back for clock skew, a one-minute certificate is
     // still not due on arrival (two thirds of its life here is 40 s)...
     let minute = crate::certs::DevCertSource::with_lifetime(
