@@ -2783,7 +2783,23 @@ impl Handler for Router {
                 req,
                 topic,
                 partitions,
-            } => self.serve_stats(req, topic, partitions, reply),
+            } => {
+                // A topic's figures (offsets, sizes) are for its namespace
+                // and the namespaces it grants something.
+                let granted = |a| matches!(self.peer_grant(ns, &topic, a), None | Some(Ok(())));
+                if granted(Action::Publish) || granted(Action::Subscribe) {
+                    self.serve_stats(req, topic, partitions, reply);
+                } else {
+                    self.metrics.count_denial("mesh", "subscribe");
+                    let e = crate::tenancy::forbidden(format!(
+                        "namespace {ns} may not read the figures of topic {topic}: it is granted nothing on it"
+                    ));
+                    reply.send(Message::StatsAnswer {
+                        req,
+                        result: Err(wire_error(&e)),
+                    });
+                }
+            }
             Message::Leaving { node } => {
                 if !sender.may_speak_for(&node) || !self.is_member_at(&node, from) {
                     self.count_invalid("unknown_sender");

@@ -176,6 +176,19 @@ async fn a_peer_is_judged_by_its_certificates_namespace_and_the_owners_grants() 
     assert!(refused(
         &ask(&billing, fetch_frame(2, "shop:orders", "billing:audit")).await
     ));
+    match ask(
+        &billing,
+        Message::Stats {
+            req: 20,
+            topic: "shop:orders".into(),
+            partitions: vec![0],
+        },
+    )
+    .await
+    {
+        Message::StatsAnswer { result: Err(e), .. } => assert_eq!(e.code, "forbidden"),
+        other => panic!("a topic's figures are not for a namespace granted nothing: {other:?}"),
+    }
     assert!(refused(
         &ask(
             &billing,
@@ -337,6 +350,28 @@ async fn a_peer_is_judged_by_its_certificates_namespace_and_the_owners_grants() 
     assert!(stored(
         &ask(&billing, publish_frame(7, "shop:orders", "granted")).await
     ));
+    match ask(
+        &billing,
+        Message::Stats {
+            req: 21,
+            topic: "shop:orders".into(),
+            partitions: vec![0],
+        },
+    )
+    .await
+    {
+        Message::StatsAnswer {
+            result: Ok(figures),
+            ..
+        } => {
+            assert_eq!(
+                figures.len(),
+                1,
+                "a granted namespace reads the figures: {figures:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
     assert!(refused(
         &ask(&billing, fetch_frame(8, "shop:orders", "billing:audit")).await
     ));
