@@ -36,6 +36,8 @@ const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 const GROUP_QUEUE: usize = 1024;
 /// Pause before fetching again from a home agent that answered with an error.
 const REMOTE_FETCH_RETRY: Duration = Duration::from_millis(250);
+/// Wait before asking again a leader that refused this agent's namespace.
+const FORBIDDEN_FETCH_RETRY: Duration = Duration::from_secs(5);
 /// Longest a request/reply may wait.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -379,6 +381,7 @@ impl Subscriptions {
             pushes_running: 0,
             router: self.router.clone(),
             remote_in_flight: HashSet::new(),
+            forbidden: HashSet::new(),
             starting: BTreeSet::new(),
             retry_at: HashMap::new(),
         };
@@ -769,6 +772,9 @@ struct GroupTask {
     router: RouterCell,
     /// Partitions with a fetch under way at their home agent.
     remote_in_flight: HashSet<u32>,
+    /// Partitions whose leader refuses this agent's namespace (a grant taken
+    /// back): said once at WARN, asked again slowly.
+    forbidden: HashSet<u32>,
     /// Remote partitions dealt to this agent whose resume offset the home has not told yet.
     starting: BTreeSet<u32>,
     /// When to fetch again from a home that answered with an error.
@@ -885,6 +891,13 @@ impl GroupTask {
         self.remote_in_flight.remove(&pid);
         let batch = match result {
             Ok(b) => b,
+            Err(e) if e.code == "forbidden" => {
+                if self.forbidden.insert(pid) {
+                    tracing::warn!(topic = %self.topic.name, group = %self.group, partition = pid, error = %e.message, "the partition's leader refuses this namespace (was a grant taken back?); asking again every {}s", FORBIDDEN_FETCH_RETRY.as_secs());
+                }
+                self.retry_at.insert(pid, now + FORBIDDEN_FETCH_RETRY);
+                return;
+            }
             Err(e) => {
                 tracing::debug!(topic = %self.topic.name, group = %self.group, partition = pid, error = %e.message, "fetch from the home agent failed; retrying");
                 self.retry_at.insert(pid, now + REMOTE_FETCH_RETRY);
@@ -892,6 +905,9 @@ impl GroupTask {
             }
         };
         self.retry_at.remove(&pid);
+        if self.forbidden.remove(&pid) {
+            tracing::info!(topic = %self.topic.name, group = %self.group, partition = pid, "the partition's leader serves this namespace again");
+        }
         if self.starting.remove(&pid) {
             self.core.add_partition(pid, batch.start);
         } else if from.is_some_and(|f| batch.start < f) && self.core.has_partition(pid) {

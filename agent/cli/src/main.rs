@@ -368,7 +368,7 @@ async fn publish(client: &AgentClient, a: PubArgs) -> Result<ExitCode, ClientErr
     };
     println!(
         "published to {}/{} at offset {} (id {}){}",
-        a.topic,
+        v["topic"].as_str().unwrap_or(&a.topic),
         partition,
         offset,
         v["id"].as_str().unwrap_or(""),
@@ -453,11 +453,15 @@ async fn subscribe(client: &AgentClient, a: SubArgs) -> Result<ExitCode, ClientE
     if !reply.status.is_success() {
         return Ok(fail(api_error(&reply)));
     }
+    // The agent's answer has the full names (`shop:orders`, `shop:workers`).
+    let declared = reply.json();
     eprintln!(
         "subscribed to {} as {} (group {}); Ctrl-C to stop",
-        a.topic,
+        declared["topic"].as_str().unwrap_or(&a.topic),
         name,
-        a.group.as_deref().unwrap_or(&name)
+        declared["group"]
+            .as_str()
+            .unwrap_or(a.group.as_deref().unwrap_or(&name))
     );
     let outcome = tokio::select! {
         r = follow(client, &path, &spec, &a) => r,
