@@ -222,6 +222,36 @@ struct Identity {
     bundle: String,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
+    /// The CA it signs with (a rotation replaces it, as the injector's
+    /// Secret watch does).
+    ca: Arc<CaStore>,
+    /// Its own serving certificate (re-issued when the CA changes, as the
+    /// injector does).
+    serving: Arc<tls::CertStore>,
+}
+
+impl Identity {
+    /// Signs with `material` from now on, and serves a certificate of its CA.
+    fn rotate_to(&self, material: meshca::CaMaterial) {
+        let ca = meshca::MeshCa::new(material).unwrap();
+        let (serving, key) = ca
+            .issue_serving(
+                &bootstrap::service_dns_names("shoal-injector", SYSTEM_NS),
+                unix_now(),
+                24 * 3600,
+            )
+            .unwrap();
+        self.serving
+            .set(tls::certified_key(serving.cert_pem.as_bytes(), key.as_bytes()).unwrap());
+        self.ca.set(ca);
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 impl Drop for Identity {
@@ -259,13 +289,14 @@ async fn start_identity_with(state: State, settings: IdentityConfig) -> Identity
     );
     let metrics = Arc::new(Metrics::new());
     let (shutdown, rx) = watch::channel(false);
-    let service = IdentityService::new(kube.clone(), CaStore::new(ca), settings, metrics.clone())
+    let ca_store = CaStore::new(ca);
+    let service = IdentityService::new(kube.clone(), ca_store.clone(), settings, metrics.clone())
         .with_peers(PeerBook::start(kube, rx.clone()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(server::serve_identity(
         listener,
-        tls::server_config(store).unwrap(),
+        tls::server_config(store.clone()).unwrap(),
         service,
         rx,
     ));
@@ -274,6 +305,8 @@ async fn start_identity_with(state: State, settings: IdentityConfig) -> Identity
         bundle,
         metrics,
         shutdown,
+        ca: ca_store,
+        serving: store,
     }
 }
 
@@ -282,6 +315,18 @@ async fn start_identity_with(state: State, settings: IdentityConfig) -> Identity
 fn start_pod_agent(
     root: &Path,
     identity: &Identity,
+    pod: (&str, &str, &str),
+    token: &str,
+    mesh_port: u16,
+) -> MeshAgent {
+    start_pod_agent_trusting(root, identity, &identity.bundle, pod, token, mesh_port)
+}
+
+/// [`start_pod_agent`] with `anchors` as the trust anchors in its pod spec.
+fn start_pod_agent_trusting(
+    root: &Path,
+    identity: &Identity,
+    anchors: &str,
     (ns, sa, pod): (&str, &str, &str),
     token: &str,
     mesh_port: u16,
@@ -300,7 +345,7 @@ fn start_pod_agent(
     }
     cmd.env("SHOAL_IDENTITY_ADDR", identity.addr.to_string())
         .env("SHOAL_IDENTITY_SERVER_NAME", SERVER_NAME)
-        .env("SHOAL_IDENTITY_TRUST_ANCHORS", &identity.bundle)
+        .env("SHOAL_IDENTITY_TRUST_ANCHORS", anchors)
         .env("SHOAL_TOKEN_FILE", &token_file)
         .env("POD_NAMESPACE", ns)
         .env("POD_SERVICE_ACCOUNT", sa)
@@ -658,6 +703,127 @@ async fn certificates_that_live_seconds_rotate_and_no_message_is_lost() {
         let r = a.admin.get("/readyz").await.unwrap();
         assert_eq!(r.status, 200, "still ready on a renewed certificate");
     }
+}
+
+#[tokio::test]
+async fn a_ca_rotation_keeps_the_mesh_connected_and_new_agents_join() {
+    let root = tempfile::tempdir().unwrap();
+    let state: State = Arc::default();
+    let pods = [
+        ("shop", "api", "shop-api-0", "tok-0"),
+        ("shop", "api", "shop-api-1", "tok-1"),
+        ("shop", "worker", "shop-worker-0", "tok-2"),
+        // Started once the old root is gone: it trusts only the new one.
+        ("shop", "api", "shop-api-2", "tok-3"),
+    ];
+    let ports = register_pods(&state, &pods);
+    let config = IdentityConfig {
+        cert_lifetime: Duration::from_secs(6),
+        ..IdentityConfig::default()
+    };
+    let identity = start_identity_with(state.clone(), config).await;
+    let agents = start_pods(root.path(), &identity, &pods[..3], &ports[..3]).await;
+    // Every agent renews about every 4 s; two rounds of renewals make sure
+    // each one has what the identity service hands out now.
+    let two_rounds = || async {
+        let from = issued(&identity);
+        wait_until("every agent renewed twice", || async {
+            issued(&identity) >= from + 6
+        })
+        .await;
+    };
+    let old = identity.ca.get().material().clone();
+    let new = meshca::generate(unix_now()).unwrap();
+    // 1. Introduce the new root: trusted, not yet signing.
+    identity.rotate_to(meshca::CaMaterial {
+        next: new.cert.clone(),
+        ..old.clone()
+    });
+    two_rounds().await;
+    // 2. Switch: the new CA signs, the old root is still trusted.
+    identity.rotate_to(meshca::CaMaterial {
+        cert: new.cert.clone(),
+        key: new.key.clone(),
+        next: String::new(),
+        previous: old.cert.clone(),
+    });
+    two_rounds().await;
+    // 3. Retire the old root: every certificate in use is the new CA's.
+    identity.rotate_to(meshca::CaMaterial {
+        previous: String::new(),
+        ..new.clone()
+    });
+    two_rounds().await;
+    // A pod created now is given only the new root in its spec, joins,
+    // and every agent delivers to every other over fresh handshakes.
+    let anchors = identity.ca.get().trust_bundle().to_owned();
+    assert_eq!(identity.ca.get().roots(), 1, "the old root is gone");
+    let (ns, sa, pod, token) = pods[3];
+    let late = start_pod_agent_trusting(
+        root.path(),
+        &identity,
+        &anchors,
+        (ns, sa, pod),
+        token,
+        ports[3],
+    );
+    let mut everyone: Vec<String> = pods.iter().map(|p| p.2.to_owned()).collect();
+    everyone.sort();
+    for a in agents.iter().chain([&late]) {
+        wait_until("all four alive after the rotation", || async {
+            alive(a).await == everyone
+        })
+        .await;
+        let r = a.admin.get("/readyz").await.unwrap();
+        assert_eq!(r.status, 200, "ready on a certificate of the new CA");
+    }
+    expect_status(
+        &put_topic(&late.client, "after", json!({"partitions": 4})).await,
+        201,
+        "create topic",
+    );
+    let all = [&agents[0], &agents[1], &agents[2], &late];
+    let pod_names: Vec<_> = pods.to_vec();
+    let all_agents: Vec<&MeshAgent> = all.to_vec();
+    wait_until("every partition of after is formed", || async {
+        let mut led = std::collections::BTreeSet::new();
+        for (a, (_, _, name, _)) in all_agents.iter().zip(&pod_names) {
+            let Ok(r) = a.client.get("/v1/cluster").await else {
+                continue;
+            };
+            for g in r.json()["replicated"].as_array().into_iter().flatten() {
+                if g["topic"] == "shop:after" && g["leader"] == *name {
+                    led.insert(g["partition"].as_u64());
+                }
+            }
+        }
+        led.len() == 4
+    })
+    .await;
+    put_sub(
+        &agents[0].client,
+        "reader",
+        json!({"topic": "after", "start": "earliest"}),
+    )
+    .await;
+    for (i, a) in all.iter().enumerate() {
+        for k in 0..10 {
+            let key = format!("k{i}-{k}");
+            publish(
+                &a.client,
+                "after",
+                &[("Shoal-Key", key.as_str())],
+                key.clone(),
+            )
+            .await;
+        }
+    }
+    let got = pull_ack_n(&agents[0].client, "reader", 40).await;
+    assert_eq!(
+        got.len(),
+        40,
+        "every agent's messages delivered after the rotation"
+    );
 }
 
 #[tokio::test]
