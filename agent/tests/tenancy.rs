@@ -561,3 +561,53 @@ async fn an_agent_whose_certificate_is_bound_to_another_node_refuses_to_start() 
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_subscription_given_at_start_waits_for_another_namespaces_topic_and_its_grant() {
+    let root = tempfile::tempdir().unwrap();
+    let seed = free_udp_port();
+    let shop = start_ready(
+        root.path(),
+        "ca",
+        "shop-0",
+        seed,
+        None,
+        &["--namespace", "shop"],
+    )
+    .await;
+    // billing's agent starts with a subscription to a topic nobody declared yet.
+    let subscriptions = r#"[{"name": "audit", "topic": "shop:orders", "start": "earliest"}]"#;
+    let billing = start_ready(
+        root.path(),
+        "ca",
+        "billing-0",
+        free_udp_port(),
+        Some(seed),
+        &["--namespace", "billing", "--subscriptions", subscriptions],
+    )
+    .await;
+    let declared = || async {
+        billing
+            .client
+            .get("/v1/subscriptions/audit")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    };
+    assert!(!declared().await, "not before the topic exists");
+    // shop declares the topic and grants billing reading; the waiting
+    // subscription is then declared, and reads what shop publishes.
+    expect_status(
+        &put_topic(
+            &shop.client,
+            "orders",
+            json!({"replicas": 1, "partitions": 1, "grants": {"subscribe": ["billing"]}}),
+        )
+        .await,
+        201,
+        "declare with a grant",
+    );
+    wait_until("the waiting subscription is declared", declared).await;
+    publish(&shop.client, "orders", &[], "for billing").await;
+    let got = pull_ack_n(&billing.client, "audit", 1).await;
+    assert_eq!(text_of(&got[0]), "for billing");
+}
