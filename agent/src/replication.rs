@@ -1157,9 +1157,38 @@ impl Replication {
         let Some(id) = id else {
             return false;
         };
-        lock(&self.core).driver.step(id, batch);
+        let mut batch = batch;
+        let mut core = lock(&self.core);
+        // A leader's message creates a replica here only for a group
+        // placement puts this agent in: otherwise any member could make
+        // itself look like the leader of any partition to an agent that
+        // holds none of it, and receive that agent's publishes and reads.
+        // A refused join is asked again by the leader's next message, once
+        // this agent's view agrees (it knows the topic and the members).
+        let before = batch.groups.len();
+        batch
+            .groups
+            .retain(|gm| core.driver.status(&gm.group).is_some() || self.placed_here(&gm.group));
+        let refused = before - batch.groups.len();
+        if refused > 0 {
+            self.metrics
+                .mesh_invalid_messages
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "unknown_group",
+                })
+                .inc_by(refused as u64);
+            tracing::debug!(peer = %from, groups = refused, "refused to create replicas placement does not give this agent");
+        }
+        core.driver.step(id, batch);
+        drop(core);
         self.round_now();
         true
+    }
+
+    /// Whether placement, as this agent sees it, gives it a replica of `g`.
+    fn placed_here(&self, g: &GroupId) -> bool {
+        let peers = lock(&self.peers);
+        self.wanted(&peers, g, &[]).contains(&self.me_id)
     }
 
     /// Where to send a publish or a read of `topic`/`partition` now.

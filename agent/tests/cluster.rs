@@ -386,8 +386,8 @@ fn issued(identity: &Identity) -> u64 {
 /// Waits until every partition of `topic` (its full name) has a leader and
 /// three voters, no learner left, as the agents of `pods` see it.
 async fn wait_formed(
-    agents: &[MeshAgent],
-    pods: &[(&str, &str, &str, &str)],
+    agents: &[&MeshAgent],
+    pods: &[PodSpecOf<'_>],
     topic: &str,
     partitions: usize,
 ) {
@@ -547,7 +547,13 @@ async fn injected_agents_get_certificates_find_each_other_and_deliver() {
     // placement's first choice) a partition can be leaderless for longer
     // than a publish's 5 s retry window, so this waits, as the replication
     // tests do.
-    wait_formed(&agents, &pods, "orders:greetings", 12).await;
+    wait_formed(
+        &agents.iter().collect::<Vec<_>>(),
+        &pods,
+        "orders:greetings",
+        12,
+    )
+    .await;
     let billing = &agents[2].client;
     wait_until("billing's agent learnt orders' topic", || async {
         billing
@@ -666,7 +672,7 @@ async fn certificates_that_live_seconds_rotate_and_no_message_is_lost() {
         201,
         "create topic",
     );
-    wait_formed(&agents, &pods, "shop:ticks", 3).await;
+    wait_formed(&agents.iter().collect::<Vec<_>>(), &pods, "shop:ticks", 3).await;
     put_sub(
         &agents[2].client,
         "counter",
@@ -783,23 +789,9 @@ async fn a_ca_rotation_keeps_the_mesh_connected_and_new_agents_join() {
         "create topic",
     );
     let all = [&agents[0], &agents[1], &agents[2], &late];
-    let pod_names: Vec<_> = pods.to_vec();
-    let all_agents: Vec<&MeshAgent> = all.to_vec();
-    wait_until("every partition of after is formed", || async {
-        let mut led = std::collections::BTreeSet::new();
-        for (a, (_, _, name, _)) in all_agents.iter().zip(&pod_names) {
-            let Ok(r) = a.client.get("/v1/cluster").await else {
-                continue;
-            };
-            for g in r.json()["replicated"].as_array().into_iter().flatten() {
-                if g["topic"] == "shop:after" && g["leader"] == *name {
-                    led.insert(g["partition"].as_u64());
-                }
-            }
-        }
-        led.len() == 4
-    })
-    .await;
+    // Formed: a leader, three voters and no learner left in every group,
+    // so no publish meets a group still handing leadership over.
+    wait_formed(&all, &pods, "shop:after", 4).await;
     put_sub(
         &agents[0].client,
         "reader",
