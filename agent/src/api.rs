@@ -69,9 +69,6 @@ pub struct AppState {
     pub mesh: Option<Arc<crate::mesh::Mesh>>,
     /// Routing across the mesh, when this agent runs one.
     pub router: Option<Arc<crate::router::Router>>,
-    /// Namespace of the topics' partitions (placement keys, group names:
-    /// [`crate::topic::TOPIC_NAMESPACE`]).
-    pub namespace: String,
     /// Topics and publishing.
     pub broker: Arc<Broker>,
     /// Subscriptions and delivery.
@@ -920,7 +917,9 @@ async fn topics_json(state: &AppState, topics: &[Arc<crate::topic::Topic>]) -> V
                     let held: Vec<_> = r
                         .replica_view()
                         .into_iter()
-                        .filter(|g| g.topic == *topic.name && g.namespace == state.namespace)
+                        .filter(|g| {
+                            g.topic == *topic.name && g.namespace == crate::topic::TOPIC_NAMESPACE
+                        })
                         .collect();
                     if !held.is_empty() {
                         o.insert("replication".into(), json!(held));

@@ -368,17 +368,23 @@ impl Broker {
     /// the topic's grants as known here. Another namespace's topic that is
     /// not known here is not found: only its own namespace creates it.
     pub fn authorize(&self, topic: &str, action: Action) -> Result<(), ApiError> {
-        // An app's own namespace's topics need no lookup: this is on the
-        // path of every publish.
-        if crate::names::namespace_of(topic) == self.settings.namespace {
-            return Ok(());
+        match self.grant(&self.settings.namespace, topic, action) {
+            Some(r) => r.inspect_err(|_| self.metrics.count_denial("app", action.as_str())),
+            None => Err(foreign_topic_unknown(topic)),
         }
-        let grants = match self.topic(topic) {
-            Some(t) => t.config().grants,
-            None => return Err(foreign_topic_unknown(topic)),
-        };
-        crate::tenancy::authorize(&self.settings.namespace, topic, Some(&grants), action)
-            .inspect_err(|_| self.metrics.count_denial("app", action.as_str()))
+    }
+
+    /// Whether namespace `ns` may `action` on `topic` (a full name), by the
+    /// grants in this agent's copy of the topic's configuration; `None` for
+    /// another namespace's topic this agent does not know. A namespace's own
+    /// topics need no lookup (nor a copy of the configuration): this is on
+    /// the path of every publish and fetch.
+    pub fn grant(&self, ns: &str, topic: &str, action: Action) -> Option<Result<(), ApiError>> {
+        if crate::names::namespace_of(topic) == ns {
+            return Some(Ok(()));
+        }
+        let grants = self.topic(topic)?.config().grants;
+        Some(crate::tenancy::authorize(ns, topic, Some(&grants), action))
     }
 
     /// Whether this agent's app may create, configure or delete `topic`.

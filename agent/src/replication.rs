@@ -27,7 +27,7 @@ use crate::mesh::Mesh;
 use crate::message::Message as AppMessage;
 use crate::metrics::Metrics;
 use crate::subscription::StartPosition;
-use crate::topic::{FsyncPolicy, Topic, TopicConfig, TopicKind};
+use crate::topic::{FsyncPolicy, Topic, TopicConfig, TopicKind, TOPIC_NAMESPACE};
 use serde::{Deserialize, Serialize};
 use shoal_cluster::membership::Liveness;
 use shoal_cluster::placement::{self, Member, PartitionKey};
@@ -107,9 +107,6 @@ impl Waker {
 pub struct ReplicationSettings {
     /// This agent's node name.
     pub me: String,
-    /// The namespace its topics' groups are named in
-    /// ([`crate::topic::TOPIC_NAMESPACE`]).
-    pub namespace: String,
     /// The data directory (groups live in `REPLICAS_DIR` inside).
     pub data_dir: PathBuf,
     /// The first agent of a mesh (started without `--join`, or the one the
@@ -238,7 +235,6 @@ struct Core {
 pub struct Replication {
     me: String,
     me_id: NodeId,
-    namespace: String,
     root: PathBuf,
     mesh: Arc<Mesh>,
     broker: Arc<Broker>,
@@ -341,11 +337,7 @@ fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
 }
 
 /// A store opener for the driver (a group this agent joins).
-fn opener(
-    root: PathBuf,
-    broker: Arc<Broker>,
-    namespace: String,
-) -> shoal_replica::driver::NewStore<DiskStore> {
+fn opener(root: PathBuf, broker: Arc<Broker>) -> shoal_replica::driver::NewStore<DiskStore> {
     Box::new(move |g: &GroupId| {
         // A peer names the group: its names become directories here.
         if !valid_group(g) {
@@ -355,7 +347,7 @@ fn opener(
             )));
         }
         let mut store = DiskStore::open(&group_dir(&root, g), shoal_storage::LogConfig::default())?;
-        store.set_sync_policy(sync_policy_of(&broker, &namespace, g))?;
+        store.set_sync_policy(sync_policy_of(&broker, g))?;
         Ok(store)
     })
 }
@@ -363,8 +355,8 @@ fn opener(
 /// How a group's writes reach the disk: its topic's fsync policy. The meta
 /// group, and a group whose topic this agent does not know yet, sync every
 /// write (the safe side until the topic arrives).
-fn sync_policy_of(broker: &Broker, namespace: &str, g: &GroupId) -> SyncPolicy {
-    if *g == meta_group() || g.namespace != namespace {
+fn sync_policy_of(broker: &Broker, g: &GroupId) -> SyncPolicy {
+    if *g == meta_group() || g.namespace != TOPIC_NAMESPACE {
         return SyncPolicy::Always;
     }
     match broker.topic(&g.topic).map(|t| t.config().fsync) {
@@ -394,7 +386,6 @@ impl Replication {
     ) -> Result<Arc<Replication>, String> {
         let ReplicationSettings {
             me,
-            namespace,
             data_dir,
             seed,
             replace_after,
@@ -415,11 +406,7 @@ impl Replication {
             seed: fastrand::u64(..),
             ..DriverConfig::default()
         };
-        let mut driver = Driver::new(
-            me_id,
-            config,
-            opener(root.clone(), broker.clone(), namespace.clone()),
-        );
+        let mut driver = Driver::new(me_id, config, opener(root.clone(), broker.clone()));
         let mut opened = 0usize;
         for g in Self::kept_groups(&root) {
             let dir = group_dir(&root, &g);
@@ -463,7 +450,6 @@ impl Replication {
         Ok(Arc::new(Replication {
             me,
             me_id,
-            namespace,
             root,
             mesh,
             broker,
@@ -622,6 +608,7 @@ impl Replication {
                     self.place_all(&mut core);
                     self.apply_sync_policies(&mut core);
                 }
+
                 if core.ticks.is_multiple_of(COMMIT_EVERY_TICKS) {
                     self.flush_commits(&mut core);
                 }
@@ -906,7 +893,11 @@ impl Replication {
                 continue;
             }
             for partition in 0..topic.partition_count() {
-                let key = (self.namespace.clone(), topic.name.to_string(), partition);
+                let key = (
+                    TOPIC_NAMESPACE.to_owned(),
+                    topic.name.to_string(),
+                    partition,
+                );
                 if core.records.contains_key(&key) || core.proposed.contains(&key) {
                     continue;
                 }
@@ -1010,7 +1001,7 @@ impl Replication {
         for g in groups {
             let policy = *by_topic
                 .entry((g.namespace.clone(), g.topic.clone()))
-                .or_insert_with(|| sync_policy_of(&self.broker, &self.namespace, &g));
+                .or_insert_with(|| sync_policy_of(&self.broker, &g));
             let Some(store) = core.driver.store_mut(&g) else {
                 continue;
             };
@@ -1333,7 +1324,7 @@ impl Replication {
 
     fn group_id(&self, topic: &str, partition: u32) -> GroupId {
         GroupId {
-            namespace: self.namespace.clone(),
+            namespace: TOPIC_NAMESPACE.to_owned(),
             topic: topic.to_string(),
             partition,
         }
@@ -1689,7 +1680,7 @@ impl Replication {
             // peer only for the peer's own namespace's groups, so another
             // namespace's commit that reached this follower is dropped (its
             // reader sends the next one to the leader it finds then).
-            if crate::names::namespace_of(&group) != self.broker.namespace() {
+            if crate::tenancy::may_use_group(self.broker.namespace(), &group).is_err() {
                 tracing::debug!(group = %group, "a peer's offset commit reached a follower; dropped");
                 continue;
             }
@@ -1764,7 +1755,7 @@ impl Replication {
         let core = lock(&self.core);
         let mut out = Vec::new();
         for g in core.driver.groups() {
-            if g.topic != topic || g.namespace != self.namespace {
+            if g.topic != topic || g.namespace != TOPIC_NAMESPACE {
                 continue;
             }
             let Some(grp) = core.driver.group(g) else {

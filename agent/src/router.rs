@@ -20,7 +20,7 @@ use crate::metrics::{HandoffLabels, Metrics};
 use crate::replication::{self, Replication, Route};
 use crate::subscription::StartPosition;
 use crate::tenancy::Action;
-use crate::topic::{Partition, Role, Topic, TopicConfig};
+use crate::topic::{Partition, Role, Topic, TopicConfig, TOPIC_NAMESPACE};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::Serialize;
@@ -135,7 +135,6 @@ pub enum Home {
 /// The mesh-wide broker of one agent.
 pub struct Router {
     me: String,
-    namespace: String,
     mesh: Arc<Mesh>,
     broker: Arc<Broker>,
     subs: OnceLock<Weak<Subscriptions>>,
@@ -351,7 +350,6 @@ impl Router {
     /// while alone and then meeting the copies the others kept.
     pub fn new(
         me: String,
-        namespace: String,
         mesh: Arc<Mesh>,
         broker: Arc<Broker>,
         metrics: Arc<Metrics>,
@@ -385,7 +383,6 @@ impl Router {
         Arc::new_cyclic(|this| Router {
             this: this.clone(),
             me,
-            namespace,
             mesh,
             broker,
             subs: OnceLock::new(),
@@ -638,7 +635,7 @@ impl Router {
         let mut keys = Vec::new();
         for t in self.broker.topics() {
             for p in 0..t.partition_count() {
-                keys.push(OwnedPartitionKey::new(self.namespace.as_str(), &*t.name, p));
+                keys.push(OwnedPartitionKey::new(TOPIC_NAMESPACE, &*t.name, p));
             }
         }
         let members = lock(&self.inner).members.clone();
@@ -668,7 +665,7 @@ impl Router {
 
     fn key<'a>(&'a self, topic: &'a str, partition: u32) -> PartitionKey<'a> {
         PartitionKey {
-            namespace: &self.namespace,
+            namespace: TOPIC_NAMESPACE,
             topic,
             partition,
         }
@@ -1598,24 +1595,15 @@ impl Router {
             .any(|(n, k)| *n != self.me && k.addr == from)
     }
 
-    /// Whether a peer of namespace `ns` may `action` on `topic`, by the
-    /// grants in this agent's copy of the topic's configuration; `None`
-    /// when this agent does not know another namespace's topic.
+    /// [`Broker::grant`] for a peer of namespace `ns`.
     fn peer_grant(&self, ns: &str, topic: &str, action: Action) -> Option<Result<(), ApiError>> {
-        // The owner needs no grant: no configuration is read (or cloned) on
-        // the hot path of a namespace's own traffic.
-        if crate::names::namespace_of(topic) == ns {
-            return Some(Ok(()));
-        }
-        let grants = self.broker.topic(topic)?.config().grants;
-        Some(crate::tenancy::authorize(ns, topic, Some(&grants), action))
+        self.broker.grant(ns, topic, action)
     }
 
     /// Whether agents of namespace `ns` may read `topic` by what this agent
     /// knows now: its own namespace's, or granted (an unknown topic: no).
     fn may_read(&self, ns: &str, topic: &str) -> bool {
-        crate::names::namespace_of(topic) == ns
-            || matches!(self.peer_grant(ns, topic, Action::Subscribe), Some(Ok(())))
+        matches!(self.peer_grant(ns, topic, Action::Subscribe), Some(Ok(())))
     }
 
     /// [`Router::peer_grant`], counted when refused. A topic not known here
@@ -2126,10 +2114,7 @@ impl Router {
                     format!("topic {topic:?} is not known here yet"),
                     1,
                 );
-                reply.send(Message::Published {
-                    req,
-                    results: entries.iter().map(|_| fail(e.clone())).collect(),
-                });
+                reply.send(publish_refused(req, &entries, &e));
                 return;
             };
             let repl = self.replicated(&topic).cloned();
@@ -2532,6 +2517,18 @@ fn split_by_bytes(batch: Vec<Placed>) -> Vec<Vec<Placed>> {
     out
 }
 
+/// The answer to a forwarded publish refused as a whole: `e` for every entry.
+fn publish_refused(req: u64, entries: &[PublishEntry], e: &ApiError) -> Message {
+    let e = wire_error(e);
+    Message::Published {
+        req,
+        results: entries
+            .iter()
+            .map(|_| PublishResult::Failed(e.clone()))
+            .collect(),
+    }
+}
+
 /// The same error for every message of `batch`.
 fn all_failed(batch: &[Placed], e: ApiError) -> Outcomes {
     batch.iter().map(|_| Err(e.clone())).collect()
@@ -2613,13 +2610,7 @@ impl Handler for Router {
                 entries,
             } => match self.authorize_peer(ns, &topic, Action::Publish) {
                 Ok(()) => self.serve_publish(topic, entries, reply, req),
-                Err(e) => reply.send(Message::Published {
-                    req,
-                    results: entries
-                        .iter()
-                        .map(|_| PublishResult::Failed(wire_error(&e)))
-                        .collect(),
-                }),
+                Err(e) => reply.send(publish_refused(req, &entries, &e)),
             },
             Message::Fetch {
                 req,
@@ -2696,7 +2687,8 @@ impl Handler for Router {
             },
             Message::Subscribers { node, subs } => {
                 // A restarted agent may greet before gossip shows its new
-                // address, so only this agent's own name is refused here.
+                // address, so the name is checked against the peer's
+                // certificate (and this agent's own), not its address.
                 if node == self.me || !sender.may_speak_for(&node) {
                     self.count_invalid("unknown_sender");
                     tracing::warn!(peer = %from, node = %node, certified = ?sender.node, "refused a peer's subscriber list for another node");

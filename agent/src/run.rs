@@ -190,7 +190,6 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         Some(m) => {
             let r = crate::router::Router::new(
                 node.clone(),
-                crate::topic::TOPIC_NAMESPACE.to_string(),
                 m.clone(),
                 broker.clone(),
                 metrics.clone(),
@@ -201,7 +200,6 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             let replication = crate::replication::Replication::open(
                 crate::replication::ReplicationSettings {
                     me: node.clone(),
-                    namespace: crate::topic::TOPIC_NAMESPACE.to_string(),
                     data_dir: config.data_dir.clone(),
                     seed: m.founder,
                     replace_after: config.replace_after,
@@ -236,7 +234,6 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     let state = Arc::new(AppState {
         router: router.clone(),
         mesh: mesh.clone(),
-        namespace: crate::topic::TOPIC_NAMESPACE.to_string(),
         broker: broker.clone(),
         subs: subs.clone(),
         settings: ApiSettings {

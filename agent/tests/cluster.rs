@@ -435,6 +435,22 @@ fn register_pods(state: &State, pods: &[PodSpecOf<'_>]) -> Vec<u16> {
     ports
 }
 
+/// Pods of one namespace, for the tests of certificate and CA rotation.
+const SHOP_PODS: [PodSpecOf<'static>; 4] = [
+    ("shop", "api", "shop-api-0", "tok-0"),
+    ("shop", "api", "shop-api-1", "tok-1"),
+    ("shop", "worker", "shop-worker-0", "tok-2"),
+    ("shop", "api", "shop-api-2", "tok-3"),
+];
+
+/// Certificates of six seconds: every agent renews about every four.
+fn short_lived() -> IdentityConfig {
+    IdentityConfig {
+        cert_lifetime: Duration::from_secs(6),
+        ..IdentityConfig::default()
+    }
+}
+
 /// Starts every pod's agent at once and waits until each sees all alive.
 async fn start_pods(
     root: &Path,
@@ -654,25 +670,16 @@ async fn injected_agents_get_certificates_find_each_other_and_deliver() {
 async fn certificates_that_live_seconds_rotate_and_no_message_is_lost() {
     let root = tempfile::tempdir().unwrap();
     let state: State = Arc::default();
-    let pods = [
-        ("shop", "api", "shop-api-0", "tok-0"),
-        ("shop", "api", "shop-api-1", "tok-1"),
-        ("shop", "worker", "shop-worker-0", "tok-2"),
-    ];
-    let ports = register_pods(&state, &pods);
-    // Six seconds: every agent renews about every four, all through the test.
-    let config = IdentityConfig {
-        cert_lifetime: Duration::from_secs(6),
-        ..IdentityConfig::default()
-    };
-    let identity = start_identity_with(state.clone(), config).await;
-    let agents = start_pods(root.path(), &identity, &pods, &ports).await;
+    let pods = &SHOP_PODS[..3];
+    let ports = register_pods(&state, pods);
+    let identity = start_identity_with(state.clone(), short_lived()).await;
+    let agents = start_pods(root.path(), &identity, pods, &ports).await;
     expect_status(
         &put_topic(&agents[0].client, "ticks", json!({"partitions": 3})).await,
         201,
         "create topic",
     );
-    wait_formed(&agents.iter().collect::<Vec<_>>(), &pods, "shop:ticks", 3).await;
+    wait_formed(&agents.iter().collect::<Vec<_>>(), pods, "shop:ticks", 3).await;
     put_sub(
         &agents[2].client,
         "counter",
@@ -715,19 +722,10 @@ async fn certificates_that_live_seconds_rotate_and_no_message_is_lost() {
 async fn a_ca_rotation_keeps_the_mesh_connected_and_new_agents_join() {
     let root = tempfile::tempdir().unwrap();
     let state: State = Arc::default();
-    let pods = [
-        ("shop", "api", "shop-api-0", "tok-0"),
-        ("shop", "api", "shop-api-1", "tok-1"),
-        ("shop", "worker", "shop-worker-0", "tok-2"),
-        // Started once the old root is gone: it trusts only the new one.
-        ("shop", "api", "shop-api-2", "tok-3"),
-    ];
+    // The fourth pod starts once the old root is gone: it trusts only the new one.
+    let pods = SHOP_PODS;
     let ports = register_pods(&state, &pods);
-    let config = IdentityConfig {
-        cert_lifetime: Duration::from_secs(6),
-        ..IdentityConfig::default()
-    };
-    let identity = start_identity_with(state.clone(), config).await;
+    let identity = start_identity_with(state.clone(), short_lived()).await;
     let agents = start_pods(root.path(), &identity, &pods[..3], &ports[..3]).await;
     // Every agent renews about every 4 s; two rounds of renewals make sure
     // each one has what the identity service hands out now.

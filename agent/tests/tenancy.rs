@@ -50,6 +50,14 @@ fn fetch_frame(req: u64, topic: &str, group: &str) -> Message {
     }
 }
 
+fn stats_frame(req: u64, topic: &str) -> Message {
+    Message::Stats {
+        req,
+        topic: topic.into(),
+        partitions: vec![0],
+    }
+}
+
 async fn ask(conn: &shoal_mesh::quinn::Connection, m: Message) -> Message {
     let mut frames = bytes::BytesMut::new();
     shoal_proto::encode(&m, &mut frames).unwrap();
@@ -176,16 +184,7 @@ async fn a_peer_is_judged_by_its_certificates_namespace_and_the_owners_grants() 
     assert!(refused(
         &ask(&billing, fetch_frame(2, "shop:orders", "billing:audit")).await
     ));
-    match ask(
-        &billing,
-        Message::Stats {
-            req: 20,
-            topic: "shop:orders".into(),
-            partitions: vec![0],
-        },
-    )
-    .await
-    {
+    match ask(&billing, stats_frame(20, "shop:orders")).await {
         Message::StatsAnswer { result: Err(e), .. } => assert_eq!(e.code, "forbidden"),
         other => panic!("a topic's figures are not for a namespace granted nothing: {other:?}"),
     }
@@ -350,16 +349,7 @@ async fn a_peer_is_judged_by_its_certificates_namespace_and_the_owners_grants() 
     assert!(stored(
         &ask(&billing, publish_frame(7, "shop:orders", "granted")).await
     ));
-    match ask(
-        &billing,
-        Message::Stats {
-            req: 21,
-            topic: "shop:orders".into(),
-            partitions: vec![0],
-        },
-    )
-    .await
-    {
+    match ask(&billing, stats_frame(21, "shop:orders")).await {
         Message::StatsAnswer {
             result: Ok(figures),
             ..
