@@ -351,11 +351,20 @@ impl ClusterView {
 }
 
 enum Input {
-    Datagram(Bytes),
+    /// A gossip datagram, and the node the sending peer's certificate is
+    /// bound to (if it is bound to one).
+    Datagram(Bytes, Option<Arc<str>>),
     Timer(membership::Timer),
     Leave(oneshot::Sender<()>),
     /// Other agents' addresses, newly learned (discovery).
     Discovered(Vec<SocketAddr>),
+}
+
+/// Whether a gossip datagram comes from the node its sender's certificate
+/// is bound to. One whose header does not decode passes here and is counted
+/// as a bad datagram where membership reads it.
+fn speaks_for_itself(datagram: &[u8], bound: &str) -> bool {
+    Membership::sender_of(datagram).is_none_or(|src| src.node == bound)
 }
 
 /// Connections to other agents, one per address.
@@ -409,12 +418,13 @@ impl Peers {
         if let Some(h) = self.handler.get() {
             h.clone().connected(addr);
         }
+        let node: Option<Arc<str>> = shoal_mesh::transport::peer_node(&conn).map(Arc::from);
         tokio::spawn(async move {
             while let Ok(d) = conn.read_datagram().await {
                 metrics.mesh_datagrams_in.inc();
                 metrics.mesh_bytes_in.inc_by(d.len() as u64);
                 // Full queue: drop, as the network would.
-                let _ = input.try_send(Input::Datagram(d));
+                let _ = input.try_send(Input::Datagram(d, node.clone()));
             }
         });
     }
@@ -1015,7 +1025,7 @@ async fn run_membership(
     loop {
         tokio::select! {
             got = input.recv() => match got {
-                Some(Input::Datagram(_) | Input::Timer(_) | Input::Discovered(_)) if refused.is_some() => {}
+                Some(Input::Datagram(..) | Input::Timer(_) | Input::Discovered(_)) if refused.is_some() => {}
                 Some(Input::Discovered(addrs)) => {
                     // Announced to now, and every reconnect interval until
                     // members: two meshes that formed apart merge this way.
@@ -1029,7 +1039,11 @@ async fn run_membership(
                         }
                     }
                 }
-                Some(Input::Datagram(d)) => match m.handle_data(&d) {
+                Some(Input::Datagram(d, Some(bound))) if !speaks_for_itself(&d, &bound) => {
+                    metrics.mesh_invalid_messages.get_or_create(&crate::metrics::ReasonLabel { reason: "unknown_sender" }).inc();
+                    tracing::debug!(peer = %bound, "gossip datagram in another member's name dropped");
+                }
+                Some(Input::Datagram(d, _)) => match m.handle_data(&d) {
                     Ok(fx) => apply(&m, fx),
                     Err(e) => {
                         metrics.mesh_bad_datagrams.inc();

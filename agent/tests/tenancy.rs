@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use shoal_cluster::membership::{self, AgentId, Membership};
 use shoal_proto::{Message, PublishEntry, PublishResult, SubscriberRef};
 
 fn encoded(text: &str) -> Vec<u8> {
@@ -512,6 +513,49 @@ async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
         before + 2.0,
         "its own list was taken"
     );
+
+    // Gossip too: an announcement in another node's name is dropped and
+    // counted; one in its own name is taken (the agent lists it).
+    let members = || async {
+        let cluster = agent.client.get("/v1/cluster").await.unwrap().json();
+        cluster["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["node"].as_str().unwrap().to_owned())
+            .collect::<Vec<String>>()
+    };
+    let announce = |node: &str| {
+        let me = AgentId {
+            addr: peer
+                .local_ip()
+                .map_or("127.0.0.1:1".parse().unwrap(), |ip| {
+                    std::net::SocketAddr::new(ip, 1)
+                }),
+            node: node.into(),
+            incarnation: 1,
+            broker: true,
+        };
+        let mut m = Membership::new(me, membership::config(2), 7);
+        let to = AgentId::seed(format!("127.0.0.1:{port}").parse().unwrap());
+        m.join(to).unwrap().send
+    };
+    for (_, data) in announce("shop-1") {
+        peer.send_datagram(data).unwrap();
+    }
+    wait_until("gossip in another node's name is refused", || async {
+        refused_senders().await == before + 3.0
+    })
+    .await;
+    assert!(!members().await.contains(&"shop-1".to_owned()));
+    for (_, data) in announce("tester") {
+        peer.send_datagram(data).unwrap();
+    }
+    wait_until("gossip in its own name is taken", || async {
+        members().await.contains(&"tester".to_owned())
+    })
+    .await;
+    assert_eq!(refused_senders().await, before + 3.0);
 }
 
 #[tokio::test]

@@ -185,13 +185,20 @@ impl Membership {
         self.run(r)
     }
 
+    /// The member a datagram says it comes from (its header's source), if
+    /// it decodes. The shell checks it against the certificate of the
+    /// connection it came over, so a peer speaks only for itself.
+    pub fn sender_of(data: &[u8]) -> Option<AgentId> {
+        PostcardCodec.decode_header(data).ok().map(|h| h.src)
+    }
+
     /// Feeds a datagram from a peer. Bad datagrams are an error, never a panic.
     ///
     /// A member going down on its own datagram declared itself down: foca's
     /// leave. That is reported as [`Event::Left`], so a graceful stop is told
     /// apart from a failure.
     pub fn handle_data(&mut self, data: &[u8]) -> Result<Effects, MembershipError> {
-        let sender = PostcardCodec.decode_header(data).ok().map(|h| h.src);
+        let sender = Self::sender_of(data);
         let r = self.foca.handle_data(data, &mut self.runtime);
         let mut fx = self.run(r)?;
         if let Some(sender) = sender {
