@@ -7,7 +7,15 @@
 #                                 (x86_64 only; release builds take minutes,
 #                                 cargo's progress is shown), their FROM-scratch
 #                                 images, print the sizes, and smoke-test the
-#                                 agent container.
+#                                 agent container; then the test app image.
+#   bash .ci/injector.sh app-image
+#                                 build shoal-test-app:dev, the app containers
+#                                 of the Docker cluster test
+#                                 (agent/cli/tests/docker_cluster.rs): the
+#                                 host's sh, curl, grep, sed, tr, sleep and cat
+#                                 with the libraries they load, FROM scratch,
+#                                 standing in for curlimages/curl, which the
+#                                 hello example runs and no registry serves here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -123,7 +131,38 @@ images() {
   docker run --rm "$tag_injector" --version >/dev/null
 
   smoke_test "$tag_agent"
+  app_image
   log "images OK"
+}
+
+APP_IMAGE=shoal-test-app:dev
+APP_TOOLS="sh curl grep sed tr sleep cat"
+
+app_image() {
+  local ctx tool path lib
+  ctx=$(mktemp -d)
+  mkdir -p "$ctx/rootfs/bin" "$ctx/rootfs/tmp"
+  for tool in $APP_TOOLS; do
+    path=$(command -v "$tool") || { log "$tool is not installed (needed by $APP_IMAGE)"; rm -rf "$ctx"; exit 1; }
+    cp -L "$path" "$ctx/rootfs/bin/$tool"
+    # Every library it loads, at the path the loader looks for it, and the loader.
+    for lib in $(ldd "$path" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+      cp -L --parents "$lib" "$ctx/rootfs/"
+    done
+  done
+  cat > "$ctx/Dockerfile" <<'DOCKERFILE'
+FROM scratch
+COPY rootfs/ /
+ENV PATH=/bin
+DOCKERFILE
+  local out
+  if ! out=$(docker build -q -t "$APP_IMAGE" "$ctx" 2>&1); then
+    echo "$out" >&2; rm -rf "$ctx"; log "docker build of $APP_IMAGE failed"; exit 1
+  fi
+  rm -rf "$ctx"
+  docker run --rm --network none "$APP_IMAGE" sh -c 'curl --version | grep -q "^curl" && echo x | sed s/x/y/ | grep -q y' \
+    || { log "$APP_IMAGE does not run its tools"; exit 1; }
+  log "built image $APP_IMAGE ($(image_bytes "$APP_IMAGE") bytes)"
 }
 
 # Runs the agent image read-only with a tmpfs data dir, waits for /readyz,
@@ -168,5 +207,6 @@ smoke_test() {
 case "${1:-install}" in
   install) install_tools ;;
   images) images ;;
-  *) echo "usage: $0 [install|images]" >&2; exit 2 ;;
+  app-image) app_image ;;
+  *) echo "usage: $0 [install|images|app-image]" >&2; exit 2 ;;
 esac

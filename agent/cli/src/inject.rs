@@ -32,9 +32,32 @@ pub struct InjectArgs {
     /// Namespace assumed for objects that name none.
     #[arg(short = 'n', long = "namespace", default_value = offline::DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// The mesh trust bundle (PEM) handed to injected agents so they can
+    /// verify the identity service and join the mesh; the webhook hands out
+    /// its own. Without it, agents injected offline get no identity settings
+    /// and run alone. Take it from the mesh CA Secret (install.md §7).
+    #[arg(long, env = "SHOAL_TRUST_ANCHORS_FILE", value_name = "FILE")]
+    pub trust_anchors_file: Option<PathBuf>,
+    /// The identity service as injected agents reach it (`host:port`).
+    #[arg(long = "identity-service", env = "SHOAL_IDENTITY_SERVICE",
+          default_value = shoal_injector::config::DEFAULT_IDENTITY_ADDR, value_name = "HOST:PORT")]
+    pub identity_service: String,
     /// What to inject (same flags and defaults as the webhook).
     #[command(flatten)]
     pub inject: InjectFlags,
+}
+
+/// Reads a trust bundle and checks that it holds at least one PEM certificate.
+fn read_trust_anchors(path: &std::path::Path) -> Result<String, String> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the trust anchors {}: {e}", path.display()))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!(
+            "{} holds no PEM certificate (expected the mesh CA's ca.crt)",
+            path.display()
+        ));
+    }
+    Ok(pem)
 }
 
 /// Runs `shoal inject`.
@@ -64,8 +87,21 @@ pub fn run(args: InjectArgs) -> ExitCode {
     } else {
         args.namespace_annotation.into_iter().collect()
     };
+    let mut config = args.inject.to_config();
+    config.identity_addr = args.identity_service;
+    match &args.trust_anchors_file {
+        Some(path) => match read_trust_anchors(path) {
+            Ok(pem) => config.trust_anchors = Some(pem),
+            Err(e) => return fail(&e),
+        },
+        None if config.identity => eprintln!(
+            "shoal inject: warning: no --trust-anchors-file: injected agents get no \
+             identity settings and run alone; pass the mesh CA bundle to let them join"
+        ),
+        None => {}
+    }
     let options = OfflineOptions {
-        config: args.inject.to_config(),
+        config,
         namespace_annotations,
         default_namespace: args.namespace,
     };

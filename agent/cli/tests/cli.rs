@@ -207,6 +207,58 @@ fn inject_reads_the_yaml_files_of_a_directory() {
     assert!(text(&o).1.contains("no .yaml"), "{}", text(&o).1);
 }
 
+#[test]
+fn inject_hands_agents_the_trust_anchors_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = dir.path().join("pod.yaml");
+    std::fs::write(
+        &pod,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: one\nspec:\n  containers:\n  - name: app\n    image: app:1\n",
+    )
+    .unwrap();
+    let pod = pod.to_str().unwrap();
+
+    // Without a bundle the agent gets no identity settings, and a warning says so.
+    let o = shoal(&["inject", "-f", pod]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(!out.contains("SHOAL_IDENTITY_ADDR"), "{out}");
+    assert!(err.contains("run alone"), "{err}");
+
+    let bundle = dir.path().join("ca.crt");
+    std::fs::write(
+        &bundle,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let o = shoal(&[
+        "inject",
+        "-f",
+        pod,
+        "--trust-anchors-file",
+        bundle.to_str().unwrap(),
+        "--identity-service",
+        "identity.example:4711",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("run alone"), "{err}");
+    assert!(out.contains("SHOAL_IDENTITY_TRUST_ANCHORS"), "{out}");
+    assert!(out.contains("identity.example:4711"), "{out}");
+
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let o = shoal(&[
+        "inject",
+        "-f",
+        pod,
+        "--trust-anchors-file",
+        not_pem.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("no PEM certificate"), "{}", text(&o).1);
+}
+
 #[tokio::test]
 async fn sub_starts_at_an_offset_and_outlives_a_restart_of_its_agent() {
     let dir = tempfile::tempdir().unwrap();

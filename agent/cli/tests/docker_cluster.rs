@@ -1,0 +1,1318 @@
+//! A cluster played with Docker, as a platform engineer's would run.
+//!
+//! - An API-server stand-in (HTTPS, in this test, speaking the k8s-openapi
+//!   types) answers TokenReviews, keeps Secrets, and lists and watches
+//!   namespaces and pods.
+//! - `shoal-injector` runs as a container from its image, with the
+//!   environment of `manifests/base/deployment.yaml` and in-cluster API
+//!   credentials (token, `ca.crt`, `KUBERNETES_SERVICE_HOST`). It bootstraps
+//!   the mesh CA into the stand-in's Secret and serves identity.
+//! - `shoal inject` (this package's binary) injects `manifests/examples/hello`
+//!   into two namespaces; each Deployment becomes one pod: a pause container
+//!   holding the pod's network namespace, then every container of the
+//!   injected pod spec (the agent from `shoal-agent:dev`, the app from
+//!   `shoal-test-app:dev` in place of `curlimages/curl`), with the spec's
+//!   environment, user, read-only root, dropped capabilities, memory limit and
+//!   volumes (the projected token as a file the test writes, `emptyDir` as
+//!   tmpfs).
+//!
+//! Checked: the mesh forms with no seeds given by hand; hello's subscriber
+//! receives its publisher's greetings across pods, and only its own
+//! namespace's; a publish to another namespace's topic is refused with a
+//! clear error until the owner grants it, then delivered; a token for
+//! another audience, an expired token and a token of another service
+//! account are refused, each with a clear reason and a metric; certificates
+//! rotate (one-minute lifetimes) with no publish refused and no message lost.
+//!
+//! Needs Docker and the images `shoal-agent:dev` and `shoal-injector:dev`
+//! (`bash .ci/injector.sh images`, which CI runs first); `shoal-test-app:dev`
+//! is built when missing. Skipped without them unless `SHOAL_REQUIRE_DOCKER=1`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodStatus, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+const AGENT_IMAGE: &str = "shoal-agent:dev";
+const INJECTOR_IMAGE: &str = "shoal-injector:dev";
+const APP_IMAGE: &str = "shoal-test-app:dev";
+/// The image the hello example's apps run; replaced by [`APP_IMAGE`].
+const HELLO_APP_IMAGE: &str = "curlimages/curl:8.10.1";
+const SYSTEM_NS: &str = "shoal-system";
+const IDENTITY_HOST: &str = "shoal-injector.shoal-system.svc";
+const AUDIENCE: &str = "shoal";
+const NAMESPACES: [&str; 2] = ["team-a", "team-b"];
+/// Agent certificates live this long (the injector's shortest), so every
+/// agent renews within the test.
+const CERT_LIFETIME: &str = "60s";
+const INJECTOR_SA_TOKEN: &str = "injector-service-account-token";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+// ---------------------------------------------------------------- docker
+
+/// Runs `docker ARGS`; its trimmed standard output, or what it said.
+fn docker(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .map_err(|e| format!("docker: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "docker {}: {}",
+            args.first().copied().unwrap_or(""),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn must(args: &[&str]) -> String {
+    docker(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn image_present(image: &str) -> bool {
+    docker(&["image", "inspect", "-f", "{{.Id}}", image]).is_ok()
+}
+
+fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Whether Docker and the images are here; panics when they must be.
+fn docker_ready() -> bool {
+    let required = std::env::var("SHOAL_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
+    let missing: Vec<&str> = if docker(&["version", "-f", "{{.Server.Version}}"]).is_err() {
+        vec!["a running Docker engine"]
+    } else {
+        [AGENT_IMAGE, INJECTOR_IMAGE]
+            .into_iter()
+            .filter(|i| !image_present(i))
+            .collect()
+    };
+    if !missing.is_empty() {
+        let msg = format!(
+            "docker_cluster needs {} (bash .ci/injector.sh images)",
+            missing.join(", ")
+        );
+        assert!(!required, "{msg}");
+        eprintln!("skipped: {msg}");
+        return false;
+    }
+    if !image_present(APP_IMAGE) {
+        let status = Command::new("bash")
+            .arg(repo_dir().join(".ci/injector.sh"))
+            .arg("app-image")
+            .status()
+            .unwrap();
+        assert!(status.success(), "building {APP_IMAGE} failed");
+    }
+    true
+}
+
+/// Everything the test started, removed by id when it ends; the logs of
+/// every container are printed when it failed.
+struct Lab {
+    network: String,
+    containers: Mutex<Vec<(String, String)>>,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let network = format!("shoal-it-{}-{}", std::process::id(), fastrand::u32(..));
+        must(&["network", "create", &network]);
+        Lab {
+            network,
+            containers: Mutex::new(Vec::new()),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn gateway(&self) -> IpAddr {
+        must(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+            &self.network,
+        ])
+        .parse()
+        .unwrap()
+    }
+
+    /// `docker run -d ARGS`, remembered as `label`; its id.
+    fn run(&self, label: &str, args: &[String]) -> String {
+        let mut all = vec!["run".to_owned(), "-d".to_owned()];
+        all.extend_from_slice(args);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let id = must(&refs);
+        self.containers
+            .lock()
+            .unwrap()
+            .push((label.to_owned(), id.clone()));
+        id
+    }
+
+    fn ip_of(&self, id: &str) -> IpAddr {
+        must(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            id,
+        ])
+        .parse()
+        .unwrap()
+    }
+
+    fn logs(id: &str) -> String {
+        let out = Command::new("docker")
+            .args(["logs", id])
+            .output()
+            .map(|o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .unwrap_or_default();
+        out
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let containers = std::mem::take(&mut *self.containers.lock().unwrap());
+        if std::thread::panicking() {
+            for (label, id) in &containers {
+                let logs = Lab::logs(id);
+                let tail: Vec<&str> = logs.lines().rev().take(30).collect();
+                eprintln!("----- {label} ({id:.12}), last lines:");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        for (_, id) in containers.iter().rev() {
+            let _ = docker(&["rm", "-f", id]);
+        }
+        let _ = docker(&["network", "rm", &self.network]);
+    }
+}
+
+// ---------------------------------------------------------- the API server
+
+/// What a projected token says, as the stand-in issued it.
+#[derive(Clone)]
+struct Claims {
+    namespace: String,
+    service_account: String,
+    pod: String,
+    pod_uid: String,
+    audience: String,
+    expires: i64,
+}
+
+/// The stand-in's objects. Every change of a pod is an event in `events`
+/// with the resource version it made, so a watch from any version replays
+/// what followed, as the API server's does.
+#[derive(Default)]
+struct ApiState {
+    tokens: BTreeMap<String, Claims>,
+    secrets: BTreeMap<(String, String), Secret>,
+    namespaces: Vec<Namespace>,
+    pods: BTreeMap<(String, String), Pod>,
+    events: Vec<(u64, &'static str, Pod)>,
+    version: u64,
+    reviews: usize,
+}
+
+struct ApiServer {
+    state: Mutex<ApiState>,
+    changed: Notify,
+}
+
+impl ApiServer {
+    fn issue_token(&self, claims: Claims) -> String {
+        let token = format!("tok-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        self.state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.clone(), claims);
+        token
+    }
+
+    fn put_pod(&self, mut pod: Pod) {
+        let mut st = self.state.lock().unwrap();
+        st.version += 1;
+        pod.metadata.resource_version = Some(st.version.to_string());
+        let key = (
+            pod.metadata.namespace.clone().unwrap(),
+            pod.metadata.name.clone().unwrap(),
+        );
+        let kind = if st.pods.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let version = st.version;
+        st.events.push((version, kind, pod.clone()));
+        st.pods.insert(key, pod);
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    fn delete_pod(&self, namespace: &str, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(mut pod) = st.pods.remove(&(namespace.to_owned(), name.to_owned())) {
+            st.version += 1;
+            pod.metadata.resource_version = Some(st.version.to_string());
+            let version = st.version;
+            st.events.push((version, "DELETED", pod));
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
+        self.state
+            .lock()
+            .unwrap()
+            .secrets
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+}
+
+fn respond(status: u16, body: &Value) -> http::Response<Full<Bytes>> {
+    http::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> http::Response<Full<Bytes>> {
+    respond(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": reason, "code": code, "message": message}),
+    )
+}
+
+/// Answers a TokenReview as an audience-aware API server does.
+fn review(st: &mut ApiState, mut r: TokenReview) -> TokenReview {
+    st.reviews += 1;
+    let wanted = r.spec.audiences.clone().unwrap_or_default();
+    let refuse = |error: String| TokenReviewStatus {
+        authenticated: Some(false),
+        error: Some(error),
+        ..TokenReviewStatus::default()
+    };
+    let token = r.spec.token.clone().unwrap_or_default();
+    r.status = Some(match st.tokens.get(&token) {
+        None => refuse("[invalid bearer token, token lookup failed]".to_owned()),
+        Some(c) if c.expires <= unix_now() => {
+            refuse("[invalid bearer token, Token has expired.]".to_owned())
+        }
+        Some(c) if !wanted.contains(&c.audience) => refuse(format!(
+            "[invalid bearer token, token audiences [{:?}] is invalid for the target audiences {wanted:?}]",
+            c.audience
+        )),
+        Some(c) => TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: Some(vec![c.audience.clone()]),
+            user: Some(UserInfo {
+                username: Some(format!(
+                    "system:serviceaccount:{}:{}",
+                    c.namespace, c.service_account
+                )),
+                groups: Some(vec!["system:serviceaccounts".to_owned()]),
+                extra: Some(BTreeMap::from([
+                    (
+                        "authentication.kubernetes.io/pod-name".to_owned(),
+                        vec![c.pod.clone()],
+                    ),
+                    (
+                        "authentication.kubernetes.io/pod-uid".to_owned(),
+                        vec![c.pod_uid.clone()],
+                    ),
+                ])),
+                ..UserInfo::default()
+            }),
+            ..TokenReviewStatus::default()
+        },
+    });
+    r
+}
+
+fn query_param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn list(kind: &str, version: u64, items: Vec<Value>) -> http::Response<Full<Bytes>> {
+    respond(
+        200,
+        &json!({"apiVersion": "v1", "kind": kind,
+                "metadata": {"resourceVersion": version.to_string()}, "items": items}),
+    )
+}
+
+async fn handle(
+    api: Arc<ApiServer>,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return status(400, "BadRequest", "body"),
+    };
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let watch = matches!(query_param(&query, "watch"), Some("true" | "1"));
+    match (method.as_str(), segments.as_slice()) {
+        ("POST", ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+            let Ok(r) = serde_json::from_slice::<TokenReview>(&body) else {
+                return status(400, "BadRequest", "not a TokenReview");
+            };
+            let answered = review(&mut api.state.lock().unwrap(), r);
+            respond(201, &serde_json::to_value(answered).unwrap())
+        }
+        ("POST", ["api", "v1", "namespaces", ns, "secrets"]) => {
+            let Ok(mut s) = serde_json::from_slice::<Secret>(&body) else {
+                return status(400, "BadRequest", "not a Secret");
+            };
+            let name = s.metadata.name.clone().unwrap_or_default();
+            let mut st = api.state.lock().unwrap();
+            let key = ((*ns).to_owned(), name);
+            if st.secrets.contains_key(&key) {
+                return status(409, "AlreadyExists", "secret exists");
+            }
+            st.version += 1;
+            s.metadata.namespace = Some((*ns).to_owned());
+            s.metadata.resource_version = Some(st.version.to_string());
+            st.secrets.insert(key, s.clone());
+            respond(201, &serde_json::to_value(s).unwrap())
+        }
+        ("GET" | "PUT", ["api", "v1", "namespaces", ns, "secrets", name]) => {
+            let key = ((*ns).to_owned(), (*name).to_owned());
+            let mut st = api.state.lock().unwrap();
+            if method == "PUT" {
+                let Ok(mut s) = serde_json::from_slice::<Secret>(&body) else {
+                    return status(400, "BadRequest", "not a Secret");
+                };
+                st.version += 1;
+                s.metadata.resource_version = Some(st.version.to_string());
+                st.secrets.insert(key, s.clone());
+                return respond(200, &serde_json::to_value(s).unwrap());
+            }
+            match st.secrets.get(&key) {
+                Some(s) => respond(200, &serde_json::to_value(s).unwrap()),
+                None => status(404, "NotFound", &format!("secrets \"{name}\" not found")),
+            }
+        }
+        ("GET", ["api", "v1", "namespaces"]) if watch => {
+            // Namespaces do not change in this test: the watch ends
+            // empty after a while and is made again.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            respond(200, &Value::Null).map(|_| Full::new(Bytes::new()))
+        }
+        ("GET", ["api", "v1", "namespaces"]) => {
+            let st = api.state.lock().unwrap();
+            let items = st
+                .namespaces
+                .iter()
+                .map(|n| serde_json::to_value(n).unwrap())
+                .collect();
+            list("NamespaceList", st.version, items)
+        }
+        ("GET", ["api", "v1", "pods"]) if watch => {
+            let from: u64 = query_param(&query, "resourceVersion")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let pending = || {
+                let st = api.state.lock().unwrap();
+                st.events
+                    .iter()
+                    .filter(|(v, _, _)| *v > from)
+                    .map(|(_, kind, pod)| {
+                        json!({"type": kind, "object": serde_json::to_value(pod).unwrap()})
+                            .to_string()
+                    })
+                    .collect::<Vec<String>>()
+            };
+            let mut lines = pending();
+            if lines.is_empty() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), api.changed.notified()).await;
+                lines = pending();
+            }
+            let mut text = lines.join("\n");
+            text.push('\n');
+            http::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(text)))
+                .unwrap()
+        }
+        ("GET", ["api", "v1", "pods"]) => {
+            let st = api.state.lock().unwrap();
+            let items = st
+                .pods
+                .values()
+                .map(|p| serde_json::to_value(p).unwrap())
+                .collect();
+            list("PodList", st.version, items)
+        }
+        _ => status(404, "NotFound", &format!("{method} {path}")),
+    }
+}
+
+/// A CA and, signed by it, a serving certificate for `ip` and the names an
+/// in-cluster client may use.
+fn api_certificates(ip: IpAddr) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["kubernetes.default.svc".to_owned()]).unwrap();
+    params.subject_alt_names.push(SanType::IpAddress(ip));
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// Serves the stand-in over HTTPS on `ip`; its address and CA.
+async fn start_api(api: Arc<ApiServer>, ip: IpAddr) -> (SocketAddr, String) {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (ca, cert, key) = api_certificates(ip);
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, api) = (acceptor.clone(), api.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(handle(api, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, ca)
+}
+
+// ---------------------------------------------------------------- pods
+
+/// `value` of a Kubernetes quantity such as `256Mi`, in bytes.
+fn bytes_of(quantity: &str) -> u64 {
+    let (num, mult) = [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30)]
+        .into_iter()
+        .find_map(|(suffix, m)| quantity.strip_suffix(suffix).map(|n| (n, m)))
+        .unwrap_or((quantity, 1));
+    num.parse::<u64>().unwrap() * mult
+}
+
+/// A pod the test runs: its pause container (the network namespace) and IP.
+struct RunningPod {
+    pod: Pod,
+    ip: IpAddr,
+    /// Container name -> container id.
+    containers: BTreeMap<String, String>,
+}
+
+impl RunningPod {
+    fn name(&self) -> &str {
+        self.pod.metadata.name.as_deref().unwrap()
+    }
+
+    fn namespace(&self) -> &str {
+        self.pod.metadata.namespace.as_deref().unwrap()
+    }
+
+    fn app(&self) -> &str {
+        let app = self
+            .containers
+            .keys()
+            .find(|n| *n != "shoal-agent")
+            .unwrap();
+        &self.containers[app]
+    }
+
+    /// `curl` inside the pod's app container: (status, body).
+    fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let url = format!("http://127.0.0.1:4700{path}");
+        let mut args = vec![
+            "exec",
+            self.app(),
+            "curl",
+            "-sS",
+            "-m",
+            "30",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ];
+        if let Some(b) = body {
+            args.extend(["-H", "content-type: application/json", "--data", b]);
+        }
+        args.push(&url);
+        let out = docker(&args).unwrap_or_else(|e| format!("{e}\n0"));
+        let (text, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+        (code.trim().parse().unwrap_or(0), text.to_owned())
+    }
+
+    fn admin(&self, path: &str) -> (u16, String) {
+        host_curl(&format!("http://{}:4702{path}", self.ip))
+    }
+}
+
+/// `curl URL` from the host: (status, body); status 0 when unreachable.
+fn host_curl(url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let (text, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+    (code.trim().parse().unwrap_or(0), text.to_owned())
+}
+
+/// The value of `name{labels...}` in a Prometheus exposition (0 if absent).
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// How a test pod gets its token.
+enum TokenKind {
+    Good,
+    OtherAudience,
+    Expired,
+    OtherServiceAccount,
+}
+
+struct Cluster {
+    lab: Lab,
+    api: Arc<ApiServer>,
+    injector_ip: IpAddr,
+    created: std::sync::atomic::AtomicI64,
+}
+
+impl Cluster {
+    /// The value of `env` as Kubernetes would resolve it for `pod`.
+    fn env_value(
+        pod: &Pod,
+        ip: IpAddr,
+        c: &Container,
+        e: &k8s_openapi::api::core::v1::EnvVar,
+    ) -> String {
+        if let Some(v) = &e.value {
+            return v.clone();
+        }
+        let from = e.value_from.as_ref().unwrap();
+        if let Some(f) = &from.field_ref {
+            return match f.field_path.as_str() {
+                "metadata.name" => pod.metadata.name.clone().unwrap(),
+                "metadata.namespace" => pod.metadata.namespace.clone().unwrap(),
+                "metadata.uid" => pod.metadata.uid.clone().unwrap(),
+                "status.podIP" => ip.to_string(),
+                "spec.serviceAccountName" => pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap(),
+                "spec.nodeName" => "docker-node".to_owned(),
+                other => panic!("fieldRef {other} is not played by this test"),
+            };
+        }
+        if let Some(r) = &from.resource_field_ref {
+            let resources = c.resources.as_ref().unwrap();
+            let (kind, what) = r.resource.split_once('.').unwrap();
+            let map = if kind == "limits" {
+                resources.limits.as_ref()
+            } else {
+                resources.requests.as_ref()
+            };
+            let q = map.and_then(|m| m.get(what)).map(|q| q.0.clone());
+            return q.map(|q| bytes_of(&q).to_string()).unwrap_or_default();
+        }
+        panic!("env {} comes from a source this test does not play", e.name)
+    }
+
+    /// `docker run` arguments for container `c` of `pod`.
+    /// `pod_dir` holds the pod's volumes: `token/` (the projected token)
+    /// and `volume-<name>/` for each emptyDir.
+    fn container_args(
+        &self,
+        pod: &Pod,
+        ip: IpAddr,
+        pause: &str,
+        c: &Container,
+        pod_dir: &Path,
+    ) -> Vec<String> {
+        let spec = pod.spec.as_ref().unwrap();
+        let mut args = vec![
+            "--network".to_owned(),
+            format!("container:{pause}"),
+            "-e".to_owned(),
+            format!("HOSTNAME={}", pod.metadata.name.as_deref().unwrap()),
+        ];
+        for e in c.env.iter().flatten() {
+            args.push("-e".to_owned());
+            args.push(format!("{}={}", e.name, Self::env_value(pod, ip, c, e)));
+        }
+        let pod_sc = spec.security_context.clone().unwrap_or_default();
+        let sc = c.security_context.clone().unwrap_or_default();
+        if let Some(uid) = sc.run_as_user.or(pod_sc.run_as_user) {
+            let gid = sc.run_as_group.or(pod_sc.run_as_group).unwrap_or(uid);
+            args.push(format!("--user={uid}:{gid}"));
+        }
+        if sc.read_only_root_filesystem == Some(true) {
+            args.push("--read-only".to_owned());
+        }
+        if sc.allow_privilege_escalation == Some(false) {
+            args.push("--security-opt=no-new-privileges".to_owned());
+        }
+        for cap in sc.capabilities.iter().flat_map(|c| c.drop.iter().flatten()) {
+            args.push(format!("--cap-drop={cap}"));
+        }
+        let limits = c.resources.as_ref().and_then(|r| r.limits.clone());
+        if let Some(m) = limits.as_ref().and_then(|l| l.get("memory")) {
+            args.push(format!("--memory={}", bytes_of(&m.0)));
+        }
+        for m in c.volume_mounts.iter().flatten() {
+            let v = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == m.name)
+                .unwrap();
+            if v.empty_dir.is_some() {
+                // A directory on the node, world-writable, as the kubelet
+                // makes an emptyDir (a tmpfs would take the image
+                // directory's owner and mode).
+                let dir = pod_dir.join(format!("volume-{}", v.name));
+                std::fs::create_dir_all(&dir).unwrap();
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+                args.push(format!("--volume={}:{}", dir.display(), m.mount_path));
+            } else if v.projected.is_some() {
+                args.push(format!(
+                    "--volume={}:{}:ro",
+                    pod_dir.join("token").display(),
+                    m.mount_path
+                ));
+            } else {
+                panic!("volume {} is of a kind this test does not play", v.name);
+            }
+        }
+        let image = c.image.clone().unwrap();
+        let image = if image == HELLO_APP_IMAGE {
+            APP_IMAGE.to_owned()
+        } else {
+            image
+        };
+        let mut command = c.command.clone().unwrap_or_default().into_iter();
+        if let Some(entry) = command.next() {
+            args.push(format!("--entrypoint={entry}"));
+        }
+        args.push(image);
+        args.extend(command);
+        args.extend(c.args.clone().unwrap_or_default());
+        args
+    }
+
+    /// Runs `pod` (a pod the API server just created from an injected
+    /// template): a pause container, its registration (with IP) in the API
+    /// server, its token, then its containers in Kubernetes' order.
+    fn start_pod(&self, mut pod: Pod, token: TokenKind) -> RunningPod {
+        let name = pod.metadata.name.clone().unwrap();
+        let namespace = pod.metadata.namespace.clone().unwrap();
+        let label = format!("{namespace}/{name}");
+        let pause = self.lab.run(
+            &format!("{label} (pause)"),
+            &[
+                format!("--network={}", self.lab.network),
+                format!("--hostname={name}"),
+                format!("--add-host={IDENTITY_HOST}:{}", self.injector_ip),
+                APP_IMAGE.to_owned(),
+                "sleep".to_owned(),
+                "600".to_owned(),
+            ],
+        );
+        let ip = self.lab.ip_of(&pause);
+        let created = self
+            .created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        pod.metadata.uid = Some(format!("uid-{namespace}-{name}"));
+        pod.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::chrono::DateTime::from_timestamp(created, 0).unwrap(),
+        ));
+        let spec = pod.spec.as_mut().unwrap();
+        spec.service_account_name
+            .get_or_insert_with(|| "default".to_owned());
+        spec.node_name = Some("docker-node".to_owned());
+        pod.status = Some(PodStatus {
+            phase: Some("Running".to_owned()),
+            pod_ip: Some(ip.to_string()),
+            ..PodStatus::default()
+        });
+        self.api.put_pod(pod.clone());
+
+        // The projected token, as the kubelet writes it.
+        let spec = pod.spec.clone().unwrap();
+        let projection = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find_map(|v| v.projected.as_ref())
+            .and_then(|p| p.sources.as_ref())
+            .and_then(|s| s.iter().find_map(|s| s.service_account_token.clone()))
+            .expect("the injected pod projects a token");
+        assert_eq!(projection.audience.as_deref(), Some(AUDIENCE));
+        let mut claims = Claims {
+            namespace: namespace.clone(),
+            service_account: spec.service_account_name.clone().unwrap(),
+            pod: name.clone(),
+            pod_uid: pod.metadata.uid.clone().unwrap(),
+            audience: projection.audience.clone().unwrap(),
+            expires: unix_now() + projection.expiration_seconds.unwrap_or(3600),
+        };
+        match token {
+            TokenKind::Good => {}
+            TokenKind::OtherAudience => {
+                claims.audience = "https://kubernetes.default.svc".to_owned()
+            }
+            TokenKind::Expired => claims.expires = unix_now() - 10,
+            TokenKind::OtherServiceAccount => claims.service_account = "intruder".to_owned(),
+        }
+        let token = self.api.issue_token(claims);
+        let pod_dir = self.lab.dir.path().join(format!("{namespace}-{name}"));
+        let token_dir = pod_dir.join("token");
+        std::fs::create_dir_all(&token_dir).unwrap();
+        let file = token_dir.join(&projection.path);
+        std::fs::write(&file, token).unwrap();
+        // Owned by the agent's user, as the kubelet does when every
+        // container of the pod runs as one user.
+        let agent = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .find(|c| c.name == "shoal-agent")
+            .expect("the pod has the agent");
+        let uid = agent
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .or(spec.security_context.as_ref().and_then(|s| s.run_as_user))
+            .unwrap_or(65532);
+        std::os::unix::fs::chown(&file, Some(uid as u32), Some(uid as u32)).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o440)).unwrap();
+        std::fs::set_permissions(&token_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        // Native sidecars (init containers that always restart) first.
+        let mut containers = BTreeMap::new();
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+        {
+            let args = self.container_args(&pod, ip, &pause, c, &pod_dir);
+            let id = self.lab.run(&format!("{label}/{}", c.name), &args);
+            containers.insert(c.name.clone(), id);
+        }
+        RunningPod {
+            pod,
+            ip,
+            containers,
+        }
+    }
+}
+
+/// Waits up to `limit` for `f` to give a value; panics saying `what`.
+async fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "gave up after {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The injector's container, as `manifests/base/deployment.yaml` runs it,
+/// with in-cluster credentials for the stand-in.
+fn injector_args(lab: &Lab, api_addr: SocketAddr, api_ca: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_dir().join("manifests/base/deployment.yaml")).unwrap();
+    let deployment: Deployment = serde_norway::from_str(&text).unwrap();
+    let spec = deployment.spec.unwrap().template.spec.unwrap();
+    let c = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "injector")
+        .unwrap();
+
+    let sa = lab.dir.path().join("injector-sa");
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::write(sa.join("token"), INJECTOR_SA_TOKEN).unwrap();
+    std::fs::write(sa.join("ca.crt"), api_ca).unwrap();
+    std::fs::write(sa.join("namespace"), SYSTEM_NS).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    for f in ["token", "ca.crt", "namespace"] {
+        std::fs::set_permissions(sa.join(f), std::fs::Permissions::from_mode(0o444)).unwrap();
+    }
+    std::fs::set_permissions(&sa, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let mut args = vec![
+        format!("--network={}", lab.network),
+        format!("--add-host=kubernetes.default.svc:{}", api_addr.ip()),
+        format!(
+            "--volume={}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
+            sa.display()
+        ),
+        "-e".to_owned(),
+        format!("KUBERNETES_SERVICE_HOST={}", api_addr.ip()),
+        "-e".to_owned(),
+        format!("KUBERNETES_SERVICE_PORT={}", api_addr.port()),
+    ];
+    for e in c.env.iter().flatten() {
+        let value = match (
+            &e.value,
+            e.value_from.as_ref().and_then(|f| f.field_ref.as_ref()),
+        ) {
+            (Some(v), _) => v.clone(),
+            (None, Some(f)) if f.field_path == "metadata.namespace" => SYSTEM_NS.to_owned(),
+            _ => panic!("injector env {} is not played by this test", e.name),
+        };
+        let value = match e.name.as_str() {
+            "SHOAL_AGENT_IMAGE" => AGENT_IMAGE.to_owned(),
+            _ => value,
+        };
+        args.push("-e".to_owned());
+        args.push(format!("{}={value}", e.name));
+    }
+    args.push("-e".to_owned());
+    args.push(format!(
+        "SHOAL_INJECTOR_IDENTITY_CERT_LIFETIME={CERT_LIFETIME}"
+    ));
+    let sc = c.security_context.clone().unwrap_or_default();
+    if sc.read_only_root_filesystem == Some(true) {
+        args.push("--read-only".to_owned());
+    }
+    args.push("--cap-drop=ALL".to_owned());
+    args.push("--security-opt=no-new-privileges".to_owned());
+    args.push(INJECTOR_IMAGE.to_owned());
+    args
+}
+
+/// `shoal inject` of the hello example, moved to `namespace`: its pods, one
+/// per Deployment, named as a ReplicaSet would name them.
+fn hello_pods(namespace: &str, anchors: &Path, dir: &Path) -> Vec<Pod> {
+    let hello = repo_dir().join("manifests/examples/hello");
+    let moved = dir.join(format!("hello-{namespace}"));
+    std::fs::create_dir_all(&moved).unwrap();
+    for f in ["publisher.yaml", "subscriber.yaml"] {
+        let text = std::fs::read_to_string(hello.join(f)).unwrap();
+        assert!(text.contains("namespace: shoal-demo"), "{f}");
+        std::fs::write(
+            moved.join(f),
+            text.replace("namespace: shoal-demo", &format!("namespace: {namespace}")),
+        )
+        .unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["inject", "-f"])
+        .arg(&moved)
+        .args(["--agent-image", AGENT_IMAGE, "--trust-anchors-file"])
+        .arg(anchors)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shoal inject: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| {
+            let d: Deployment = serde::Deserialize::deserialize(doc).unwrap();
+            let template = d.spec.unwrap().template;
+            let name = d.metadata.name.unwrap();
+            let mut meta = template.metadata.unwrap_or_default();
+            meta.name = Some(format!("{name}-7d9c5-{:05x}", fastrand::u32(..0xfffff)));
+            meta.namespace = Some(namespace.to_owned());
+            Pod {
+                metadata: meta,
+                spec: template.spec,
+                status: None,
+            }
+        })
+        .collect()
+}
+
+fn pull(pod: &RunningPod, subscription: &str) -> Vec<String> {
+    let (code, body) = pod.curl(
+        "GET",
+        &format!("/v1/subscriptions/{subscription}/messages?max=100&wait=2s"),
+        None,
+    );
+    if code != 200 {
+        return Vec::new();
+    }
+    let events: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
+    let ackids: Vec<Value> = events
+        .iter()
+        .filter_map(|e| e.get("ackid").cloned())
+        .collect();
+    if !ackids.is_empty() {
+        let body = json!({ "ack": ackids }).to_string();
+        pod.curl(
+            "POST",
+            &format!("/v1/subscriptions/{subscription}/acks"),
+            Some(&body),
+        );
+    }
+    events
+        .iter()
+        .filter_map(|e| e.get("data").and_then(Value::as_str).map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
+    if !docker_ready() {
+        return;
+    }
+    let lab = Lab::new();
+    let gateway = lab.gateway();
+    let api = Arc::new(ApiServer {
+        state: Mutex::new(ApiState::default()),
+        changed: Notify::new(),
+    });
+    {
+        let mut st = api.state.lock().unwrap();
+        for ns in [SYSTEM_NS].into_iter().chain(NAMESPACES) {
+            let annotations = (ns != SYSTEM_NS)
+                .then(|| BTreeMap::from([("shoal.io/inject".to_owned(), "enabled".to_owned())]));
+            st.namespaces.push(Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.to_owned()),
+                    annotations,
+                    resource_version: Some("1".to_owned()),
+                    ..ObjectMeta::default()
+                },
+                ..Namespace::default()
+            });
+        }
+    }
+    let (api_addr, api_ca) = start_api(api.clone(), gateway).await;
+
+    // The injector, from its image, as the Deployment runs it.
+    let injector = lab.run(
+        "shoal-system/shoal-injector",
+        &injector_args(&lab, api_addr, &api_ca),
+    );
+    let injector_ip = lab.ip_of(&injector);
+    eventually("the injector is ready", Duration::from_secs(60), || {
+        (host_curl(&format!("http://{injector_ip}:9090/readyz")).0 == 200).then_some(())
+    })
+    .await;
+    let ca_secret = eventually(
+        "the injector bootstraps the mesh CA",
+        Duration::from_secs(30),
+        || api.secret(SYSTEM_NS, "shoal-mesh-ca"),
+    )
+    .await;
+    let bundle = &ca_secret.data.as_ref().unwrap()["ca.crt"].0;
+    let anchors = lab.dir.path().join("mesh-ca.crt");
+    std::fs::write(&anchors, bundle).unwrap();
+
+    let cluster = Cluster {
+        lab,
+        api: api.clone(),
+        injector_ip,
+        created: std::sync::atomic::AtomicI64::new(1_800_000_000),
+    };
+
+    // hello in two namespaces: publisher and subscriber, each its own pod.
+    let mut pods: BTreeMap<(String, String), RunningPod> = BTreeMap::new();
+    for ns in NAMESPACES {
+        for pod in hello_pods(ns, &anchors, cluster.lab.dir.path()) {
+            let app = pod.metadata.labels.as_ref().unwrap()["app.kubernetes.io/name"].clone();
+            assert_eq!(
+                pod.metadata
+                    .labels
+                    .as_ref()
+                    .unwrap()
+                    .get("shoal.io/injected")
+                    .map(String::as_str),
+                Some("true")
+            );
+            let running = cluster.start_pod(pod, TokenKind::Good);
+            pods.insert((ns.to_owned(), app), running);
+        }
+    }
+    let pod = |ns: &str, app: &str| &pods[&(ns.to_owned(), app.to_owned())];
+
+    // The mesh forms with no seeds: every agent sees the other three alive.
+    for p in pods.values() {
+        eventually(
+            &format!("{}/{} sees all four agents alive", p.namespace(), p.name()),
+            Duration::from_secs(90),
+            || {
+                let (code, body) = p.curl("GET", "/v1/cluster", None);
+                let v: Value = serde_json::from_str(&body).ok()?;
+                let alive = v["members"]
+                    .as_array()?
+                    .iter()
+                    .filter(|m| m["state"] == "alive")
+                    .count();
+                (code == 200 && v["mesh"] == true && alive == 4).then_some(())
+            },
+        )
+        .await;
+    }
+
+    // hello: each subscriber prints its own namespace's greetings, from the
+    // publisher's pod, and never the other namespace's.
+    for ns in NAMESPACES {
+        let publisher = pod(ns, "publisher").name().to_owned();
+        let subscriber = pod(ns, "subscriber");
+        eventually(
+            &format!("{ns}'s subscriber prints two greetings from {publisher}"),
+            Duration::from_secs(60),
+            || {
+                let logs = Lab::logs(subscriber.app());
+                (logs.matches(&format!("from {publisher}")).count() >= 2).then_some(())
+            },
+        )
+        .await;
+    }
+    for ns in NAMESPACES {
+        let logs = Lab::logs(pod(ns, "subscriber").app());
+        for other in NAMESPACES.iter().filter(|o| **o != ns) {
+            let theirs = pod(other, "publisher").name();
+            assert!(
+                !logs.contains(theirs),
+                "{ns} received {other}'s greetings: {logs}"
+            );
+        }
+    }
+
+    // Between namespaces: refused until granted, then delivered.
+    let (a_pub, b_pub) = (pod("team-a", "publisher"), pod("team-b", "publisher"));
+    let (code, body) = b_pub.curl(
+        "POST",
+        "/v1/topics/team-a:greetings/messages",
+        Some("\"from team-b\""),
+    );
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("forbidden") && body.contains("grant"),
+        "{body}"
+    );
+    let denials = metric(
+        &b_pub.admin("/metrics").1,
+        "shoal_authorization_denials_total",
+        "side=\"app\"",
+    );
+    assert!(denials >= 1.0, "the refusal is counted");
+    let (code, body) = a_pub.curl(
+        "PUT",
+        "/v1/topics/greetings",
+        Some(r#"{"grants": {"publish": ["team-b"]}}"#),
+    );
+    assert!(code == 200 || code == 201, "{code} {body}");
+    eventually(
+        "team-b may publish to team-a:greetings once granted",
+        Duration::from_secs(30),
+        || {
+            let (code, _) = b_pub.curl(
+                "POST",
+                "/v1/topics/team-a:greetings/messages",
+                Some("\"granted greeting from team-b\""),
+            );
+            (code == 201).then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "team-a's subscriber receives team-b's greeting",
+        Duration::from_secs(40),
+        || {
+            Lab::logs(pod("team-a", "subscriber").app())
+                .contains("granted greeting from team-b")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Refused identities: each pod's agent stays unready, says why, and the
+    // injector counts the refusal by reason.
+    let template = hello_pods("team-b", &anchors, cluster.lab.dir.path())
+        .into_iter()
+        .next()
+        .unwrap();
+    let mut refused = Vec::new();
+    for (kind, outcome) in [
+        (TokenKind::OtherAudience, "token_audience"),
+        (TokenKind::Expired, "token_expired"),
+        (TokenKind::OtherServiceAccount, "identity_mismatch"),
+    ] {
+        let mut p = template.clone();
+        p.metadata.name = Some(format!("refused-{}", outcome.replace('_', "-")));
+        refused.push((cluster.start_pod(p, kind), outcome));
+    }
+    for (p, outcome) in &refused {
+        eventually(
+            &format!("{} is refused a certificate for {outcome}", p.name()),
+            Duration::from_secs(30),
+            || {
+                let (code, body) = p.admin("/readyz");
+                (code == 503 && body.contains(outcome)).then_some(())
+            },
+        )
+        .await;
+        let injector_metrics = host_curl(&format!("http://{injector_ip}:9090/metrics")).1;
+        assert!(
+            metric(
+                &injector_metrics,
+                "shoal_injector_identity_requests_total",
+                &format!("outcome=\"{outcome}\"")
+            ) >= 1.0,
+            "{outcome} counted: {injector_metrics}"
+        );
+        let agent_metrics = p.admin("/metrics").1;
+        assert!(metric(&agent_metrics, "shoal_mesh_certificate_failures_total", "") >= 1.0);
+        for id in p.containers.values() {
+            let _ = docker(&["rm", "-f", id]);
+        }
+        api.delete_pod(p.namespace(), p.name());
+    }
+
+    // Certificates rotate (one-minute lifetimes, renewed at two thirds)
+    // while team-a publishes; no publish is refused and none is lost.
+    let issued = || {
+        metric(
+            &host_curl(&format!("http://{injector_ip}:9090/metrics")).1,
+            "shoal_injector_identity_certificates_issued_total",
+            "",
+        )
+    };
+    let issued_before = issued();
+    let a_sub = pod("team-a", "subscriber");
+    let (code, body) = a_sub.curl(
+        "PUT",
+        "/v1/subscriptions/ledger-reader",
+        Some(r#"{"topic": "ledger", "start": "earliest"}"#),
+    );
+    assert!(code == 200 || code == 201, "{code} {body}");
+    let script = "i=0; while [ $i -lt 90 ]; do i=$((i+1)); \
+        curl -sS -m 20 -o /dev/null -w '%{http_code}\\n' -X POST \
+        -H 'content-type: text/plain' --data \"ledger-$i\" \
+        http://127.0.0.1:4700/v1/topics/ledger/messages; sleep 0.6; done";
+    let publisher_app = a_pub.app().to_owned();
+    let codes =
+        tokio::task::spawn_blocking(move || must(&["exec", &publisher_app, "sh", "-c", script]))
+            .await
+            .unwrap();
+    let codes: Vec<&str> = codes.lines().collect();
+    assert_eq!(codes.len(), 90, "{codes:?}");
+    assert!(
+        codes.iter().all(|c| *c == "201"),
+        "every publish acknowledged: {codes:?}"
+    );
+    let renewed = issued() - issued_before;
+    assert!(
+        renewed >= 4.0,
+        "each of the four agents renewed its certificate ({renewed} issued)"
+    );
+    let mut received = BTreeSet::new();
+    eventually(
+        "team-a's subscriber reads all 90 ledger messages",
+        Duration::from_secs(60),
+        || {
+            received.extend(pull(a_sub, "ledger-reader"));
+            (received.len() == 90).then_some(())
+        },
+    )
+    .await;
+    let expected: BTreeSet<String> = (1..=90).map(|i| format!("ledger-{i}")).collect();
+    assert_eq!(received, expected);
+    // The mesh is still whole after the renewals.
+    for p in pods.values() {
+        let (_, body) = p.curl("GET", "/v1/cluster", None);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let alive = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["state"] == "alive")
+            .count();
+        assert_eq!(alive, 4, "{body}");
+    }
+    assert!(api.state.lock().unwrap().reviews >= 4);
+    drop(cluster);
+}
