@@ -388,6 +388,14 @@ impl Peers {
             .cloned()
     }
 
+    /// Whether the agent at `addr` proved it goes by `node`: a connection
+    /// to it whose certificate is bound to that node, or to none (a
+    /// certificate from files, taken on its word).
+    fn holds_name(&self, addr: SocketAddr, node: &str) -> bool {
+        self.conn(&addr)
+            .is_some_and(|c| shoal_mesh::transport::peer_node(&c).is_none_or(|bound| bound == node))
+    }
+
     /// Adopts a connection: its datagrams feed membership.
     fn adopt(&self, addr: SocketAddr, conn: shoal_mesh::quinn::Connection) {
         self.conns
@@ -1092,6 +1100,16 @@ async fn run_membership(
             }
         }
         let mut v = view_of(&m, seeded);
+        // Gossip passes on what members say about others, so a name
+        // conflict counts only once the holder spoke for itself: over a
+        // connection whose certificate is bound to that name (or binds none).
+        // Until then a member claiming this agent's name is a rumour.
+        if v.name_conflict
+            .as_ref()
+            .is_some_and(|c| !peers.holds_name(c.holder, &c.node))
+        {
+            v.name_conflict = None;
+        }
         if refused.is_none() {
             if let Some(conflict) = v.name_conflict.clone() {
                 tracing::error!(node = %conflict.node, holder = %conflict.holder, "{}", conflict.message());

@@ -646,7 +646,7 @@ async fn first_identity(
                     // Peers would refuse this agent's subscriber lists and
                     // leave notices, and it would run half-deaf.
                     return Err(AgentError::Config(format!(
-                        "the mesh certificate ({}) is bound to node {certified:?}, but this agent's node name (--node-name, $SHOAL_NODE_NAME) is {node:?}: in a pod, leave SHOAL_NODE_NAME to the injector (the pod's name)",
+                        "the mesh certificate ({}) is bound to node {certified:?}, but this agent's node name (--node-name, $SHOAL_NODE_NAME) is {node:?}: in a pod, leave SHOAL_NODE_NAME to the injector (`<pod>.<namespace>`)",
                         source.describe()
                     )));
                 }

@@ -350,7 +350,7 @@ fn start_pod_agent_trusting(
         .env("POD_NAMESPACE", ns)
         .env("POD_SERVICE_ACCOUNT", sa)
         .env("POD_IP", "127.0.0.1")
-        .env("SHOAL_NODE_NAME", pod)
+        .env("SHOAL_NODE_NAME", format!("{pod}.{ns}"))
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--app-addr")
@@ -393,13 +393,13 @@ async fn wait_formed(
 ) {
     wait_until("every partition is formed", || async {
         let mut led = std::collections::BTreeSet::new();
-        for (a, (_, _, name, _)) in agents.iter().zip(pods) {
+        for (a, (ns, _, name, _)) in agents.iter().zip(pods) {
             let Ok(r) = a.client.get("/v1/cluster").await else {
                 continue;
             };
             for g in r.json()["replicated"].as_array().into_iter().flatten() {
                 if g["topic"] == topic
-                    && g["leader"] == *name
+                    && g["leader"] == format!("{name}.{ns}")
                     && g["voters"].as_array().is_some_and(|v| v.len() == 3)
                     && g["learners"].as_array().is_some_and(|l| l.is_empty())
                 {
@@ -465,7 +465,8 @@ async fn start_pods(
             start_pod_agent(root, identity, (ns, sa, pod), token, *port)
         })
         .collect();
-    let mut everyone: Vec<String> = pods.iter().map(|p| p.2.to_owned()).collect();
+    // An injected agent's node name is `<pod>.<namespace>`.
+    let mut everyone: Vec<String> = pods.iter().map(|p| format!("{}.{}", p.2, p.0)).collect();
     everyone.sort();
     for a in &agents {
         wait_until(
@@ -771,7 +772,8 @@ async fn a_ca_rotation_keeps_the_mesh_connected_and_new_agents_join() {
         token,
         ports[3],
     );
-    let mut everyone: Vec<String> = pods.iter().map(|p| p.2.to_owned()).collect();
+    // An injected agent's node name is `<pod>.<namespace>`.
+    let mut everyone: Vec<String> = pods.iter().map(|p| format!("{}.{}", p.2, p.0)).collect();
     everyone.sort();
     for a in agents.iter().chain([&late]) {
         wait_until("all four alive after the rotation", || async {

@@ -470,8 +470,8 @@ async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
     let port = free_udp_port();
     let agent = start_ready(root.path(), "ca", "shop-0", port, None, &[]).await;
     // The dev CA binds the raw peer's certificate to the node name "tester".
-    let peer = raw_mesh_peer(root.path(), "ca", "default")
-        .await
+    let endpoint = raw_mesh_peer(root.path(), "ca", "default").await;
+    let peer = endpoint
         .connect(format!("127.0.0.1:{port}").parse().unwrap())
         .await
         .unwrap()
@@ -556,6 +556,68 @@ async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
     })
     .await;
     assert_eq!(refused_senders().await, before + 3.0);
+
+    // A rumour: the peer gossips, in its own name, that a member called
+    // "shop-0" (this agent's name) has been at another address since long
+    // ago. The agent hears it but keeps its name: the holder never spoke
+    // for itself over a certificate bound to that name.
+    let unused = std::net::SocketAddr::new([127, 0, 0, 1].into(), free_udp_port());
+    let fake = AgentId {
+        addr: unused,
+        node: "shop-0".into(),
+        incarnation: 1,
+        broker: true,
+    };
+    let tester = AgentId {
+        addr: endpoint.local_addr().unwrap(),
+        node: "tester".into(),
+        incarnation: 2,
+        broker: true,
+    };
+    let mut rumour = Membership::new(tester.clone(), membership::config(3), 11);
+    let mut liar = Membership::new(fake, membership::config(3), 12);
+    for (_, data) in liar.join(AgentId::seed(tester.addr)).unwrap().send {
+        rumour.handle_data(&data).unwrap();
+    }
+    let agent_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut outgoing = rumour.join(AgentId::seed(agent_addr)).unwrap().send;
+    let heard = || async {
+        let cluster = agent.client.get("/v1/cluster").await.unwrap().json();
+        cluster["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["node"] == "shop-0" && m["self"] == false)
+    };
+    // Gossip back and forth until the agent has taken the rumour in.
+    let mut rounds = 0;
+    while !heard().await {
+        rounds += 1;
+        assert!(rounds < 200, "the agent never heard the rumour");
+        for (to, data) in outgoing.drain(..) {
+            if to.addr == agent_addr {
+                peer.send_datagram(data).unwrap();
+            }
+        }
+        if let Ok(Ok(d)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), peer.read_datagram()).await
+        {
+            if let Ok(fx) = rumour.handle_data(&d) {
+                outgoing.extend(fx.send);
+            }
+        }
+    }
+    let ready = agent.admin.get("/readyz").await.unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(
+        series_value(
+            &metrics(&agent.admin).await,
+            "shoal_mesh_name_conflicts_total"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "a rumour is no name conflict"
+    );
 }
 
 #[tokio::test]

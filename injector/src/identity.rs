@@ -35,6 +35,14 @@ use crate::peers::PeerBook;
 
 /// Default listen address of the identity endpoint (HTTPS).
 pub const DEFAULT_IDENTITY_ADDR: &str = "0.0.0.0:4711";
+
+/// The node name of the agent in pod `pod` of `namespace`: `<pod>.<namespace>`,
+/// unique in the cluster where pod names are not (a StatefulSet's `db-0` in
+/// two namespaces). The injector sets the agent's `SHOAL_NODE_NAME` to it,
+/// and the identity service binds each certificate to it.
+pub fn node_name(pod: &str, namespace: &str) -> String {
+    format!("{pod}.{namespace}")
+}
 /// Name of the identity port in the Deployment and the Service.
 pub const IDENTITY_PORT_NAME: &str = "identity";
 /// Path of the certificate endpoint.
@@ -526,7 +534,7 @@ impl IdentityService {
         let issued = ca
             .sign_agent_of_node(
                 &spiffe_id,
-                Some(&allowed.pod),
+                Some(&node_name(&allowed.pod, &csr.id.namespace)),
                 &csr.public_key,
                 now_unix(),
                 lifetime,

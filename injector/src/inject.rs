@@ -443,6 +443,10 @@ fn resources(config: &InjectConfig, o: &Overrides) -> (ResourceRequirements, Vec
     )
 }
 
+/// The injected agent's node name, `<pod>.<namespace>`, as a dependent
+/// environment variable (see [`crate::identity::node_name`]).
+pub const AGENT_NODE_NAME_TEMPLATE: &str = "$(POD_NAME).$(POD_NAMESPACE)";
+
 fn field_env(name: &str, field_path: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
@@ -493,7 +497,9 @@ fn agent_container(
         field_env("POD_IP", "status.podIP"),
         field_env("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         field_env("KUBE_NODE_NAME", "spec.nodeName"),
-        field_env("SHOAL_NODE_NAME", "metadata.name"),
+        // Pod names repeat across namespaces (StatefulSets), node names must
+        // not: Kubernetes expands the two variables defined above.
+        value_env("SHOAL_NODE_NAME", AGENT_NODE_NAME_TEMPLATE),
         value_env("SHOAL_DATA_DIR", cfg::DATA_DIR),
         value_env(
             "SHOAL_LOG_LEVEL",

@@ -433,20 +433,20 @@ async fn identity_end_to_end() {
     let der = CertificateDer::from_pem_slice(answer.certificate.as_bytes()).unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     let san = cert.subject_alternative_name().unwrap().unwrap();
-    // The SPIFFE ID, and the node the token is bound to (its pod's name,
-    // the agent's node name): peers take messages about that node only
-    // from this certificate.
+    // The SPIFFE ID, and the node the token is bound to (its pod's name and
+    // namespace, the agent's node name): peers take messages about that
+    // node only from this certificate.
     assert_eq!(
         san.value.general_names,
         vec![
             GeneralName::URI(id),
-            GeneralName::DNSName("api-7d9f-x2x.node.shoal")
+            GeneralName::DNSName("api-7d9f-x2x.orders.node.shoal")
         ]
     );
     assert_eq!(meshca::NODE_SAN_SUFFIX, shoal_mesh::certs::NODE_SAN_SUFFIX);
     assert_eq!(
         shoal_mesh::certs::node_name_of(&der).as_deref(),
-        Some("api-7d9f-x2x"),
+        Some("api-7d9f-x2x.orders"),
         "the agent reads the node its certificate is bound to"
     );
     assert_eq!(cert.public_key().raw, agent_key.public_key_der());

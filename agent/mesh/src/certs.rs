@@ -173,8 +173,8 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
 
 /// The suffix of the DNS SAN that binds a certificate to a node name:
 /// `<node>.node.shoal`. Only the dev CA and the identity service write it
-/// (the identity service with the pod's name, which is the agent's node
-/// name), so a certificate from elsewhere with DNS names of its own binds
+/// (the identity service with `<pod>.<namespace>`, which is the injected
+/// agent's node name), so a certificate from elsewhere with DNS names of its own binds
 /// nothing.
 pub const NODE_SAN_SUFFIX: &str = ".node.shoal";
 
