@@ -95,7 +95,8 @@ cleanup() {
   if [ -n "$CONTAINER" ]; then
     docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
   fi
-  [ -n "${STAGE:-}" ] && rm -rf "$STAGE"
+  if [ -n "${STAGE:-}" ]; then rm -rf "$STAGE"; fi
+  if [ -n "${APP_CTX:-}" ]; then rm -rf "$APP_CTX"; fi
 }
 
 images() {
@@ -140,11 +141,16 @@ APP_TOOLS="sh curl grep sed tr sleep cat"
 
 app_image() {
   local ctx tool path lib
-  ctx=$(mktemp -d)
+  APP_CTX=$(mktemp -d)
+  ctx=$APP_CTX
+  trap cleanup EXIT
   mkdir -p "$ctx/rootfs/bin" "$ctx/rootfs/tmp"
   for tool in $APP_TOOLS; do
-    path=$(command -v "$tool") || { log "$tool is not installed (needed by $APP_IMAGE)"; rm -rf "$ctx"; exit 1; }
+    path=$(command -v "$tool") || { log "$tool is not installed (needed by $APP_IMAGE)"; exit 1; }
     cp -L "$path" "$ctx/rootfs/bin/$tool"
+    if ldd "$path" | grep -q 'not found'; then
+      log "$tool needs a library that is not installed:"; ldd "$path" | grep 'not found' >&2; exit 1
+    fi
     # Every library it loads, at the path the loader looks for it, and the loader.
     for lib in $(ldd "$path" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
       cp -L --parents "$lib" "$ctx/rootfs/"
@@ -157,11 +163,12 @@ ENV PATH=/bin
 DOCKERFILE
   local out
   if ! out=$(docker build -q -t "$APP_IMAGE" "$ctx" 2>&1); then
-    echo "$out" >&2; rm -rf "$ctx"; log "docker build of $APP_IMAGE failed"; exit 1
+    echo "$out" >&2; log "docker build of $APP_IMAGE failed"; exit 1
   fi
-  rm -rf "$ctx"
   docker run --rm --network none "$APP_IMAGE" sh -c 'curl --version | grep -q "^curl" && echo x | sed s/x/y/ | grep -q y' \
     || { log "$APP_IMAGE does not run its tools"; exit 1; }
+  rm -rf "$APP_CTX"
+  APP_CTX=""
   log "built image $APP_IMAGE ($(image_bytes "$APP_IMAGE") bytes)"
 }
 

@@ -135,6 +135,27 @@ fn parse_pem_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
+/// Checks a trust bundle handed to agents (`shoal inject
+/// --trust-anchors-file`): PEM certificates, at least one, each a CA.
+/// Returns how many roots it holds.
+pub fn check_trust_bundle(pem: &str) -> Result<usize, InjectorError> {
+    let certs = parse_pem_certs(pem, "trust bundle")?;
+    if certs.is_empty() {
+        return Err(ca_err("trust bundle: no PEM certificate in it"));
+    }
+    for c in &certs {
+        let (_, parsed) = x509_parser::parse_x509_certificate(c)
+            .map_err(|e| ca_err(format!("trust bundle: not an X.509 certificate: {e}")))?;
+        if !parsed.is_ca() {
+            return Err(ca_err(format!(
+                "trust bundle: {} is not a CA certificate",
+                parsed.subject()
+            )));
+        }
+    }
+    Ok(certs.len())
+}
+
 fn to_pem(der: &CertificateDer<'_>) -> String {
     let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der.as_ref());
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");

@@ -47,16 +47,12 @@ pub struct InjectArgs {
     pub inject: InjectFlags,
 }
 
-/// Reads a trust bundle and checks that it holds at least one PEM certificate.
+/// Reads a trust bundle and checks that it holds CA certificates only.
 fn read_trust_anchors(path: &std::path::Path) -> Result<String, String> {
     let pem = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the trust anchors {}: {e}", path.display()))?;
-    if !pem.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(format!(
-            "{} holds no PEM certificate (expected the mesh CA's ca.crt)",
-            path.display()
-        ));
-    }
+    shoal_injector::meshca::check_trust_bundle(&pem)
+        .map_err(|e| format!("{}: {e} (expected the mesh CA's ca.crt)", path.display()))?;
     Ok(pem)
 }
 
@@ -90,6 +86,9 @@ pub fn run(args: InjectArgs) -> ExitCode {
     let mut config = args.inject.to_config();
     config.identity_addr = args.identity_service;
     match &args.trust_anchors_file {
+        Some(_) if !config.identity => {
+            return fail("--trust-anchors-file needs --identity=true (agents without identity settings do not join)")
+        }
         Some(path) => match read_trust_anchors(path) {
             Ok(pem) => config.trust_anchors = Some(pem),
             Err(e) => return fail(&e),

@@ -226,11 +226,10 @@ fn inject_hands_agents_the_trust_anchors_it_is_given() {
     assert!(err.contains("run alone"), "{err}");
 
     let bundle = dir.path().join("ca.crt");
-    std::fs::write(
-        &bundle,
-        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&bundle, ca.self_signed(&ca_key).unwrap().pem()).unwrap();
     let o = shoal(&[
         "inject",
         "-f",
@@ -246,17 +245,33 @@ fn inject_hands_agents_the_trust_anchors_it_is_given() {
     assert!(out.contains("SHOAL_IDENTITY_TRUST_ANCHORS"), "{out}");
     assert!(out.contains("identity.example:4711"), "{out}");
 
-    let not_pem = dir.path().join("not.pem");
-    std::fs::write(&not_pem, "hello").unwrap();
-    let o = shoal(&[
-        "inject",
-        "-f",
-        pod,
-        "--trust-anchors-file",
-        not_pem.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    assert!(text(&o).1.contains("no PEM certificate"), "{}", text(&o).1);
+    // Not a bundle: no certificate, a broken one, a leaf that is no CA.
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["agent.example".to_owned()])
+        .unwrap()
+        .self_signed(&leaf_key)
+        .unwrap()
+        .pem();
+    for (bad, says) in [
+        ("hello", "no PEM certificate"),
+        (
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            "trust bundle",
+        ),
+        (leaf.as_str(), "not a CA certificate"),
+    ] {
+        let not_a_bundle = dir.path().join("not.pem");
+        std::fs::write(&not_a_bundle, bad).unwrap();
+        let o = shoal(&[
+            "inject",
+            "-f",
+            pod,
+            "--trust-anchors-file",
+            not_a_bundle.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success(), "{bad}");
+        assert!(text(&o).1.contains(says), "{}", text(&o).1);
+    }
 }
 
 #[tokio::test]
