@@ -906,34 +906,6 @@ fn hello_pods(namespace: &str, anchors: &Path, dir: &Path) -> Vec<Pod> {
         .collect()
 }
 
-fn pull(pod: &RunningPod, subscription: &str) -> Vec<String> {
-    let (code, body) = pod.curl(
-        "GET",
-        &format!("/v1/subscriptions/{subscription}/messages?max=100&wait=2s"),
-        None,
-    );
-    if code != 200 {
-        return Vec::new();
-    }
-    let events: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
-    let ackids: Vec<Value> = events
-        .iter()
-        .filter_map(|e| e.get("ackid").cloned())
-        .collect();
-    if !ackids.is_empty() {
-        let body = json!({ "ack": ackids }).to_string();
-        pod.curl(
-            "POST",
-            &format!("/v1/subscriptions/{subscription}/acks"),
-            Some(&body),
-        );
-    }
-    events
-        .iter()
-        .filter_map(|e| e.get("data").and_then(Value::as_str).map(str::to_owned))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
     if !docker_ready("docker_cluster", &[AGENT_IMAGE, INJECTOR_IMAGE]) {
@@ -1200,7 +1172,7 @@ async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
         "team-a's subscriber reads all 90 ledger messages",
         Duration::from_secs(60),
         || {
-            received.extend(pull(a_sub, "ledger-reader"));
+            received.extend(pull_ack(a_sub.app(), "ledger-reader"));
             (received.len() == 90).then_some(())
         },
     )

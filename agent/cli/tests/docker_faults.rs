@@ -6,6 +6,9 @@
 //!   does every day).
 //! - An agent's network cut for 20 s (iptables in its network namespace)
 //!   and then healed.
+//! - An agent frozen for 15 s (`docker pause`: SIGSTOP for the container).
+//! - A rolling restart: every agent in turn stopped with SIGTERM and
+//!   started again with its data.
 //!
 //! Each pod is a pause container (the network namespace, with sh and curl
 //! for the test to act as the app) and the agent from `shoal-agent:dev`
@@ -67,8 +70,8 @@ impl AgentPod {
              until [ \"$(curl -sS -m 10 -o /dev/null -w '%{{http_code}}' -X POST \
                -H \"Shoal-Key: k$((i % 37))\" -H 'content-type: text/plain' --data \"m$i\" \
                http://127.0.0.1:4700/v1/topics/orders/messages)\" = 201 ]; do \
-               n=$((n+1)); if [ $n -ge 30 ]; then break; fi; sleep 0.5; done; \
-             if [ $n -lt 30 ]; then echo acked $i; else echo gave-up $i; fi; \
+               n=$((n+1)); if [ $n -ge 60 ]; then break; fi; sleep 0.5; done; \
+             if [ $n -lt 60 ]; then echo acked $i; else echo gave-up $i; fi; \
              i=$((i+1)); done"
         );
         let out = must(&["exec", &self.pause, "sh", "-c", &script]);
@@ -80,30 +83,9 @@ impl AgentPod {
 
     /// Pulls and acks a batch of `subscription`: the message numbers read.
     fn pull(&self, subscription: &str) -> Vec<u32> {
-        let (code, body) = self.curl(
-            "GET",
-            &format!("/v1/subscriptions/{subscription}/messages?max=200&wait=2s"),
-            None,
-        );
-        if code != 200 {
-            return Vec::new();
-        }
-        let events: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
-        let ackids: Vec<Value> = events
+        pull_ack(&self.pause, subscription)
             .iter()
-            .filter_map(|e| e.get("ackid").cloned())
-            .collect();
-        if !ackids.is_empty() {
-            let body = serde_json::json!({ "ack": ackids }).to_string();
-            self.curl(
-                "POST",
-                &format!("/v1/subscriptions/{subscription}/acks"),
-                Some(&body),
-            );
-        }
-        events
-            .iter()
-            .filter_map(|e| e["data"].as_str()?.strip_prefix('m')?.parse().ok())
+            .filter_map(|d| d.strip_prefix('m')?.parse().ok())
             .collect()
     }
 
@@ -213,7 +195,7 @@ async fn read_all(pod: &AgentPod, subscription: &str, acked: &BTreeSet<u32>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_acknowledged_message_is_lost_when_a_pod_is_replaced_or_cut_off() {
+async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_or_restarted() {
     if !docker_ready("docker_faults", &[AGENT_IMAGE]) {
         return;
     }
@@ -301,5 +283,44 @@ async fn no_acknowledged_message_is_lost_when_a_pod_is_replaced_or_cut_off() {
     // Read through every agent, the one that was cut off among them.
     read_all(&a4, "after-cut-4", &acked).await;
     read_all(&a3, "after-cut-3", &acked).await;
+
+    // agent-4 frozen for 15 s (SIGSTOP for every process of the container)
+    // while agent-1 publishes, then thawed.
+    let publisher = {
+        let a1 = a1.clone();
+        tokio::task::spawn_blocking(move || a1.publish(801, 900))
+    };
+    must(&["pause", &a4.agent]);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    must(&["unpause", &a4.agent]);
+    let during = publisher.await.unwrap();
+    assert_eq!(
+        during.len(),
+        100,
+        "publishes go on while a replica is frozen"
+    );
+    acked.extend(during);
+
+    // A rolling restart (SIGTERM, then the same container again, its data
+    // kept) of every agent in turn while agent-1 publishes; agent-1's app
+    // retries while its own agent restarts, as an app would.
+    let publisher = {
+        let a1 = a1.clone();
+        tokio::task::spawn_blocking(move || a1.publish(901, 1100))
+    };
+    for p in [&a3, &a4, &a1] {
+        must(&["restart", "--time=20", &p.agent]);
+        wait_members(&[&a1, &a3, &a4], &["agent-1", "agent-3", "agent-4"]).await;
+    }
+    let during = publisher.await.unwrap();
+    assert_eq!(
+        during.len(),
+        200,
+        "publishes go on through a rolling restart"
+    );
+    acked.extend(during);
+    read_all(&a1, "after-restarts-1", &acked).await;
+    read_all(&a4, "after-restarts-4", &acked).await;
+    assert_eq!(acked.len(), 1100);
     drop(lab);
 }

@@ -228,6 +228,40 @@ impl Drop for Lab {
     }
 }
 
+/// Pulls a batch of `subscription` in `container`'s pod (up to 200, waiting
+/// up to 2 s) and acks it: the text data of the messages read.
+pub fn pull_ack(container: &str, subscription: &str) -> Vec<String> {
+    let (code, body) = app_curl(
+        container,
+        "GET",
+        &format!("/v1/subscriptions/{subscription}/messages?max=200&wait=2s"),
+        &[],
+        None,
+    );
+    if code != 200 {
+        return Vec::new();
+    }
+    let events: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+    let ackids: Vec<serde_json::Value> = events
+        .iter()
+        .filter_map(|e| e.get("ackid").cloned())
+        .collect();
+    if !ackids.is_empty() {
+        let body = serde_json::json!({ "ack": ackids }).to_string();
+        app_curl(
+            container,
+            "POST",
+            &format!("/v1/subscriptions/{subscription}/acks"),
+            &[],
+            Some(&body),
+        );
+    }
+    events
+        .iter()
+        .filter_map(|e| e.get("data")?.as_str().map(str::to_owned))
+        .collect()
+}
+
 /// `curl URL` from the host: (status, body); status 0 when unreachable.
 pub fn host_curl(url: &str) -> (u16, String) {
     let out = Command::new("curl")
