@@ -44,8 +44,19 @@ const DATAGRAM_QUEUE: usize = 4096;
 const LINK_QUEUE: usize = 4096;
 /// Bytes combined into one stream write.
 const MAX_COALESCED_WRITE: usize = 256 * 1024;
-/// Requests one stream may have under way before new ones are refused.
+/// Requests one stream may have under way (answers not yet written
+/// included) before new ones are refused.
 const MAX_REQUESTS_PER_STREAM: usize = 4096;
+/// Answer bytes one peer (all streams of its connection) may leave unread
+/// before large answers to it are shed: a fetched batch or a reply is then
+/// answered `peer_busy` instead (the data stays; the peer asks again).
+pub const MAX_UNREAD_ANSWER_BYTES_PER_PEER: usize = 64 * 1024 * 1024;
+/// Answer bytes one stream may leave unread before the agent stops reading
+/// its requests until the peer reads: small answers (pongs, refusals)
+/// cannot pile up either.
+const MAX_UNREAD_ANSWER_BYTES_PER_STREAM: usize = 8 * 1024 * 1024;
+/// An answer at most this large is never shed.
+const SMALL_ANSWER_BYTES: usize = 4096;
 /// Longest a dial may take before a call fails.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -80,12 +91,103 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Sends the answer to one request back on the stream it came in on. The
-/// request's slot on the stream is freed when the replier is dropped, so
-/// each request counts once whatever its handler does (even if it panics).
+/// request's slot on the stream is freed once its answer is written (or the
+/// replier dropped without one), so each request counts once whatever its
+/// handler does (even if it panics), and a peer that does not read its
+/// answers runs out of slots.
 #[derive(Debug)]
 pub struct Replier {
-    tx: mpsc::UnboundedSender<Message>,
+    queue: AnswerQueue,
+    slot: Option<Slot>,
+}
+
+/// An answer encoded and waiting to be written.
+#[derive(Debug)]
+struct Queued {
+    frame: Bytes,
+    /// A refusal: the stream ends after it.
+    refused: bool,
     _slot: Option<Slot>,
+}
+
+/// Answer bytes encoded but not yet written: a stream's, or its peer's
+/// (every stream of the connection).
+#[derive(Debug, Default)]
+struct Unread {
+    bytes: AtomicUsize,
+}
+
+impl Unread {
+    fn sub(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// One stream's way out: answers are encoded as they are queued, and
+/// counted against the stream's and the peer's unread bytes until written.
+#[derive(Clone, Debug)]
+struct AnswerQueue {
+    tx: mpsc::UnboundedSender<Queued>,
+    stream: Arc<Unread>,
+    peer: Arc<Unread>,
+    metrics: Arc<Metrics>,
+}
+
+impl AnswerQueue {
+    fn push(&self, answer: Message, slot: Option<Slot>) {
+        let mut frame = bytes::BytesMut::new();
+        if let Err(e) = shoal_proto::encode(&answer, &mut frame) {
+            tracing::error!(error = %e, "cannot encode a mesh answer");
+            return;
+        }
+        let unread = self.peer.bytes.load(Ordering::Acquire);
+        if frame.len() > SMALL_ANSWER_BYTES
+            && unread + frame.len() > MAX_UNREAD_ANSWER_BYTES_PER_PEER
+        {
+            if let Some(busy) = shed(&answer) {
+                self.metrics.mesh_answers_shed.inc();
+                frame.clear();
+                if shoal_proto::encode(&busy, &mut frame).is_err() {
+                    return;
+                }
+            }
+        }
+        let len = frame.len();
+        self.stream.bytes.fetch_add(len, Ordering::AcqRel);
+        self.peer.bytes.fetch_add(len, Ordering::AcqRel);
+        let queued = Queued {
+            frame: frame.freeze(),
+            refused: matches!(answer, Message::Refuse { .. }),
+            _slot: slot,
+        };
+        if self.tx.send(queued).is_err() {
+            self.stream.sub(len);
+            self.peer.sub(len);
+        }
+    }
+}
+
+/// What a large answer becomes when its peer has too much unread: the same
+/// request answered `peer_busy` (retryable; nothing is lost, the reader
+/// fetches again). `None` for answers that are never shed.
+fn shed(answer: &Message) -> Option<Message> {
+    let busy = || shoal_proto::WireError {
+        status: 503,
+        code: "peer_busy".into(),
+        message: "this peer has too many answers unread".into(),
+        retry_after: 1,
+    };
+    match answer {
+        Message::Fetched { req, .. } => Some(Message::Fetched {
+            req: *req,
+            result: Err(busy()),
+        }),
+        Message::Reply { req, .. } => Some(Message::Reply {
+            req: *req,
+            result: Err(busy()),
+        }),
+        _ => None,
+    }
 }
 
 /// A request under way on a stream.
@@ -101,7 +203,7 @@ impl Drop for Slot {
 impl Replier {
     /// Sends the answer (dropped if the stream is gone).
     pub fn send(self, answer: Message) {
-        let _ = self.tx.send(answer);
+        self.queue.push(answer, self.slot);
     }
 }
 
@@ -1171,14 +1273,15 @@ async fn serve_streams(
         namespace,
         node: shoal_mesh::transport::peer_node(&conn).map(Arc::from),
     };
+    let unread = Arc::new(Unread::default());
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(serve_stream(
-            send,
-            recv,
+            (send, recv),
             metrics.clone(),
             node.clone(),
             handler.clone(),
             from.clone(),
+            unread.clone(),
         ));
     }
 }
@@ -1191,48 +1294,41 @@ const MAX_STREAM_BUFFER: usize =
     shoal_proto::MAX_FRAME_BYTES + shoal_proto::HEADER_LEN + READ_CHUNK;
 
 async fn serve_stream(
-    mut send: shoal_mesh::quinn::SendStream,
-    mut recv: shoal_mesh::quinn::RecvStream,
+    (mut send, mut recv): (shoal_mesh::quinn::SendStream, shoal_mesh::quinn::RecvStream),
     metrics: Arc<Metrics>,
     node: String,
     handler: Arc<OnceLock<Arc<dyn Handler>>>,
     from: Sender,
+    peer_unread: Arc<Unread>,
 ) {
     use shoal_proto::FrameError;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
     let under_way = Arc::new(AtomicUsize::new(0));
-    let replier = Replier { tx, _slot: None };
-    // Answers go out in as few writes as possible: everything queued is
-    // encoded into one buffer before each write.
+    let stream_unread = Arc::new(Unread::default());
+    let replier = Replier {
+        queue: AnswerQueue {
+            tx,
+            stream: stream_unread.clone(),
+            peer: peer_unread.clone(),
+            metrics: metrics.clone(),
+        },
+        slot: None,
+    };
+    let drained = Arc::new(tokio::sync::Notify::new());
     let writer_metrics = metrics.clone();
+    let writer_drained = drained.clone();
+    let writer_unread = stream_unread.clone();
     let writer = tokio::spawn(async move {
-        let mut out = bytes::BytesMut::new();
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            let mut refused = false;
-            while let Some(m) = next.take() {
-                refused |= matches!(m, Message::Refuse { .. });
-                match shoal_proto::encode(&m, &mut out) {
-                    Ok(()) => {
-                        writer_metrics.mesh_frames_out.inc();
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot encode a mesh answer"),
-                }
-                if out.len() < MAX_COALESCED_WRITE && !refused {
-                    next = rx.try_recv().ok();
-                }
-            }
-            writer_metrics.mesh_writes.inc();
-            writer_metrics.mesh_bytes_out.inc_by(out.len() as u64);
-            if send.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-            if refused {
-                break;
-            }
-        }
-        let _ = send.finish();
+        write_answers(
+            &mut send,
+            &mut rx,
+            &writer_metrics,
+            (&writer_unread, &peer_unread),
+            &writer_drained,
+        )
+        .await;
+        // Whatever ended it, a reader waiting for the answers to drain goes on.
+        writer_drained.notify_waiters();
     });
     let mut buf = bytes::BytesMut::new();
     loop {
@@ -1242,14 +1338,17 @@ async fn serve_stream(
                     metrics.mesh_frames_in.inc();
                     match msg {
                         Message::Ping { seq } => {
-                            let _ = replier.tx.send(Message::Pong { seq });
+                            replier.queue.push(Message::Pong { seq }, None);
                         }
                         Message::Hello { .. } => {
-                            let _ = replier.tx.send(Message::Hello {
-                                node: node.clone(),
-                                incarnation: 0,
-                                broker: true,
-                            });
+                            replier.queue.push(
+                                Message::Hello {
+                                    node: node.clone(),
+                                    incarnation: 0,
+                                    broker: true,
+                                },
+                                None,
+                            );
                         }
                         Message::Pong { .. } | Message::Refuse { .. } => {}
                         msg => {
@@ -1257,15 +1356,18 @@ async fn serve_stream(
                             // router was installed is served once it is.
                             let Some(h) = handler.get() else {
                                 if let Some(req) = msg.req().filter(|_| !msg.is_answer()) {
-                                    let _ = replier.tx.send(Message::Failed {
-                                        req,
-                                        error: shoal_proto::WireError {
-                                            status: 503,
-                                            code: "not_ready".into(),
-                                            message: "the agent is still starting".into(),
-                                            retry_after: 1,
+                                    replier.queue.push(
+                                        Message::Failed {
+                                            req,
+                                            error: shoal_proto::WireError {
+                                                status: 503,
+                                                code: "not_ready".into(),
+                                                message: "the agent is still starting".into(),
+                                                retry_after: 1,
+                                            },
                                         },
-                                    });
+                                        None,
+                                    );
                                 }
                                 continue;
                             };
@@ -1275,24 +1377,27 @@ async fn serve_stream(
                                     >= MAX_REQUESTS_PER_STREAM
                                 {
                                     under_way.fetch_sub(1, Ordering::AcqRel);
-                                    let _ = replier.tx.send(Message::Failed {
-                                        req,
-                                        error: shoal_proto::WireError {
-                                            status: 503,
-                                            code: "peer_busy".into(),
-                                            message:
-                                                "too many requests under way on one mesh stream"
-                                                    .into(),
-                                            retry_after: 1,
+                                    replier.queue.push(
+                                        Message::Failed {
+                                            req,
+                                            error: shoal_proto::WireError {
+                                                status: 503,
+                                                code: "peer_busy".into(),
+                                                message:
+                                                    "too many requests under way on one mesh stream"
+                                                        .into(),
+                                                retry_after: 1,
+                                            },
                                         },
-                                    });
+                                        None,
+                                    );
                                     continue;
                                 }
                                 slot = Some(Slot(under_way.clone()));
                             }
                             let reply = Replier {
-                                tx: replier.tx.clone(),
-                                _slot: slot,
+                                queue: replier.queue.clone(),
+                                slot,
                             };
                             h.clone().handle(&from, msg, reply);
                         }
@@ -1311,15 +1416,30 @@ async fn serve_stream(
                         .get_or_create(&crate::metrics::ReasonLabel { reason })
                         .inc();
                     tracing::warn!(error = %e, "closing a mesh stream after a bad frame");
-                    let _ = replier.tx.send(Message::Refuse {
-                        reason: e.to_string(),
-                    });
+                    replier.queue.push(
+                        Message::Refuse {
+                            reason: e.to_string(),
+                        },
+                        None,
+                    );
                     drop(replier);
                     let _ = writer.await;
                     let _ = recv.stop(1u32.into());
                     return;
                 }
             }
+        }
+        // A peer that does not read its answers gets no more of its
+        // requests read until it does.
+        loop {
+            let notified = drained.notified();
+            if stream_unread.bytes.load(Ordering::Acquire) <= MAX_UNREAD_ANSWER_BYTES_PER_STREAM {
+                break;
+            }
+            if writer.is_finished() {
+                return;
+            }
+            notified.await;
         }
         match recv.read_chunk(READ_CHUNK, true).await {
             Ok(Some(chunk)) => {
@@ -1343,6 +1463,50 @@ async fn serve_stream(
                 return;
             }
         }
+    }
+}
+
+/// Writes a stream's answers as they are queued, several at once, and
+/// counts them as read once written.
+async fn write_answers(
+    send: &mut shoal_mesh::quinn::SendStream,
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
+    metrics: &Metrics,
+    (stream, peer): (&Unread, &Unread),
+    drained: &tokio::sync::Notify,
+) {
+    let mut batch: Vec<Queued> = Vec::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut size = first.frame.len();
+        let mut refused = first.refused;
+        batch.push(first);
+        while size < MAX_COALESCED_WRITE && !refused {
+            let Ok(next) = rx.try_recv() else { break };
+            size += next.frame.len();
+            refused |= next.refused;
+            batch.push(next);
+        }
+        metrics.mesh_frames_out.inc_by(batch.len() as u64);
+        metrics.mesh_writes.inc();
+        metrics.mesh_bytes_out.inc_by(size as u64);
+        chunks.extend(batch.iter().map(|q| q.frame.clone()));
+        let wrote = send.write_all_chunks(&mut chunks).await;
+        chunks.clear();
+        stream.sub(size);
+        peer.sub(size);
+        batch.clear();
+        drained.notify_waiters();
+        if wrote.is_err() || refused {
+            break;
+        }
+    }
+    let _ = send.finish();
+    // Answers that will never be written are not unread either.
+    rx.close();
+    while let Ok(q) = rx.try_recv() {
+        stream.sub(q.frame.len());
+        peer.sub(q.frame.len());
     }
 }
 

@@ -288,6 +288,9 @@ pub struct Metrics {
     pub mesh_frames_out: Counter,
     /// Mesh stream writes (each combining one or more frames).
     pub mesh_writes: Counter,
+    /// Large answers (fetched batches, replies) replaced by `peer_busy`
+    /// because their peer left too many answer bytes unread.
+    pub mesh_answers_shed: Counter,
     /// Messages forwarded to a partition's home agent, by outcome.
     pub forwarded: Family<OutcomeLabel, Counter>,
     /// Round trip of a forwarded publish (send to answer).
@@ -438,6 +441,7 @@ impl Metrics {
             mesh_lost_packets: Family::default(),
             mesh_frames_in: Counter::default(),
             mesh_frames_out: Counter::default(),
+            mesh_answers_shed: Counter::default(),
             mesh_writes: Counter::default(),
             forwarded: Family::default(),
             forward_latency: latency_histogram(),
@@ -679,6 +683,11 @@ impl Metrics {
             "shoal_mesh_writes",
             "Mesh stream writes, each combining one or more frames",
             m.mesh_writes.clone(),
+        );
+        r.register(
+            "shoal_mesh_answers_shed",
+            "Large answers (fetched batches, replies) answered peer_busy instead, because their peer left too many answer bytes unread",
+            m.mesh_answers_shed.clone(),
         );
         r.register(
             "shoal_forwarded_messages",

@@ -707,3 +707,69 @@ async fn a_subscription_given_at_start_waits_for_another_namespaces_topic_and_it
     let got = pull_ack_n(&billing.client, "audit", 1).await;
     assert_eq!(text_of(&got[0]), "for billing");
 }
+
+#[tokio::test]
+async fn a_peer_that_does_not_read_its_answers_gets_peer_busy_not_the_agents_memory() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let agent = start_ready(root.path(), "ca", "shop-0", port, None, &[]).await;
+    let r = put_topic(
+        &agent.client,
+        "bulk",
+        json!({"partitions": 1, "replicas": 1}),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    for i in 0..3u8 {
+        publish(&agent.client, "bulk", &[], vec![b'a' + i; 900 * 1024]).await;
+    }
+    let conn = raw_mesh_peer(root.path(), "ca", "default")
+        .await
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap()
+        .connection;
+    // 200 reads of about 900 KiB each, sent at once, answers left unread.
+    const FETCHES: u64 = 200;
+    let mut frames = bytes::BytesMut::new();
+    for req in 0..FETCHES {
+        shoal_proto::encode(&fetch_frame(req, "bulk", "readers"), &mut frames).unwrap();
+    }
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frames).await.unwrap();
+    send.finish().unwrap();
+    let shed = || async {
+        series_value(
+            &metrics(&agent.admin).await,
+            "shoal_mesh_answers_shed_total",
+        )
+        .unwrap_or(0.0)
+    };
+    wait_until("answers to a peer that does not read are shed", || async {
+        shed().await > 0.0
+    })
+    .await;
+    // Now read: every request has its answer, a batch or peer_busy.
+    let got = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        recv.read_to_end(512 << 20),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut buf = bytes::BytesMut::from(&got[..]);
+    let (mut batches, mut busy) = (0u64, 0u64);
+    while let Some(m) = shoal_proto::decode::<Message>(&mut buf).unwrap() {
+        match m {
+            Message::Fetched { result: Ok(b), .. } => {
+                assert!(!b.entries.is_empty());
+                batches += 1;
+            }
+            Message::Fetched { result: Err(e), .. } if e.code == "peer_busy" => busy += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(batches + busy, FETCHES, "every request is answered");
+    assert!(busy >= 1 && batches >= 1, "{batches} batches, {busy} shed");
+    assert_eq!(shed().await, busy as f64);
+}
