@@ -47,16 +47,21 @@ const MAX_COALESCED_WRITE: usize = 256 * 1024;
 /// Requests one stream may have under way (answers not yet written
 /// included) before new ones are refused.
 const MAX_REQUESTS_PER_STREAM: usize = 4096;
-/// Answer bytes one peer (all streams of its connection) may leave unread
-/// before large answers to it are shed: a fetched batch or a reply is then
-/// answered `peer_busy` instead (the data stays; the peer asks again).
-pub const MAX_UNREAD_ANSWER_BYTES_PER_PEER: usize = 64 * 1024 * 1024;
+/// Answer bytes one connection (all its streams) may leave unread before
+/// its fetches are answered `peer_busy` instead: a fetched batch already
+/// read is shed, and new `Fetch` and `Request` calls are refused before
+/// they run (a read is asked again with nothing lost; a request is refused
+/// before its subscriber sees it, so a retry does not run it twice).
+pub const MAX_UNREAD_ANSWER_BYTES_PER_CONNECTION: usize = 64 * 1024 * 1024;
 /// Answer bytes one stream may leave unread before the agent stops reading
-/// its requests until the peer reads: small answers (pongs, refusals)
-/// cannot pile up either.
-const MAX_UNREAD_ANSWER_BYTES_PER_STREAM: usize = 8 * 1024 * 1024;
+/// its requests until the peer reads: small answers (pongs, refusals),
+/// which are never shed, cannot pile up either.
+const MAX_UNREAD_ANSWER_BYTES_PER_STREAM: usize = 16 * 1024 * 1024;
 /// An answer at most this large is never shed.
 const SMALL_ANSWER_BYTES: usize = 4096;
+/// What a queued answer costs besides its bytes (the queue's slot, the
+/// allocation), counted so that many small answers weigh what they hold.
+const QUEUED_ANSWER_OVERHEAD: usize = 128;
 /// Longest a dial may take before a call fails.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -101,13 +106,24 @@ pub struct Replier {
     slot: Option<Slot>,
 }
 
-/// An answer encoded and waiting to be written.
+/// An answer encoded and waiting to be written; its bytes count as unread
+/// until it is dropped (written, or never to be).
 #[derive(Debug)]
 struct Queued {
     frame: Bytes,
     /// A refusal: the stream ends after it.
     refused: bool,
     _slot: Option<Slot>,
+    counted: usize,
+    stream: Arc<Unread>,
+    peer: Arc<Unread>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.stream.sub(self.counted);
+        self.peer.sub(self.counted);
+    }
 }
 
 /// Answer bytes encoded but not yet written: a stream's, or its peer's
@@ -120,6 +136,10 @@ struct Unread {
 impl Unread {
     fn sub(&self, n: usize) {
         self.bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    fn load(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
     }
 }
 
@@ -140,9 +160,8 @@ impl AnswerQueue {
             tracing::error!(error = %e, "cannot encode a mesh answer");
             return;
         }
-        let unread = self.peer.bytes.load(Ordering::Acquire);
         if frame.len() > SMALL_ANSWER_BYTES
-            && unread + frame.len() > MAX_UNREAD_ANSWER_BYTES_PER_PEER
+            && self.peer.load() + frame.len() > MAX_UNREAD_ANSWER_BYTES_PER_CONNECTION
         {
             if let Some(busy) = shed(&answer) {
                 self.metrics.mesh_answers_shed.inc();
@@ -152,39 +171,39 @@ impl AnswerQueue {
                 }
             }
         }
-        let len = frame.len();
-        self.stream.bytes.fetch_add(len, Ordering::AcqRel);
-        self.peer.bytes.fetch_add(len, Ordering::AcqRel);
-        let queued = Queued {
+        let counted = frame.len() + QUEUED_ANSWER_OVERHEAD;
+        self.stream.bytes.fetch_add(counted, Ordering::AcqRel);
+        self.peer.bytes.fetch_add(counted, Ordering::AcqRel);
+        // Not sent (the writer is gone): dropped here, and uncounted.
+        let _ = self.tx.send(Queued {
             frame: frame.freeze(),
             refused: matches!(answer, Message::Refuse { .. }),
             _slot: slot,
-        };
-        if self.tx.send(queued).is_err() {
-            self.stream.sub(len);
-            self.peer.sub(len);
-        }
+            counted,
+            stream: self.stream.clone(),
+            peer: self.peer.clone(),
+        });
     }
 }
 
-/// What a large answer becomes when its peer has too much unread: the same
-/// request answered `peer_busy` (retryable; nothing is lost, the reader
-/// fetches again). `None` for answers that are never shed.
-fn shed(answer: &Message) -> Option<Message> {
-    let busy = || shoal_proto::WireError {
+fn too_much_unread() -> shoal_proto::WireError {
+    shoal_proto::WireError {
         status: 503,
         code: "peer_busy".into(),
         message: "this peer has too many answers unread".into(),
         retry_after: 1,
-    };
+    }
+}
+
+/// What a large answer becomes when its peer has too much unread: the same
+/// fetch answered `peer_busy` (retryable; a fetch only reads, so nothing is
+/// lost). `None` for answers that are never shed: a `Reply` carries what a
+/// subscriber already did, so requests are refused before they run instead.
+fn shed(answer: &Message) -> Option<Message> {
     match answer {
         Message::Fetched { req, .. } => Some(Message::Fetched {
             req: *req,
-            result: Err(busy()),
-        }),
-        Message::Reply { req, .. } => Some(Message::Reply {
-            req: *req,
-            result: Err(busy()),
+            result: Err(too_much_unread()),
         }),
         _ => None,
     }
@@ -1317,18 +1336,9 @@ async fn serve_stream(
     let drained = Arc::new(tokio::sync::Notify::new());
     let writer_metrics = metrics.clone();
     let writer_drained = drained.clone();
-    let writer_unread = stream_unread.clone();
-    let writer = tokio::spawn(async move {
-        write_answers(
-            &mut send,
-            &mut rx,
-            &writer_metrics,
-            (&writer_unread, &peer_unread),
-            &writer_drained,
-        )
-        .await;
-        // Whatever ended it, a reader waiting for the answers to drain goes on.
-        writer_drained.notify_waiters();
+    let mut writer = tokio::spawn(async move {
+        write_answers(&mut send, &mut rx, &writer_metrics, &writer_drained).await;
+        // Answers it will never write are dropped with `rx`, uncounted.
     });
     let mut buf = bytes::BytesMut::new();
     loop {
@@ -1394,6 +1404,19 @@ async fn serve_stream(
                                     continue;
                                 }
                                 slot = Some(Slot(under_way.clone()));
+                                if matches!(msg, Message::Fetch { .. } | Message::Request { .. })
+                                    && peer_unread.load() > MAX_UNREAD_ANSWER_BYTES_PER_CONNECTION
+                                {
+                                    metrics.mesh_answers_shed.inc();
+                                    replier.queue.push(
+                                        Message::Failed {
+                                            req,
+                                            error: too_much_unread(),
+                                        },
+                                        slot,
+                                    );
+                                    continue;
+                                }
                             }
                             let reply = Replier {
                                 queue: replier.queue.clone(),
@@ -1433,13 +1456,14 @@ async fn serve_stream(
         // requests read until it does.
         loop {
             let notified = drained.notified();
-            if stream_unread.bytes.load(Ordering::Acquire) <= MAX_UNREAD_ANSWER_BYTES_PER_STREAM {
+            if stream_unread.load() <= MAX_UNREAD_ANSWER_BYTES_PER_STREAM {
                 break;
             }
-            if writer.is_finished() {
-                return;
+            tokio::select! {
+                _ = notified => {}
+                // The writer is gone (the peer reset the stream): so is this.
+                _ = &mut writer => return,
             }
-            notified.await;
         }
         match recv.read_chunk(READ_CHUNK, true).await {
             Ok(Some(chunk)) => {
@@ -1466,13 +1490,12 @@ async fn serve_stream(
     }
 }
 
-/// Writes a stream's answers as they are queued, several at once, and
-/// counts them as read once written.
+/// Writes a stream's answers as they are queued, several at once; each
+/// counts as read once written (when it is dropped).
 async fn write_answers(
     send: &mut shoal_mesh::quinn::SendStream,
     rx: &mut mpsc::UnboundedReceiver<Queued>,
     metrics: &Metrics,
-    (stream, peer): (&Unread, &Unread),
     drained: &tokio::sync::Notify,
 ) {
     let mut batch: Vec<Queued> = Vec::new();
@@ -1493,8 +1516,6 @@ async fn write_answers(
         chunks.extend(batch.iter().map(|q| q.frame.clone()));
         let wrote = send.write_all_chunks(&mut chunks).await;
         chunks.clear();
-        stream.sub(size);
-        peer.sub(size);
         batch.clear();
         drained.notify_waiters();
         if wrote.is_err() || refused {
@@ -1502,12 +1523,6 @@ async fn write_answers(
         }
     }
     let _ = send.finish();
-    // Answers that will never be written are not unread either.
-    rx.close();
-    while let Ok(q) = rx.try_recv() {
-        stream.sub(q.frame.len());
-        peer.sub(q.frame.len());
-    }
 }
 
 fn liveness_label(l: Liveness) -> &'static str {

@@ -288,8 +288,8 @@ pub struct Metrics {
     pub mesh_frames_out: Counter,
     /// Mesh stream writes (each combining one or more frames).
     pub mesh_writes: Counter,
-    /// Large answers (fetched batches, replies) replaced by `peer_busy`
-    /// because their peer left too many answer bytes unread.
+    /// Fetches and requests answered `peer_busy` because their peer's
+    /// connection left too many answer bytes unread.
     pub mesh_answers_shed: Counter,
     /// Messages forwarded to a partition's home agent, by outcome.
     pub forwarded: Family<OutcomeLabel, Counter>,
@@ -686,7 +686,7 @@ impl Metrics {
         );
         r.register(
             "shoal_mesh_answers_shed",
-            "Large answers (fetched batches, replies) answered peer_busy instead, because their peer left too many answer bytes unread",
+            "Fetches and requests answered peer_busy because their peer's connection left more than 64 MiB of answers unread",
             m.mesh_answers_shed.clone(),
         );
         r.register(

@@ -1736,7 +1736,9 @@ impl Router {
             })
             .await;
         if let Some(r) = self.replicated(topic) {
-            let ok = matches!(&answer, Ok(Message::Fetched { result: Ok(_), .. }));
+            // A leader too busy to answer (`peer_busy`) is still the leader.
+            let ok = matches!(&answer, Ok(Message::Fetched { result: Ok(_), .. }))
+                || matches!(&answer, Ok(Message::Fetched { result: Err(e), .. } | Message::Failed { error: e, .. }) if e.code == "peer_busy");
             if answer.is_err() {
                 r.suspect(&node);
             }

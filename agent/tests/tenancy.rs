@@ -729,15 +729,22 @@ async fn a_peer_that_does_not_read_its_answers_gets_peer_busy_not_the_agents_mem
         .await
         .unwrap()
         .connection;
-    // 200 reads of about 900 KiB each, sent at once, answers left unread.
+    // 200 reads of about 900 KiB each, 25 on each of the 8 streams a peer
+    // may open, sent at once, answers left unread. A stream is read until
+    // it has 16 MiB unread, so together they reach the connection's 64 MiB.
+    const STREAMS: u64 = 8;
     const FETCHES: u64 = 200;
-    let mut frames = bytes::BytesMut::new();
-    for req in 0..FETCHES {
-        shoal_proto::encode(&fetch_frame(req, "bulk", "readers"), &mut frames).unwrap();
+    let mut streams = Vec::new();
+    for s in 0..STREAMS {
+        let mut frames = bytes::BytesMut::new();
+        for req in (s * FETCHES / STREAMS)..((s + 1) * FETCHES / STREAMS) {
+            shoal_proto::encode(&fetch_frame(req, "bulk", "readers"), &mut frames).unwrap();
+        }
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frames).await.unwrap();
+        send.finish().unwrap();
+        streams.push(recv);
     }
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&frames).await.unwrap();
-    send.finish().unwrap();
     let shed = || async {
         series_value(
             &metrics(&agent.admin).await,
@@ -750,26 +757,37 @@ async fn a_peer_that_does_not_read_its_answers_gets_peer_busy_not_the_agents_mem
     })
     .await;
     // Now read: every request has its answer, a batch or peer_busy.
-    let got = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        recv.read_to_end(512 << 20),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let mut buf = bytes::BytesMut::from(&got[..]);
     let (mut batches, mut busy) = (0u64, 0u64);
-    while let Some(m) = shoal_proto::decode::<Message>(&mut buf).unwrap() {
-        match m {
-            Message::Fetched { result: Ok(b), .. } => {
-                assert!(!b.entries.is_empty());
-                batches += 1;
+    for mut recv in streams {
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            recv.read_to_end(512 << 20),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let mut buf = bytes::BytesMut::from(&got[..]);
+        while let Some(m) = shoal_proto::decode::<Message>(&mut buf).unwrap() {
+            match m {
+                Message::Fetched { result: Ok(b), .. } => {
+                    assert!(!b.entries.is_empty());
+                    batches += 1;
+                }
+                Message::Fetched { result: Err(e), .. } | Message::Failed { error: e, .. }
+                    if e.code == "peer_busy" =>
+                {
+                    busy += 1
+                }
+                other => panic!("unexpected answer {other:?}"),
             }
-            Message::Fetched { result: Err(e), .. } if e.code == "peer_busy" => busy += 1,
-            other => panic!("unexpected answer {other:?}"),
         }
     }
     assert_eq!(batches + busy, FETCHES, "every request is answered");
     assert!(busy >= 1 && batches >= 1, "{batches} batches, {busy} shed");
     assert_eq!(shed().await, busy as f64);
+    // Once read, nothing counts against the peer: a new read gets its batch.
+    match ask(&conn, fetch_frame(FETCHES, "bulk", "readers")).await {
+        Message::Fetched { result: Ok(b), .. } => assert!(!b.entries.is_empty()),
+        other => panic!("a read after the peer caught up: {other:?}"),
+    }
 }
