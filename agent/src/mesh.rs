@@ -82,8 +82,15 @@ impl Sender {
     /// Whether this peer may speak for `node`: its certificate names that
     /// node, or names none (certificates from files may not).
     pub fn may_speak_for(&self, node: &str) -> bool {
-        self.node.as_deref().is_none_or(|n| n == node)
+        bound_may_speak_for(self.node.as_deref(), node)
     }
+}
+
+/// Whether a peer whose certificate is bound to `bound` may speak for
+/// `node`: a bound certificate only for its own node, one that binds none
+/// (from files) for any.
+fn bound_may_speak_for(bound: Option<&str>, node: &str) -> bool {
+    bound.is_none_or(|b| b == node)
 }
 
 /// Handles what peers send: requests (answered through the [`Replier`]) and
@@ -134,6 +141,10 @@ struct Unread {
 }
 
 impl Unread {
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
     fn sub(&self, n: usize) {
         self.bytes.fetch_sub(n, Ordering::AcqRel);
     }
@@ -172,8 +183,8 @@ impl AnswerQueue {
             }
         }
         let counted = frame.len() + QUEUED_ANSWER_OVERHEAD;
-        self.stream.bytes.fetch_add(counted, Ordering::AcqRel);
-        self.peer.bytes.fetch_add(counted, Ordering::AcqRel);
+        self.stream.add(counted);
+        self.peer.add(counted);
         // Not sent (the writer is gone): dropped here, and uncounted.
         let _ = self.tx.send(Queued {
             frame: frame.freeze(),
@@ -481,11 +492,11 @@ enum Input {
     Discovered(Vec<SocketAddr>),
 }
 
-/// Whether a gossip datagram comes from the node its sender's certificate
-/// is bound to. One whose header does not decode passes here and is counted
+/// Whether a gossip datagram's sender is one its peer's certificate may
+/// speak for. One whose header does not decode passes here and is counted
 /// as a bad datagram where membership reads it.
-fn speaks_for_itself(datagram: &[u8], bound: &str) -> bool {
-    Membership::sender_of(datagram).is_none_or(|src| src.node == bound)
+fn speaks_for_itself(datagram: &[u8], bound: Option<&str>) -> bool {
+    Membership::sender_of(datagram).is_none_or(|src| bound_may_speak_for(bound, &src.node))
 }
 
 /// Connections to other agents, one per address.
@@ -513,8 +524,9 @@ impl Peers {
     /// to it whose certificate is bound to that node, or to none (a
     /// certificate from files, taken on its word).
     fn holds_name(&self, addr: SocketAddr, node: &str) -> bool {
-        self.conn(&addr)
-            .is_some_and(|c| shoal_mesh::transport::peer_node(&c).is_none_or(|bound| bound == node))
+        self.conn(&addr).is_some_and(|c| {
+            bound_may_speak_for(shoal_mesh::transport::peer_node(&c).as_deref(), node)
+        })
     }
 
     /// Adopts a connection: its datagrams feed membership.
@@ -1168,9 +1180,9 @@ async fn run_membership(
                         }
                     }
                 }
-                Some(Input::Datagram(d, Some(bound))) if !speaks_for_itself(&d, &bound) => {
+                Some(Input::Datagram(d, bound)) if !speaks_for_itself(&d, bound.as_deref()) => {
                     metrics.mesh_invalid_messages.get_or_create(&crate::metrics::ReasonLabel { reason: "unknown_sender" }).inc();
-                    tracing::debug!(peer = %bound, "gossip datagram in another member's name dropped");
+                    tracing::debug!(peer = ?bound, "gossip datagram in another member's name dropped");
                 }
                 Some(Input::Datagram(d, _)) => match m.handle_data(&d) {
                     Ok(fx) => apply(&m, fx),

@@ -516,17 +516,7 @@ impl RunningPod {
 
     /// The node names of the alive members its agent sees, itself included.
     fn alive_nodes(&self) -> Option<BTreeSet<String>> {
-        let (code, body) = self.curl("GET", "/v1/cluster", None);
-        let v: Value = serde_json::from_str(&body).ok()?;
-        (code == 200 && v["mesh"] == true).then_some(())?;
-        Some(
-            v["members"]
-                .as_array()?
-                .iter()
-                .filter(|m| m["state"] == "alive")
-                .filter_map(|m| m["node"].as_str().map(str::to_owned))
-                .collect(),
-        )
+        alive_nodes(self.app())
     }
 
     fn admin(&self, path: &str) -> (u16, String) {

@@ -49,17 +49,7 @@ impl AgentPod {
     }
 
     fn alive_members(&self) -> Option<BTreeSet<String>> {
-        let (code, body) = self.curl("GET", "/v1/cluster", None);
-        let v: Value = serde_json::from_str(&body).ok()?;
-        (code == 200).then(|| {
-            v["members"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|m| m["state"] == "alive")
-                .filter_map(|m| m["node"].as_str().map(str::to_owned))
-                .collect()
-        })
+        alive_nodes(&self.pause)
     }
 
     /// Publishes `orders` messages `m<from>`..=`m<to>` (keyed), each retried

@@ -228,6 +228,22 @@ impl Drop for Lab {
     }
 }
 
+/// The node names of the alive members the agent in `container`'s pod sees,
+/// itself included; `None` while it answers no mesh view.
+pub fn alive_nodes(container: &str) -> Option<std::collections::BTreeSet<String>> {
+    let (code, body) = app_curl(container, "GET", "/v1/cluster", &[], None);
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (code == 200 && v["mesh"] == true).then_some(())?;
+    Some(
+        v["members"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["state"] == "alive")
+            .filter_map(|m| m["node"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
 /// Pulls a batch of `subscription` in `container`'s pod (up to 200, waiting
 /// up to 2 s) and acks it: the text data of the messages read.
 pub fn pull_ack(container: &str, subscription: &str) -> Vec<String> {
