@@ -9,6 +9,13 @@
 //! - An agent frozen for 15 s (`docker pause`: SIGSTOP for the container).
 //! - A rolling restart: every agent in turn stopped with SIGTERM and
 //!   started again with its data.
+//! - 20 % of the packets between two agents dropped, both ways.
+//! - A byte flipped in a follower's segment, the follower killed and
+//!   started on the damaged file, then a second replica killed.
+//!
+//! Every publish carries a `Shoal-Id` and is retried until acknowledged,
+//! as an app would; the read-back checks each key's order, counts
+//! duplicates, and the longest wait for an ack is printed per fault.
 //!
 //! Each pod is a pause container (the network namespace, with sh and curl
 //! for the test to act as the app) and the agent from `shoal-agent:dev`
@@ -32,6 +39,57 @@ use docker::*;
 /// so the test sees the replacement; the default is 60 s).
 const REPLACE_AFTER: &str = "10s";
 const PARTITIONS: u32 = 6;
+/// Distinct `Shoal-Key`s: message `m<i>` has key `k<i mod KEYS>`.
+const KEYS: u32 = 37;
+/// Seconds an app waits before it retries a publish that was not acknowledged.
+const RETRY_PAUSE: f64 = 0.5;
+
+/// What a publisher saw: the message numbers acknowledged, and the longest an
+/// acknowledged message waited from its first attempt to its ack (the longest
+/// its partition went without a leader that could take it, as an app sees it).
+#[derive(Default)]
+struct Published {
+    acked: BTreeSet<u32>,
+    longest: Duration,
+}
+
+impl Published {
+    /// Reads the publish script's output: a `try <i> <status> <seconds>` line
+    /// per attempt, then `acked <i>` or `gave-up <i>`.
+    fn parse(out: &str) -> Published {
+        let mut published = Published::default();
+        let mut waited = 0.0_f64;
+        for line in out.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["try", _, status, seconds] => {
+                    waited += seconds.parse::<f64>().unwrap_or(0.0);
+                    if *status != "201" {
+                        waited += RETRY_PAUSE;
+                    }
+                }
+                ["acked", i] => {
+                    published.acked.insert(i.parse().unwrap());
+                    published.longest = published.longest.max(Duration::from_secs_f64(waited));
+                    waited = 0.0;
+                }
+                _ => waited = 0.0,
+            }
+        }
+        published
+    }
+
+    /// Takes in another publisher's result, printing its longest wait.
+    fn add(&mut self, phase: &str, other: Published) {
+        eprintln!(
+            "{phase}: {} acknowledged; the longest wait for an ack was {:.1?}",
+            other.acked.len(),
+            other.longest
+        );
+        self.acked.extend(other.acked);
+        self.longest = self.longest.max(other.longest);
+    }
+}
 
 /// One agent's pod.
 #[derive(Clone)]
@@ -52,23 +110,22 @@ impl AgentPod {
         alive_nodes(&self.pause)
     }
 
-    /// Publishes `orders` messages `m<from>`..=`m<to>` (keyed), each retried
-    /// as an app would until acknowledged or given up; the numbers acknowledged.
-    fn publish(&self, from: u32, to: u32) -> BTreeSet<u32> {
+    /// Publishes `orders` messages `m<from>`..=`m<to>` (keyed, each with a
+    /// `Shoal-Id`), each retried as an app would until acknowledged or given
+    /// up.
+    fn publish(&self, from: u32, to: u32) -> Published {
         let script = format!(
             "i={from}; while [ $i -le {to} ]; do n=0; \
-             until [ \"$(curl -sS -m 10 -o /dev/null -w '%{{http_code}}' -X POST \
-               -H \"Shoal-Key: k$((i % 37))\" -H 'content-type: text/plain' --data \"m$i\" \
-               http://127.0.0.1:4700/v1/topics/orders/messages)\" = 201 ]; do \
-               n=$((n+1)); if [ $n -ge 60 ]; then break; fi; sleep 0.5; done; \
+             until c=$(curl -sS -m 10 -o /dev/null -w '%{{http_code}} %{{time_total}}' -X POST \
+               -H \"Shoal-Key: k$((i % {KEYS}))\" -H \"Shoal-Id: m$i\" -H 'content-type: text/plain' \
+               --data \"m$i\" http://127.0.0.1:4700/v1/topics/orders/messages); \
+               echo try $i $c; [ \"${{c%% *}}\" = 201 ]; do \
+               n=$((n+1)); if [ $n -ge 60 ]; then break; fi; sleep {RETRY_PAUSE}; done; \
              if [ $n -lt 60 ]; then echo acked $i; else echo gave-up $i; fi; \
              i=$((i+1)); done"
         );
         let out = must(&["exec", &self.pause, "sh", "-c", &script]);
-        out.lines()
-            .filter_map(|l| l.strip_prefix("acked "))
-            .map(|n| n.parse().unwrap())
-            .collect()
+        Published::parse(&out)
     }
 
     /// Pulls and acks a batch of `subscription`: the message numbers read.
@@ -94,6 +151,44 @@ impl AgentPod {
                 .unwrap();
             assert!(status.success(), "iptables {op} {rule:?} in {}", self.node);
         }
+    }
+}
+
+impl AgentPod {
+    /// Drops (or stops dropping) `percent` % of the packets between this
+    /// pod and `peer`, both ways as seen from this pod.
+    fn lossy(&self, peer: IpAddr, percent: u32, on: bool) {
+        let pid = must(&["inspect", "-f", "{{.State.Pid}}", &self.pause]);
+        let op = if on { "-I" } else { "-D" };
+        let peer = peer.to_string();
+        let probability = format!("{:.2}", f64::from(percent) / 100.0);
+        for (chain, way) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
+            let status = std::process::Command::new("nsenter")
+                .args(["-t", &pid, "-n", "iptables", op, chain, way, &peer])
+                .args(["-m", "statistic", "--mode", "random", "--probability"])
+                .args([&probability, "-j", "DROP"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "iptables {op} {chain} in {}", self.node);
+        }
+    }
+
+    /// The newest segment file of this agent's copy of `orders` partition
+    /// `partition`.
+    fn last_segment(&self, partition: u64) -> PathBuf {
+        let dir = self
+            .data
+            .join("replicas/default/orders")
+            .join(partition.to_string());
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        logs.sort();
+        logs.pop()
+            .unwrap_or_else(|| panic!("no segment in {}", dir.display()))
     }
 }
 
@@ -160,7 +255,9 @@ async fn wait_members(pods: &[&AgentPod], nodes: &[&str]) {
     }
 }
 
-/// Reads `subscription` on `pod` until every number of `acked` was read.
+/// Reads `subscription` on `pod` from the start until every number of
+/// `acked` was read; checks that each key's messages came in the order they
+/// were published and prints how many were delivered twice.
 async fn read_all(pod: &AgentPod, subscription: &str, acked: &BTreeSet<u32>) {
     let (code, body) = pod.curl(
         "PUT",
@@ -169,6 +266,8 @@ async fn read_all(pod: &AgentPod, subscription: &str, acked: &BTreeSet<u32>) {
     );
     assert!(code == 200 || code == 201, "{code} {body}");
     let mut read = BTreeSet::new();
+    let mut duplicates = 0;
+    let mut last_of_key: std::collections::BTreeMap<u32, u32> = Default::default();
     eventually(
         &format!(
             "{} reads all {} acknowledged messages",
@@ -177,11 +276,44 @@ async fn read_all(pod: &AgentPod, subscription: &str, acked: &BTreeSet<u32>) {
         ),
         Duration::from_secs(120),
         || {
-            read.extend(pod.pull(subscription));
+            for m in pod.pull(subscription) {
+                if !read.insert(m) {
+                    duplicates += 1;
+                    continue;
+                }
+                if let Some(before) = last_of_key.insert(m % KEYS, m) {
+                    assert!(
+                        before < m,
+                        "{}: key k{} delivered m{m} after m{before}",
+                        pod.node,
+                        m % KEYS
+                    );
+                }
+            }
             acked.is_subset(&read).then_some(())
         },
     )
     .await;
+    eprintln!(
+        "{} read back all {} acknowledged messages ({} read in all), each key in order, {duplicates} delivered twice",
+        pod.node,
+        acked.len(),
+        read.len()
+    );
+}
+
+/// The `orders` groups as `pod`'s agent reports them in `/v1/cluster`.
+fn groups_of(pod: &AgentPod) -> Option<Vec<Value>> {
+    let (_, body) = pod.curl("GET", "/v1/cluster", None);
+    let v: Value = serde_json::from_str(&body).ok()?;
+    Some(
+        v["replicated"]
+            .as_array()?
+            .iter()
+            .filter(|g| g["topic"] == "orders")
+            .cloned()
+            .collect(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,12 +343,14 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
         Some(&format!(r#"{{"partitions": {PARTITIONS}, "replicas": 3}}"#)),
     );
     assert!(code == 200 || code == 201, "{code} {body}");
-    let mut acked = a1.publish(1, 600);
+    let mut published = Published::default();
+    let first = a1.publish(1, 600);
     assert_eq!(
-        acked.len(),
+        first.acked.len(),
         600,
         "every publish acknowledged before the faults"
     );
+    published.add("before the faults", first);
 
     // A pod replaced: agent-2 killed, its data gone, agent-4 in its place.
     must(&["kill", "--signal=KILL", &a2.agent]);
@@ -224,20 +358,14 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     std::fs::remove_dir_all(&a2.data).unwrap();
     let a4 = start_agent(&lab, &ca, "agent-4", Some(a1.ip));
     wait_members(&[&a1, &a3, &a4], &["agent-1", "agent-3", "agent-4"]).await;
-    read_all(&a3, "after-replace", &acked).await;
+    read_all(&a3, "after-replace", &published.acked).await;
     // The gone agent's replicas are replaced: agent-4 votes in every
     // partition's group, agent-2 in none.
     eventually(
         "agent-4 replaces agent-2 in every partition",
         Duration::from_secs(120),
         || {
-            let (_, body) = a4.curl("GET", "/v1/cluster", None);
-            let v: Value = serde_json::from_str(&body).ok()?;
-            let groups: Vec<&Value> = v["replicated"]
-                .as_array()?
-                .iter()
-                .filter(|g| g["topic"] == "orders")
-                .collect();
+            let groups = groups_of(&a4)?;
             let replaced = groups.iter().all(|g| {
                 let voters = g["voters"].to_string();
                 voters.contains("agent-4") && !voters.contains("agent-2")
@@ -248,11 +376,11 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     .await;
     let more = a1.publish(601, 700);
     assert_eq!(
-        more.len(),
+        more.acked.len(),
         100,
         "every partition takes publishes after the replacement"
     );
-    acked.extend(more);
+    published.add("after the replacement", more);
 
     // agent-3's network cut for 20 s while agent-1 publishes, then healed.
     a3.cut(true);
@@ -264,15 +392,15 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     a3.cut(false);
     let during = publisher.await.unwrap();
     assert_eq!(
-        during.len(),
+        during.acked.len(),
         100,
         "publishes go on while one of three replicas is cut off"
     );
-    acked.extend(during);
+    published.add("agent-3 cut off for 20 s", during);
     wait_members(&[&a1, &a3, &a4], &["agent-1", "agent-3", "agent-4"]).await;
     // Read through every agent, the one that was cut off among them.
-    read_all(&a4, "after-cut-4", &acked).await;
-    read_all(&a3, "after-cut-3", &acked).await;
+    read_all(&a4, "after-cut-4", &published.acked).await;
+    read_all(&a3, "after-cut-3", &published.acked).await;
 
     // agent-4 frozen for 15 s (SIGSTOP for every process of the container)
     // while agent-1 publishes, then thawed.
@@ -285,11 +413,11 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     must(&["unpause", &a4.agent]);
     let during = publisher.await.unwrap();
     assert_eq!(
-        during.len(),
+        during.acked.len(),
         100,
         "publishes go on while a replica is frozen"
     );
-    acked.extend(during);
+    published.add("agent-4 frozen for 15 s", during);
 
     // A rolling restart (SIGTERM, then the same container again, its data
     // kept) of every agent in turn while agent-1 publishes; agent-1's app
@@ -304,13 +432,105 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     }
     let during = publisher.await.unwrap();
     assert_eq!(
-        during.len(),
+        during.acked.len(),
         200,
         "publishes go on through a rolling restart"
     );
-    acked.extend(during);
-    read_all(&a1, "after-restarts-1", &acked).await;
-    read_all(&a4, "after-restarts-4", &acked).await;
-    assert_eq!(acked.len(), 1100);
+    published.add("a rolling restart", during);
+    read_all(&a1, "after-restarts-1", &published.acked).await;
+    read_all(&a4, "after-restarts-4", &published.acked).await;
+
+    // 20 % of the packets between agent-1 and agent-3 dropped, both ways,
+    // while agent-1 publishes. (iptables' statistic match: this kernel has
+    // no netem qdisc.)
+    a1.lossy(a3.ip, 20, true);
+    a3.lossy(a1.ip, 20, true);
+    let lossy = a1.publish(1101, 1200);
+    a1.lossy(a3.ip, 20, false);
+    a3.lossy(a1.ip, 20, false);
+    assert_eq!(
+        lossy.acked.len(),
+        100,
+        "publishes go on over a link that loses 20 % of its packets"
+    );
+    published.add("20 % packet loss between agent-1 and agent-3", lossy);
+
+    // A flipped byte in the middle of a follower's copy of a partition (as
+    // a failing disk would), then a crash of that follower: it starts again
+    // on the damaged file, must repair it from the others, and then carry
+    // the partition with one other replica when a third is killed.
+    let partition = eventually(
+        "a partition whose leader is not agent-4",
+        Duration::from_secs(60),
+        || {
+            groups_of(&a4)?.iter().find_map(|g| {
+                let leader = g["leader"].as_str()?;
+                (leader != "agent-4").then(|| g["partition"].as_u64().unwrap())
+            })
+        },
+    )
+    .await;
+    let segment = a4.last_segment(partition);
+    {
+        use std::os::unix::fs::FileExt as _;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        let at = file.metadata().unwrap().len() / 2;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x5a], at).unwrap();
+    }
+    must(&["kill", "--signal=KILL", &a4.agent]);
+    must(&["start", &a4.agent]);
+    wait_members(&[&a1, &a3, &a4], &["agent-1", "agent-3", "agent-4"]).await;
+    let after = a1.publish(1201, 1300);
+    assert_eq!(
+        after.acked.len(),
+        100,
+        "publishes go on after a follower restarts on a damaged segment"
+    );
+    published.add("agent-4 restarted on a damaged segment", after);
+    // agent-4 repairs its copy: it has every entry the others committed.
+    let group = |pod: &AgentPod| -> Option<Value> {
+        groups_of(pod)?
+            .into_iter()
+            .find(|g| g["partition"] == partition)
+    };
+    eventually(
+        &format!("agent-4 catches up on partition {partition}"),
+        Duration::from_secs(90),
+        || {
+            let committed = [&a1, &a3]
+                .into_iter()
+                .filter_map(|p| group(p)?["commitIndex"].as_u64())
+                .max()?;
+            let mine = group(&a4)?;
+            (mine["recovering"] == false && mine["lastIndex"].as_u64()? >= committed).then_some(())
+        },
+    )
+    .await;
+    // Then the partition's leader dies (agent-3 if agent-4 leads it now):
+    // agent-4 and one other must hold every acknowledged message.
+    let leader = group(&a4).and_then(|g| g["leader"].as_str().map(str::to_owned));
+    let victim = [&a1, &a3]
+        .into_iter()
+        .find(|p| Some(&p.node) == leader.as_ref())
+        .unwrap_or(&a3);
+    let reader = if victim.node == a1.node { &a3 } else { &a1 };
+    must(&["kill", "--signal=KILL", &victim.agent]);
+    eprintln!(
+        "flipped a byte in agent-4's copy of partition {partition}, crashed it, \
+         then killed the partition's leader {} once agent-4 had caught up",
+        victim.node
+    );
+    read_all(reader, "after-damage", &published.acked).await;
+    assert_eq!(published.acked.len(), 1300);
+    eprintln!(
+        "the longest any acknowledged publish waited for its ack: {:.1?}",
+        published.longest
+    );
     drop(lab);
 }
