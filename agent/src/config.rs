@@ -30,6 +30,15 @@ pub enum IdentitySource {
     Dev,
     /// `--cert-dir`: certificate, key and roots from files.
     Files(PathBuf),
+    /// `--cert-dir` and `--identity-addr`: certificate, key and roots from
+    /// files (a Kubernetes pod certificate volume), peers from the
+    /// identity service's discovery endpoint.
+    FilesWithDiscovery {
+        /// The directory of the files.
+        dir: PathBuf,
+        /// The identity service, as in [`IdentitySource::Service`].
+        service: Box<IdentitySource>,
+    },
     /// `--identity-addr`: the injector's identity service.
     Service {
         /// `host:port`.
@@ -99,8 +108,9 @@ pub struct Config {
 
     /// The injector's identity service (`host:port`): the agent trades a CSR
     /// and its service-account token (--token-file) for a mesh certificate,
-    /// and learns other agents' mesh addresses with it.
-    #[arg(long, env = "SHOAL_IDENTITY_ADDR", conflicts_with_all = ["dev", "cert_dir"])]
+    /// and learns other agents' mesh addresses with it. With --cert-dir
+    /// (pod certificates), only the addresses.
+    #[arg(long, env = "SHOAL_IDENTITY_ADDR", conflicts_with = "dev")]
     pub identity_addr: Option<String>,
 
     /// The name the identity service's certificate carries. Default: the
@@ -294,11 +304,23 @@ impl Config {
         if self.dev {
             return Ok(IdentitySource::Dev);
         }
-        if let Some(dir) = &self.cert_dir {
-            return Ok(IdentitySource::Files(dir.clone()));
-        }
+        let service = self.identity_service()?;
+        Ok(match (&self.cert_dir, service) {
+            (Some(dir), Some(service)) => IdentitySource::FilesWithDiscovery {
+                dir: dir.clone(),
+                service: Box::new(service),
+            },
+            (Some(dir), None) => IdentitySource::Files(dir.clone()),
+            (None, Some(service)) => service,
+            (None, None) => IdentitySource::None,
+        })
+    }
+
+    /// The identity service's settings, checked; None without
+    /// --identity-addr.
+    fn identity_service(&self) -> Result<Option<IdentitySource>, AgentError> {
         let Some(addr) = self.identity_addr.clone().filter(|a| !a.trim().is_empty()) else {
-            return Ok(IdentitySource::None);
+            return Ok(None);
         };
         let host = match addr.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host
@@ -325,12 +347,12 @@ impl Config {
                 "--identity-addr needs --token-file (SHOAL_TOKEN_FILE): the projected service-account token with audience shoal".into(),
             )
         })?;
-        Ok(IdentitySource::Service {
+        Ok(Some(IdentitySource::Service {
             server_name: self.identity_server_name.clone().unwrap_or(host),
             addr,
             anchors,
             token_file,
-        })
+        }))
     }
 
     /// The mesh address to advertise: the flag, else (outside `--dev`, bound

@@ -557,6 +557,39 @@ pub async fn signal() {
     }
 }
 
+/// The identity service source of `service` (an [`IdentitySource::Service`]).
+fn service_source(
+    service: crate::config::IdentitySource,
+    config: &Config,
+) -> Result<shoal_mesh::client::IdentityServiceSource, AgentError> {
+    let crate::config::IdentitySource::Service {
+        addr,
+        server_name,
+        anchors,
+        token_file,
+    } = service
+    else {
+        return Err(AgentError::Config(
+            "internal: not an identity service".into(),
+        ));
+    };
+    let id = shoal_mesh::SpiffeId::new(
+        &config.trust_domain,
+        &config.namespace(),
+        &config.service_account(),
+    )
+    .map_err(|e| AgentError::Config(format!("mesh identity: {e}")))?;
+    shoal_mesh::client::IdentityServiceSource::new(shoal_mesh::client::ClientConfig {
+        endpoint: addr,
+        server_name,
+        token_file,
+        anchors_pem: anchors,
+        id,
+        timeout: shoal_mesh::client::DEFAULT_TIMEOUT,
+    })
+    .map_err(|e| AgentError::Config(format!("mesh: {e}")))
+}
+
 /// The mesh identity to start with, and its source: none when the agent has
 /// no identity source. From the identity service, the first certificate is
 /// waited for (retrying with backoff, the agent not ready and `/readyz`
@@ -592,25 +625,16 @@ async fn first_identity(
             false,
         ),
         IdentitySource::Files(dir) => (Arc::new(FileCertSource::in_dir(&dir)), false),
-        IdentitySource::Service {
-            addr,
-            server_name,
-            anchors,
-            token_file,
-        } => (
-            Arc::new(
-                shoal_mesh::client::IdentityServiceSource::new(shoal_mesh::client::ClientConfig {
-                    endpoint: addr,
-                    server_name,
-                    token_file,
-                    anchors_pem: anchors,
-                    id: spiffe(&config.trust_domain)?,
-                    timeout: shoal_mesh::client::DEFAULT_TIMEOUT,
-                })
-                .map_err(mesh_err)?,
-            ),
+        IdentitySource::FilesWithDiscovery { dir, service } => (
+            Arc::new(shoal_mesh::client::FilesWithDiscovery::new(
+                FileCertSource::in_dir(&dir),
+                service_source(*service, config)?,
+            )),
             true,
         ),
+        service @ IdentitySource::Service { .. } => {
+            (Arc::new(service_source(service, config)?), true)
+        }
     };
     let mut failures = 0u32;
     loop {

@@ -58,7 +58,7 @@ fn respond(status: u16, body: Value) -> http::Response<Full<Bytes>> {
 }
 
 fn review(cluster: &Cluster, mut r: TokenReview) -> TokenReview {
-    let token = r.spec.token.clone().unwrap_or_default();
+    let token = r.spec.token.clone();
     let wanted = r.spec.audiences.clone().unwrap_or_default();
     r.status = Some(match cluster.tokens.get(&token) {
         Some((ns, sa, pod, aud)) if wanted.contains(aud) => TokenReviewStatus {
@@ -185,8 +185,7 @@ fn injected_pod(ns: &str, name: &str, mesh_port: u16, created_s: i64) -> Pod {
             namespace: Some(ns.to_owned()),
             name: Some(name.to_owned()),
             creation_timestamp: Some(Time(
-                k8s_openapi::chrono::DateTime::from_timestamp(1_800_000_000 + created_s, 0)
-                    .unwrap(),
+                k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + created_s).unwrap(),
             )),
             labels: Some(BTreeMap::from([(INJECTED.to_owned(), "true".to_owned())])),
             ..ObjectMeta::default()
@@ -322,14 +321,66 @@ fn start_pod_agent(
     start_pod_agent_trusting(root, identity, &identity.bundle, pod, token, mesh_port)
 }
 
+/// [`start_pod_agent`] as injected with `--pod-certificates`: its
+/// certificate, key and roots in `SHOAL_CERT_DIR` as the kubelet writes
+/// them (signed here by the identity service's CA, as the injector's
+/// signer does), and the identity service for peers only.
+fn start_pod_cert_agent(
+    root: &Path,
+    identity: &Identity,
+    (ns, sa, pod): (&str, &str, &str),
+    token: &str,
+    mesh_port: u16,
+) -> MeshAgent {
+    let dir = root.join(pod).join("identity");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let issued = identity
+        .ca
+        .get()
+        .sign_agent_of_node(
+            &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+            Some(&format!("{pod}.{ns}")),
+            &key,
+            unix_now(),
+            3600,
+        )
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), issued.cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("ca.pem"), &identity.bundle).unwrap();
+    start_pod_agent_with(
+        root,
+        identity,
+        &identity.bundle,
+        (ns, sa, pod),
+        token,
+        mesh_port,
+        Some(&dir),
+    )
+}
+
 /// [`start_pod_agent`] with `anchors` as the trust anchors in its pod spec.
 fn start_pod_agent_trusting(
+    root: &Path,
+    identity: &Identity,
+    anchors: &str,
+    pod: (&str, &str, &str),
+    token: &str,
+    mesh_port: u16,
+) -> MeshAgent {
+    start_pod_agent_with(root, identity, anchors, pod, token, mesh_port, None)
+}
+
+/// [`start_pod_agent_trusting`], with `SHOAL_CERT_DIR` when `cert_dir` is set.
+fn start_pod_agent_with(
     root: &Path,
     identity: &Identity,
     anchors: &str,
     (ns, sa, pod): (&str, &str, &str),
     token: &str,
     mesh_port: u16,
+    cert_dir: Option<&Path>,
 ) -> MeshAgent {
     use std::process::{Command, Stdio};
     let dir = root.join(pod);
@@ -351,6 +402,7 @@ fn start_pod_agent_trusting(
         .env("POD_SERVICE_ACCOUNT", sa)
         .env("POD_IP", "127.0.0.1")
         .env("SHOAL_NODE_NAME", format!("{pod}.{ns}"))
+        .envs(cert_dir.map(|d| ("SHOAL_CERT_DIR", d)))
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--app-addr")
@@ -665,6 +717,56 @@ async fn injected_agents_get_certificates_find_each_other_and_deliver() {
         );
         assert_eq!(n, Some(1.0), "{action} refused once on billing's agent");
     }
+}
+
+#[tokio::test]
+async fn agents_with_pod_certificates_find_each_other_through_discovery_alone() {
+    let root = tempdir();
+    let state: State = Arc::default();
+    let identity = start_identity(state.clone()).await;
+    let pods = &SHOP_PODS[..3];
+    let ports = register_pods(&state, pods);
+    let agents: Vec<MeshAgent> = pods
+        .iter()
+        .zip(&ports)
+        .map(|((ns, sa, pod, token), port)| {
+            start_pod_cert_agent(root.path(), &identity, (ns, sa, pod), token, *port)
+        })
+        .collect();
+    let mut everyone: Vec<String> = pods.iter().map(|p| format!("{}.{}", p.2, p.0)).collect();
+    everyone.sort();
+    for a in &agents {
+        wait_until(
+            "every agent sees all alive, with no seeds given",
+            || async { alive(a).await == everyone },
+        )
+        .await;
+    }
+    // Their certificates came from files: the identity service signed
+    // nothing, it only named peers.
+    assert_eq!(issued(&identity), 0);
+    let discovered = identity
+        .metrics
+        .encode(shoal_exposition::Format::Text)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("shoal_injector_identity_requests_total{outcome=\"discovered\"} ")
+        })
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(discovered >= 3, "each agent asked for peers: {discovered}");
+    // And they carry messages between them.
+    let topic = "shop:orders";
+    let r = agents[0]
+        .client
+        .put_json(
+            &format!("/v1/topics/{topic}"),
+            &json!({"partitions": 2, "replicas": 3}),
+        )
+        .await
+        .unwrap();
+    assert!(r.status == 200 || r.status == 201, "{}", r.text());
+    wait_formed(&agents.iter().collect::<Vec<_>>(), pods, topic, 2).await;
 }
 
 #[tokio::test]

@@ -32,6 +32,11 @@ pub const TOKEN_VOLUME_NAME: &str = "shoal-token";
 pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/shoal.io/serviceaccount";
 /// File name of the projected token inside [`TOKEN_MOUNT_PATH`].
 pub const TOKEN_FILE_NAME: &str = "token";
+/// Name of the pod-certificate volume (`--pod-certificates`).
+pub const POD_CERT_VOLUME_NAME: &str = "shoal-identity";
+/// Where the pod-certificate volume is mounted: `cert.pem`, `key.pem` and
+/// `ca.pem`, the agent's `SHOAL_CERT_DIR`.
+pub const POD_CERT_MOUNT_PATH: &str = "/var/run/secrets/shoal.io/identity";
 /// Audience of the projected service-account token.
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "shoal";
 /// Lifetime asked for the projected token (the kubelet renews it at 80 %).
@@ -140,6 +145,11 @@ pub struct InjectConfig {
     /// loaded; a pod injected then gets no identity settings and its agent
     /// runs alone.
     pub trust_anchors: Option<String>,
+    /// Whether the agent's certificate comes from a Kubernetes pod
+    /// certificate volume (signer `shoal.io/mesh`, KEP-4317) rather than
+    /// from a CSR to the identity service; the identity service then only
+    /// names peers.
+    pub pod_certificates: bool,
 }
 
 /// Default address of the identity service as agents reach it.
@@ -166,6 +176,7 @@ impl Default for InjectConfig {
             extra_env: BTreeMap::new(),
             identity_addr: DEFAULT_IDENTITY_ADDR.to_owned(),
             trust_anchors: None,
+            pod_certificates: false,
         }
     }
 }
@@ -195,6 +206,12 @@ pub struct InjectFlags {
     /// Whether agents need a projected service-account token for their identity.
     #[arg(long, env = "SHOAL_IDENTITY", default_value_t = true, action = clap::ArgAction::Set)]
     pub identity: bool,
+    /// Agents get their certificates as Kubernetes pod certificates
+    /// (KEP-4317, Kubernetes 1.37+): a `podCertificate` volume for signer
+    /// `shoal.io/mesh`, signed by the injector, instead of a CSR to its
+    /// identity service.
+    #[arg(long, env = "SHOAL_POD_CERTIFICATES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub pod_certificates: bool,
     /// Default agent CPU request.
     #[arg(long, env = "SHOAL_AGENT_CPU_REQUEST", default_value = DEFAULT_CPU_REQUEST)]
     pub agent_cpu_request: String,
@@ -229,6 +246,7 @@ impl InjectFlags {
             log_level: self.agent_log_level.clone(),
             join: self.agent_join.clone(),
             identity: self.identity,
+            pod_certificates: self.identity && self.pod_certificates,
             extra_env: self.agent_env.iter().cloned().collect(),
             excluded_namespaces: self.exclude_namespaces.clone(),
             ..InjectConfig::default()

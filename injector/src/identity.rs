@@ -47,6 +47,9 @@ pub fn node_name(pod: &str, namespace: &str) -> String {
 pub const IDENTITY_PORT_NAME: &str = "identity";
 /// Path of the certificate endpoint.
 pub const CERTIFICATES_PATH: &str = "/v1/certificates";
+/// Path of the discovery endpoint (`{"token"}` in, `{"peers", "founder"}`
+/// out), for agents whose certificate comes from a pod certificate volume.
+pub const PEERS_PATH: &str = "/v1/peers";
 /// Default trust domain of cluster meshes.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Default lifetime of an agent certificate.
@@ -125,6 +128,8 @@ impl std::fmt::Display for SpiffeId {
 pub enum Outcome {
     /// A certificate was issued.
     Issued,
+    /// Peers were named (`POST /v1/peers`).
+    Discovered,
     /// Not a JSON body with `csr` and `token`, wrong method or path.
     BadRequest,
     /// The CSR does not parse, its signature does not verify, or it does not
@@ -148,8 +153,9 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, so the metric starts with each at 0.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Issued,
+        Outcome::Discovered,
         Outcome::BadRequest,
         Outcome::BadCsr,
         Outcome::TokenInvalid,
@@ -164,6 +170,7 @@ impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Issued => "issued",
+            Outcome::Discovered => "discovered",
             Outcome::BadRequest => "bad_request",
             Outcome::BadCsr => "bad_csr",
             Outcome::TokenInvalid => "token_invalid",
@@ -178,7 +185,7 @@ impl Outcome {
     /// The HTTP status of the answer.
     pub fn status(self) -> StatusCode {
         match self {
-            Outcome::Issued => StatusCode::OK,
+            Outcome::Issued | Outcome::Discovered => StatusCode::OK,
             Outcome::BadRequest | Outcome::BadCsr => StatusCode::BAD_REQUEST,
             Outcome::TokenInvalid | Outcome::TokenExpired | Outcome::TokenAudience => {
                 StatusCode::UNAUTHORIZED
@@ -243,14 +250,20 @@ fn unauthenticated(error: Option<&str>) -> Denial {
     Denial::new(outcome, format!("{what} (API server: {detail})"))
 }
 
-/// The decision: may the holder of the reviewed token have a certificate
-/// for `wanted`? Pure; `status` is the API server's answer to a TokenReview
-/// that asked for `policy.audience`.
-pub fn decide(
-    status: &TokenReviewStatus,
-    wanted: &SpiffeId,
-    policy: &Policy,
-) -> Result<Allowed, Denial> {
+/// Who a reviewed token speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bearer {
+    /// The service account's namespace.
+    pub namespace: String,
+    /// The service account.
+    pub service_account: String,
+    /// The pod the token is bound to, and its UID when the API server said.
+    pub allowed: Allowed,
+}
+
+/// The first half of [`decide`]: the token is authenticated, for
+/// `policy.audience`, a service account's and bound to a pod. Pure.
+pub fn authenticate(status: &TokenReviewStatus, policy: &Policy) -> Result<Bearer, Denial> {
     if status.authenticated != Some(true) {
         return Err(unauthenticated(status.error.as_deref()));
     }
@@ -289,12 +302,36 @@ pub fn decide(
             "the token is not bound to a pod: use the projected token the injector mounts",
         ));
     };
+    Ok(Bearer {
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
+        allowed: Allowed {
+            pod,
+            pod_uid: single(EXTRA_POD_UID),
+        },
+    })
+}
+
+/// The decision: may the holder of the reviewed token have a certificate
+/// for `wanted`? Pure; `status` is the API server's answer to a TokenReview
+/// that asked for `policy.audience`.
+pub fn decide(
+    status: &TokenReviewStatus,
+    wanted: &SpiffeId,
+    policy: &Policy,
+) -> Result<Allowed, Denial> {
+    let Bearer {
+        namespace,
+        service_account,
+        allowed,
+    } = authenticate(status, policy)?;
     if namespace != wanted.namespace || service_account != wanted.service_account {
         return Err(Denial::new(
             Outcome::IdentityMismatch,
             format!(
-                "the token is for service account {namespace}/{service_account} (pod {pod}), \
-                 the CSR asks for {wanted}"
+                "the token is for service account {namespace}/{service_account} (pod {}), \
+                 the CSR asks for {wanted}",
+                allowed.pod
             ),
         ));
     }
@@ -307,10 +344,7 @@ pub fn decide(
             ),
         ));
     }
-    Ok(Allowed {
-        pod,
-        pod_uid: single(EXTRA_POD_UID),
-    })
+    Ok(allowed)
 }
 
 /// A checked CSR: the identity it asks for and the key to certify.
@@ -402,6 +436,24 @@ pub struct CertificateResponse {
     /// so founds the mesh (creates its meta group); every other one joins.
     /// Absent when the service runs without discovery: the agent then
     /// decides as without one (it founds when it has no one to join).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub founder: Option<bool>,
+}
+
+/// A discovery request (`POST /v1/peers`).
+#[derive(Clone, Deserialize)]
+pub struct PeersRequest {
+    /// The pod's projected service-account token (audience `shoal`).
+    pub token: String,
+}
+
+/// The answer to a discovery request: as the same fields of
+/// [`CertificateResponse`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeersResponse {
+    /// Other agents' mesh addresses (`ip:port`).
+    pub peers: Vec<String>,
+    /// Whether the agent's pod is the oldest injected pod (it founds the mesh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub founder: Option<bool>,
 }
@@ -500,6 +552,57 @@ impl IdentityService {
         result
     }
 
+    /// Answers one discovery request body; counts its outcome.
+    pub async fn handle_peers(&self, body: &[u8]) -> Result<PeersResponse, Denial> {
+        let result = self.discover(body).await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Discovered,
+            Err(d) => {
+                tracing::info!(code = d.outcome.as_str(), reason = %d.message, "discovery refused");
+                d.outcome
+            }
+        };
+        self.metrics.identity_request(outcome.as_str());
+        result
+    }
+
+    async fn discover(&self, body: &[u8]) -> Result<PeersResponse, Denial> {
+        let req: PeersRequest = serde_json::from_slice(body).map_err(|e| {
+            Denial::new(
+                Outcome::BadRequest,
+                format!("expected JSON {{\"token\": \"<JWT>\"}}: {e}"),
+            )
+        })?;
+        let token = req.token.trim();
+        if token.is_empty() {
+            return Err(Denial::new(Outcome::BadRequest, "token is empty"));
+        }
+        let status = self.review(token).await?;
+        let bearer = authenticate(&status, &self.config.policy)?;
+        let Some(book) = &self.peers else {
+            return Ok(PeersResponse {
+                peers: Vec::new(),
+                founder: None,
+            });
+        };
+        let found = book
+            .peers_for(
+                (&bearer.namespace, &bearer.allowed.pod),
+                bearer.allowed.pod_uid.as_deref(),
+            )
+            .await
+            .ok_or_else(|| {
+                Denial::new(
+                    Outcome::ApiUnavailable,
+                    "the injector's watch does not list this pod yet (discovery); retry shortly",
+                )
+            })?;
+        Ok(PeersResponse {
+            peers: found.peers.iter().map(ToString::to_string).collect(),
+            founder: Some(found.founder),
+        })
+    }
+
     async fn issue(&self, body: &[u8]) -> Result<CertificateResponse, Denial> {
         let req: CertificateRequest = serde_json::from_slice(body).map_err(|e| {
             Denial::new(
@@ -559,7 +662,7 @@ impl IdentityService {
         let api: Api<TokenReview> = Api::all(self.client.clone());
         let review = TokenReview {
             spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
+                token: token.to_owned(),
                 audiences: Some(vec![self.config.policy.audience.clone()]),
             },
             ..TokenReview::default()

@@ -293,12 +293,17 @@ pub fn inject(pod: &Pod, ctx: PodContext<'_>, config: &InjectConfig) -> Outcome 
                         audience: Some(config.token_audience.clone()),
                         expiration_seconds: Some(config.token_expiration_seconds),
                         path: cfg::TOKEN_FILE_NAME.to_owned(),
+                        ..ServiceAccountTokenProjection::default()
                     }),
                     ..VolumeProjection::default()
                 }]),
+                ..ProjectedVolumeSource::default()
             }),
             ..Volume::default()
         });
+    }
+    if config.pod_certificates {
+        volumes.push(pod_certificate_volume());
     }
     match &spec.volumes {
         None => add(
@@ -351,6 +356,53 @@ fn shoal_url_ops(pod: &Pod, config: &InjectConfig, patch: &mut Vec<PatchOperatio
                 var.clone(),
             ),
         }
+    }
+}
+
+/// The pod-certificate volume: the kubelet's key and the certificate signer
+/// `shoal.io/mesh` issues for it, and the mesh roots from the signer's
+/// ClusterTrustBundles, under the file names the agent's `SHOAL_CERT_DIR`
+/// reads.
+fn pod_certificate_volume() -> Volume {
+    use k8s_openapi::api::core::v1::{ClusterTrustBundleProjection, PodCertificateProjection};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    Volume {
+        name: cfg::POD_CERT_VOLUME_NAME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o440),
+            sources: Some(vec![
+                VolumeProjection {
+                    pod_certificate: Some(PodCertificateProjection {
+                        signer_name: crate::podcert::SIGNER_NAME.to_owned(),
+                        key_type: crate::podcert::KEY_TYPE.to_owned(),
+                        certificate_chain_path: Some("cert.pem".to_owned()),
+                        key_path: Some("key.pem".to_owned()),
+                        ..PodCertificateProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    cluster_trust_bundle: Some(ClusterTrustBundleProjection {
+                        signer_name: Some(crate::podcert::SIGNER_NAME.to_owned()),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(
+                                [(
+                                    crate::podcert::TRUST_BUNDLE_LABEL.to_owned(),
+                                    crate::podcert::TRUST_BUNDLE_LABEL_VALUE.to_owned(),
+                                )]
+                                .into(),
+                            ),
+                            ..LabelSelector::default()
+                        }),
+                        path: "ca.pem".to_owned(),
+                        ..ClusterTrustBundleProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
     }
 }
 
@@ -536,6 +588,15 @@ fn agent_container(
                 config.identity_addr.clone(),
             ));
             env.push(value_env("SHOAL_IDENTITY_TRUST_ANCHORS", anchors.clone()));
+            // With pod certificates the identity service only names peers;
+            // an agent that had the certificate but not the service would
+            // found a mesh of its own.
+            if config.pod_certificates {
+                env.push(value_env(
+                    "SHOAL_CERT_DIR",
+                    cfg::POD_CERT_MOUNT_PATH.to_owned(),
+                ));
+            }
         }
     }
     for (k, v) in &config.extra_env {
@@ -553,6 +614,14 @@ fn agent_container(
         mounts.push(VolumeMount {
             name: cfg::TOKEN_VOLUME_NAME.to_owned(),
             mount_path: cfg::TOKEN_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    if config.pod_certificates {
+        mounts.push(VolumeMount {
+            name: cfg::POD_CERT_VOLUME_NAME.to_owned(),
+            mount_path: cfg::POD_CERT_MOUNT_PATH.to_owned(),
             read_only: Some(true),
             ..VolumeMount::default()
         });

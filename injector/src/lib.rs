@@ -13,6 +13,8 @@
 //! - [`tls`], [`bootstrap`]: serving certificates from files or self-made.
 //! - [`identity`], [`meshca`]: the identity service that signs agent
 //!   certificates with the mesh CA kept in a Secret.
+//! - [`podcert`]: the signer of Kubernetes pod certificates (KEP-4317),
+//!   the other way to the same certificates.
 //! - [`peers`]: discovery, from a watch of injected pods.
 //! - [`server`], [`run`]: the HTTPS and admin servers and the process.
 #![forbid(unsafe_code)]
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod nscache;
 pub mod offline;
 pub mod peers;
+pub mod podcert;
 pub mod run;
 pub mod server;
 pub mod tls;

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub mesh_ca_expiry: Gauge,
     /// Failed re-reads of the mesh CA Secret (the CA in use stays).
     pub mesh_ca_reload_errors: Counter,
+    /// PodCertificateRequests answered, by outcome.
+    pub pod_certificates: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -156,6 +158,19 @@ impl Metrics {
             "Re-reads of the mesh CA Secret that failed (the CA in use stays)",
             mesh_ca_reload_errors.clone(),
         );
+        let pod_certificates = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "pod_certificates",
+            "PodCertificateRequests for signer shoal.io/mesh answered, by outcome",
+            pod_certificates.clone(),
+        );
+        for reason in crate::podcert::Reason::ALL {
+            pod_certificates
+                .get_or_create(&OutcomeLabels {
+                    outcome: reason.as_str().to_owned(),
+                })
+                .inc_by(0);
+        }
         for outcome in crate::identity::Outcome::ALL {
             identity_requests
                 .get_or_create(&OutcomeLabels {
@@ -183,6 +198,7 @@ impl Metrics {
             identity_certificates_issued,
             mesh_ca_expiry,
             mesh_ca_reload_errors,
+            pod_certificates,
         }
     }
 
@@ -217,6 +233,15 @@ impl Metrics {
     /// Counts one identity request.
     pub fn identity_request(&self, outcome: &str) {
         self.identity_requests
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one answered PodCertificateRequest.
+    pub fn pod_certificate(&self, outcome: &str) {
+        self.pod_certificates
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.to_owned(),
             })

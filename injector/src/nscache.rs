@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{metadata_watcher, watcher, WatchStreamExt as _};
+use kube::runtime::{watcher, WatchStreamExt as _};
 
 use crate::admission::{AnnotationsFuture, NamespaceLookup};
 
@@ -41,11 +41,14 @@ impl NamespaceCache {
         client: kube::Client,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> NamespaceCache {
-        let api: Api<Namespace> = Api::all(client);
+        let api: Api<Namespace> = Api::all(client.clone());
         let (store, writer) = reflector::store();
         let stream = reflector::reflector(
             writer,
-            metadata_watcher(api.clone(), watcher::Config::default()),
+            watcher(
+                Api::<PartialObjectMeta<Namespace>>::all(client),
+                watcher::Config::default(),
+            ),
         )
         .default_backoff()
         .touched_objects();

@@ -242,6 +242,7 @@ pub async fn run(args: Args) -> Result<(), InjectorError> {
         let identity = IdentitySetup {
             anchors: trust_anchors.clone(),
             peers: PeerBook::start(client.clone(), shutdown_rx.clone()),
+            pod_certificates: args.inject.pod_certificates,
             config: identity_config(&args)?,
             client: client.clone(),
             target: MeshCaTarget {
@@ -404,6 +405,8 @@ struct IdentitySetup {
     anchors: TrustAnchors,
     /// Injected pods, for discovery.
     peers: PeerBook,
+    /// Whether to sign PodCertificateRequests for `shoal.io/mesh`.
+    pod_certificates: bool,
     client: kube::Client,
     target: MeshCaTarget,
     metrics: Arc<Metrics>,
@@ -424,6 +427,7 @@ async fn run_identity(
         config,
         anchors,
         peers,
+        pod_certificates,
         client,
         target,
         metrics,
@@ -466,6 +470,22 @@ async fn run_identity(
     tracing::info!(roots = ca.roots(), "identity service serving");
     set_anchors(&anchors, &ca);
     let ca_store = CaStore::new(ca);
+    if pod_certificates {
+        tracing::info!(
+            signer = crate::podcert::SIGNER_NAME,
+            "signing pod certificates"
+        );
+        tokio::spawn(
+            crate::podcert::Signer::new(
+                client.clone(),
+                ca_store.clone(),
+                config.policy.trust_domain.clone(),
+                config.cert_lifetime,
+                metrics.clone(),
+            )
+            .run(shutdown.clone()),
+        );
+    }
     let service = IdentityService::new(client.clone(), ca_store.clone(), config, metrics.clone())
         .with_peers(peers);
     tokio::join!(

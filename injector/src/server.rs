@@ -142,11 +142,12 @@ pub async fn handle_identity(service: IdentityService, req: Request<Incoming>) -
             .identity_request(Outcome::BadRequest.as_str());
         error_response(status, code, message)
     };
-    if req.uri().path() != identity::CERTIFICATES_PATH {
+    let path = req.uri().path().to_owned();
+    if path != identity::CERTIFICATES_PATH && path != identity::PEERS_PATH {
         return refuse(
             StatusCode::NOT_FOUND,
             "not_found",
-            "certificates are requested with POST /v1/certificates",
+            "certificates are requested with POST /v1/certificates, peers with POST /v1/peers",
         );
     }
     if req.method() != Method::POST {
@@ -177,8 +178,16 @@ pub async fn handle_identity(service: IdentityService, req: Request<Incoming>) -
             )
         }
     };
-    match service.handle(&bytes).await {
-        Ok(answer) => match serde_json::to_vec(&answer) {
+    let answer = if path == identity::PEERS_PATH {
+        service
+            .handle_peers(&bytes)
+            .await
+            .map(|a| serde_json::to_vec(&a))
+    } else {
+        service.handle(&bytes).await.map(|a| serde_json::to_vec(&a))
+    };
+    match answer {
+        Ok(answer) => match answer {
             Ok(body) => json_response(StatusCode::OK, body),
             Err(e) => error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,

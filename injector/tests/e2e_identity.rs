@@ -5,8 +5,9 @@
 //! that are counted.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde_json::{json, Value};
 use shoal_injector::identity::{
-    CertificateResponse, IdentityConfig, IdentityService, CERTIFICATES_PATH,
+    CertificateResponse, IdentityConfig, IdentityService, CERTIFICATES_PATH, PEERS_PATH,
 };
 use shoal_injector::meshca::{self, CaStore};
 use shoal_injector::metrics::Metrics;
@@ -93,7 +94,7 @@ fn not_found(what: &str) -> http::Response<Full<Bytes>> {
 fn review(state: &State, mut review: TokenReview) -> TokenReview {
     let mut st = state.lock().unwrap();
     let wanted = review.spec.audiences.clone().unwrap_or_default();
-    let raw = review.spec.token.clone().unwrap_or_default();
+    let raw = review.spec.token.clone();
     st.reviews.push((raw.clone(), wanted.clone()));
     let refuse = |error: String| TokenReviewStatus {
         authenticated: Some(false),
@@ -186,26 +187,7 @@ async fn api(
 
 /// Starts the stand-in; returns its address.
 async fn start_api(state: State) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(api(state, req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    common::serve_http(move |req| api(state.clone(), req)).await
 }
 
 fn client(addr: SocketAddr) -> kube::Client {
@@ -504,6 +486,21 @@ async fn identity_end_to_end() {
     assert_eq!((status, error_code(&body)), (400, "bad_request"), "{body}");
     let (status, _) = post(addr, &conn, "/elsewhere", json!({})).await;
     assert_eq!(status, 404);
+
+    // Discovery alone (agents with pod certificates): the token, no CSR.
+    // This service has no peer book, so it names no one and has no say
+    // on who founds.
+    let (status, body) = post(addr, &conn, PEERS_PATH, json!({"token": "good"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"peers": []}));
+    assert_eq!(outcome_count(&metrics, "discovered"), 1);
+    let (status, body) = post(addr, &conn, PEERS_PATH, json!({"token": "expired"})).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (401, "token_expired"),
+        "{body}"
+    );
+    assert_eq!(outcome_count(&metrics, "token_expired"), 2);
 
     // A rotation in progress: previous-ca.crt in the Secret joins the bundle.
     let old = meshca::generate(now() - 30 * DAY).unwrap();

@@ -133,3 +133,89 @@ async fn patched_pods_are_valid_pods_and_inject_once() {
     // The patched pods are valid against the Kubernetes schema.
     common::kubernetes_validate(&files);
 }
+
+/// With `--pod-certificates`, the agent gets a pod-certificate volume for
+/// signer `shoal.io/mesh` with the mesh roots beside it, and reads its
+/// certificate there (`SHOAL_CERT_DIR`); the identity service only names
+/// peers. Valid against the Kubernetes 1.37 schema (the API is stable
+/// there).
+#[tokio::test]
+async fn golden_pod_certificates() {
+    let config = shoal_injector::InjectConfig {
+        pod_certificates: true,
+        trust_anchors: Some(
+            "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n".to_owned(),
+        ),
+        ..common::test_config()
+    };
+    let webhook = shoal_injector::admission::Webhook::new(
+        config,
+        std::sync::Arc::new(common::namespaces()),
+        std::sync::Arc::new(shoal_injector::metrics::Metrics::new()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for name in ["deployment-pod", "classic-sidecar-tuned"] {
+        let review = fixtures().into_iter().find(|(n, _)| n == name).unwrap().1;
+        let resp = webhook
+            .review(&serde_json::to_vec(&review).unwrap())
+            .await
+            .unwrap();
+        let normalized = common::normalize(&serde_json::from_slice(&resp).unwrap());
+        let path = common::crate_dir().join(format!("tests/golden/pod-certificates/{name}.json"));
+        common::check_golden(&path, &normalized);
+        let patched = common::apply(&review["request"]["object"], &normalized);
+        let typed: Pod = serde_json::from_value(patched.clone()).unwrap();
+        let agent = typed
+            .spec
+            .iter()
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
+            .find(|c| c.name == "shoal-agent")
+            .unwrap()
+            .clone();
+        let env: std::collections::BTreeMap<String, String> = agent
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            env.get("SHOAL_CERT_DIR").map(String::as_str),
+            Some("/var/run/secrets/shoal.io/identity"),
+            "{name}"
+        );
+        assert!(env.contains_key("SHOAL_IDENTITY_ADDR"), "{name}: peers");
+        let volume = typed
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "shoal-identity")
+            .unwrap()
+            .clone();
+        let sources = volume.projected.unwrap().sources.unwrap();
+        let cert = sources[0].pod_certificate.as_ref().unwrap();
+        assert_eq!(cert.signer_name, "shoal.io/mesh");
+        assert_eq!(cert.key_path.as_deref(), Some("key.pem"));
+        assert_eq!(cert.certificate_chain_path.as_deref(), Some("cert.pem"));
+        let roots = sources[1].cluster_trust_bundle.as_ref().unwrap();
+        assert_eq!(roots.signer_name.as_deref(), Some("shoal.io/mesh"));
+        assert_eq!(roots.path, "ca.pem");
+        let mut named = patched;
+        if named["metadata"].get("name").is_none() {
+            named["metadata"]["name"] = Value::String(format!("{name}-x7k2p"));
+        }
+        files.push(common::write_json(
+            dir.path(),
+            &format!("{name}.json"),
+            &named,
+        ));
+    }
+    common::kubernetes_validate_at("1.37.0", &files);
+}

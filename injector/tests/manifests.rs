@@ -289,3 +289,42 @@ fn example_apps_use_only_shoal_url_and_inject_cleanly() {
     std::fs::write(&path, out).unwrap();
     common::kubernetes_validate(&[path]);
 }
+
+#[test]
+fn the_pod_certificates_overlay_turns_the_signer_on_with_just_its_rights() {
+    let docs = build("pod-certificates");
+    let deployment = find(&docs, "Deployment", "shoal-injector");
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "SHOAL_POD_CERTIFICATES" && e["value"] == "true"),
+        "{env:?}"
+    );
+    let role = find(&docs, "ClusterRole", "shoal-injector-pod-certificates");
+    let rules = role["rules"].as_array().unwrap();
+    let signer = rules
+        .iter()
+        .find(|r| r["resources"][0] == "signers")
+        .unwrap();
+    assert_eq!(
+        signer["resourceNames"],
+        serde_json::json!([shoal_injector::podcert::SIGNER_NAME])
+    );
+    let bundle = rules
+        .iter()
+        .find(|r| r["resources"][0] == "clustertrustbundles" && r.get("resourceNames").is_some())
+        .unwrap();
+    assert_eq!(
+        bundle["resourceNames"],
+        serde_json::json!([shoal_injector::podcert::TRUST_BUNDLE_NAME])
+    );
+    find(
+        &docs,
+        "ClusterRoleBinding",
+        "shoal-injector-pod-certificates",
+    );
+    // Everything of the base is still there.
+    find(&docs, "MutatingWebhookConfiguration", "shoal-injector");
+}

@@ -178,7 +178,7 @@ fn review(st: &mut ApiState, mut r: TokenReview) -> TokenReview {
         error: Some(error),
         ..TokenReviewStatus::default()
     };
-    let token = r.spec.token.clone().unwrap_or_default();
+    let token = r.spec.token.clone();
     r.status = Some(match st.tokens.get(&token) {
         None => refuse("[invalid bearer token, token lookup failed]".to_owned()),
         Some(c) if c.expires <= unix_now() => {
@@ -692,7 +692,7 @@ impl Cluster {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         pod.metadata.uid = Some(format!("uid-{namespace}-{name}"));
         pod.metadata.creation_timestamp = Some(Time(
-            k8s_openapi::chrono::DateTime::from_timestamp(created, 0).unwrap(),
+            k8s_openapi::jiff::Timestamp::from_second(created).unwrap(),
         ));
         let spec = pod.spec.as_mut().unwrap();
         spec.service_account_name
@@ -783,7 +783,7 @@ impl Cluster {
 fn injector_args(lab: &Lab, api_addr: SocketAddr, api_ca: &str) -> Vec<String> {
     let text = std::fs::read_to_string(repo_dir().join("manifests/base/deployment.yaml")).unwrap();
     let deployment: Deployment = serde_norway::from_str(&text).unwrap();
-    let spec = deployment.spec.unwrap().template.spec.unwrap();
+    let spec = deployment.spec.template.spec.unwrap();
     let c = spec
         .containers
         .iter()
@@ -874,7 +874,7 @@ fn hello_pods(namespace: &str, anchors: &Path, dir: &Path) -> Vec<Pod> {
     serde_norway::Deserializer::from_str(&text)
         .map(|doc| {
             let d: Deployment = serde::Deserialize::deserialize(doc).unwrap();
-            let template = d.spec.unwrap().template;
+            let template = d.spec.template;
             let name = d.metadata.name.unwrap();
             let mut meta = template.metadata.unwrap_or_default();
             // The subscribers have the same pod name in both namespaces (as

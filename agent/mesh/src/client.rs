@@ -27,6 +27,9 @@ use crate::MeshError;
 
 /// Path of the identity endpoint's certificate requests.
 pub const CERTIFICATES_PATH: &str = "/v1/certificates";
+/// Path of the identity service's discovery endpoint (for agents whose
+/// certificate comes from files).
+pub const PEERS_PATH: &str = "/v1/peers";
 /// Default identity endpoint: the injector's Service, port `identity`.
 pub const DEFAULT_ENDPOINT: &str = "shoal-injector.shoal-system.svc:4711";
 /// Default limit on one request (connect, TLS, answer).
@@ -65,6 +68,15 @@ struct Answer {
     #[serde(default)]
     peers: Vec<String>,
     /// Whether this agent's pod is the oldest injected one (it founds the mesh).
+    #[serde(default)]
+    founder: Option<bool>,
+}
+
+/// The answer of the discovery endpoint.
+#[derive(Deserialize)]
+struct PeersAnswer {
+    #[serde(default)]
+    peers: Vec<String>,
     #[serde(default)]
     founder: Option<bool>,
 }
@@ -167,7 +179,7 @@ impl IdentityServiceSource {
 
     /// One request, on a thread of its own with its own runtime, so it can
     /// be called from anywhere (the mesh calls `load` from a blocking task).
-    fn request(&self, csr_pem: String, token: String) -> Result<(u16, Vec<u8>), MeshError> {
+    fn request(&self, path: &'static str, body: String) -> Result<(u16, Vec<u8>), MeshError> {
         let roots = self.roots();
         let config = self.config.clone();
         std::thread::scope(|s| {
@@ -177,7 +189,7 @@ impl IdentityServiceSource {
                     .build()
                     .map_err(|e| cert_err(format!("runtime: {e}")))?;
                 rt.block_on(async {
-                    tokio::time::timeout(config.timeout, post(&config, roots, csr_pem, token))
+                    tokio::time::timeout(config.timeout, post(&config, roots, path, body))
                         .await
                         .unwrap_or_else(|_| {
                             Err(cert_err(format!(
@@ -207,16 +219,8 @@ impl IdentityServiceSource {
             .serialize_request(&key)
             .and_then(|c| c.pem())
             .map_err(cert_err)?;
-        let (status, body) = self.request(csr, token.trim().to_owned())?;
-        if status != 200 {
-            let why = serde_json::from_slice::<ErrorBody>(&body).map_or_else(
-                |_| String::from_utf8_lossy(&body).chars().take(200).collect(),
-                |e| format!("{}: {}", e.error.code, e.error.message),
-            );
-            return Err(cert_err(format!(
-                "identity service refused ({status}): {why}"
-            )));
-        }
+        let body = serde_json::json!({"csr": csr, "token": token.trim()}).to_string();
+        let body = self.answered(CERTIFICATES_PATH, body)?;
         let answer: Answer = serde_json::from_slice(&body)
             .map_err(|e| cert_err(format!("identity service answer: {e}")))?;
         let chain = parse_pem_certs(&answer.certificate, "issued certificate")?;
@@ -235,18 +239,10 @@ impl IdentityServiceSource {
             return Err(cert_err("issued certificate is not for our key"));
         }
         let (not_before, not_after) = validity_of(leaf)?;
-        // Addresses that do not parse are skipped: discovery is a hint,
-        // and every peer is still authenticated by mTLS.
-        let peers: Vec<SocketAddr> = answer
-            .peers
-            .iter()
-            .filter_map(|p| p.parse().ok())
-            .take(MAX_PEERS)
-            .collect();
         {
             let mut st = self.state();
             st.learned_roots = roots.clone();
-            st.peers = peers;
+            st.peers = parse_peers(&answer.peers);
             st.founder = answer.founder;
         }
         Ok(Identity {
@@ -261,11 +257,126 @@ impl IdentityServiceSource {
     }
 }
 
+/// Addresses that do not parse are skipped: discovery is a hint, and every
+/// peer is still authenticated by mTLS.
+fn parse_peers(peers: &[String]) -> Vec<SocketAddr> {
+    peers
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .take(MAX_PEERS)
+        .collect()
+}
+
+impl IdentityServiceSource {
+    /// POSTs `body` to `path`; the body of a 200 answer, else the refusal
+    /// as an error.
+    fn answered(&self, path: &'static str, body: String) -> Result<Vec<u8>, MeshError> {
+        let (status, body) = self.request(path, body)?;
+        if status != 200 {
+            let why = serde_json::from_slice::<ErrorBody>(&body).map_or_else(
+                |_| String::from_utf8_lossy(&body).chars().take(200).collect(),
+                |e| format!("{}: {}", e.error.code, e.error.message),
+            );
+            return Err(cert_err(format!(
+                "identity service refused ({status}): {why}"
+            )));
+        }
+        Ok(body)
+    }
+
+    /// Asks the discovery endpoint for peers (with the token, no CSR), and
+    /// keeps them for [`CertSource::peers`].
+    pub fn discover(&self) -> Result<(), MeshError> {
+        let token =
+            std::fs::read_to_string(&self.config.token_file).map_err(|source| MeshError::Io {
+                path: self.config.token_file.clone(),
+                source,
+            })?;
+        let body = serde_json::json!({"token": token.trim()}).to_string();
+        let body = self.answered(PEERS_PATH, body)?;
+        let answer: PeersAnswer = serde_json::from_slice(&body)
+            .map_err(|e| cert_err(format!("identity service discovery answer: {e}")))?;
+        let mut st = self.state();
+        st.peers = parse_peers(&answer.peers);
+        st.founder = answer.founder;
+        Ok(())
+    }
+}
+
+/// A [`CertSource`] whose certificate comes from files (a Kubernetes pod
+/// certificate volume) and whose peers come from the identity service's
+/// discovery endpoint.
+pub struct FilesWithDiscovery {
+    files: crate::certs::FileCertSource,
+    discovery: IdentityServiceSource,
+    /// Whether discovery ever answered: until it has, a load fails (an
+    /// agent that knew no one would found a mesh of its own); after, a
+    /// failure keeps the peers last named.
+    discovered: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for FilesWithDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilesWithDiscovery")
+            .field("files", &self.files)
+            .field("discovery", &self.discovery)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FilesWithDiscovery {
+    /// Certificates from `files`, peers from `discovery`.
+    pub fn new(files: crate::certs::FileCertSource, discovery: IdentityServiceSource) -> Self {
+        FilesWithDiscovery {
+            files,
+            discovery,
+            discovered: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl CertSource for FilesWithDiscovery {
+    fn load(&self) -> Result<Identity, MeshError> {
+        let identity = self.files.load()?;
+        match self.discovery.discover() {
+            Ok(()) => {
+                self.discovered
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+            Err(e) if self.discovered.load(std::sync::atomic::Ordering::Acquire) => {
+                tracing::warn!(error = %e, "discovery failed; keeping the peers it named before");
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(identity)
+    }
+
+    fn changed(&self, current: &Identity) -> bool {
+        self.files.changed(current)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}, peers from {}",
+            self.files.describe(),
+            self.discovery.describe()
+        )
+    }
+
+    fn peers(&self) -> Vec<SocketAddr> {
+        self.discovery.peers()
+    }
+
+    fn founds_mesh(&self) -> Option<bool> {
+        self.discovery.founds_mesh()
+    }
+}
+
 async fn post(
     config: &ClientConfig,
     roots: rustls::RootCertStore,
-    csr_pem: String,
-    token: String,
+    path: &'static str,
+    body: String,
 ) -> Result<(u16, Vec<u8>), MeshError> {
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -290,10 +401,9 @@ async fn post(
             .await
             .map_err(|e| cert_err(format!("HTTP with {}: {e}", config.endpoint)))?;
     tokio::spawn(conn);
-    let body = serde_json::json!({"csr": csr_pem, "token": token}).to_string();
     let req = http::Request::builder()
         .method("POST")
-        .uri(CERTIFICATES_PATH)
+        .uri(path)
         .header(http::header::HOST, config.server_name.as_str())
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))

@@ -57,7 +57,7 @@ fn pods_without_ip_agent_or_future_have_none() {
     assert_eq!(mesh_address(&pod("a", "p", Some("not an ip"), None)), None);
 
     let mut deleting = pod("a", "p", Some("10.0.0.1"), None);
-    deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::chrono::DateTime::UNIX_EPOCH));
+    deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
     assert_eq!(mesh_address(&deleting), None);
 
     let mut done = pod("a", "p", Some("10.0.0.1"), None);
@@ -139,7 +139,7 @@ fn the_first_agent_hears_of_nobody() {
 
 fn created(mut p: Pod, s: i64) -> Pod {
     p.metadata.creation_timestamp = Some(Time(
-        k8s_openapi::chrono::DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap(),
+        k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s).unwrap(),
     ));
     p
 }

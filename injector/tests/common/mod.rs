@@ -11,6 +11,37 @@ use shoal_injector::admission::{StaticNamespaces, Webhook};
 use shoal_injector::metrics::Metrics;
 use shoal_injector::InjectConfig;
 
+/// Serves `handler` over plain HTTP/1.1 on a loopback port (an API-server
+/// stand-in); returns its address. Runs until the test's runtime ends.
+pub async fn serve_http<F, Fut>(handler: F) -> std::net::SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<http_body_util::Full<bytes::Bytes>>>
+        + Send
+        + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let reply = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(reply.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// Kubernetes version schemas are checked against (the oldest supported).
 pub const KUBERNETES_VERSION: &str = "1.30.0";
 /// Env var that makes golden tests rewrite their expected files.
@@ -93,12 +124,17 @@ fn install_hint() -> &'static str {
 /// Validates files against the Kubernetes schemas with `kubernetes-validate
 /// --strict`; panics (fails the test) with its output, or when it is missing.
 pub fn kubernetes_validate(files: &[PathBuf]) {
+    kubernetes_validate_at(KUBERNETES_VERSION, files);
+}
+
+/// [`kubernetes_validate`] against the schemas of Kubernetes `version`.
+pub fn kubernetes_validate_at(version: &str, files: &[PathBuf]) {
     let tool = find_tool("SHOAL_KUBERNETES_VALIDATE", "kubernetes-validate");
     let out = Command::new(&tool)
         .arg("--strict")
         .arg("--no-warn")
         .arg("-k")
-        .arg(KUBERNETES_VERSION)
+        .arg(version)
         .args(files)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}; {}", tool.display(), install_hint()));
@@ -109,7 +145,7 @@ pub fn kubernetes_validate(files: &[PathBuf]) {
     );
     assert!(
         out.status.success(),
-        "kubernetes-validate {KUBERNETES_VERSION} failed:\n{text}"
+        "kubernetes-validate {version} failed:\n{text}"
     );
     assert!(
         !text.contains("ERROR") && !text.contains("FAILED"),
