@@ -210,7 +210,8 @@ pub struct InjectFlags {
     /// (KEP-4317, Kubernetes 1.37+): a `podCertificate` volume for signer
     /// `shoal.io/mesh`, signed by the injector, instead of a CSR to its
     /// identity service.
-    #[arg(long, env = "SHOAL_POD_CERTIFICATES", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "SHOAL_POD_CERTIFICATES", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     pub pod_certificates: bool,
     /// Default agent CPU request.
     #[arg(long, env = "SHOAL_AGENT_CPU_REQUEST", default_value = DEFAULT_CPU_REQUEST)]

@@ -302,7 +302,7 @@ pub fn inject(pod: &Pod, ctx: PodContext<'_>, config: &InjectConfig) -> Outcome 
             ..Volume::default()
         });
     }
-    if config.pod_certificates {
+    if pod_certificates(config) {
         volumes.push(pod_certificate_volume());
     }
     match &spec.volumes {
@@ -357,6 +357,14 @@ fn shoal_url_ops(pod: &Pod, config: &InjectConfig, patch: &mut Vec<PatchOperatio
             ),
         }
     }
+}
+
+/// Whether the agent gets a pod-certificate volume: only with the trust
+/// anchors, as the identity service then only names peers (an agent with a
+/// certificate but no service to find peers by would found a mesh of its
+/// own), and a pod waits for its volume's certificate before it starts.
+fn pod_certificates(config: &InjectConfig) -> bool {
+    config.identity && config.pod_certificates && config.trust_anchors.is_some()
 }
 
 /// The pod-certificate volume: the kubelet's key and the certificate signer
@@ -588,10 +596,7 @@ fn agent_container(
                 config.identity_addr.clone(),
             ));
             env.push(value_env("SHOAL_IDENTITY_TRUST_ANCHORS", anchors.clone()));
-            // With pod certificates the identity service only names peers;
-            // an agent that had the certificate but not the service would
-            // found a mesh of its own.
-            if config.pod_certificates {
+            if pod_certificates(config) {
                 env.push(value_env(
                     "SHOAL_CERT_DIR",
                     cfg::POD_CERT_MOUNT_PATH.to_owned(),
@@ -618,7 +623,7 @@ fn agent_container(
             ..VolumeMount::default()
         });
     }
-    if config.pod_certificates {
+    if pod_certificates(config) {
         mounts.push(VolumeMount {
             name: cfg::POD_CERT_VOLUME_NAME.to_owned(),
             mount_path: cfg::POD_CERT_MOUNT_PATH.to_owned(),

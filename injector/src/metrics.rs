@@ -164,10 +164,14 @@ impl Metrics {
             "PodCertificateRequests for signer shoal.io/mesh answered, by outcome",
             pod_certificates.clone(),
         );
-        for reason in crate::podcert::Reason::ALL {
+        let outcomes = crate::podcert::Reason::ALL
+            .map(crate::podcert::Reason::as_str)
+            .into_iter()
+            .chain([crate::podcert::API_ERROR]);
+        for outcome in outcomes {
             pod_certificates
                 .get_or_create(&OutcomeLabels {
-                    outcome: reason.as_str().to_owned(),
+                    outcome: outcome.to_owned(),
                 })
                 .inc_by(0);
         }

@@ -27,6 +27,7 @@
 //! [`TRUST_BUNDLE_NAME`] (both during a CA rotation), which the kubelet
 //! projects next to the certificate.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +64,22 @@ pub const DEFAULT_MAX_EXPIRATION: Duration = Duration::from_secs(24 * 3600);
 pub const TRUST_BUNDLE_SYNC_INTERVAL: Duration = Duration::from_secs(60);
 /// Part of a certificate's lifetime after which the kubelet should renew.
 pub const REFRESH_AT_PERCENT: i64 = 70;
+
+/// How often requests whose answer failed on an API error are tried again
+/// (and a trust bundle that could not be written).
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// Value of the `outcome` label counting API errors on the way to an answer
+/// (each attempt; the request is tried again).
+pub const API_ERROR: &str = "api_error";
+
+/// Whether a request is done with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// Decided and written, or nothing to do.
+    Done,
+    /// An API error on the way: to be tried again.
+    Retry,
+}
 
 /// Condition types with special meaning on a request.
 const ISSUED: &str = "Issued";
@@ -261,10 +278,25 @@ pub fn decide(
         spec.stub_pkc_s10_request.0.as_slice(),
     );
     let csr = rcgen::CertificateSigningRequestParams::from_der(&der).map_err(|e| {
-        refuse(
-            Reason::BadRequest,
-            format!("the stub CSR does not parse: {e}"),
+        // The API server verified the stub CSR's signature already: one
+        // that parses but that ring cannot verify has a key ring does not
+        // do (P-521, RSA-PSS), which the API wants denied as such.
+        use x509_parser::prelude::FromDer as _;
+        let parses = x509_parser::certification_request::X509CertificationRequest::from_der(
+            &spec.stub_pkc_s10_request.0,
         )
+        .is_ok();
+        if parses {
+            refuse(
+                Reason::UnsupportedKeyType,
+                format!("signer {SIGNER_NAME} cannot use this key ({e}); use keyType {KEY_TYPE}"),
+            )
+        } else {
+            refuse(
+                Reason::BadRequest,
+                format!("the stub CSR does not parse: {e}"),
+            )
+        }
     })?;
     if !key_supported(csr.public_key.algorithm()) {
         return Err(refuse(
@@ -288,6 +320,39 @@ pub fn decide(
         lifetime: lifetime.min(asked).max(MIN_LIFETIME),
         public_key: csr.public_key,
     })
+}
+
+/// Signs `grant` with `ca` at `now`: back-dated for clock skew within the
+/// lifetime, so notAfter - notBefore is exactly the granted lifetime (the
+/// API server refuses a certificate longer than the request's
+/// `maxExpirationSeconds`), and never under [`MIN_LIFETIME`] (a CA that
+/// expires sooner cannot sign: `SignerFailed`).
+pub fn issue(
+    ca: &crate::meshca::MeshCa,
+    grant: &Grant,
+    now: i64,
+) -> Result<crate::meshca::Issued, Refusal> {
+    let lifetime = i64::try_from(grant.lifetime.as_secs()).unwrap_or(i64::MAX);
+    let issued = ca
+        .sign_agent_of_node(
+            &grant.id.to_string(),
+            Some(&grant.node),
+            &grant.public_key,
+            now,
+            lifetime - crate::meshca::CLOCK_SKEW_SECONDS,
+        )
+        .map_err(|e| refuse(Reason::SignerFailed, format!("cannot sign: {e}")))?;
+    let validity = issued.not_after - issued.not_before;
+    let shortest = i64::try_from(MIN_LIFETIME.as_secs()).unwrap_or(i64::MAX);
+    if validity < shortest || validity > lifetime {
+        return Err(refuse(
+            Reason::SignerFailed,
+            format!(
+                "the mesh CA expires too soon: it can sign for {validity} s, the API needs at least {shortest} s"
+            ),
+        ));
+    }
+    Ok(issued)
 }
 
 /// Whether a request already carries a decision (`Issued`, `Denied` or
@@ -426,17 +491,30 @@ impl Signer {
         let config = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
         let mut events = std::pin::pin!(watcher(api, config));
         let mut bundle_tick = tokio::time::interval(TRUST_BUNDLE_SYNC_INTERVAL);
+        let mut retry_tick = tokio::time::interval(RETRY_INTERVAL);
+        let mut bundle_synced = false;
+        // Requests whose answer failed on an API error: the watch does not
+        // bring an unchanged request again, so they are asked for again.
+        let mut pending: BTreeSet<(String, String)> = BTreeSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = bundle_tick.tick() => {
-                    if let Err(e) = self.sync_trust_bundle().await {
-                        tracing::warn!(error = %e, bundle = TRUST_BUNDLE_NAME, "cannot update the mesh trust bundle; retrying");
+                _ = bundle_tick.tick() => bundle_synced = self.sync_trust_bundle_logged().await,
+                _ = retry_tick.tick() => {
+                    if !bundle_synced {
+                        bundle_synced = self.sync_trust_bundle_logged().await;
                     }
+                    self.retry(&mut pending).await;
                 }
                 event = events.next() => match event {
                     Some(Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r))) => {
-                        self.answer(r).await;
+                        let key = (
+                            r.metadata.namespace.clone().unwrap_or_default(),
+                            r.metadata.name.clone().unwrap_or_default(),
+                        );
+                        if self.answer(r).await == Answered::Retry {
+                            pending.insert(key);
+                        }
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
@@ -445,6 +523,37 @@ impl Signer {
                     }
                     None => return,
                 }
+            }
+        }
+    }
+
+    async fn sync_trust_bundle_logged(&self) -> bool {
+        match self.sync_trust_bundle().await {
+            Ok(()) => true,
+            Err(e) => {
+                self.metrics.pod_certificate(API_ERROR);
+                tracing::warn!(error = %e, bundle = TRUST_BUNDLE_NAME, "cannot update the mesh trust bundle; retrying");
+                false
+            }
+        }
+    }
+
+    /// Answers again the requests whose answer failed: each read afresh
+    /// (one that is gone or decided meanwhile is dropped).
+    async fn retry(&self, pending: &mut BTreeSet<(String, String)>) {
+        for (namespace, name) in std::mem::take(pending) {
+            let api: Api<PodCertificateRequest> = Api::namespaced(self.client.clone(), &namespace);
+            let answered = match api.get_opt(&name).await {
+                Ok(None) => Answered::Done,
+                Ok(Some(request)) => self.answer(request).await,
+                Err(e) => {
+                    self.metrics.pod_certificate(API_ERROR);
+                    tracing::warn!(error = %e, request = %name, %namespace, "cannot read a PodCertificateRequest; retrying");
+                    Answered::Retry
+                }
+            };
+            if answered == Answered::Retry {
+                pending.insert((namespace, name));
             }
         }
     }
@@ -470,25 +579,27 @@ impl Signer {
         Ok(())
     }
 
-    /// Decides one request (unless decided already) and writes the status.
-    pub async fn answer(&self, request: PodCertificateRequest) {
+    /// Decides one request (unless decided already) and writes the status;
+    /// [`Answered::Retry`] when the API failed on the way.
+    pub async fn answer(&self, request: PodCertificateRequest) -> Answered {
         if request.spec.signer_name != SIGNER_NAME || decided(request.status.as_ref()) {
-            return;
+            return Answered::Done;
         }
         let Some(namespace) = request.metadata.namespace.clone() else {
-            return;
+            return Answered::Done;
         };
         let Some(name) = request.metadata.name.clone() else {
-            return;
+            return Answered::Done;
         };
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
         let pod = match pods.get_opt(&request.spec.pod_name).await {
             Ok(pod) => pod,
             Err(e) => {
-                // Undecided: the watch brings the request again after a
-                // resync; a transient API error must not deny a pod.
-                tracing::warn!(error = %e, request = %name, %namespace, "cannot read the pod of a PodCertificateRequest");
-                return;
+                // Undecided and asked for again: a transient API error must
+                // not deny a pod.
+                self.metrics.pod_certificate(API_ERROR);
+                tracing::warn!(error = %e, request = %name, %namespace, "cannot read the pod of a PodCertificateRequest; retrying");
+                return Answered::Retry;
             }
         };
         let now = now_unix();
@@ -501,18 +612,7 @@ impl Signer {
             self.lifetime,
         )
         .and_then(|grant| {
-            let lifetime = i64::try_from(grant.lifetime.as_secs()).unwrap_or(i64::MAX);
-            let issued = self
-                .ca
-                .get()
-                .sign_agent_of_node(
-                    &grant.id.to_string(),
-                    Some(&grant.node),
-                    &grant.public_key,
-                    now,
-                    lifetime,
-                )
-                .map_err(|e| refuse(Reason::SignerFailed, format!("cannot sign: {e}")))?;
+            let issued = issue(&self.ca.get(), &grant, now)?;
             Ok((grant, issued))
         });
         let (status, reason) = match decision {
@@ -541,12 +641,17 @@ impl Signer {
             .replace_status(&name, &PostParams::default(), &updated)
             .await
         {
-            Ok(_) => self.metrics.pod_certificate(reason.as_str()),
+            Ok(_) => {
+                self.metrics.pod_certificate(reason.as_str());
+                Answered::Done
+            }
             // Another replica of the injector decided first (409), or the
             // request is gone: either way there is nothing left to do.
-            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Answered::Done,
             Err(e) => {
-                tracing::warn!(error = %e, request = %name, %namespace, "cannot write a PodCertificateRequest's status");
+                self.metrics.pod_certificate(API_ERROR);
+                tracing::warn!(error = %e, request = %name, %namespace, "cannot write a PodCertificateRequest's status; retrying");
+                Answered::Retry
             }
         }
     }

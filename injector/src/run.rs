@@ -188,11 +188,23 @@ async fn signal() {
     }
 }
 
+/// Longest wait for a byte of an API server answer.
+pub const API_READ_TIMEOUT: Duration = Duration::from_secs(295);
+
 /// Runs the injector until SIGTERM/SIGINT.
 pub async fn run(args: Args) -> Result<(), InjectorError> {
     let metrics = Arc::new(Metrics::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let client = kube::Client::try_default().await?;
+    let client = {
+        let mut config = kube::Config::infer()
+            .await
+            .map_err(kube::Error::InferConfig)?;
+        // kube 5 has no read timeout by default: one request hung on a
+        // half-open connection would stop the signer and the CA reloads.
+        // Watches end within the server's 290 s; this is kube 2's 295 s.
+        config.read_timeout = Some(API_READ_TIMEOUT);
+        kube::Client::try_from(config)?
+    };
 
     // TLS first: without a certificate there is nothing to serve.
     let store = if args.bootstrap_tls {

@@ -41,6 +41,8 @@ struct ApiState {
     bundles: BTreeMap<String, ClusterTrustBundle>,
     /// Status writes received, by request name.
     status_writes: BTreeMap<String, usize>,
+    /// Whether the write for request `flaky` failed once already.
+    failed_once: bool,
     version: u64,
 }
 
@@ -67,6 +69,41 @@ fn query(uri: &http::Uri, key: &str) -> Option<String> {
         let (k, v) = kv.split_once('=')?;
         (k == key).then(|| v.replace("%3D", "=").replace("%2F", "/"))
     })
+}
+
+/// What the API server's validation says of an issued status, if wrong:
+/// notAfter - notBefore within one hour and the request's
+/// `maxExpirationSeconds`, the times those of the leaf, and
+/// `beginRefreshAt` at least 10 minutes inside the validity.
+fn invalid_issue(
+    spec: &PodCertificateRequestSpec,
+    status: Option<&k8s_openapi::api::certificates::v1::PodCertificateRequestStatus>,
+) -> Option<String> {
+    let status = status?;
+    let chain = status.certificate_chain.as_ref()?;
+    let leaf = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+    let (nb, na) = (
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    );
+    let max = i64::from(spec.max_expiration_seconds.unwrap_or(86_400));
+    let second = |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+        t.as_ref().map(|t| t.0.as_second())
+    };
+    if na - nb < 3600 || na - nb > max {
+        return Some(format!("lifetime {} s outside [3600, {max}]", na - nb));
+    }
+    if second(&status.not_before) != Some(nb) || second(&status.not_after) != Some(na) {
+        return Some("notBefore/notAfter differ from the leaf's".to_owned());
+    }
+    let refresh = second(&status.begin_refresh_at)?;
+    if refresh < nb + 600 || refresh > na - 600 {
+        return Some("beginRefreshAt not within the validity less 10 minutes".to_owned());
+    }
+    None
 }
 
 fn version_of(meta: &ObjectMeta) -> u64 {
@@ -145,6 +182,15 @@ async fn api(
             if podcert::decided(have.status.as_ref()) {
                 return status(422, "Invalid");
             }
+            if let Some(problem) = invalid_issue(&have.spec, r.status.as_ref()) {
+                return status(422, &problem);
+            }
+            // One write fails once, as an API server under load may: the
+            // signer must try again.
+            if name == "flaky" && !st.failed_once {
+                st.failed_once = true;
+                return status(500, "InternalError");
+            }
             st.version += 1;
             let mut next = have;
             next.status = r.status;
@@ -152,6 +198,13 @@ async fn api(
             st.requests.insert(name.clone(), next.clone());
             *st.status_writes.entry(name).or_default() += 1;
             respond(200, serde_json::to_value(next).unwrap())
+        }
+        ("GET", p) if p.starts_with(&status_path) => {
+            let name = &p[status_path.len()..];
+            match state.lock().unwrap().requests.get(name) {
+                Some(r) => respond(200, serde_json::to_value(r).unwrap()),
+                None => status(404, "NotFound"),
+            }
         }
         ("GET", p) if p.starts_with(&format!("/api/v1/namespaces/{NS}/pods/")) => {
             let name = p.rsplit('/').next().unwrap();
@@ -312,6 +365,7 @@ async fn the_signer_issues_pod_certificates_to_injected_pods_only_and_publishes_
     file_request(&state, "stale-uid", "orders-0", "uid-0", &other);
     file_request(&state, "not-injected", "plain-0", "uid-2", &other);
     file_request(&state, "gone", "orders-1", "uid-9", &other);
+    file_request(&state, "flaky", "orders-0", "uid-1", &other);
 
     // The injected pod's request: issued, for its key, its workload
     // identity and its node name, chaining to the mesh CA, with the
@@ -357,10 +411,10 @@ async fn the_signer_issues_pod_certificates_to_injected_pods_only_and_publishes_
         status.not_before.unwrap().0.as_second(),
         cert.validity().not_before.timestamp()
     );
-    let lifetime = cert.validity().not_after.timestamp() - now;
-    assert!(
-        (7100..=7300).contains(&lifetime),
-        "the request's maxExpirationSeconds (2 h) caps the signer's 24 h: {lifetime} s"
+    assert_eq!(
+        cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp(),
+        7200,
+        "the request's maxExpirationSeconds (2 h) caps the signer's 24 h, back-dating included"
     );
     let refresh = status.begin_refresh_at.unwrap().0.as_second();
     assert!(refresh > now && refresh < cert.validity().not_after.timestamp());
@@ -408,15 +462,18 @@ async fn the_signer_issues_pod_certificates_to_injected_pods_only_and_publishes_
 
     // Counted; and every request was answered once, though the watch
     // brings each decided request back.
+    let (kind, _, _) = decision(&state, "flaky").await;
+    assert_eq!(kind, "Issued", "answered again after a failed write");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let text = metrics.encode(shoal_exposition::Format::Text);
-    assert_eq!(metric(&text, "issued"), 1.0, "{text}");
+    assert_eq!(metric(&text, "issued"), 2.0, "{text}");
+    assert_eq!(metric(&text, "api_error"), 1.0, "{text}");
     assert_eq!(metric(&text, "pod_mismatch"), 2.0, "{text}");
     assert_eq!(metric(&text, "not_injected"), 1.0, "{text}");
     assert_eq!(metric(&text, "unsupported_key_type"), 0.0, "{text}");
     let writes = state.lock().unwrap().status_writes.clone();
     assert!(writes.values().all(|n| *n == 1), "{writes:?}");
-    assert_eq!(writes.len(), 4);
+    assert_eq!(writes.len(), 5);
     let _ = stop.send(true);
     task.await.unwrap();
 }

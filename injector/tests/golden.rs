@@ -218,4 +218,29 @@ async fn golden_pod_certificates() {
         ));
     }
     common::kubernetes_validate_at("1.37.0", &files);
+
+    // Before the mesh CA is loaded (no trust anchors yet), a pod gets no
+    // certificate volume: it would wait for it, and its agent would have
+    // no identity service to find peers by.
+    let early = shoal_injector::admission::Webhook::new(
+        shoal_injector::InjectConfig {
+            pod_certificates: true,
+            ..common::test_config()
+        },
+        std::sync::Arc::new(common::namespaces()),
+        std::sync::Arc::new(shoal_injector::metrics::Metrics::new()),
+    );
+    let review = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "deployment-pod")
+        .unwrap()
+        .1;
+    let resp = early
+        .review(&serde_json::to_vec(&review).unwrap())
+        .await
+        .unwrap();
+    let patch = common::normalize(&serde_json::from_slice(&resp).unwrap())["patch"].to_string();
+    assert!(patch.contains("shoal-token"), "{patch}");
+    assert!(!patch.contains("shoal-identity"), "{patch}");
+    assert!(!patch.contains("SHOAL_CERT_DIR"), "{patch}");
 }

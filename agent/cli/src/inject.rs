@@ -93,6 +93,9 @@ pub fn run(args: InjectArgs) -> ExitCode {
             Ok(pem) => config.trust_anchors = Some(pem),
             Err(e) => return fail(&e),
         },
+        None if config.pod_certificates => {
+            return fail("--pod-certificates needs --trust-anchors-file: without the mesh bundle the agents would get a certificate volume but no identity service to find their peers by")
+        }
         None if config.identity => eprintln!(
             "shoal inject: warning: no --trust-anchors-file: injected agents get no \
              identity settings and run alone; pass the mesh CA bundle to let them join"

@@ -245,6 +245,29 @@ fn inject_hands_agents_the_trust_anchors_it_is_given() {
     assert!(out.contains("SHOAL_IDENTITY_TRUST_ANCHORS"), "{out}");
     assert!(out.contains("identity.example:4711"), "{out}");
 
+    // Pod certificates: the volume and SHOAL_CERT_DIR with the bundle; and
+    // without it, an error rather than pods that wait for a certificate
+    // their agents could not use.
+    let o = shoal(&[
+        "inject",
+        "-f",
+        pod,
+        "--pod-certificates",
+        "--trust-anchors-file",
+        bundle.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("podCertificate"), "{out}");
+    assert!(out.contains("SHOAL_CERT_DIR"), "{out}");
+    let o = shoal(&["inject", "-f", pod, "--pod-certificates"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("--trust-anchors-file"),
+        "{}",
+        text(&o).1
+    );
+
     // Not a bundle: no certificate, a broken one, a leaf that is no CA.
     let leaf_key = rcgen::KeyPair::generate().unwrap();
     let leaf = rcgen::CertificateParams::new(vec!["agent.example".to_owned()])

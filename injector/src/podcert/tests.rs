@@ -257,3 +257,45 @@ fn the_trust_bundle_is_linked_to_the_signer_and_labelled_for_the_projection() {
 }
 
 const RSA_KEY: &str = include_str!("rsa-test-key.pem");
+
+#[test]
+fn an_issued_certificate_lives_exactly_its_granted_lifetime_back_dating_included() {
+    let now = 1_800_000_000;
+    let ca = crate::meshca::MeshCa::new(crate::meshca::generate(now - 3600).unwrap()).unwrap();
+    let key = p256();
+    let mut req = request(&key);
+    req.max_expiration_seconds = Some(7200);
+    let grant = decide(NS, &req, Some(&pod()), "cluster.local", DAY).unwrap();
+    let issued = issue(&ca, &grant, now).unwrap();
+    assert_eq!(issued.not_after - issued.not_before, 7200);
+    assert!(issued.not_before < now, "back-dated for clock skew");
+}
+
+#[test]
+fn a_ca_that_expires_within_the_hour_fails_instead_of_issuing_too_short() {
+    let now = 1_800_000_000;
+    // A CA made five years back expires CA_VALIDITY_SECONDS after that.
+    let made = now - crate::meshca::CA_VALIDITY_SECONDS + 1800;
+    let ca = crate::meshca::MeshCa::new(crate::meshca::generate(made).unwrap()).unwrap();
+    let key = p256();
+    let grant = decide(NS, &request(&key), Some(&pod()), "cluster.local", DAY).unwrap();
+    let refusal = issue(&ca, &grant, now).unwrap_err();
+    assert_eq!(refusal.reason, Reason::SignerFailed);
+    assert_eq!(refusal.reason.condition_type(), "Failed");
+}
+
+#[test]
+fn a_key_ring_cannot_verify_is_an_unsupported_key_type_not_a_bad_request() {
+    // A stub CSR signed with ECDSA P-521 (made with openssl: ring neither
+    // makes nor verifies P-521).
+    let der = include_bytes!("p521-stub.csr.der");
+    let mut req = request(&p256());
+    req.stub_pkc_s10_request = k8s_openapi::ByteString(der.to_vec());
+    let refusal = decide(NS, &req, Some(&pod()), "cluster.local", DAY).unwrap_err();
+    assert_eq!(
+        refusal.reason,
+        Reason::UnsupportedKeyType,
+        "{}",
+        refusal.message
+    );
+}
