@@ -274,6 +274,8 @@ pub struct Metrics {
     pub mesh_name_conflicts: Counter,
     /// When the mesh certificate in use expires, seconds since the Unix epoch.
     pub mesh_certificate_expiry: Gauge,
+    /// Roots the mesh identity in use trusts (two during a CA rotation).
+    pub mesh_trust_roots: Gauge,
     /// Mesh certificate loads or renewals that failed.
     pub mesh_certificate_failures: Counter,
     /// Mesh stream frames refused, by reason; each ends its stream.
@@ -392,6 +394,8 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         self.mesh_certificate_expiry.set(expiry);
+        self.mesh_trust_roots
+            .set(i64::try_from(identity.roots.len()).unwrap_or(i64::MAX));
     }
 
     /// Registers every metric; `topic_labels` false folds all topics into `_all`.
@@ -435,6 +439,7 @@ impl Metrics {
             mesh_bad_datagrams: Counter::default(),
             mesh_name_conflicts: Counter::default(),
             mesh_certificate_expiry: Gauge::default(),
+            mesh_trust_roots: Gauge::default(),
             mesh_certificate_failures: Counter::default(),
             mesh_bad_frames: Family::default(),
             mesh_rtt: Family::default(),
@@ -647,6 +652,11 @@ impl Metrics {
             "shoal_mesh_certificate_expiry_timestamp_seconds",
             "When the mesh certificate in use expires, seconds since the Unix epoch (0 with no mesh identity)",
             m.mesh_certificate_expiry.clone(),
+        );
+        r.register(
+            "shoal_mesh_trust_roots",
+            "CA certificates the mesh identity in use trusts for its peers (two while a CA rotation is under way)",
+            m.mesh_trust_roots.clone(),
         );
         r.register(
             "shoal_mesh_certificate_failures",

@@ -492,17 +492,21 @@ impl Signer {
         let mut events = std::pin::pin!(watcher(api, config));
         let mut bundle_tick = tokio::time::interval(TRUST_BUNDLE_SYNC_INTERVAL);
         let mut retry_tick = tokio::time::interval(RETRY_INTERVAL);
-        let mut bundle_synced = false;
+        // The roots last written; the CA store changes on a rotation.
+        let mut synced: Option<String> = None;
         // Requests whose answer failed on an API error: the watch does not
         // bring an unchanged request again, so they are asked for again.
         let mut pending: BTreeSet<(String, String)> = BTreeSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = bundle_tick.tick() => bundle_synced = self.sync_trust_bundle_logged().await,
+                // A full check (someone may have edited the bundle)...
+                _ = bundle_tick.tick() => synced = self.sync_trust_bundle_logged().await,
+                // ...and, more often, a write when the CA changed or the
+                // last write failed.
                 _ = retry_tick.tick() => {
-                    if !bundle_synced {
-                        bundle_synced = self.sync_trust_bundle_logged().await;
+                    if synced.as_deref() != Some(self.ca.get().trust_bundle()) {
+                        synced = self.sync_trust_bundle_logged().await;
                     }
                     self.retry(&mut pending).await;
                 }
@@ -527,13 +531,15 @@ impl Signer {
         }
     }
 
-    async fn sync_trust_bundle_logged(&self) -> bool {
+    /// [`Signer::sync_trust_bundle`], logged and counted; the roots written.
+    async fn sync_trust_bundle_logged(&self) -> Option<String> {
+        let roots = self.ca.get().trust_bundle().to_owned();
         match self.sync_trust_bundle().await {
-            Ok(()) => true,
+            Ok(()) => Some(roots),
             Err(e) => {
                 self.metrics.pod_certificate(API_ERROR);
                 tracing::warn!(error = %e, bundle = TRUST_BUNDLE_NAME, "cannot update the mesh trust bundle; retrying");
-                false
+                None
             }
         }
     }

@@ -32,9 +32,6 @@ pub const DEFAULT_TLS_CERT_FILE: &str = "/etc/shoal-injector/tls/tls.crt";
 pub const DEFAULT_TLS_KEY_FILE: &str = "/etc/shoal-injector/tls/tls.key";
 /// Default name of the injector's Service, Secret and webhook configuration.
 pub const DEFAULT_NAME: &str = "shoal-injector";
-/// How often the mesh CA Secret is re-read (a CA rotation is picked up
-/// within this time).
-pub const MESH_CA_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
 /// Default namespace of the injector.
 pub const DEFAULT_NAMESPACE: &str = "shoal-system";
 
@@ -119,6 +116,10 @@ pub struct Args {
     /// Lifetime of the agent certificates the identity endpoint signs.
     #[arg(long, env = "SHOAL_INJECTOR_IDENTITY_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     pub identity_cert_lifetime: Duration,
+    /// How often the mesh CA Secret is re-read: a CA rotation's step is
+    /// picked up within this time.
+    #[arg(long, env = "SHOAL_INJECTOR_MESH_CA_RELOAD_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub mesh_ca_reload_interval: Duration,
     /// What to inject.
     #[command(flatten)]
     pub inject: InjectFlags,
@@ -260,6 +261,7 @@ pub async fn run(args: Args) -> Result<(), InjectorError> {
             target: MeshCaTarget {
                 namespace: args.namespace.clone(),
                 secret: args.mesh_ca_secret.clone(),
+                reload_interval: args.mesh_ca_reload_interval,
                 dns_names: bootstrap::service_dns_names(&args.service, &args.namespace),
             },
             metrics: metrics.clone(),
@@ -371,6 +373,12 @@ pub fn identity_config(args: &Args) -> Result<IdentityConfig, InjectorError> {
             args.trust_domain
         ))
     })?;
+    if args.mesh_ca_reload_interval < Duration::from_secs(1) {
+        return Err(InjectorError::Config(format!(
+            "--mesh-ca-reload-interval {:?} is shorter than a second",
+            args.mesh_ca_reload_interval
+        )));
+    }
     if args.identity_cert_lifetime < Duration::from_secs(60) {
         return Err(InjectorError::Config(format!(
             "--identity-cert-lifetime {:?} is shorter than a minute",
@@ -407,6 +415,7 @@ fn identity_serving_key(
 struct MeshCaTarget {
     namespace: String,
     secret: String,
+    reload_interval: Duration,
     dns_names: Vec<String>,
 }
 
@@ -514,7 +523,7 @@ async fn run_identity(
     );
 }
 
-/// Re-reads the mesh CA Secret every [`MESH_CA_RELOAD_INTERVAL`]: a changed
+/// Re-reads the mesh CA Secret every `--mesh-ca-reload-interval`: a changed
 /// CA (rotation) is used from then on; the identity endpoint's serving
 /// certificate is re-issued when the CA changed or a third of its life is
 /// left. A Secret that cannot be read or used keeps the CA in use.
@@ -529,7 +538,7 @@ async fn mesh_ca_loop(
 ) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(MESH_CA_RELOAD_INTERVAL) => {}
+            _ = tokio::time::sleep(target.reload_interval) => {}
             _ = server::stopped(&mut shutdown) => return,
         }
         let mut changed = false;
