@@ -24,6 +24,22 @@
 //! account are refused, each with a clear reason and a metric; certificates
 //! rotate (one-minute lifetimes) with no publish refused and no message lost.
 //!
+//! Then a CA rotation (a new root introduced, then signing switched to it,
+//! with the injector re-reading the Secret every 5 s) while publishes go
+//! on: every agent trusts both roots, then holds a certificate of the new
+//! CA, the mesh stays whole and nothing is refused or lost.
+//!
+//! Then pod certificates (KEP-4317): the injector also runs with the
+//! `manifests/pod-certificates` overlay's environment (it signs for
+//! `shoal.io/mesh`), the stand-in keeps PodCertificateRequests and
+//! ClusterTrustBundles, and the test plays the kubelet for hello injected
+//! into a third namespace with `--pod-certificates`: it files each pod's
+//! request with a stub CSR of a key it makes, waits for the signer, and
+//! writes key, chain and roots into the pod's volume. Checked: a pod the
+//! injector did not inject is denied (`NotInjected`) and does not start;
+//! the others' agents join the mesh of the CSR-path agents through
+//! discovery alone, hello works there, and it is all counted.
+//!
 //! Needs Docker and the images `shoal-agent:dev` and `shoal-injector:dev`
 //! (`bash .ci/injector.sh images`, which CI runs first); `shoal-test-app:dev`
 //! is built when missing. Skipped without them unless `SHOAL_REQUIRE_DOCKER=1`.
@@ -41,6 +57,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
+use k8s_openapi::api::certificates::v1::{
+    ClusterTrustBundle, PodCertificateRequest, PodCertificateRequestSpec,
+};
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodStatus, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde_json::{json, Value};
@@ -60,6 +79,9 @@ const NAMESPACES: [&str; 2] = ["team-a", "team-b"];
 /// agent renews within the test.
 const CERT_LIFETIME: &str = "60s";
 const INJECTOR_SA_TOKEN: &str = "injector-service-account-token";
+/// How often the injector re-reads the mesh CA Secret here (a minute by
+/// default), so a CA rotation's steps take effect within the test.
+const CA_RELOAD: Duration = Duration::from_secs(5);
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -91,6 +113,9 @@ struct ApiState {
     namespaces: Vec<Namespace>,
     pods: BTreeMap<(String, String), Pod>,
     events: Vec<(u64, &'static str, Pod)>,
+    /// PodCertificateRequests by (namespace, name), as the kubelet files them.
+    pod_certificate_requests: BTreeMap<(String, String), PodCertificateRequest>,
+    cluster_trust_bundles: BTreeMap<String, ClusterTrustBundle>,
     version: u64,
     reviews: usize,
 }
@@ -141,6 +166,16 @@ impl ApiServer {
         }
         drop(st);
         self.changed.notify_waiters();
+    }
+
+    /// Writes the mesh CA Secret as an operator's edit would.
+    fn put_mesh_ca(&self, material: &shoal_injector::meshca::CaMaterial) {
+        let mut secret = shoal_injector::meshca::to_secret("shoal-mesh-ca", SYSTEM_NS, material);
+        let mut st = self.state.lock().unwrap();
+        st.version += 1;
+        secret.metadata.resource_version = Some(st.version.to_string());
+        st.secrets
+            .insert((SYSTEM_NS.to_owned(), "shoal-mesh-ca".to_owned()), secret);
     }
 
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
@@ -382,6 +417,135 @@ async fn handle(
                 .map(|p| serde_json::to_value(p).unwrap())
                 .collect();
             list("PodList", st.version, items)
+        }
+        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let st = api.state.lock().unwrap();
+            match st.pods.get(&((*ns).to_owned(), (*name).to_owned())) {
+                Some(p) => respond(200, &serde_json::to_value(p).unwrap()),
+                None => status(404, "NotFound", &format!("pods \"{name}\" not found")),
+            }
+        }
+        (
+            "GET",
+            ["apis", "certificates.k8s.io", "v1", "namespaces", ns, "podcertificaterequests", name],
+        ) => {
+            let st = api.state.lock().unwrap();
+            match st
+                .pod_certificate_requests
+                .get(&((*ns).to_owned(), (*name).to_owned()))
+            {
+                Some(r) => respond(200, &serde_json::to_value(r).unwrap()),
+                None => status(404, "NotFound", "no such request"),
+            }
+        }
+        ("GET", ["apis", "certificates.k8s.io", "v1", "podcertificaterequests"]) => {
+            let selector = query_param(&query, "fieldSelector").map(percent_decode);
+            let wanted = |r: &PodCertificateRequest| {
+                selector.as_deref().is_none_or(|s| {
+                    s.strip_prefix("spec.signerName=") == Some(r.spec.signer_name.as_str())
+                })
+            };
+            if watch {
+                let from: u64 = query_param(&query, "resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let pending = || {
+                    let st = api.state.lock().unwrap();
+                    st.pod_certificate_requests
+                        .values()
+                        .filter(|r| {
+                            wanted(r)
+                                && r.metadata
+                                    .resource_version
+                                    .as_deref()
+                                    .and_then(|v| v.parse::<u64>().ok())
+                                    .is_some_and(|v| v > from)
+                        })
+                        .map(|r| json!({"type": "MODIFIED", "object": r}).to_string())
+                        .collect::<Vec<String>>()
+                };
+                let mut lines = pending();
+                if lines.is_empty() {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), api.changed.notified()).await;
+                    lines = pending();
+                }
+                let mut text = lines.join("\n");
+                text.push('\n');
+                return http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(text)))
+                    .unwrap();
+            }
+            let st = api.state.lock().unwrap();
+            let items = st
+                .pod_certificate_requests
+                .values()
+                .filter(|r| wanted(r))
+                .map(|r| serde_json::to_value(r).unwrap())
+                .collect();
+            list("PodCertificateRequestList", st.version, items)
+        }
+        (
+            "PUT",
+            ["apis", "certificates.k8s.io", "v1", "namespaces", ns, "podcertificaterequests", name, "status"],
+        ) => {
+            let Ok(r) = serde_json::from_slice::<PodCertificateRequest>(&body) else {
+                return status(400, "BadRequest", "not a PodCertificateRequest");
+            };
+            let mut st = api.state.lock().unwrap();
+            let key = ((*ns).to_owned(), (*name).to_owned());
+            let Some(stored) = st.pod_certificate_requests.get(&key).cloned() else {
+                return status(404, "NotFound", "no such request");
+            };
+            if r.metadata.resource_version != stored.metadata.resource_version {
+                return status(409, "Conflict", "the object has been modified");
+            }
+            st.version += 1;
+            let mut next = stored;
+            next.status = r.status;
+            next.metadata.resource_version = Some(st.version.to_string());
+            st.pod_certificate_requests.insert(key, next.clone());
+            drop(st);
+            api.changed.notify_waiters();
+            respond(200, &serde_json::to_value(next).unwrap())
+        }
+        ("GET" | "PUT", ["apis", "certificates.k8s.io", "v1", "clustertrustbundles", name]) => {
+            let mut st = api.state.lock().unwrap();
+            if method == "PUT" {
+                let Ok(mut b) = serde_json::from_slice::<ClusterTrustBundle>(&body) else {
+                    return status(400, "BadRequest", "not a ClusterTrustBundle");
+                };
+                st.version += 1;
+                b.metadata.resource_version = Some(st.version.to_string());
+                st.cluster_trust_bundles
+                    .insert((*name).to_owned(), b.clone());
+                return respond(200, &serde_json::to_value(b).unwrap());
+            }
+            match st.cluster_trust_bundles.get(*name) {
+                Some(b) => respond(200, &serde_json::to_value(b).unwrap()),
+                None => status(404, "NotFound", "no such bundle"),
+            }
+        }
+        ("POST", ["apis", "certificates.k8s.io", "v1", "clustertrustbundles"]) => {
+            let Ok(mut b) = serde_json::from_slice::<ClusterTrustBundle>(&body) else {
+                return status(400, "BadRequest", "not a ClusterTrustBundle");
+            };
+            let mut st = api.state.lock().unwrap();
+            let name = b.metadata.name.clone().unwrap_or_default();
+            // A signer-linked bundle's name starts with its signer's.
+            let signer = b.spec.signer_name.clone().unwrap_or_default();
+            if !name.starts_with(&format!("{}:", signer.replace('/', ":"))) {
+                return status(422, "Invalid", "name must start with the signer name");
+            }
+            if st.cluster_trust_bundles.contains_key(&name) {
+                return status(409, "AlreadyExists", "bundle exists");
+            }
+            st.version += 1;
+            b.metadata.resource_version = Some(st.version.to_string());
+            st.cluster_trust_bundles.insert(name, b.clone());
+            respond(201, &serde_json::to_value(b).unwrap())
         }
         _ => status(404, "NotFound", &format!("{method} {path}")),
     }
@@ -643,9 +807,11 @@ impl Cluster {
                 std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
                 args.push(format!("--volume={}:{}", dir.display(), m.mount_path));
             } else if v.projected.is_some() {
+                // Written by the test as the kubelet would (the token, the
+                // pod certificate).
                 args.push(format!(
                     "--volume={}:{}:ro",
-                    pod_dir.join("token").display(),
+                    pod_dir.join(format!("projected-{}", v.name)).display(),
                     m.mount_path
                 ));
             } else {
@@ -670,8 +836,10 @@ impl Cluster {
 
     /// Runs `pod` (a pod the API server just created from an injected
     /// template): a pause container, its registration (with IP) in the API
-    /// server, its token, then its containers in Kubernetes' order.
-    fn start_pod(&self, mut pod: Pod, token: TokenKind) -> RunningPod {
+    /// server, its token and pod certificate, then its containers in
+    /// Kubernetes' order. A pod whose certificate is denied does not start:
+    /// the reason.
+    fn start_pod(&self, mut pod: Pod, token: TokenKind) -> Result<RunningPod, String> {
         let name = pod.metadata.name.clone().unwrap();
         let namespace = pod.metadata.namespace.clone().unwrap();
         let label = format!("{namespace}/{name}");
@@ -707,13 +875,17 @@ impl Cluster {
 
         // The projected token, as the kubelet writes it.
         let spec = pod.spec.clone().unwrap();
-        let projection = spec
+        let (token_volume, projection) = spec
             .volumes
             .iter()
             .flatten()
-            .find_map(|v| v.projected.as_ref())
-            .and_then(|p| p.sources.as_ref())
-            .and_then(|s| s.iter().find_map(|s| s.service_account_token.clone()))
+            .find_map(|v| {
+                let sources = v.projected.as_ref()?.sources.as_ref()?;
+                let token = sources
+                    .iter()
+                    .find_map(|s| s.service_account_token.clone())?;
+                Some((v.name.clone(), token))
+            })
             .expect("the injected pod projects a token");
         assert_eq!(projection.audience.as_deref(), Some(AUDIENCE));
         let mut claims = Claims {
@@ -734,7 +906,7 @@ impl Cluster {
         }
         let token = self.api.issue_token(claims);
         let pod_dir = self.lab.dir.path().join(format!("{namespace}-{name}"));
-        let token_dir = pod_dir.join("token");
+        let token_dir = pod_dir.join(format!("projected-{token_volume}"));
         std::fs::create_dir_all(&token_dir).unwrap();
         let file = token_dir.join(&projection.path);
         std::fs::write(&file, token).unwrap();
@@ -758,6 +930,19 @@ impl Cluster {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o440)).unwrap();
         std::fs::set_permissions(&token_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 
+        // A pod certificate, as the kubelet gets it before it starts the
+        // containers: a key it makes, a request it files, the signer's
+        // answer; a denied request keeps the pod from starting.
+        if let Some(volume) = spec.volumes.iter().flatten().find(|v| {
+            v.projected
+                .as_ref()
+                .and_then(|p| p.sources.as_ref())
+                .is_some_and(|s| s.iter().any(|s| s.pod_certificate.is_some()))
+        }) {
+            let dir = pod_dir.join(format!("projected-{}", volume.name));
+            self.kubelet_pod_certificate(&pod, volume, &dir, uid as u32)?;
+        }
+
         // Native sidecars (init containers that always restart) first.
         let mut containers = BTreeMap::new();
         for c in spec
@@ -770,11 +955,132 @@ impl Cluster {
             let id = self.lab.run(&format!("{label}/{}", c.name), &args);
             containers.insert(c.name.clone(), id);
         }
-        RunningPod {
+        Ok(RunningPod {
             pod,
             ip,
             containers,
+        })
+    }
+
+    /// Plays the kubelet for `volume` (a projected volume with a
+    /// `podCertificate` and a `clusterTrustBundle` source) of `pod`: files
+    /// a PodCertificateRequest with a stub CSR of a new key, waits for the
+    /// signer's answer, and writes the key, the chain and the signer's
+    /// roots into `dir`, owned by `uid`. A refusal is returned as the
+    /// Denied or Failed condition's reason.
+    fn kubelet_pod_certificate(
+        &self,
+        pod: &Pod,
+        volume: &k8s_openapi::api::core::v1::Volume,
+        dir: &Path,
+        uid: u32,
+    ) -> Result<(), String> {
+        let sources = volume.projected.clone().unwrap().sources.unwrap();
+        let cert = sources
+            .iter()
+            .find_map(|s| s.pod_certificate.clone())
+            .unwrap();
+        let roots = sources
+            .iter()
+            .find_map(|s| s.cluster_trust_bundle.clone())
+            .expect("the mesh roots are projected beside the certificate");
+        assert_eq!(cert.key_type, "ECDSAP256");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let stub = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap();
+        let namespace = pod.metadata.namespace.clone().unwrap();
+        let name = format!("{}-{}", pod.metadata.name.as_deref().unwrap(), volume.name);
+        let spec = pod.spec.clone().unwrap();
+        {
+            let mut st = self.api.state.lock().unwrap();
+            st.version += 1;
+            let request = PodCertificateRequest {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(namespace.clone()),
+                    resource_version: Some(st.version.to_string()),
+                    generation: Some(1),
+                    ..ObjectMeta::default()
+                },
+                spec: PodCertificateRequestSpec {
+                    signer_name: cert.signer_name.clone(),
+                    pod_name: pod.metadata.name.clone().unwrap(),
+                    pod_uid: pod.metadata.uid.clone().unwrap(),
+                    service_account_name: spec.service_account_name.clone().unwrap(),
+                    service_account_uid: "sa-uid".to_owned(),
+                    node_name: spec.node_name.clone().unwrap(),
+                    node_uid: "node-uid".to_owned(),
+                    max_expiration_seconds: cert.max_expiration_seconds,
+                    stub_pkc_s10_request: k8s_openapi::ByteString(stub.der().to_vec()),
+                    unverified_user_annotations: cert.user_annotations.clone(),
+                },
+                status: None,
+            };
+            st.pod_certificate_requests
+                .insert((namespace.clone(), name.clone()), request);
         }
+        self.api.changed.notify_waiters();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            let st = self.api.state.lock().unwrap();
+            let status = st.pod_certificate_requests[&(namespace.clone(), name.clone())]
+                .status
+                .clone();
+            drop(st);
+            if let Some(c) = status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.first())
+            {
+                if c.type_ != "Issued" {
+                    return Err(c.reason.clone());
+                }
+                break status.unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{namespace}/{name}: no answer from signer {} in 60 s",
+                cert.signer_name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let bundle = {
+            let st = self.api.state.lock().unwrap();
+            let labels = roots
+                .label_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.clone())
+                .unwrap_or_default();
+            st.cluster_trust_bundles
+                .values()
+                .filter(|b| b.spec.signer_name == roots.signer_name)
+                .filter(|b| {
+                    let have = b.metadata.labels.clone().unwrap_or_default();
+                    labels.iter().all(|(k, v)| have.get(k) == Some(v))
+                })
+                .map(|b| b.spec.trust_bundle.clone())
+                .collect::<Vec<_>>()
+                .join("")
+        };
+        assert!(!bundle.is_empty(), "the signer published its roots");
+        std::fs::create_dir_all(dir).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        for (file, text) in [
+            (cert.key_path.clone().unwrap(), key.serialize_pem()),
+            (
+                cert.certificate_chain_path.clone().unwrap(),
+                status.certificate_chain.clone().unwrap(),
+            ),
+            (roots.path.clone(), bundle),
+        ] {
+            let path = dir.join(file);
+            std::fs::write(&path, text).unwrap();
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid)).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440)).unwrap();
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Ok(())
     }
 }
 
@@ -829,9 +1135,32 @@ fn injector_args(lab: &Lab, api_addr: SocketAddr, api_ca: &str) -> Vec<String> {
         args.push("-e".to_owned());
         args.push(format!("{}={value}", e.name));
     }
+    // And the environment the pod-certificates overlay adds: the injector
+    // signs shoal.io/mesh pod certificates too.
+    let text = std::fs::read_to_string(
+        repo_dir().join("manifests/pod-certificates/deployment-patch.yaml"),
+    )
+    .unwrap();
+    let patch: Value = serde_norway::from_str(&text).unwrap();
+    for e in patch["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+    {
+        args.push("-e".to_owned());
+        args.push(format!(
+            "{}={}",
+            e["name"].as_str().unwrap(),
+            e["value"].as_str().unwrap()
+        ));
+    }
     args.push("-e".to_owned());
     args.push(format!(
         "SHOAL_INJECTOR_IDENTITY_CERT_LIFETIME={CERT_LIFETIME}"
+    ));
+    args.push("-e".to_owned());
+    args.push(format!(
+        "SHOAL_INJECTOR_MESH_CA_RELOAD_INTERVAL={}s",
+        CA_RELOAD.as_secs()
     ));
     let sc = c.security_context.clone().unwrap_or_default();
     if sc.read_only_root_filesystem == Some(true) {
@@ -845,7 +1174,7 @@ fn injector_args(lab: &Lab, api_addr: SocketAddr, api_ca: &str) -> Vec<String> {
 
 /// `shoal inject` of the hello example, moved to `namespace`: its pods, one
 /// per Deployment, named as a ReplicaSet would name them.
-fn hello_pods(namespace: &str, anchors: &Path, dir: &Path) -> Vec<Pod> {
+fn hello_pods(namespace: &str, anchors: &Path, dir: &Path, pod_certificates: bool) -> Vec<Pod> {
     let hello = repo_dir().join("manifests/examples/hello");
     let moved = dir.join(format!("hello-{namespace}"));
     std::fs::create_dir_all(&moved).unwrap();
@@ -863,6 +1192,7 @@ fn hello_pods(namespace: &str, anchors: &Path, dir: &Path) -> Vec<Pod> {
         .arg(&moved)
         .args(["--agent-image", AGENT_IMAGE, "--trust-anchors-file"])
         .arg(anchors)
+        .args(pod_certificates.then_some("--pod-certificates"))
         .output()
         .unwrap();
     assert!(
@@ -955,7 +1285,7 @@ async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
     // hello in two namespaces: publisher and subscriber, each its own pod.
     let mut pods: BTreeMap<(String, String), RunningPod> = BTreeMap::new();
     for ns in NAMESPACES {
-        for pod in hello_pods(ns, &anchors, cluster.lab.dir.path()) {
+        for pod in hello_pods(ns, &anchors, cluster.lab.dir.path(), false) {
             let app = pod.metadata.labels.as_ref().unwrap()["app.kubernetes.io/name"].clone();
             assert_eq!(
                 pod.metadata
@@ -966,7 +1296,7 @@ async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
                     .map(String::as_str),
                 Some("true")
             );
-            let running = cluster.start_pod(pod, TokenKind::Good);
+            let running = cluster.start_pod(pod, TokenKind::Good).unwrap();
             pods.insert((ns.to_owned(), app), running);
         }
     }
@@ -1066,7 +1396,7 @@ async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
 
     // Refused identities: each pod's agent stays unready, says why, and the
     // injector counts the refusal by reason.
-    let template = hello_pods("team-b", &anchors, cluster.lab.dir.path())
+    let template = hello_pods("team-b", &anchors, cluster.lab.dir.path(), false)
         .into_iter()
         .next()
         .unwrap();
@@ -1078,7 +1408,7 @@ async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
     ] {
         let mut p = template.clone();
         p.metadata.name = Some(format!("refused-{}", outcome.replace('_', "-")));
-        refused.push((cluster.start_pod(p, kind), outcome));
+        refused.push((cluster.start_pod(p, kind).unwrap(), outcome));
     }
     for (p, outcome) in &refused {
         eventually(
@@ -1179,5 +1509,183 @@ async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
         .await;
     }
     assert!(api.state.lock().unwrap().reviews >= 4);
+
+    // A CA rotation, security.md's steps 1 and 2, while team-a publishes:
+    // the mesh stays connected, no publish is refused, none is lost.
+    let publisher_app = a_pub.app().to_owned();
+    let during_rotation = tokio::task::spawn_blocking(move || {
+        let script = "i=0; while [ $i -lt 200 ]; do i=$((i+1)); \
+            curl -sS -m 20 -o /dev/null -w '%{http_code}\\n' -X POST \
+            -H 'content-type: text/plain' --data \"rotation-$i\" \
+            http://127.0.0.1:4700/v1/topics/ledger/messages; sleep 0.8; done";
+        must(&["exec", &publisher_app, "sh", "-c", script])
+    });
+    let old_ca =
+        shoal_injector::meshca::from_secret(&api.secret(SYSTEM_NS, "shoal-mesh-ca").unwrap())
+            .unwrap()
+            .unwrap();
+    let new_ca = shoal_injector::meshca::generate(unix_now()).unwrap();
+    // 1. Introduce the new root: every agent learns it with its next
+    //    certificate and then trusts two.
+    api.put_mesh_ca(&shoal_injector::meshca::CaMaterial {
+        next: new_ca.cert.clone(),
+        ..old_ca.clone()
+    });
+    let roots = |p: &RunningPod| metric(&p.admin("/metrics").1, "shoal_mesh_trust_roots", "");
+    for p in pods.values() {
+        eventually(
+            &format!(
+                "{}/{} trusts the old and the new root",
+                p.namespace(),
+                p.name()
+            ),
+            Duration::from_secs(120),
+            || (roots(p) == 2.0).then_some(()),
+        )
+        .await;
+    }
+    // 2. Switch: the new CA signs, the old root stays trusted. Every agent
+    //    renews with a certificate of the new CA (one issued after the
+    //    injector read the switch lives past this bound).
+    let switched = unix_now();
+    api.put_mesh_ca(&shoal_injector::meshca::CaMaterial {
+        cert: new_ca.cert.clone(),
+        key: new_ca.key.clone(),
+        next: String::new(),
+        previous: old_ca.cert.clone(),
+    });
+    let renewed_after = (switched + CA_RELOAD.as_secs() as i64 + 60 + 1) as f64;
+    for p in pods.values() {
+        eventually(
+            &format!(
+                "{}/{} holds a certificate of the new CA",
+                p.namespace(),
+                p.name()
+            ),
+            Duration::from_secs(150),
+            || (expiry(p) >= renewed_after).then_some(()),
+        )
+        .await;
+        assert_eq!(roots(p), 2.0, "the old root stays trusted until step 3");
+        assert!(
+            all_alive(p),
+            "{}/{}: the mesh stays whole",
+            p.namespace(),
+            p.name()
+        );
+    }
+    let codes = during_rotation.await.unwrap();
+    let codes: Vec<&str> = codes.lines().collect();
+    assert_eq!(codes.len(), 200, "{codes:?}");
+    assert!(
+        codes.iter().all(|c| *c == "201"),
+        "every publish acknowledged during the CA rotation: {codes:?}"
+    );
+    let expected: BTreeSet<String> = (1..=200).map(|i| format!("rotation-{i}")).collect();
+    let mut received = BTreeSet::new();
+    eventually(
+        "team-a's subscriber reads all 200 messages published during the CA rotation",
+        Duration::from_secs(60),
+        || {
+            received.extend(
+                pull_ack(a_sub.app(), "ledger-reader")
+                    .into_iter()
+                    .filter(|m| m.starts_with("rotation-")),
+            );
+            (received == expected).then_some(())
+        },
+    )
+    .await;
+
+    // Pod certificates (the injector runs the pod-certificates overlay's
+    // signer): hello in team-c, injected with --pod-certificates. The test
+    // plays the kubelet: it files each pod's PodCertificateRequest, the
+    // injector signs it, and the agents read their certificates from the
+    // volume and ask the identity service only for peers. They join the
+    // mesh of the CSR-path agents, and team-c's hello works.
+    let injector_metric = |name: &str, label: &str| {
+        metric(
+            &host_curl(&format!("http://{injector_ip}:9090/metrics")).1,
+            name,
+            label,
+        )
+    };
+    let team_c = hello_pods("team-c", &anchors, cluster.lab.dir.path(), true);
+    // A pod the injector did not inject (its label taken away) is denied a
+    // certificate, and so does not start.
+    let mut uninjected = team_c[0].clone();
+    uninjected.metadata.name = Some("uninjected-0".to_owned());
+    uninjected
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .remove("shoal.io/injected");
+    let Err(reason) = cluster.start_pod(uninjected, TokenKind::Good) else {
+        panic!("a pod the injector did not inject got a pod certificate");
+    };
+    assert_eq!(reason, "NotInjected");
+    let mut everyone = everyone;
+    for pod in team_c {
+        let app = pod.metadata.labels.as_ref().unwrap()["app.kubernetes.io/name"].clone();
+        let running = cluster.start_pod(pod, TokenKind::Good).unwrap();
+        everyone.insert(format!("{}.{}", running.name(), running.namespace()));
+        pods.insert(("team-c".to_owned(), app), running);
+    }
+    assert_eq!(everyone.len(), 6);
+    for p in pods.values() {
+        eventually(
+            &format!("{}/{} sees all six agents alive", p.namespace(), p.name()),
+            Duration::from_secs(90),
+            || p.alive_nodes().is_some_and(|n| n == everyone).then_some(()),
+        )
+        .await;
+    }
+    let publisher = pods[&("team-c".to_owned(), "publisher".to_owned())]
+        .name()
+        .to_owned();
+    let subscriber = &pods[&("team-c".to_owned(), "subscriber".to_owned())];
+    eventually(
+        &format!("team-c's subscriber prints two greetings from {publisher}"),
+        Duration::from_secs(60),
+        || {
+            let logs = Lab::logs(subscriber.app());
+            (logs.matches(&format!("from {publisher}")).count() >= 2).then_some(())
+        },
+    )
+    .await;
+    let outcome = |o: &str| format!("outcome=\"{o}\"");
+    assert_eq!(
+        injector_metric("shoal_injector_pod_certificates_total", &outcome("issued")),
+        2.0
+    );
+    assert_eq!(
+        injector_metric(
+            "shoal_injector_pod_certificates_total",
+            &outcome("not_injected")
+        ),
+        1.0
+    );
+    assert!(
+        injector_metric(
+            "shoal_injector_identity_requests_total",
+            &outcome("discovered")
+        ) >= 2.0,
+        "team-c's agents asked for peers"
+    );
+    // Their certificates came from the pod-certificate volume: an hour (the
+    // API's shortest), where the CSR path gives one minute here.
+    for app in ["publisher", "subscriber"] {
+        let p = &pods[&("team-c".to_owned(), app.to_owned())];
+        let expiry = metric(
+            &p.admin("/metrics").1,
+            "shoal_mesh_certificate_expiry_timestamp_seconds",
+            "",
+        );
+        assert!(
+            expiry > (unix_now() + 1800) as f64,
+            "team-c/{app} holds the pod certificate (an hour or more), not a one-minute CSR one"
+        );
+    }
     drop(cluster);
 }
