@@ -662,10 +662,18 @@ async fn first_identity(
                 )));
             }
             Ok(identity) => {
-                let certified = identity
+                let bound = identity
                     .chain
                     .first()
-                    .and_then(shoal_mesh::certs::node_name_of);
+                    .map(shoal_mesh::certs::node_names_of)
+                    .unwrap_or_default();
+                if bound.len() > 1 {
+                    return Err(AgentError::Config(format!(
+                        "the mesh certificate ({}) binds several node names {bound:?}: peers refuse it; issue one with a single DNS SAN <node>.node.shoal",
+                        source.describe()
+                    )));
+                }
+                let certified = bound.into_iter().next();
                 if let Some(certified) = certified.filter(|n| n != node) {
                     // Peers would refuse this agent's subscriber lists and
                     // leave notices, and it would run half-deaf.

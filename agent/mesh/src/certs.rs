@@ -183,17 +183,33 @@ pub fn node_san(node: &str) -> String {
     format!("{node}{NODE_SAN_SUFFIX}")
 }
 
+/// The node names a certificate's DNS SANs bind ([`NODE_SAN_SUFFIX`]);
+/// empty for none (or an unparsable certificate). A certificate that binds
+/// several is refused, by peers and by its own agent: it could not be
+/// held to one.
+pub fn node_names_of(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => d.strip_suffix(NODE_SAN_SUFFIX),
+            _ => None,
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The node name a certificate is bound to ([`NODE_SAN_SUFFIX`]); `None`
-/// when it has no such SAN, or several.
+/// when it has no such SAN, or several (which the mesh's verifier refuses).
 pub fn node_name_of(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    let mut names = san.value.general_names.iter().filter_map(|n| match n {
-        x509_parser::extensions::GeneralName::DNSName(d) => d.strip_suffix(NODE_SAN_SUFFIX),
-        _ => None,
-    });
-    match (names.next(), names.next()) {
-        (Some(one), None) if !one.is_empty() => Some(one.to_owned()),
+    match node_names_of(cert).as_slice() {
+        [one] if !one.is_empty() => Some(one.clone()),
         _ => None,
     }
 }

@@ -190,7 +190,7 @@ impl CertStore {
             self.algorithms().all,
         )
         .map_err(|e| refuse(Refusal::of(&e), e.to_string(), e.clone()))?;
-        spiffe_id_of(end_entity).map_err(|why| {
+        let id = spiffe_id_of(end_entity).map_err(|why| {
             refuse(
                 Refusal::NoSpiffeId,
                 why.clone(),
@@ -198,7 +198,19 @@ impl CertStore {
                     SpiffeError(why),
                 )))),
             )
-        })
+        })?;
+        let nodes = crate::certs::node_names_of(end_entity);
+        if nodes.len() > 1 {
+            let why = format!("the certificate binds several node names: {nodes:?}");
+            return Err(refuse(
+                Refusal::BadCertificate,
+                why.clone(),
+                Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+                    SpiffeError(why),
+                )))),
+            ));
+        }
+        Ok(id)
     }
 }
 

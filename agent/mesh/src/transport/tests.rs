@@ -165,6 +165,33 @@ async fn a_certificate_without_a_spiffe_id_is_refused() {
 }
 
 #[tokio::test]
+async fn a_certificate_that_binds_two_node_names_is_refused() {
+    // Bound to two nodes it could speak for either: a CA that signed it
+    // made a mistake, and peers take it for neither.
+    let ca = Ca::generate(DEV_CA_LIFETIME).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let san = |s: &str| rcgen::SanType::DnsName(rcgen::Ia5String::try_from(s).unwrap());
+    let two = ca
+        .issue_with_sans(
+            vec![
+                rcgen::SanType::URI(rcgen::Ia5String::try_from(id("orders").to_string()).unwrap()),
+                san("a.node.shoal"),
+                san("b.node.shoal"),
+            ],
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        )
+        .unwrap();
+    let a = agent(&ca, "orders");
+    let b = agent_with(two, &ca);
+    let b_addr = b.endpoint.local_addr().unwrap();
+    let server = b.endpoint.clone();
+    tokio::spawn(async move { while server.accept().await.is_some() {} });
+    assert!(a.endpoint.connect(b_addr).await.is_err());
+    assert_eq!(*a.refusals.lock().unwrap(), vec![Refusal::BadCertificate]);
+}
+
+#[tokio::test]
 async fn an_expired_certificate_is_refused() {
     let ca = Ca::generate(DEV_CA_LIFETIME).unwrap();
     let now = time::OffsetDateTime::now_utc();
