@@ -499,11 +499,24 @@ fn speaks_for_itself(datagram: &[u8], bound: Option<&str>) -> bool {
     Membership::sender_of(datagram).is_none_or(|src| bound_may_speak_for(bound, &src.node))
 }
 
+/// Most connections one peer may hold open to this agent at once, counted
+/// by its certificate's node name (else its SPIFFE ID). An agent needs one
+/// (two while agents dial each other at once, one more for a moment after
+/// a restart); each connection has its own stream and answer budget, so a
+/// hostile peer must not multiply them.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
+
+/// QUIC application close code of a connection refused for
+/// [`MAX_CONNECTIONS_PER_PEER`].
+pub const TOO_MANY_CONNECTIONS: u32 = 0x5c01;
+
 /// Connections to other agents, one per address.
 #[derive(Clone)]
 struct Peers {
     endpoint: Endpoint,
     conns: Arc<Mutex<HashMap<SocketAddr, shoal_mesh::quinn::Connection>>>,
+    /// Open accepted connections per peer identity.
+    accepted: Arc<Mutex<HashMap<String, usize>>>,
     input: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
     node: String,
@@ -527,6 +540,31 @@ impl Peers {
         self.conn(&addr).is_some_and(|c| {
             bound_may_speak_for(shoal_mesh::transport::peer_node(&c).as_deref(), node)
         })
+    }
+
+    /// Counts an accepted connection of the peer `who` until it closes;
+    /// false (and counts nothing) when the peer holds the most it may.
+    fn admit(&self, who: String, conn: &shoal_mesh::quinn::Connection) -> bool {
+        {
+            let mut accepted = lock(&self.accepted);
+            let open = accepted.entry(who.clone()).or_default();
+            if *open >= MAX_CONNECTIONS_PER_PEER {
+                return false;
+            }
+            *open += 1;
+        }
+        let (accepted, conn) = (self.accepted.clone(), conn.clone());
+        tokio::spawn(async move {
+            conn.closed().await;
+            let mut accepted = lock(&accepted);
+            if let Some(open) = accepted.get_mut(&who) {
+                *open = open.saturating_sub(1);
+                if *open == 0 {
+                    accepted.remove(&who);
+                }
+            }
+        });
+        true
     }
 
     /// Adopts a connection: its datagrams feed membership.
@@ -785,6 +823,7 @@ impl Mesh {
             node: settings.node.clone(),
             handler: Default::default(),
             links: Default::default(),
+            accepted: Default::default(),
         };
         {
             let peers = peers.clone();
@@ -797,6 +836,17 @@ impl Mesh {
                         match incoming.handshake().await {
                             Ok(peer) => {
                                 let addr = peer.connection.remote_address();
+                                let who = shoal_mesh::transport::peer_node(&peer.connection)
+                                    .unwrap_or_else(|| peer.id.to_string());
+                                if !peers.admit(who.clone(), &peer.connection) {
+                                    metrics.mesh_connections_refused.inc();
+                                    tracing::warn!(peer = %addr, %who, max = MAX_CONNECTIONS_PER_PEER, "a peer opened more connections than one may; closed");
+                                    peer.connection.close(
+                                        TOO_MANY_CONNECTIONS.into(),
+                                        b"too many connections from this peer",
+                                    );
+                                    return;
+                                }
                                 tracing::debug!(peer = %addr, id = %peer.id, "accepted");
                                 peers.adopt(addr, peer.connection);
                             }

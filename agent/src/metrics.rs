@@ -272,6 +272,9 @@ pub struct Metrics {
     pub mesh_bad_datagrams: Counter,
     /// Times this agent found its node name taken by another agent and left.
     pub mesh_name_conflicts: Counter,
+    /// Connections closed at once: their peer already held the most a peer
+    /// may (`MAX_CONNECTIONS_PER_PEER`).
+    pub mesh_connections_refused: Counter,
     /// When the mesh certificate in use expires, seconds since the Unix epoch.
     pub mesh_certificate_expiry: Gauge,
     /// Roots the mesh identity in use trusts (two during a CA rotation).
@@ -438,6 +441,7 @@ impl Metrics {
             mesh_bytes_out: Counter::default(),
             mesh_bad_datagrams: Counter::default(),
             mesh_name_conflicts: Counter::default(),
+            mesh_connections_refused: Counter::default(),
             mesh_certificate_expiry: Gauge::default(),
             mesh_trust_roots: Gauge::default(),
             mesh_certificate_failures: Counter::default(),
@@ -642,6 +646,11 @@ impl Metrics {
             "shoal_mesh_bad_datagrams",
             "Gossip datagrams that could not be decoded",
             m.mesh_bad_datagrams.clone(),
+        );
+        r.register(
+            "shoal_mesh_connections_refused",
+            "Mesh connections closed as soon as accepted because their peer (a certificate's node, else its SPIFFE ID) already held as many as one may",
+            m.mesh_connections_refused.clone(),
         );
         r.register(
             "shoal_mesh_name_conflicts",

@@ -791,3 +791,59 @@ async fn a_peer_that_does_not_read_its_answers_gets_peer_busy_not_the_agents_mem
         other => panic!("a read after the peer caught up: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_peer_may_hold_only_a_few_connections_each_with_its_own_budget() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let agent = start_ready(root.path(), "ca", "shop-0", port, None, &[]).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let peer = raw_mesh_peer(root.path(), "ca", "default").await;
+    let max = shoal_agent::mesh::MAX_CONNECTIONS_PER_PEER;
+    let mut conns = Vec::new();
+    for _ in 0..max + 2 {
+        conns.push(peer.connect(addr).await.unwrap().connection);
+    }
+    // The ones past the limit are closed by the agent, saying why.
+    let closed_by_agent = |c: &shoal_mesh::quinn::Connection| {
+        matches!(
+            c.close_reason(),
+            Some(shoal_mesh::quinn::ConnectionError::ApplicationClosed(ref a))
+                if a.error_code == shoal_agent::mesh::TOO_MANY_CONNECTIONS.into()
+        )
+    };
+    wait_until("the connections past the limit are closed", || async {
+        conns.iter().filter(|c| closed_by_agent(c)).count() == 2
+    })
+    .await;
+    let refused = || async {
+        series_value(
+            &metrics(&agent.admin).await,
+            "shoal_mesh_connections_refused_total",
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(refused().await, 2.0);
+    // The others work: each answers a request.
+    let open: Vec<_> = conns
+        .into_iter()
+        .filter(|c| c.close_reason().is_none())
+        .collect();
+    assert_eq!(open.len(), max);
+    for c in &open {
+        ask(c, stats_frame(1, "nothing-here")).await;
+    }
+    // One closed by the peer frees its place.
+    open[0].close(0u32.into(), b"done");
+    wait_until("a freed place takes a new connection", || async {
+        let c = peer.connect(addr).await.unwrap().connection;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let kept = c.close_reason().is_none();
+        if !kept {
+            return false;
+        }
+        c.close(0u32.into(), b"done");
+        true
+    })
+    .await;
+}
