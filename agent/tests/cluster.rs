@@ -348,7 +348,8 @@ fn start_pod_cert_agent(
         .unwrap();
     std::fs::write(dir.join("cert.pem"), issued.cert_pem).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("ca.pem"), &identity.bundle).unwrap();
+    // The mesh roots as the signer's ClusterTrustBundle has them now.
+    std::fs::write(dir.join("ca.pem"), identity.ca.get().trust_bundle()).unwrap();
     start_pod_agent_with(
         root,
         identity,
@@ -724,9 +725,9 @@ async fn agents_with_pod_certificates_find_each_other_through_discovery_alone() 
     let root = tempdir();
     let state: State = Arc::default();
     let identity = start_identity(state.clone()).await;
+    let ports = register_pods(&state, &SHOP_PODS);
     let pods = &SHOP_PODS[..3];
-    let ports = register_pods(&state, pods);
-    let agents: Vec<MeshAgent> = pods
+    let mut agents: Vec<MeshAgent> = pods
         .iter()
         .zip(&ports)
         .map(|((ns, sa, pod, token), port)| {
@@ -767,6 +768,51 @@ async fn agents_with_pod_certificates_find_each_other_through_discovery_alone() 
         .unwrap();
     assert!(r.status == 200 || r.status == 201, "{}", r.text());
     wait_formed(&agents.iter().collect::<Vec<_>>(), pods, topic, 2).await;
+
+    // A CA rotation reaches them through their ca.pem, as the kubelet
+    // projects the signer's ClusterTrustBundle: first both roots, then the
+    // switch. A new agent then gets a certificate of the new CA, while its
+    // pod spec's anchors still name only the old one: it must still reach
+    // the identity service (which now serves a certificate of the new CA)
+    // through the roots of its volume, and join.
+    let old = identity.ca.get().material().clone();
+    let new = meshca::generate(unix_now()).unwrap();
+    let both = format!("{}{}", old.cert, new.cert);
+    for (_, _, pod, _) in pods {
+        std::fs::write(root.path().join(pod).join("identity/ca.pem"), &both).unwrap();
+    }
+    for a in &agents {
+        wait_until("every agent trusts both roots", || async {
+            series_value(&metrics(&a.admin).await, "shoal_mesh_trust_roots") == Some(2.0)
+        })
+        .await;
+    }
+    identity.rotate_to(meshca::CaMaterial {
+        cert: new.cert.clone(),
+        key: new.key.clone(),
+        next: String::new(),
+        previous: old.cert.clone(),
+    });
+    let (ns, sa, pod, token) = SHOP_PODS[3];
+    agents.push(start_pod_cert_agent(
+        root.path(),
+        &identity,
+        (ns, sa, pod),
+        token,
+        ports[3],
+    ));
+    let mut everyone: Vec<String> = SHOP_PODS
+        .iter()
+        .map(|p| format!("{}.{}", p.2, p.0))
+        .collect();
+    everyone.sort();
+    for a in &agents {
+        wait_until(
+            "the agent with a certificate of the new CA joins the others",
+            || async { alive(a).await == everyone },
+        )
+        .await;
+    }
 }
 
 #[tokio::test]

@@ -284,6 +284,13 @@ impl IdentityServiceSource {
         Ok(body)
     }
 
+    /// Trusts `roots` too for the endpoint, from now on: the mesh roots
+    /// this agent holds (a pod certificate volume's `ca.pem`, kept current
+    /// by the kubelet through a CA rotation), besides the anchors given.
+    pub fn learn_roots(&self, roots: Vec<CertificateDer<'static>>) {
+        self.state().learned_roots = roots;
+    }
+
     /// Asks the discovery endpoint for peers (with the token, no CSR), and
     /// keeps them for [`CertSource::peers`].
     pub fn discover(&self) -> Result<(), MeshError> {
@@ -338,6 +345,9 @@ impl FilesWithDiscovery {
 impl CertSource for FilesWithDiscovery {
     fn load(&self) -> Result<Identity, MeshError> {
         let identity = self.files.load()?;
+        // After a CA switch the identity service serves a certificate of
+        // the new CA, which the anchors in the pod spec may predate.
+        self.discovery.learn_roots(identity.roots.clone());
         match self.discovery.discover() {
             Ok(()) => {
                 self.discovered
