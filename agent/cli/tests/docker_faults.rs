@@ -7,6 +7,8 @@
 //! - An agent's network cut for 20 s (iptables in its network namespace)
 //!   and then healed.
 //! - An agent frozen for 15 s (`docker pause`: SIGSTOP for the container).
+//! - An agent killed with SIGKILL while publishes go on, and started again
+//!   on its data.
 //! - A rolling restart: every agent in turn stopped with SIGTERM and
 //!   started again with its data.
 //! - 20 % of the packets between two agents dropped, both ways.
@@ -419,12 +421,31 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     );
     published.add("agent-4 frozen for 15 s", during);
 
+    // agent-3 killed with SIGKILL while agent-1 publishes, and started again
+    // on its data 5 s later (a crash, as an OOM kill is).
+    let publisher = {
+        let a1 = a1.clone();
+        tokio::task::spawn_blocking(move || a1.publish(901, 1000))
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    must(&["kill", "--signal=KILL", &a3.agent]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    must(&["start", &a3.agent]);
+    let during = publisher.await.unwrap();
+    assert_eq!(
+        during.acked.len(),
+        100,
+        "publishes go on while a replica is killed and restarts"
+    );
+    published.add("agent-3 killed with SIGKILL and restarted", during);
+    wait_members(&[&a1, &a3, &a4], &["agent-1", "agent-3", "agent-4"]).await;
+
     // A rolling restart (SIGTERM, then the same container again, its data
     // kept) of every agent in turn while agent-1 publishes; agent-1's app
     // retries while its own agent restarts, as an app would.
     let publisher = {
         let a1 = a1.clone();
-        tokio::task::spawn_blocking(move || a1.publish(901, 1100))
+        tokio::task::spawn_blocking(move || a1.publish(1001, 1200))
     };
     for p in [&a3, &a4, &a1] {
         must(&["restart", "--time=20", &p.agent]);
@@ -445,7 +466,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     // no netem qdisc.)
     a1.lossy(a3.ip, 20, true);
     a3.lossy(a1.ip, 20, true);
-    let lossy = a1.publish(1101, 1200);
+    let lossy = a1.publish(1201, 1300);
     a1.lossy(a3.ip, 20, false);
     a3.lossy(a1.ip, 20, false);
     assert_eq!(
@@ -486,7 +507,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     must(&["kill", "--signal=KILL", &a4.agent]);
     must(&["start", &a4.agent]);
     wait_members(&[&a1, &a3, &a4], &["agent-1", "agent-3", "agent-4"]).await;
-    let after = a1.publish(1201, 1300);
+    let after = a1.publish(1301, 1400);
     assert_eq!(
         after.acked.len(),
         100,
@@ -527,7 +548,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
         victim.node
     );
     read_all(reader, "after-damage", &published.acked).await;
-    assert_eq!(published.acked.len(), 1300);
+    assert_eq!(published.acked.len(), 1400);
     eprintln!(
         "the longest any acknowledged publish waited for its ack: {:.1?}",
         published.longest
