@@ -1,8 +1,9 @@
 //! A cluster played with Docker, as a platform engineer's would run.
 //!
 //! - An API-server stand-in (HTTPS, in this test, speaking the k8s-openapi
-//!   types) answers TokenReviews, keeps Secrets, and lists and watches
-//!   namespaces and pods.
+//!   types) signs the pods' projected service-account tokens (JWTs, ES256,
+//!   with a key it owns), answers TokenReviews by their signature, expiry
+//!   and audience, keeps Secrets, and lists and watches namespaces and pods.
 //! - `shoal-injector` runs as a container from its image, with the
 //!   environment of `manifests/base/deployment.yaml` and in-cluster API
 //!   credentials (token, `ca.crt`, `KUBERNETES_SERVICE_HOST`). It bootstraps
@@ -108,7 +109,6 @@ struct Claims {
 /// what followed, as the API server's does.
 #[derive(Default)]
 struct ApiState {
-    tokens: BTreeMap<String, Claims>,
     secrets: BTreeMap<(String, String), Secret>,
     namespaces: Vec<Namespace>,
     pods: BTreeMap<(String, String), Pod>,
@@ -123,17 +123,89 @@ struct ApiState {
 struct ApiServer {
     state: Mutex<ApiState>,
     changed: Notify,
+    /// The key service-account tokens are signed with (ES256), as the API
+    /// server's `--service-account-signing-key-file`.
+    token_key: ring::signature::EcdsaKeyPair,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 impl ApiServer {
+    fn new() -> ApiServer {
+        use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        ApiServer {
+            state: Mutex::new(ApiState::default()),
+            changed: Notify::new(),
+            token_key: EcdsaKeyPair::from_pkcs8(
+                &ECDSA_P256_SHA256_FIXED_SIGNING,
+                pkcs8.as_ref(),
+                &rng,
+            )
+            .unwrap(),
+        }
+    }
+
+    /// A projected service-account token: a JWT with Kubernetes' claims,
+    /// signed with the stand-in's key.
     fn issue_token(&self, claims: Claims) -> String {
-        let token = format!("tok-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        self.state
-            .lock()
-            .unwrap()
-            .tokens
-            .insert(token.clone(), claims);
-        token
+        let header = json!({"alg": "ES256", "typ": "JWT", "kid": "stand-in"});
+        let payload = json!({
+            "iss": "https://kubernetes.default.svc.cluster.local",
+            "aud": [claims.audience],
+            "exp": claims.expires,
+            "iat": unix_now(),
+            "nbf": unix_now(),
+            "sub": format!("system:serviceaccount:{}:{}", claims.namespace, claims.service_account),
+            "kubernetes.io": {
+                "namespace": claims.namespace,
+                "pod": {"name": claims.pod, "uid": claims.pod_uid},
+                "serviceaccount": {"name": claims.service_account, "uid": "sa-uid"},
+            },
+        });
+        let signed = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(payload.to_string().as_bytes())
+        );
+        let signature = self
+            .token_key
+            .sign(&ring::rand::SystemRandom::new(), signed.as_bytes())
+            .unwrap();
+        format!("{signed}.{}", b64(signature.as_ref()))
+    }
+
+    /// The claims of `token` if its signature is the stand-in's.
+    fn verify_token(&self, token: &str) -> Option<Claims> {
+        use base64::Engine as _;
+        use ring::signature::KeyPair as _;
+        let (signed, signature) = token.rsplit_once('.')?;
+        let (_, payload) = signed.split_once('.')?;
+        let decode = |s: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .ok()
+        };
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            self.token_key.public_key().as_ref(),
+        )
+        .verify(signed.as_bytes(), &decode(signature)?)
+        .ok()?;
+        let claims: Value = serde_json::from_slice(&decode(payload)?).ok()?;
+        let k8s = &claims["kubernetes.io"];
+        Some(Claims {
+            namespace: k8s["namespace"].as_str()?.to_owned(),
+            service_account: k8s["serviceaccount"]["name"].as_str()?.to_owned(),
+            pod: k8s["pod"]["name"].as_str()?.to_owned(),
+            pod_uid: k8s["pod"]["uid"].as_str()?.to_owned(),
+            audience: claims["aud"][0].as_str()?.to_owned(),
+            expires: claims["exp"].as_i64()?,
+        })
     }
 
     fn put_pod(&self, mut pod: Pod) {
@@ -204,9 +276,10 @@ fn status(code: u16, reason: &str, message: &str) -> http::Response<Full<Bytes>>
     )
 }
 
-/// Answers a TokenReview as an audience-aware API server does.
-fn review(st: &mut ApiState, mut r: TokenReview) -> TokenReview {
-    st.reviews += 1;
+/// Answers a TokenReview as an audience-aware API server does: the token's
+/// signature, expiry and audience.
+fn review(api: &ApiServer, mut r: TokenReview) -> TokenReview {
+    api.state.lock().unwrap().reviews += 1;
     let wanted = r.spec.audiences.clone().unwrap_or_default();
     let refuse = |error: String| TokenReviewStatus {
         authenticated: Some(false),
@@ -214,8 +287,8 @@ fn review(st: &mut ApiState, mut r: TokenReview) -> TokenReview {
         ..TokenReviewStatus::default()
     };
     let token = r.spec.token.clone();
-    r.status = Some(match st.tokens.get(&token) {
-        None => refuse("[invalid bearer token, token lookup failed]".to_owned()),
+    r.status = Some(match api.verify_token(&token).as_ref() {
+        None => refuse("[invalid bearer token, square/go-jose: error in cryptographic primitive]".to_owned()),
         Some(c) if c.expires <= unix_now() => {
             refuse("[invalid bearer token, Token has expired.]".to_owned())
         }
@@ -320,7 +393,7 @@ async fn handle(
             let Ok(r) = serde_json::from_slice::<TokenReview>(&body) else {
                 return status(400, "BadRequest", "not a TokenReview");
             };
-            let answered = review(&mut api.state.lock().unwrap(), r);
+            let answered = review(&api, r);
             respond(201, &serde_json::to_value(answered).unwrap())
         }
         ("POST", ["api", "v1", "namespaces", ns, "secrets"]) => {
@@ -1233,10 +1306,7 @@ async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
     }
     let lab = Lab::new();
     let gateway = lab.gateway();
-    let api = Arc::new(ApiServer {
-        state: Mutex::new(ApiState::default()),
-        changed: Notify::new(),
-    });
+    let api = Arc::new(ApiServer::new());
     {
         let mut st = api.state.lock().unwrap();
         for ns in [SYSTEM_NS].into_iter().chain(NAMESPACES) {
@@ -1610,6 +1680,10 @@ async fn hello_across_pods_and_namespaces_in_a_docker_cluster() {
             label,
         )
     };
+    // Injected with the anchors from before the CA rotation: the identity
+    // service now serves a certificate of the new CA, and the agents must
+    // trust it through the roots of their certificate volume (the
+    // ClusterTrustBundle, which has both).
     let team_c = hello_pods("team-c", &anchors, cluster.lab.dir.path(), true);
     // A pod the injector did not inject (its label taken away) is denied a
     // certificate, and so does not start.
