@@ -32,6 +32,12 @@ pub const TOKEN_VOLUME_NAME: &str = "shoal-token";
 pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/shoal.io/serviceaccount";
 /// File name of the projected token inside [`TOKEN_MOUNT_PATH`].
 pub const TOKEN_FILE_NAME: &str = "token";
+/// Mode of the files of the agent's projected volumes (token, pod
+/// certificate). Only the agent container mounts them. The kubelet makes
+/// them root's unless every container of the pod runs as one user, and an
+/// app usually runs as its own: readable by owner and group only, the
+/// agent (uid 65532) could not read them in a pod without an `fsGroup`.
+pub const PROJECTED_FILE_MODE: i32 = 0o444;
 /// Name of the pod-certificate volume (`--pod-certificates`).
 pub const POD_CERT_VOLUME_NAME: &str = "shoal-identity";
 /// Where the pod-certificate volume is mounted: `cert.pem`, `key.pem` and

@@ -287,7 +287,7 @@ pub fn inject(pod: &Pod, ctx: PodContext<'_>, config: &InjectConfig) -> Outcome 
         volumes.push(Volume {
             name: cfg::TOKEN_VOLUME_NAME.to_owned(),
             projected: Some(ProjectedVolumeSource {
-                default_mode: Some(0o440),
+                default_mode: Some(cfg::PROJECTED_FILE_MODE),
                 sources: Some(vec![VolumeProjection {
                     service_account_token: Some(ServiceAccountTokenProjection {
                         audience: Some(config.token_audience.clone()),
@@ -377,7 +377,7 @@ fn pod_certificate_volume() -> Volume {
     Volume {
         name: cfg::POD_CERT_VOLUME_NAME.to_owned(),
         projected: Some(ProjectedVolumeSource {
-            default_mode: Some(0o440),
+            default_mode: Some(cfg::PROJECTED_FILE_MODE),
             sources: Some(vec![
                 VolumeProjection {
                     pod_certificate: Some(PodCertificateProjection {

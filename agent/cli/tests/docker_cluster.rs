@@ -983,24 +983,21 @@ impl Cluster {
         std::fs::create_dir_all(&token_dir).unwrap();
         let file = token_dir.join(&projection.path);
         std::fs::write(&file, token).unwrap();
-        // Owned by the agent's user, as the kubelet does when every
-        // container of the pod runs as one user.
-        let agent = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .chain(spec.containers.iter())
-            .find(|c| c.name == "shoal-agent")
-            .expect("the pod has the agent");
-        let uid = agent
-            .security_context
-            .as_ref()
-            .and_then(|s| s.run_as_user)
-            .or(spec.security_context.as_ref().and_then(|s| s.run_as_user))
-            .unwrap_or(65532);
-        std::os::unix::fs::chown(&file, Some(uid as u32), Some(uid as u32)).unwrap();
+        // As a kubelet writes a projected volume when the pod's containers
+        // run as different users (hello's app runs as 100, the agent as
+        // 65532) and it sets no fsGroup: root's, with the volume's mode.
+        let mode = |volume: &str| {
+            spec.volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == volume)
+                .and_then(|v| v.projected.as_ref()?.default_mode)
+                .unwrap_or(0o644) as u32
+        };
+        std::os::unix::fs::chown(&file, Some(0), Some(0)).unwrap();
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o440)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode(&token_volume)))
+            .unwrap();
         std::fs::set_permissions(&token_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 
         // A pod certificate, as the kubelet gets it before it starts the
@@ -1013,7 +1010,7 @@ impl Cluster {
                 .is_some_and(|s| s.iter().any(|s| s.pod_certificate.is_some()))
         }) {
             let dir = pod_dir.join(format!("projected-{}", volume.name));
-            self.kubelet_pod_certificate(&pod, volume, &dir, uid as u32)?;
+            self.kubelet_pod_certificate(&pod, volume, &dir, mode(&volume.name))?;
         }
 
         // Native sidecars (init containers that always restart) first.
@@ -1039,14 +1036,14 @@ impl Cluster {
     /// `podCertificate` and a `clusterTrustBundle` source) of `pod`: files
     /// a PodCertificateRequest with a stub CSR of a new key, waits for the
     /// signer's answer, and writes the key, the chain and the signer's
-    /// roots into `dir`, owned by `uid`. A refusal is returned as the
+    /// roots into `dir`, root's with `mode`. A refusal is returned as the
     /// Denied or Failed condition's reason.
     fn kubelet_pod_certificate(
         &self,
         pod: &Pod,
         volume: &k8s_openapi::api::core::v1::Volume,
         dir: &Path,
-        uid: u32,
+        mode: u32,
     ) -> Result<(), String> {
         let sources = volume.projected.clone().unwrap().sources.unwrap();
         let cert = sources
@@ -1149,8 +1146,8 @@ impl Cluster {
         ] {
             let path = dir.join(file);
             std::fs::write(&path, text).unwrap();
-            std::os::unix::fs::chown(&path, Some(uid), Some(uid)).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440)).unwrap();
+            std::os::unix::fs::chown(&path, Some(0), Some(0)).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         Ok(())
