@@ -194,6 +194,11 @@ pub const API_READ_TIMEOUT: Duration = Duration::from_secs(295);
 
 /// Runs the injector until SIGTERM/SIGINT.
 pub async fn run(args: Args) -> Result<(), InjectorError> {
+    if args.inject.pod_certificates && !args.inject.identity {
+        return Err(InjectorError::Config(
+            "--pod-certificates needs --identity=true: pod certificates are the agents' mesh identity, and the identity service names their peers".into(),
+        ));
+    }
     let metrics = Arc::new(Metrics::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let client = {

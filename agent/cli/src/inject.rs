@@ -85,6 +85,11 @@ pub fn run(args: InjectArgs) -> ExitCode {
     };
     let mut config = args.inject.to_config();
     config.identity_addr = args.identity_service;
+    if args.inject.pod_certificates && !config.identity {
+        return bad_arguments(
+            "--pod-certificates needs --identity=true (pod certificates are the agents' mesh identity)",
+        );
+    }
     match &args.trust_anchors_file {
         Some(_) if !config.identity => {
             return fail("--trust-anchors-file needs --identity=true (agents without identity settings do not join)")
@@ -94,7 +99,7 @@ pub fn run(args: InjectArgs) -> ExitCode {
             Err(e) => return fail(&e),
         },
         None if config.pod_certificates => {
-            return fail("--pod-certificates needs --trust-anchors-file: without the mesh bundle the agents would get a certificate volume but no identity service to find their peers by")
+            return bad_arguments("--pod-certificates needs --trust-anchors-file: without the mesh bundle the agents would get a certificate volume but no identity service to find their peers by. Take it from the cluster: kubectl -n shoal-system get secret shoal-mesh-ca -o jsonpath='{.data.ca\\.crt}' | base64 -d > mesh-ca.crt (docs/install.md §7)")
         }
         None if config.identity => eprintln!(
             "shoal inject: warning: no --trust-anchors-file: injected agents get no \
@@ -178,6 +183,12 @@ fn read_dir_manifests(dir: &std::path::Path) -> Result<String, String> {
         }
     }
     Ok(stream)
+}
+
+/// Exits 2, as for bad arguments (docs/configuration.md).
+fn bad_arguments(message: &str) -> ExitCode {
+    eprintln!("shoal inject: {message}");
+    ExitCode::from(2)
 }
 
 fn fail(message: &str) -> ExitCode {

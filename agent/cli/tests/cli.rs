@@ -261,12 +261,22 @@ fn inject_hands_agents_the_trust_anchors_it_is_given() {
     assert!(out.contains("podCertificate"), "{out}");
     assert!(out.contains("SHOAL_CERT_DIR"), "{out}");
     let o = shoal(&["inject", "-f", pod, "--pod-certificates"]);
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(2), "bad arguments");
     assert!(
         text(&o).1.contains("--trust-anchors-file"),
         "{}",
         text(&o).1
     );
+    assert!(text(&o).1.contains("shoal-mesh-ca"), "where the bundle is");
+    let o = shoal(&[
+        "inject",
+        "-f",
+        pod,
+        "--pod-certificates",
+        "--identity=false",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("--identity=true"), "{}", text(&o).1);
 
     // Not a bundle: no certificate, a broken one, a leaf that is no CA.
     let leaf_key = rcgen::KeyPair::generate().unwrap();
