@@ -500,13 +500,15 @@ fn speaks_for_itself(datagram: &[u8], bound: Option<&str>) -> bool {
 }
 
 /// Most connections one peer may hold open to this agent at once, counted
-/// by its certificate's node name (else its SPIFFE ID). An agent needs one
-/// (two while agents dial each other at once, one more for a moment after
-/// a restart); each connection has its own stream and answer budget, so a
-/// hostile peer must not multiply them.
+/// by its certificate's node name (else its SPIFFE ID and address: agents
+/// whose certificates bind no node may share an identity). An agent needs
+/// one (two while agents dial each other at once, one more for a moment
+/// after a restart); each connection has its own stream and answer budget,
+/// so a hostile peer must not multiply them. Past the limit the peer's
+/// oldest connection is closed: a legitimate agent uses its newest.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
 
-/// QUIC application close code of a connection refused for
+/// QUIC application close code of a connection closed for
 /// [`MAX_CONNECTIONS_PER_PEER`].
 pub const TOO_MANY_CONNECTIONS: u32 = 0x5c01;
 
@@ -515,8 +517,9 @@ pub const TOO_MANY_CONNECTIONS: u32 = 0x5c01;
 struct Peers {
     endpoint: Endpoint,
     conns: Arc<Mutex<HashMap<SocketAddr, shoal_mesh::quinn::Connection>>>,
-    /// Open accepted connections per peer identity.
-    accepted: Arc<Mutex<HashMap<String, usize>>>,
+    /// Open accepted connections per peer identity, oldest first.
+    accepted:
+        Arc<Mutex<HashMap<String, std::collections::VecDeque<shoal_mesh::quinn::Connection>>>>,
     input: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
     node: String,
@@ -542,29 +545,33 @@ impl Peers {
         })
     }
 
-    /// Counts an accepted connection of the peer `who` until it closes;
-    /// false (and counts nothing) when the peer holds the most it may.
-    fn admit(&self, who: String, conn: &shoal_mesh::quinn::Connection) -> bool {
-        {
+    /// Counts an accepted connection of the peer `who` until it closes; the
+    /// peer's oldest one when it now holds more than it may, to be closed.
+    fn admit(
+        &self,
+        who: String,
+        conn: &shoal_mesh::quinn::Connection,
+    ) -> Option<shoal_mesh::quinn::Connection> {
+        let oldest = {
             let mut accepted = lock(&self.accepted);
             let open = accepted.entry(who.clone()).or_default();
-            if *open >= MAX_CONNECTIONS_PER_PEER {
-                return false;
-            }
-            *open += 1;
-        }
+            open.push_back(conn.clone());
+            (open.len() > MAX_CONNECTIONS_PER_PEER)
+                .then(|| open.pop_front())
+                .flatten()
+        };
         let (accepted, conn) = (self.accepted.clone(), conn.clone());
         tokio::spawn(async move {
             conn.closed().await;
             let mut accepted = lock(&accepted);
             if let Some(open) = accepted.get_mut(&who) {
-                *open = open.saturating_sub(1);
-                if *open == 0 {
+                open.retain(|c| c.stable_id() != conn.stable_id());
+                if open.is_empty() {
                     accepted.remove(&who);
                 }
             }
         });
-        true
+        oldest
     }
 
     /// Adopts a connection: its datagrams feed membership.
@@ -837,15 +844,14 @@ impl Mesh {
                             Ok(peer) => {
                                 let addr = peer.connection.remote_address();
                                 let who = shoal_mesh::transport::peer_node(&peer.connection)
-                                    .unwrap_or_else(|| peer.id.to_string());
-                                if !peers.admit(who.clone(), &peer.connection) {
-                                    metrics.mesh_connections_refused.inc();
-                                    tracing::warn!(peer = %addr, %who, max = MAX_CONNECTIONS_PER_PEER, "a peer opened more connections than one may; closed");
-                                    peer.connection.close(
+                                    .unwrap_or_else(|| format!("{}@{}", peer.id, addr.ip()));
+                                if let Some(oldest) = peers.admit(who.clone(), &peer.connection) {
+                                    metrics.mesh_connections_over_limit.inc();
+                                    tracing::warn!(peer = %addr, %who, max = MAX_CONNECTIONS_PER_PEER, "a peer holds more connections than one may; its oldest is closed");
+                                    oldest.close(
                                         TOO_MANY_CONNECTIONS.into(),
                                         b"too many connections from this peer",
                                     );
-                                    return;
                                 }
                                 tracing::debug!(peer = %addr, id = %peer.id, "accepted");
                                 peers.adopt(addr, peer.connection);

@@ -272,9 +272,9 @@ pub struct Metrics {
     pub mesh_bad_datagrams: Counter,
     /// Times this agent found its node name taken by another agent and left.
     pub mesh_name_conflicts: Counter,
-    /// Connections closed at once: their peer already held the most a peer
+    /// A peer's oldest connections closed because it held more than one
     /// may (`MAX_CONNECTIONS_PER_PEER`).
-    pub mesh_connections_refused: Counter,
+    pub mesh_connections_over_limit: Counter,
     /// When the mesh certificate in use expires, seconds since the Unix epoch.
     pub mesh_certificate_expiry: Gauge,
     /// Roots the mesh identity in use trusts (two during a CA rotation).
@@ -441,7 +441,7 @@ impl Metrics {
             mesh_bytes_out: Counter::default(),
             mesh_bad_datagrams: Counter::default(),
             mesh_name_conflicts: Counter::default(),
-            mesh_connections_refused: Counter::default(),
+            mesh_connections_over_limit: Counter::default(),
             mesh_certificate_expiry: Gauge::default(),
             mesh_trust_roots: Gauge::default(),
             mesh_certificate_failures: Counter::default(),
@@ -648,9 +648,9 @@ impl Metrics {
             m.mesh_bad_datagrams.clone(),
         );
         r.register(
-            "shoal_mesh_connections_refused",
-            "Mesh connections closed as soon as accepted because their peer (a certificate's node, else its SPIFFE ID) already held as many as one may",
-            m.mesh_connections_refused.clone(),
+            "shoal_mesh_connections_over_limit",
+            "A peer's oldest mesh connections closed because it held more than one may (by its certificate's node, else its SPIFFE ID and address)",
+            m.mesh_connections_over_limit.clone(),
         );
         r.register(
             "shoal_mesh_name_conflicts",

@@ -284,11 +284,22 @@ impl IdentityServiceSource {
         Ok(body)
     }
 
-    /// Trusts `roots` too for the endpoint, from now on: the mesh roots
-    /// this agent holds (a pod certificate volume's `ca.pem`, kept current
-    /// by the kubelet through a CA rotation), besides the anchors given.
-    pub fn learn_roots(&self, roots: Vec<CertificateDer<'static>>) {
-        self.state().learned_roots = roots;
+    /// Trusts `roots` too for the endpoint, from now on, if they share a
+    /// root with those it trusts already: the mesh roots this agent holds
+    /// (a pod certificate volume's `ca.pem`, which the kubelet keeps current
+    /// through a CA rotation, each step keeping a root of the one before).
+    /// Unrelated roots (a `--cert-dir` of another CA) are not trusted to
+    /// vouch for the service the token is sent to. Whether they were taken.
+    pub fn learn_roots(&self, roots: Vec<CertificateDer<'static>>) -> bool {
+        let mut st = self.state();
+        let known = self.anchors.iter().chain(st.learned_roots.iter());
+        let overlaps = known
+            .into_iter()
+            .any(|k| roots.iter().any(|r| r.as_ref() == k.as_ref()));
+        if overlaps {
+            st.learned_roots = roots;
+        }
+        overlaps
     }
 
     /// Asks the discovery endpoint for peers (with the token, no CSR), and
@@ -347,7 +358,9 @@ impl CertSource for FilesWithDiscovery {
         let identity = self.files.load()?;
         // After a CA switch the identity service serves a certificate of
         // the new CA, which the anchors in the pod spec may predate.
-        self.discovery.learn_roots(identity.roots.clone());
+        if !self.discovery.learn_roots(identity.roots.clone()) {
+            tracing::debug!("the certificate's roots share none with the identity service's anchors; not used for it");
+        }
         match self.discovery.discover() {
             Ok(()) => {
                 self.discovered
@@ -509,6 +522,33 @@ mod tests {
         assert!(
             due > Duration::from_secs(35) && due <= Duration::from_secs(40),
             "due {due:?} after it arrived"
+        );
+    }
+
+    #[test]
+    fn roots_are_learned_for_the_endpoint_only_when_they_share_one_with_those_trusted() {
+        let [a, b, c] =
+            [(); 3].map(|_| crate::identity::Ca::generate(Duration::from_secs(3600)).unwrap());
+        let der = |ca: &crate::identity::Ca| {
+            CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap()
+        };
+        let source = IdentityServiceSource::new(ClientConfig {
+            endpoint: DEFAULT_ENDPOINT.to_owned(),
+            server_name: "shoal-injector.shoal-system.svc".to_owned(),
+            token_file: PathBuf::from("/nonexistent"),
+            anchors_pem: a.cert_pem().to_owned(),
+            id: "spiffe://cluster.local/ns/a/sa/b".parse().unwrap(),
+            timeout: DEFAULT_TIMEOUT,
+        })
+        .unwrap();
+        assert!(!source.learn_roots(vec![der(&b)]), "an unrelated CA");
+        // A rotation seen through ca.pem: old and new, then the new alone.
+        assert!(source.learn_roots(vec![der(&a), der(&b)]));
+        assert!(source.learn_roots(vec![der(&b)]));
+        assert!(source.learn_roots(vec![der(&b), der(&c)]));
+        assert!(
+            source.learn_roots(vec![der(&a)]),
+            "the anchors stay trusted"
         );
     }
 
