@@ -114,8 +114,9 @@ impl AgentPod {
 
     /// Publishes `orders` messages `m<from>`..=`m<to>` (keyed, each with a
     /// `Shoal-Id`), each retried as an app would until acknowledged or given
-    /// up.
-    fn publish(&self, from: u32, to: u32) -> Published {
+    /// up, pausing `pace` seconds after each, so a publisher outlasts the
+    /// fault it runs through.
+    fn publish(&self, from: u32, to: u32, pace: f64) -> Published {
         let script = format!(
             "i={from}; while [ $i -le {to} ]; do n=0; \
              until c=$(curl -sS -m 10 -o /dev/null -w '%{{http_code}} %{{time_total}}' -X POST \
@@ -124,7 +125,7 @@ impl AgentPod {
                echo try $i $c; [ \"${{c%% *}}\" = 201 ]; do \
                n=$((n+1)); if [ $n -ge 60 ]; then break; fi; sleep {RETRY_PAUSE}; done; \
              if [ $n -lt 60 ]; then echo acked $i; else echo gave-up $i; fi; \
-             i=$((i+1)); done"
+             sleep {pace}; i=$((i+1)); done"
         );
         let out = must(&["exec", &self.pause, "sh", "-c", &script]);
         Published::parse(&out)
@@ -346,7 +347,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     );
     assert!(code == 200 || code == 201, "{code} {body}");
     let mut published = Published::default();
-    let first = a1.publish(1, 600);
+    let first = a1.publish(1, 600, 0.0);
     assert_eq!(
         first.acked.len(),
         600,
@@ -376,7 +377,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
         },
     )
     .await;
-    let more = a1.publish(601, 700);
+    let more = a1.publish(601, 700, 0.0);
     assert_eq!(
         more.acked.len(),
         100,
@@ -388,7 +389,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     a3.cut(true);
     let publisher = {
         let a1 = a1.clone();
-        tokio::task::spawn_blocking(move || a1.publish(701, 800))
+        tokio::task::spawn_blocking(move || a1.publish(701, 800, 0.15))
     };
     tokio::time::sleep(Duration::from_secs(20)).await;
     a3.cut(false);
@@ -408,7 +409,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     // while agent-1 publishes, then thawed.
     let publisher = {
         let a1 = a1.clone();
-        tokio::task::spawn_blocking(move || a1.publish(801, 900))
+        tokio::task::spawn_blocking(move || a1.publish(801, 900, 0.15))
     };
     must(&["pause", &a4.agent]);
     tokio::time::sleep(Duration::from_secs(15)).await;
@@ -425,7 +426,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     // on its data 5 s later (a crash, as an OOM kill is).
     let publisher = {
         let a1 = a1.clone();
-        tokio::task::spawn_blocking(move || a1.publish(901, 1000))
+        tokio::task::spawn_blocking(move || a1.publish(901, 1050, 0.1))
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     must(&["kill", "--signal=KILL", &a3.agent]);
@@ -434,7 +435,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     let during = publisher.await.unwrap();
     assert_eq!(
         during.acked.len(),
-        100,
+        150,
         "publishes go on while a replica is killed and restarts"
     );
     published.add("agent-3 killed with SIGKILL and restarted", during);
@@ -445,7 +446,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     // retries while its own agent restarts, as an app would.
     let publisher = {
         let a1 = a1.clone();
-        tokio::task::spawn_blocking(move || a1.publish(1001, 1200))
+        tokio::task::spawn_blocking(move || a1.publish(1051, 1350, 0.2))
     };
     for p in [&a3, &a4, &a1] {
         must(&["restart", "--time=20", &p.agent]);
@@ -454,7 +455,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     let during = publisher.await.unwrap();
     assert_eq!(
         during.acked.len(),
-        200,
+        300,
         "publishes go on through a rolling restart"
     );
     published.add("a rolling restart", during);
@@ -466,7 +467,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     // no netem qdisc.)
     a1.lossy(a3.ip, 20, true);
     a3.lossy(a1.ip, 20, true);
-    let lossy = a1.publish(1201, 1300);
+    let lossy = a1.publish(1351, 1450, 0.05);
     a1.lossy(a3.ip, 20, false);
     a3.lossy(a1.ip, 20, false);
     assert_eq!(
@@ -507,7 +508,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
     must(&["kill", "--signal=KILL", &a4.agent]);
     must(&["start", &a4.agent]);
     wait_members(&[&a1, &a3, &a4], &["agent-1", "agent-3", "agent-4"]).await;
-    let after = a1.publish(1301, 1400);
+    let after = a1.publish(1451, 1550, 0.0);
     assert_eq!(
         after.acked.len(),
         100,
@@ -548,7 +549,7 @@ async fn no_acknowledged_message_is_lost_when_pods_are_replaced_cut_off_frozen_o
         victim.node
     );
     read_all(reader, "after-damage", &published.acked).await;
-    assert_eq!(published.acked.len(), 1400);
+    assert_eq!(published.acked.len(), 1550);
     eprintln!(
         "the longest any acknowledged publish waited for its ack: {:.1?}",
         published.longest
