@@ -1019,3 +1019,75 @@ async fn an_agent_whose_token_is_refused_is_not_ready_and_says_why() {
         }
     );
 }
+
+#[tokio::test]
+async fn a_restarted_agent_rejoins_and_the_mesh_outlives_the_injector() {
+    let root = tempfile::tempdir().unwrap();
+    let state: State = Arc::default();
+    let pods = &SHOP_PODS[..3];
+    let ports = register_pods(&state, pods);
+    let identity = start_identity(state.clone()).await;
+    let mut agents = start_pods(root.path(), &identity, pods, &ports).await;
+    expect_status(
+        &put_topic(&agents[0].client, "jobs", json!({"partitions": 2})).await,
+        201,
+        "create topic",
+    );
+    wait_formed(&agents.iter().collect::<Vec<_>>(), pods, "shop:jobs", 2).await;
+    let mut everyone: Vec<String> = pods.iter().map(|p| format!("{}.{}", p.2, p.0)).collect();
+    everyone.sort();
+
+    // A pod's agent killed and started again (a container restart): it
+    // asks the identity service again, is told of the others, and rejoins.
+    let (ns, sa, pod, token) = pods[2];
+    agents[2].child.kill().unwrap();
+    agents[2].child.wait().unwrap();
+    agents[2] = start_pod_agent(root.path(), &identity, (ns, sa, pod), token, ports[2]);
+    for a in &agents {
+        wait_until("the restarted agent rejoins", || async {
+            alive(a).await == everyone
+        })
+        .await;
+    }
+
+    // The injector goes away: the agents keep their certificates (until
+    // they expire, a day by default) and their mesh, and messages still
+    // cross it.
+    let identity_addr = identity.addr;
+    drop(identity);
+    wait_until("the identity service is gone", || async {
+        tokio::net::TcpStream::connect(identity_addr).await.is_err()
+    })
+    .await;
+    put_sub(
+        &agents[1].client,
+        "workers",
+        json!({"topic": "jobs", "start": "earliest"}),
+    )
+    .await;
+    for i in 0..20 {
+        let key = format!("k{i}");
+        publish(
+            &agents[i % 3].client,
+            "jobs",
+            &[("Shoal-Key", key.as_str())],
+            format!("job {i}"),
+        )
+        .await;
+    }
+    let got = pull_ack_n(&agents[1].client, "workers", 20).await;
+    let mut texts: Vec<String> = got.iter().map(text_of).collect();
+    texts.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("job {i}")).collect();
+    want.sort();
+    assert_eq!(texts, want, "delivered with the injector gone");
+    for a in &agents {
+        assert_eq!(
+            alive(a).await,
+            everyone,
+            "the mesh is whole without the injector"
+        );
+        let r = a.admin.get("/readyz").await.unwrap();
+        assert_eq!(r.status, 200, "still ready without the injector");
+    }
+}
