@@ -500,7 +500,8 @@ impl std::fmt::Debug for IdentityService {
     }
 }
 
-fn now_unix() -> i64 {
+/// Now, in Unix seconds (0 before 1970), for certificate validity.
+pub(crate) fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

@@ -41,7 +41,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 
-use crate::identity::{node_name, SpiffeId};
+use crate::identity::{node_name, now_unix, SpiffeId};
 use crate::meshca::CaStore;
 use crate::metrics::Metrics;
 
@@ -438,12 +438,6 @@ pub fn trust_bundle(bundle_pem: &str) -> ClusterTrustBundle {
             trust_bundle: bundle_pem.to_owned(),
         },
     }
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The signer: watches the requests for [`SIGNER_NAME`] and answers them,

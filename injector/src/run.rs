@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -14,7 +14,7 @@ use crate::admission::{TrustAnchors, Webhook};
 use crate::bootstrap::{self, BootstrapTarget};
 use crate::config::InjectFlags;
 use crate::error::InjectorError;
-use crate::identity::{self, IdentityConfig, IdentityService, Policy, SpiffeId};
+use crate::identity::{self, now_unix, IdentityConfig, IdentityService, Policy, SpiffeId};
 use crate::meshca::{self, CaStore, MeshCa};
 use crate::metrics::Metrics;
 use crate::nscache::NamespaceCache;
@@ -139,12 +139,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
         _ => Err(format!("invalid duration {s:?}: use ms, s, m or h")),
     }
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Sets up logging per the flags.
