@@ -65,6 +65,10 @@ pub const COMMIT_EVERY_TICKS: u64 = 5;
 /// How often the meta leader looks for partitions without a group, and
 /// every agent re-reads placement for the groups it holds.
 const RECONCILE_EVERY_TICKS: u64 = 5;
+
+/// How long a new meta leader waits for its group to take in every voter
+/// placement wants before it founds partitions' groups anyway: 25 ticks (5 s).
+const FOUNDING_WAIT_TICKS: u64 = 25;
 /// How often (in ticks: a minute) every replica applies its topic's
 /// retention by age.
 const RETENTION_EVERY_TICKS: u64 = 300;
@@ -126,7 +130,8 @@ pub fn is_replicated(config: &TopicConfig) -> bool {
 /// A decision of the meta group (postcard, in a message entry's body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum MetaRecord {
-    /// `bootstrapper` creates the partition's group as its only voter.
+    /// `bootstrapper` creates the partition's group as its only voter
+    /// (written by agents before [`MetaRecord::Found`]; still obeyed).
     Create {
         namespace: String,
         topic: String,
@@ -136,6 +141,19 @@ enum MetaRecord {
         /// only by the run that proposed it, never by a later run replaying
         /// the meta log (it may have created the group and lost it since).
         incarnation: u64,
+    },
+    /// These meta voters create the partition's group together, each as
+    /// one of its first voters: the group does not hang on one agent
+    /// surviving its first seconds. A voter acts on the record only in the
+    /// run (incarnation) named beside it, never in a later run replaying
+    /// the meta log; the others of the list elect without it and it joins
+    /// back as any replica does.
+    Found {
+        namespace: String,
+        topic: String,
+        partition: u32,
+        /// Raft id and incarnation of each first voter.
+        voters: Vec<(NodeId, u64)>,
     },
 }
 
@@ -195,6 +213,8 @@ struct Peers {
     down: BTreeSet<String>,
     /// Since when each down member has been down (this agent's clock).
     down_since: HashMap<String, std::time::Instant>,
+    /// Bumped whenever the members change (placement may then differ).
+    epoch: u64,
     /// The agent a publish to a partition tried last and its answer.
     hints: HashMap<(String, u32), Hint>,
 }
@@ -213,8 +233,13 @@ struct Core {
     next_token: u64,
     /// Meta log applied up to here (this run).
     meta_applied: u64,
-    /// Partitions with a creation record: who creates them.
-    records: BTreeMap<(String, String, u32), String>,
+    /// Partitions with a creation record.
+    records: BTreeSet<(String, String, u32)>,
+    /// How many of them each topic has (a topic with all its partitions
+    /// recorded is passed over without a lookup per partition).
+    recorded: HashMap<String, u32>,
+    /// The tick this agent's meta replica last saw a new leader.
+    meta_lead_since: u64,
     /// Creation records proposed by this agent as meta leader, not yet applied.
     proposed: BTreeSet<(String, String, u32)>,
     /// Groups this agent created (kept in [`CREATED_FILE`]).
@@ -228,7 +253,25 @@ struct Core {
     transferred_at: HashMap<GroupId, u64>,
     /// Groups led here already reported as under-replicated.
     under_warned: BTreeSet<GroupId>,
+    /// Hibernating groups placement has nothing to do for, with what they
+    /// add to the gauges: skipped by [`Replication::place_all`] until the
+    /// members, the topic's replicas or the group change.
+    settled: HashMap<GroupId, Settled>,
     ticks: u64,
+}
+
+/// A hibernating group as [`Replication::place_all`] last found it: its
+/// voters are the wanted ones and its leader is placement's first choice
+/// (or another agent leads it).
+struct Settled {
+    /// [`Peers::epoch`] then.
+    epoch: u64,
+    /// The topic's replicas then.
+    asked: u32,
+    /// [`shoal_replica::group::Group::asleep_at`] then.
+    asleep_at: (u64, u64),
+    under: bool,
+    leaderless: bool,
 }
 
 /// The replicated partitions of one agent.
@@ -273,6 +316,11 @@ fn meta_group() -> GroupId {
         topic: META_TOPIC.into(),
         partition: 0,
     }
+}
+
+/// Whether `g` is the meta group (without building one to compare).
+fn is_meta(g: &GroupId) -> bool {
+    g.partition == 0 && g.topic == META_TOPIC && g.namespace == META_NAMESPACE
 }
 
 fn group_dir(root: &Path, g: &GroupId) -> PathBuf {
@@ -356,7 +404,7 @@ fn opener(root: PathBuf, broker: Arc<Broker>) -> shoal_replica::driver::NewStore
 /// group, and a group whose topic this agent does not know yet, sync every
 /// write (the safe side until the topic arrives).
 fn sync_policy_of(broker: &Broker, g: &GroupId) -> SyncPolicy {
-    if *g == meta_group() || g.namespace != TOPIC_NAMESPACE {
+    if is_meta(g) || g.namespace != TOPIC_NAMESPACE {
         return SyncPolicy::Always;
     }
     match broker.topic(&g.topic).map(|t| t.config().fsync) {
@@ -369,7 +417,7 @@ fn sync_policy_of(broker: &Broker, g: &GroupId) -> SyncPolicy {
 /// Whether a group's names are safe as directory names: the meta group, or
 /// a namespace and topic that follow the naming rule.
 fn valid_group(g: &GroupId) -> bool {
-    *g == meta_group()
+    is_meta(g)
         || (crate::names::validate("namespace", &g.namespace).is_ok()
             && crate::names::validate_full("topic", &g.topic).is_ok())
 }
@@ -459,12 +507,15 @@ impl Replication {
                 waiters: HashMap::new(),
                 next_token: 1,
                 meta_applied: 0,
-                records: BTreeMap::new(),
+                records: BTreeSet::new(),
+                recorded: HashMap::new(),
+                meta_lead_since: 0,
                 proposed: BTreeSet::new(),
                 created,
                 pending_commits: BTreeMap::new(),
                 transferred_at: HashMap::new(),
                 under_warned: BTreeSet::new(),
+                settled: HashMap::new(),
                 ticks: 0,
             }),
             peers: Mutex::new(Peers::default()),
@@ -619,15 +670,19 @@ impl Replication {
             let outbox = core.driver.process();
             let removed = self.handle_events(&mut core);
             self.apply_meta(&mut core);
-            self.metrics
-                .replica_groups
-                .set(core.driver.groups().count() as i64);
-            self.metrics
-                .replica_leading
-                .set(core.driver.leading() as i64);
-            self.metrics
-                .replica_hibernating
-                .set(core.driver.hibernating() as i64);
+            if ticked {
+                // Counted over every group: once a tick, not on every
+                // publish's round.
+                self.metrics
+                    .replica_groups
+                    .set(core.driver.groups().count() as i64);
+                self.metrics
+                    .replica_leading
+                    .set(core.driver.leading() as i64);
+                self.metrics
+                    .replica_hibernating
+                    .set(core.driver.hibernating() as i64);
+            }
             (outbox, removed)
         };
         drop(core);
@@ -695,12 +750,14 @@ impl Replication {
                     if leader == Some(self.me_id) {
                         tracing::info!(group = %group_label(&group), term, "leading");
                     }
-                    if group == meta_group() {
+                    if is_meta(&group) {
                         core.proposed.clear();
+                        core.meta_lead_since = core.ticks;
                     }
                 }
                 Event::Removed { group } => {
                     tracing::info!(group = %group_label(&group), "replica removed from its group; deleting its files");
+                    core.settled.remove(&group);
                     core.driver.remove_group(&group);
                     removed.push(group_dir(&self.root, &group));
                 }
@@ -720,6 +777,7 @@ impl Replication {
                 }
                 Event::Failed { group, reason } => {
                     tracing::error!(group = %group_label(&group), reason = %reason, "replica stopped on an error; reopening it");
+                    core.settled.remove(&group);
                     core.driver.remove_group(&group);
                     let dir = group_dir(&self.root, &group);
                     match DiskStore::open(&dir, shoal_storage::LogConfig::default()) {
@@ -767,28 +825,52 @@ impl Replication {
             let Ok(Command::Message { body, .. }) = Command::decode(&e.data) else {
                 continue;
             };
-            let Ok(MetaRecord::Create {
-                namespace,
-                topic,
-                partition,
-                bootstrapper,
-                incarnation,
-            }) = postcard::from_bytes::<MetaRecord>(body)
-            else {
-                tracing::error!(index = e.index, "unreadable meta record; skipped");
-                continue;
+            let (key, first_voters) = match postcard::from_bytes::<MetaRecord>(body) {
+                Ok(MetaRecord::Create {
+                    namespace,
+                    topic,
+                    partition,
+                    bootstrapper,
+                    incarnation,
+                }) => {
+                    // A record of an older agent: one bootstrapper, alone.
+                    let mine = bootstrapper == self.me && incarnation == self.incarnation;
+                    (
+                        (namespace, topic, partition),
+                        mine.then(|| vec![self.me_id]),
+                    )
+                }
+                Ok(MetaRecord::Found {
+                    namespace,
+                    topic,
+                    partition,
+                    voters,
+                }) => {
+                    let mine = voters.contains(&(self.me_id, self.incarnation));
+                    (
+                        (namespace, topic, partition),
+                        mine.then(|| voters.iter().map(|(id, _)| *id).collect()),
+                    )
+                }
+                Err(_) => {
+                    tracing::error!(index = e.index, "unreadable meta record; skipped");
+                    continue;
+                }
             };
-            let key = (namespace, topic, partition);
             core.proposed.remove(&key);
-            if core.records.contains_key(&key) {
+            if core.records.contains(&key) {
                 continue;
             }
-            core.records.insert(key.clone(), bootstrapper.clone());
-            if bootstrapper == self.me && incarnation == self.incarnation {
-                to_create.push(key);
+            *core.recorded.entry(key.1.clone()).or_default() += 1;
+            core.records.insert(key.clone());
+            if let Some(voters) = first_voters {
+                to_create.push((key, voters));
             }
         }
-        for (namespace, topic, partition) in to_create {
+        for ((namespace, topic, partition), voters) in to_create {
+            // Placement's first choice leads from the start: no election
+            // timeout to wait out, no hand-over afterwards.
+            let preferred = voters.first() == Some(&self.me_id) && voters.len() > 1;
             let g = GroupId {
                 namespace,
                 topic,
@@ -821,10 +903,15 @@ impl Replication {
             };
             match core
                 .driver
-                .open_group(g.clone(), store, Bootstrap::Voters(vec![self.me_id]))
+                .open_group(g.clone(), store, Bootstrap::Voters(voters))
             {
                 Ok(()) => {
                     tracing::info!(group = %label, "created the partition's group");
+                    if preferred {
+                        if let Err(e) = core.driver.campaign(&g) {
+                            tracing::debug!(group = %label, error = %e, "could not campaign at once; the election timeout will");
+                        }
+                    }
                     self.place(core, &g);
                 }
                 Err(e) => tracing::error!(group = %label, error = %e, "cannot create the group"),
@@ -838,21 +925,27 @@ impl Replication {
     /// `maxBytes` is not applied to replicated partitions yet.
     fn enforce_retention(&self, core: &mut Core) {
         let now = crate::time::now_ms();
-        let groups: Vec<GroupId> = core
-            .driver
-            .groups()
-            .filter(|g| **g != meta_group())
-            .cloned()
-            .collect();
-        for g in groups {
-            let Some(max_age) = self
-                .broker
-                .topic(&g.topic)
-                .and_then(|t| t.config().retention.max_age)
-            else {
+        let mut max_age_of: HashMap<&str, Option<Duration>> = HashMap::new();
+        // Only logs with a sealed segment past the cutoff are read.
+        let mut due = Vec::new();
+        for (g, grp) in core.driver.iter() {
+            if is_meta(g) {
+                continue;
+            }
+            let max_age = *max_age_of.entry(g.topic.as_str()).or_insert_with(|| {
+                self.broker
+                    .topic(&g.topic)
+                    .and_then(|t| t.config().retention.max_age)
+            });
+            let Some(max_age) = max_age else {
                 continue;
             };
             let cutoff = now.saturating_sub(max_age.as_millis() as u64);
+            if grp.store().log().has_sealed_older_than(cutoff) {
+                due.push((g.clone(), cutoff));
+            }
+        }
+        for (g, cutoff) in due {
             let Some(grp) = core.driver.group(&g) else {
                 continue;
             };
@@ -881,15 +974,54 @@ impl Replication {
     /// partition of the catalog that has none.
     fn propose_missing(&self, core: &mut Core) {
         let meta = meta_group();
-        if !core
+        let Some(meta_status) = core
             .driver
             .status(&meta)
-            .is_some_and(|s| s.serving && s.leader == Some(self.me_id))
-        {
+            .filter(|s| s.serving && s.leader == Some(self.me_id))
+        else {
+            return;
+        };
+        let meta_voters = meta_status.voters;
+        // A new mesh's meta group is still taking in its voters: founding
+        // waits for them (briefly), so a topic created in the first second
+        // of a mesh gets several founders, not just the first agent.
+        let whole = meta_status.learners.is_empty() && {
+            let peers = lock(&self.peers);
+            let mut wanted = self.wanted(&peers, &meta, &meta_voters);
+            wanted.sort_unstable();
+            wanted == meta_voters
+        };
+        if !whole && core.ticks < core.meta_lead_since + FOUNDING_WAIT_TICKS {
             return;
         }
+        // The first voters come from the meta voters that are up and whose
+        // run is known (a record names each voter's run).
+        let founders: Vec<(Member, (NodeId, u64))> = {
+            let peers = lock(&self.peers);
+            meta_voters
+                .iter()
+                .filter_map(|v| {
+                    if *v == self.me_id {
+                        return self
+                            .broker_eligible()
+                            .then(|| (Member::broker(self.me.clone()), (*v, self.incarnation)));
+                    }
+                    let (name, _) = peers.by_id.get(v)?;
+                    if peers.down.contains(name) || !peers.members.iter().any(|m| m.id == *name) {
+                        return None;
+                    }
+                    let run = core.driver.peer_incarnation(*v)?;
+                    Some((Member::broker(name.clone()), (*v, run)))
+                })
+                .collect()
+        };
+        let members: Vec<Member> = founders.iter().map(|(m, _)| m.clone()).collect();
         for topic in self.broker.topics() {
-            if !is_replicated(&topic.config()) {
+            if core.recorded.get(&*topic.name).copied().unwrap_or(0) >= topic.partition_count() {
+                continue;
+            }
+            let config = topic.config();
+            if !is_replicated(&config) {
                 continue;
             }
             for partition in 0..topic.partition_count() {
@@ -898,15 +1030,30 @@ impl Replication {
                     topic.name.to_string(),
                     partition,
                 );
-                if core.records.contains_key(&key) || core.proposed.contains(&key) {
+                if core.records.contains(&key) || core.proposed.contains(&key) {
                     continue;
                 }
-                let record = MetaRecord::Create {
+                let ranked = placement::replicas(
+                    &members,
+                    &PartitionKey {
+                        namespace: &key.0,
+                        topic: &key.1,
+                        partition,
+                    },
+                    config.replicas as usize,
+                );
+                let voters: Vec<(NodeId, u64)> = ranked
+                    .iter()
+                    .filter_map(|m| founders.iter().find(|(f, _)| f.id == m.id).map(|(_, v)| *v))
+                    .collect();
+                if voters.is_empty() {
+                    return;
+                }
+                let record = MetaRecord::Found {
                     namespace: key.0.clone(),
                     topic: key.1.clone(),
                     partition,
-                    bootstrapper: self.me.clone(),
-                    incarnation: self.incarnation,
+                    voters,
                 };
                 let Ok(body) = postcard::to_allocvec(&record) else {
                     continue;
@@ -941,7 +1088,7 @@ impl Replication {
     /// `--replace-after` only if it is already a voter (`voters`): a down
     /// agent is never added, so a group forms and grows with live agents.
     fn wanted(&self, peers: &Peers, g: &GroupId, voters: &[NodeId]) -> Vec<NodeId> {
-        let r = if *g == meta_group() {
+        let r = if is_meta(g) {
             META_VOTERS
         } else {
             match self.broker.topic(&g.topic) {
@@ -996,12 +1143,19 @@ impl Replication {
     /// may have been created by a peer's message). A store that cannot
     /// switch (its fsync failed) stops its replica, as a failed write does.
     fn apply_sync_policies(&self, core: &mut Core) {
-        let groups: Vec<GroupId> = core.driver.groups().cloned().collect();
-        let mut by_topic: HashMap<(String, String), SyncPolicy> = HashMap::new();
-        for g in groups {
+        let mut by_topic: HashMap<(&str, &str), SyncPolicy> = HashMap::new();
+        // Only the groups whose store differs are touched: reaching a store
+        // stirs its group, and 1,000 hibernating groups should stay asleep.
+        let mut differ = Vec::new();
+        for (g, grp) in core.driver.iter() {
             let policy = *by_topic
-                .entry((g.namespace.clone(), g.topic.clone()))
-                .or_insert_with(|| sync_policy_of(&self.broker, &g));
+                .entry((g.namespace.as_str(), g.topic.as_str()))
+                .or_insert_with(|| sync_policy_of(&self.broker, g));
+            if grp.store().sync_policy() != policy {
+                differ.push((g.clone(), policy));
+            }
+        }
+        for (g, policy) in differ {
             let Some(store) = core.driver.store_mut(&g) else {
                 continue;
             };
@@ -1016,26 +1170,55 @@ impl Replication {
     /// hands its group to placement's first choice once that one has every
     /// entry, so leaders spread over the agents as homes did.
     fn place_all(&self, core: &mut Core) {
-        let groups: Vec<GroupId> = core.driver.groups().cloned().collect();
         let peers = lock(&self.peers);
         let (mut under, mut leaderless, mut max_lag) = (0i64, 0i64, 0u64);
-        for g in groups {
-            let Some(status) = core.driver.status(&g) else {
-                continue;
+        let mut asked_of: HashMap<&str, u32> = HashMap::new();
+        // First the settled groups, looked up and counted without a copy:
+        // 1,000 hibernating groups cost 1,000 lookups a second, no more.
+        let mut todo = Vec::new();
+        for (g, grp) in core.driver.iter() {
+            let asked = if is_meta(g) {
+                META_VOTERS as u32
+            } else {
+                *asked_of.entry(g.topic.as_str()).or_insert_with(|| {
+                    self.broker
+                        .topic(&g.topic)
+                        .map_or(0, |t| t.config().replicas)
+                })
             };
-            leaderless += i64::from(status.leader.is_none());
-            let leads = status.leader == Some(self.me_id);
-            if leads {
-                for (_, matched) in &status.matched {
-                    max_lag = max_lag.max(status.last_index.saturating_sub(*matched));
+            // A down member's seat expires with time, not with the epoch.
+            if peers.down.is_empty() {
+                if let (Some(at), Some(s)) = (grp.asleep_at(), core.settled.get(g)) {
+                    if (s.epoch, s.asked, s.asleep_at) == (peers.epoch, asked, at) {
+                        under += i64::from(s.under);
+                        leaderless += i64::from(s.leaderless);
+                        continue;
+                    }
                 }
             }
+            todo.push((g.clone(), asked));
+        }
+        for (g, asked) in todo {
+            let Some(grp) = core.driver.group(&g) else {
+                continue;
+            };
+            let asleep_at = grp.asleep_at();
+            core.settled.remove(&g);
+            let status = grp.status();
+            let is_leaderless = status.leader.is_none();
+            leaderless += i64::from(is_leaderless);
+            let leads = status.leader == Some(self.me_id);
+            let mut lag = 0;
+            if leads {
+                for (_, matched) in &status.matched {
+                    lag = lag.max(status.last_index.saturating_sub(*matched));
+                }
+            }
+            max_lag = max_lag.max(lag);
             let wanted = self.wanted(&peers, &g, &status.voters);
-            if leads && g != meta_group() {
-                let asked = self
-                    .broker
-                    .topic(&g.topic)
-                    .map_or(0, |t| t.config().replicas as usize);
+            let mut is_under = false;
+            if leads && !is_meta(&g) {
+                let asked = asked as usize;
                 // A voter that is down (not yet replaced) holds no live copy.
                 let live_voters = status
                     .voters
@@ -1047,7 +1230,8 @@ impl Replication {
                             .is_none_or(|(name, _)| !peers.down.contains(name))
                     })
                     .count();
-                under += i64::from(live_voters < asked);
+                is_under = live_voters < asked;
+                under += i64::from(is_under);
                 // Said once per group while the mesh has too few brokers
                 // (not while a new replica catches up, which passes).
                 let lacking = wanted.len() < asked;
@@ -1064,6 +1248,24 @@ impl Replication {
             }
             if wanted.is_empty() {
                 continue;
+            }
+            let mut wanted_voters = wanted.clone();
+            wanted_voters.sort_unstable();
+            let settled = status.learners.is_empty()
+                && status.voters == wanted_voters
+                && !(leads && wanted[0] != self.me_id)
+                && lag == 0;
+            if let (Some(at), true) = (asleep_at, settled) {
+                core.settled.insert(
+                    g.clone(),
+                    Settled {
+                        epoch: peers.epoch,
+                        asked,
+                        asleep_at: at,
+                        under: is_under,
+                        leaderless: is_leaderless,
+                    },
+                );
             }
             core.driver.set_replicas(&g, &wanted);
             let recently = core
@@ -1097,6 +1299,7 @@ impl Replication {
             peers.members.clear();
             peers.down.clear();
             let now = std::time::Instant::now();
+            peers.epoch += 1;
             let mut down_since = std::mem::take(&mut peers.down_since);
             for (name, addr, broker, state, departed) in members {
                 if *name == self.me {
@@ -1159,7 +1362,7 @@ impl Replication {
         let before = batch.groups.len();
         batch
             .groups
-            .retain(|gm| core.driver.status(&gm.group).is_some() || self.placed_here(&gm.group));
+            .retain(|gm| core.driver.group(&gm.group).is_some() || self.placed_here(&gm.group));
         let refused = before - batch.groups.len();
         if refused > 0 {
             self.metrics

@@ -910,3 +910,73 @@ async fn concurrent_publishes_through_a_follower_go_together_and_all_land() {
         "concurrent forwards to one leader share calls: {messages} messages took {calls} calls"
     );
 }
+
+/// A new topic's groups are founded by several agents at once: the meta
+/// leader, which decides that they exist, dying while they form (here: as
+/// soon as another agent holds a replica of each) strands none of them.
+#[tokio::test]
+async fn a_new_topics_groups_outlive_the_meta_leader_dying_as_they_form() {
+    let root = tempdir();
+    let mut nodes = mesh_of(root.path(), 3, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let meta_leader = loop {
+        let v = cluster(&nodes[0].agent.client).await;
+        // The meta group grows to every agent first: its voters found the
+        // topic's groups.
+        let leader = v.as_ref().and_then(|v| {
+            let meta = v["replicated"]
+                .as_array()?
+                .iter()
+                .find(|g| g["topic"] == "__meta")?;
+            (meta["voters"].as_array()?.len() == 3)
+                .then(|| meta["leader"].as_str().map(String::from))
+                .flatten()
+        });
+        if let Some(l) = leader {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no meta group of 3 voters within 60 s: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let witness = nodes.iter().position(|n| n.name != meta_leader).unwrap();
+    create_topic(&nodes[witness].agent.client).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = cluster(&nodes[witness].agent.client)
+            .await
+            .map(|v| {
+                v["replicated"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|g| g["topic"] == TOPIC)
+                    .count() as u64
+            })
+            .unwrap_or(0);
+        if held == PARTITIONS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not hold a replica of every partition within 60 s",
+            nodes[witness].name
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let v = nodes.iter_mut().find(|n| n.name == meta_leader).unwrap();
+    v.agent.child.kill().unwrap();
+    v.agent.child.wait().unwrap();
+    let (acked, slowest) = publish_range(&nodes[witness].agent.client, 0..40).await;
+    let partitions: BTreeSet<u64> = acked.iter().map(|a| a.partition).collect();
+    assert_eq!(
+        partitions.len() as u64,
+        PARTITIONS,
+        "every partition took publishes after the meta leader {meta_leader} died: {partitions:?}"
+    );
+    eprintln!("meta leader {meta_leader} killed as the groups formed; longest publish {slowest:?}");
+    let dups = check_read_back(&nodes[witness].agent.client, "checker", &acked).await;
+    assert_eq!(dups, 0);
+}

@@ -200,6 +200,9 @@ pub struct Group<S: LogStore> {
     pub(crate) state: PartitionState,
     window_ms: u64,
     pub(crate) hibernating: bool,
+    /// Something reached this group since the driver last looked for its
+    /// ready while it hibernated: a hibernating group is looked at only then.
+    pub(crate) stirred: bool,
     pub(crate) quiet_ticks: u32,
     /// Proposals awaiting their entry: index → (term, token).
     pending: BTreeMap<u64, (u64, u64)>,
@@ -353,6 +356,7 @@ impl<S: LogStore> Group<S> {
             state,
             window_ms: config.dedupe_window_ms,
             hibernating: false,
+            stirred: false,
             quiet_ticks: 0,
             pending: BTreeMap::new(),
             removed: false,
@@ -397,6 +401,15 @@ impl<S: LogStore> Group<S> {
 
     pub(crate) fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
+    }
+
+    /// While the group hibernates: its term and commit index. Nothing about
+    /// the group (leader, voters, log) changes without moving one of them,
+    /// so a caller may keep what it derived from the group under this key.
+    pub fn asleep_at(&self) -> Option<(u64, u64)> {
+        let raft = &self.node.raft;
+        self.hibernating
+            .then_some((raft.term, raft.raft_log.committed))
     }
 
     pub(crate) fn leader(&self) -> Option<NodeId> {
@@ -511,8 +524,15 @@ impl<S: LogStore> Group<S> {
         }
     }
 
+    /// Whether raft-rs may have a ready for this group: an awake group is
+    /// asked, a hibernating one only when something stirred it.
+    pub(crate) fn may_have_ready(&self) -> bool {
+        (!self.hibernating || self.stirred) && self.node.has_ready()
+    }
+
     pub(crate) fn wake(&mut self) {
         self.quiet_ticks = 0;
+        self.stirred = true;
         if self.hibernating {
             self.hibernating = false;
             // Time stood still while asleep: a follower gets a whole election

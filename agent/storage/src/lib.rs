@@ -732,6 +732,16 @@ impl Log {
         Ok(out)
     }
 
+    /// Whether a sealed segment holds only entries older than
+    /// `timestamp_ms`, i.e. retention by age has something to drop. Reads
+    /// nothing from disk, so it can be asked of many logs often.
+    pub fn has_sealed_older_than(&self, timestamp_ms: u64) -> bool {
+        let sealed = self.segments.len().saturating_sub(1);
+        self.segments[..sealed]
+            .iter()
+            .any(|seg| seg.has_entries() && seg.max_ts.is_some_and(|m| m < timestamp_ms))
+    }
+
     /// The first index whose `timestamp_ms >= timestamp_ms`, or `written_index() + 1` if
     /// none. Exact even if timestamps are not monotonic: it picks the first segment
     /// whose newest timestamp is late enough and scans it.

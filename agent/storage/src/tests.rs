@@ -378,6 +378,34 @@ fn partially_applied_retention_opens() {
 }
 
 #[test]
+fn sealed_segments_older_than_a_time_are_known_without_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(dir.path(), small());
+    assert!(!log.has_sealed_older_than(u64::MAX), "an empty log");
+    fill(&mut log, 150, 11); // timestamp = 1000 + index, several segments
+    assert!(log_files(dir.path()).len() > 2);
+    assert!(
+        !log.has_sealed_older_than(1001),
+        "nothing is older than the first entry"
+    );
+    assert!(
+        log.has_sealed_older_than(1151),
+        "every sealed segment is older"
+    );
+    // Agrees with the scan: past the oldest segment's newest entry, the
+    // first index at that time lies beyond that segment.
+    let t = (1001..=1151)
+        .find(|t| log.has_sealed_older_than(*t))
+        .unwrap();
+    assert!(log.index_at_time(t).unwrap() > log.first_index());
+    // A log of one (active) segment has nothing sealed to drop.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut one, _) = open(dir.path(), LogConfig::default());
+    fill(&mut one, 10, 11);
+    assert!(!one.has_sealed_older_than(u64::MAX));
+}
+
+#[test]
 fn index_at_time() {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = open(dir.path(), small());

@@ -201,6 +201,18 @@ impl<S: LogStore> Group<S> {
         Some(target)
     }
 
+    /// Starts an election now instead of after an election timeout: a new
+    /// group's preferred first voter takes the lead at once. A replica that
+    /// may not vote (it lost entries) does not.
+    pub(crate) fn campaign_now(&mut self) -> Result<(), Error> {
+        if !self.may_vote() || self.node.raft.state == StateRole::Leader {
+            return Ok(());
+        }
+        self.wake();
+        self.node.campaign()?;
+        Ok(())
+    }
+
     /// Hands leadership to `target` when this replica leads a settled group
     /// (no change under way) in which `target` is a voter that has every
     /// entry: placement's preferred leader taking its groups back.
