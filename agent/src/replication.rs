@@ -67,8 +67,9 @@ pub const COMMIT_EVERY_TICKS: u64 = 5;
 const RECONCILE_EVERY_TICKS: u64 = 5;
 
 /// How long a new meta leader waits for its group to take in every voter
-/// placement wants before it founds partitions' groups anyway: 25 ticks (5 s).
-const FOUNDING_WAIT_TICKS: u64 = 25;
+/// placement wants before it founds partitions' groups anyway: 10 ticks
+/// (2 s), well inside the 5 s a publish waits for a leader.
+const FOUNDING_WAIT_TICKS: u64 = 10;
 /// How often (in ticks: a minute) every replica applies its topic's
 /// retention by age.
 const RETENTION_EVERY_TICKS: u64 = 300;
@@ -130,8 +131,11 @@ pub fn is_replicated(config: &TopicConfig) -> bool {
 /// A decision of the meta group (postcard, in a message entry's body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum MetaRecord {
-    /// `bootstrapper` creates the partition's group as its only voter
-    /// (written by agents before [`MetaRecord::Found`]; still obeyed).
+    /// Creates the partition's group. With a `bootstrapper`, that agent
+    /// creates it as its only voter (records of agents before founders).
+    /// With an empty `bootstrapper`, the body goes on with [`Founders`]:
+    /// an agent that cannot read them (an older one, in a rolling upgrade)
+    /// still sees the partition as recorded and founds nothing of its own.
     Create {
         namespace: String,
         topic: String,
@@ -142,19 +146,76 @@ enum MetaRecord {
         /// the meta log (it may have created the group and lost it since).
         incarnation: u64,
     },
-    /// These meta voters create the partition's group together, each as
-    /// one of its first voters: the group does not hang on one agent
-    /// surviving its first seconds. A voter acts on the record only in the
-    /// run (incarnation) named beside it, never in a later run replaying
-    /// the meta log; the others of the list elect without it and it joins
-    /// back as any replica does.
-    Found {
-        namespace: String,
-        topic: String,
-        partition: u32,
-        /// Raft id and incarnation of each first voter.
-        voters: Vec<(NodeId, u64)>,
-    },
+}
+
+/// The first voters of a partition's group, after a [`MetaRecord::Create`]
+/// without a bootstrapper: meta voters that create the group together,
+/// each as one of its first voters, so it does not hang on one agent
+/// surviving its first seconds. Each acts only in the run (incarnation)
+/// named beside it, never in a later run replaying the meta log; the
+/// others elect without it, and it joins back as any replica does.
+type Founders = Vec<(NodeId, u64)>;
+
+/// Fewest founders worth naming: with fewer, one that does not create its
+/// replica would leave the rest without a majority, so the meta leader
+/// founds the group alone, as before founders.
+const MIN_FOUNDERS: usize = 3;
+
+/// A partition: namespace, topic, number.
+type PartitionKey3 = (String, String, u32);
+
+/// The body of a creation record for `key`: naming `founders` when there
+/// are at least [`MIN_FOUNDERS`], else `me` (run `incarnation`) alone.
+fn creation_record(
+    key: &PartitionKey3,
+    founders: &Founders,
+    me: &str,
+    incarnation: u64,
+) -> Result<Vec<u8>, postcard::Error> {
+    let record = |bootstrapper: String, incarnation| MetaRecord::Create {
+        namespace: key.0.clone(),
+        topic: key.1.clone(),
+        partition: key.2,
+        bootstrapper,
+        incarnation,
+    };
+    if founders.len() >= MIN_FOUNDERS {
+        let mut body = postcard::to_allocvec(&record(String::new(), 0))?;
+        body.extend(postcard::to_allocvec(founders)?);
+        Ok(body)
+    } else {
+        postcard::to_allocvec(&record(me.to_owned(), incarnation))
+    }
+}
+
+/// Reads a creation record: its partition, and the first voters of the
+/// group if the agent `me` (`me_id`, run `incarnation`) is to create its
+/// replica now. `None`: not a creation record.
+fn read_creation_record(
+    body: &[u8],
+    me: &str,
+    me_id: NodeId,
+    incarnation: u64,
+) -> Option<(PartitionKey3, Option<Vec<NodeId>>)> {
+    let (record, rest) = postcard::take_from_bytes::<MetaRecord>(body).ok()?;
+    let MetaRecord::Create {
+        namespace,
+        topic,
+        partition,
+        bootstrapper,
+        incarnation: run,
+    } = record;
+    let first_voters = if bootstrapper.is_empty() {
+        // Unreadable founders found nothing here (the partition is still
+        // recorded, so nobody founds it twice).
+        let founders: Founders = postcard::from_bytes(rest).unwrap_or_default();
+        founders
+            .contains(&(me_id, incarnation))
+            .then(|| founders.iter().map(|(id, _)| *id).collect())
+    } else {
+        (bootstrapper == me && run == incarnation).then(|| vec![me_id])
+    };
+    Some(((namespace, topic, partition), first_voters))
 }
 
 /// Where a partition's publishes and reads go now.
@@ -296,6 +357,10 @@ pub struct Replication {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// This run of the agent (its start time, ms).
     incarnation: u64,
+    /// Transfers in parts being put together, by sender.
+    assembling: Mutex<HashMap<SocketAddr, Assembly>>,
+    /// The id of this agent's next transfer in parts.
+    next_transfer: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Replication {
@@ -337,27 +402,81 @@ fn group_label(g: &GroupId) -> String {
 /// so many groups appending at once in one round still go out.
 const MAX_BATCH_DATA: usize = 4 << 20;
 
+/// Past this estimate a frame goes in [`Message::RaftPart`]s: a snapshot of
+/// a partition holding more than a frame's worth (17 MiB) would otherwise
+/// never reach a new replica.
+const PART_THRESHOLD: usize = 8 << 20;
+
+/// Bytes per [`Message::RaftPart`].
+const PART_BYTES: usize = 8 << 20;
+
+/// Most bytes of parts held for transfers not yet complete, over all peers:
+/// a snapshot larger than this (a partition retaining more) cannot be
+/// received, and the replica is not added (logged, and counted as
+/// `raft_transfer_too_large`).
+pub const MAX_TRANSFER_BYTES: usize = 256 << 20;
+
+/// A transfer in parts from one peer, being put together.
+struct Assembly {
+    transfer: u64,
+    parts: u32,
+    next: u32,
+    bytes: Vec<u8>,
+}
+
+/// The frames one batch goes out in: itself, or, when it is too large for
+/// a frame, its postcard in parts.
+fn raft_frames(batch: RaftBatch, transfer: u64) -> Vec<Message> {
+    if batch.groups.iter().map(batch_bytes).sum::<usize>() <= PART_THRESHOLD {
+        return vec![Message::Raft(batch)];
+    }
+    let encoded = match postcard::to_allocvec(&batch) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode a raft batch; not sent");
+            return Vec::new();
+        }
+    };
+    let parts = encoded.len().div_ceil(PART_BYTES);
+    let Ok(count) = u32::try_from(parts) else {
+        return Vec::new();
+    };
+    encoded
+        .chunks(PART_BYTES)
+        .enumerate()
+        .map(|(i, c)| Message::RaftPart {
+            transfer,
+            part: i as u32,
+            parts: count,
+            bytes: c.to_vec(),
+        })
+        .collect()
+}
+
+/// About how many bytes a group's messages take on the wire.
+fn batch_bytes(gm: &shoal_proto::raft::GroupMessages) -> usize {
+    use shoal_proto::raft::EntryPayload;
+    gm.messages
+        .iter()
+        .map(|m| {
+            64 + m
+                .entries
+                .iter()
+                .map(|e| match &e.payload {
+                    EntryPayload::Normal(d) => d.len() + 24,
+                    EntryPayload::ConfChange(_) => 128,
+                })
+                .sum::<usize>()
+                + m.snapshot.as_ref().map_or(0, |s| s.data.len())
+        })
+        .sum()
+}
+
 /// Splits one round's batch to a peer into frames of at most
 /// [`MAX_BATCH_DATA`] bytes of entries and snapshots (a single group's
 /// messages larger than that still go alone).
 fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
-    use shoal_proto::raft::EntryPayload;
-    let size = |gm: &shoal_proto::raft::GroupMessages| -> usize {
-        gm.messages
-            .iter()
-            .map(|m| {
-                64 + m
-                    .entries
-                    .iter()
-                    .map(|e| match &e.payload {
-                        EntryPayload::Normal(d) => d.len() + 24,
-                        EntryPayload::ConfChange(_) => 128,
-                    })
-                    .sum::<usize>()
-                    + m.snapshot.as_ref().map_or(0, |s| s.data.len())
-            })
-            .sum()
-    };
+    let size = batch_bytes;
     let incarnation = batch.incarnation;
     let mut out: Vec<RaftBatch> = Vec::new();
     let mut current = RaftBatch {
@@ -526,6 +645,10 @@ impl Replication {
             fsync_interval,
             thread: Mutex::new(None),
             incarnation,
+            assembling: Mutex::new(HashMap::new()),
+            // Unique across runs: a receiver never mistakes a new run's
+            // transfer for the middle of an old one.
+            next_transfer: Arc::new(std::sync::atomic::AtomicU64::new(incarnation << 20)),
         }))
     }
 
@@ -705,17 +828,20 @@ impl Replication {
                 continue;
             };
             let mesh = self.mesh.clone();
+            let transfers = self.next_transfer.clone();
             tokio::spawn(async move {
                 // In order, one frame after the other, each under the frame limit.
                 for part in split_batch(batch) {
-                    let sent = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        mesh.tell(addr, Message::Raft(part)),
-                    )
-                    .await;
-                    if !matches!(sent, Ok(Ok(()))) {
-                        tracing::debug!(peer = %name, "raft batch not delivered");
-                        return;
+                    let transfer = transfers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    for frame in raft_frames(part, transfer) {
+                        // A part may take a while behind other traffic.
+                        let sent =
+                            tokio::time::timeout(Duration::from_secs(10), mesh.tell(addr, frame))
+                                .await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            tracing::debug!(peer = %name, "raft batch not delivered");
+                            return;
+                        }
                     }
                 }
             });
@@ -825,37 +951,11 @@ impl Replication {
             let Ok(Command::Message { body, .. }) = Command::decode(&e.data) else {
                 continue;
             };
-            let (key, first_voters) = match postcard::from_bytes::<MetaRecord>(body) {
-                Ok(MetaRecord::Create {
-                    namespace,
-                    topic,
-                    partition,
-                    bootstrapper,
-                    incarnation,
-                }) => {
-                    // A record of an older agent: one bootstrapper, alone.
-                    let mine = bootstrapper == self.me && incarnation == self.incarnation;
-                    (
-                        (namespace, topic, partition),
-                        mine.then(|| vec![self.me_id]),
-                    )
-                }
-                Ok(MetaRecord::Found {
-                    namespace,
-                    topic,
-                    partition,
-                    voters,
-                }) => {
-                    let mine = voters.contains(&(self.me_id, self.incarnation));
-                    (
-                        (namespace, topic, partition),
-                        mine.then(|| voters.iter().map(|(id, _)| *id).collect()),
-                    )
-                }
-                Err(_) => {
-                    tracing::error!(index = e.index, "unreadable meta record; skipped");
-                    continue;
-                }
+            let Some((key, first_voters)) =
+                read_creation_record(body, &self.me, self.me_id, self.incarnation)
+            else {
+                tracing::error!(index = e.index, "unreadable meta record; skipped");
+                continue;
             };
             core.proposed.remove(&key);
             if core.records.contains(&key) {
@@ -926,7 +1026,7 @@ impl Replication {
     fn enforce_retention(&self, core: &mut Core) {
         let now = crate::time::now_ms();
         let mut max_age_of: HashMap<&str, Option<Duration>> = HashMap::new();
-        // Only logs with a sealed segment past the cutoff are read.
+        // Only logs holding a message past the cutoff are read.
         let mut due = Vec::new();
         for (g, grp) in core.driver.iter() {
             if is_meta(g) {
@@ -941,7 +1041,7 @@ impl Replication {
                 continue;
             };
             let cutoff = now.saturating_sub(max_age.as_millis() as u64);
-            if grp.store().log().has_sealed_older_than(cutoff) {
+            if grp.store().log().has_entries_older_than(cutoff) {
                 due.push((g.clone(), cutoff));
             }
         }
@@ -1042,20 +1142,12 @@ impl Replication {
                     },
                     config.replicas as usize,
                 );
-                let voters: Vec<(NodeId, u64)> = ranked
+                let voters: Founders = ranked
                     .iter()
                     .filter_map(|m| founders.iter().find(|(f, _)| f.id == m.id).map(|(_, v)| *v))
                     .collect();
-                if voters.is_empty() {
-                    return;
-                }
-                let record = MetaRecord::Found {
-                    namespace: key.0.clone(),
-                    topic: key.1.clone(),
-                    partition,
-                    voters,
-                };
-                let Ok(body) = postcard::to_allocvec(&record) else {
+                let body = creation_record(&key, &voters, &self.me, self.incarnation);
+                let Ok(body) = body else {
                     continue;
                 };
                 let data = match (Command::Message {
@@ -1377,6 +1469,67 @@ impl Replication {
         drop(core);
         self.round_now();
         true
+    }
+
+    /// Takes one part of a transfer from the peer at `from` (see
+    /// [`Message::RaftPart`]); steps the batch once every part is in.
+    /// Parts come in order on the peer's one stream: a gap or another
+    /// transfer's middle part drops what was put together (the leader sends
+    /// its snapshot again). Refused: an unknown sender, a malformed part, or
+    /// more than [`MAX_TRANSFER_BYTES`] held.
+    pub fn step_part(
+        &self,
+        from: SocketAddr,
+        transfer: u64,
+        part: u32,
+        parts: u32,
+        bytes: Vec<u8>,
+    ) -> Result<(), &'static str> {
+        if !lock(&self.peers).addrs.values().any(|a| *a == from) {
+            return Err("unknown_sender");
+        }
+        let mut assembling = lock(&self.assembling);
+        if part == 0 {
+            assembling.remove(&from);
+        }
+        if part >= parts || parts < 2 {
+            assembling.remove(&from);
+            return Err("malformed");
+        }
+        let held: usize = assembling.values().map(|a| a.bytes.len()).sum();
+        let fits = held + bytes.len() <= MAX_TRANSFER_BYTES
+            && (parts as usize).saturating_mul(PART_BYTES) <= MAX_TRANSFER_BYTES + PART_BYTES;
+        if !fits {
+            assembling.remove(&from);
+            tracing::warn!(peer = %from, parts, "a raft transfer is larger than this agent takes ({MAX_TRANSFER_BYTES} bytes): the partition's snapshot cannot reach this replica");
+            return Err("raft_transfer_too_large");
+        }
+        let entry = assembling.entry(from).or_insert_with(|| Assembly {
+            transfer,
+            parts,
+            next: 0,
+            bytes: Vec::new(),
+        });
+        if (entry.transfer, entry.parts, entry.next) != (transfer, parts, part) {
+            // Another transfer's part, or a gap: what was put together is lost.
+            assembling.remove(&from);
+            return Err("malformed");
+        }
+        entry.bytes.extend_from_slice(&bytes);
+        entry.next += 1;
+        if entry.next < entry.parts {
+            return Ok(());
+        }
+        let Some(done) = assembling.remove(&from) else {
+            return Ok(());
+        };
+        drop(assembling);
+        let batch: RaftBatch = postcard::from_bytes(&done.bytes).map_err(|_| "malformed")?;
+        if self.step(from, batch) {
+            Ok(())
+        } else {
+            Err("unknown_sender")
+        }
     }
 
     /// Whether placement, as this agent sees it, gives it a replica of `g`.
@@ -2102,3 +2255,6 @@ pub struct ReplicaView {
     /// `never`): its topic's fsync policy once this agent knows the topic.
     pub fsync: &'static str,
 }
+
+#[cfg(test)]
+mod tests;

@@ -2778,6 +2778,20 @@ impl Handler for Router {
                     self.count_invalid("unknown_sender");
                 }
             }
+            Message::RaftPart {
+                transfer,
+                part,
+                parts,
+                bytes,
+            } => {
+                let taken = match self.replication.get() {
+                    Some(r) => r.step_part(from, transfer, part, parts, bytes),
+                    None => Err("unknown_sender"),
+                };
+                if let Err(reason) = taken {
+                    self.count_invalid(reason);
+                }
+            }
             Message::Stats {
                 req,
                 topic,

@@ -417,38 +417,40 @@ async fn a_graceful_stop_hands_leadership_over_and_loses_nothing() {
     );
 }
 
-#[tokio::test]
-async fn a_replaced_agent_is_replaced_in_every_group_and_nothing_is_lost() {
-    let root = tempdir();
-    let extra = ["--replace-after", "2s"];
-    let mut nodes = mesh_of(root.path(), 3, &extra).await;
+/// Agents replaced after 2 s down, for the tests of a replaced pod.
+const REPLACE_QUICKLY: [&str; 2] = ["--replace-after", "2s"];
+
+/// A mesh of three whose agents replace a lost one after 2 s, with the
+/// test topic's groups formed on all three.
+async fn formed_replaceable_mesh(root: &Path) -> Vec<Node> {
+    let nodes = mesh_of(root, 3, &REPLACE_QUICKLY).await;
     create_topic(&nodes[0].agent.client).await;
-    {
-        let all: Vec<&Node> = nodes.iter().collect();
-        formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
-    }
-    let (mut acked, _) = publish_range(&nodes[0].agent.client, 0..100).await;
-    // The pod dies with its emptyDir; a new pod comes under a new name.
+    let all: Vec<&Node> = nodes.iter().collect();
+    formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    nodes
+}
+
+/// The pod of agent-3 dies with its emptyDir; a new pod comes under a new
+/// name, agent-4, joining agent-1.
+fn replace_agent_3(root: &Path, nodes: &mut Vec<Node>) {
     let gone = nodes.remove(2);
     drop(gone);
-    std::fs::remove_dir_all(root.path().join("agent-3")).unwrap();
+    std::fs::remove_dir_all(root.join("agent-3")).unwrap();
     let port4 = free_udp_port();
-    let seed_port = {
-        let v = cluster(&nodes[0].agent.client).await.unwrap();
-        v["addr"]
-            .as_str()
-            .unwrap()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse::<u16>()
-            .unwrap()
-    };
+    let seed = Some(nodes[0].mesh_port);
     nodes.push(Node {
-        agent: start_mesh_agent(root.path(), "ca", "agent-4", port4, Some(seed_port), &extra),
+        agent: start_mesh_agent(root, "ca", "agent-4", port4, seed, &REPLACE_QUICKLY),
         name: "agent-4".into(),
         mesh_port: port4,
     });
+}
+
+#[tokio::test]
+async fn a_replaced_agent_is_replaced_in_every_group_and_nothing_is_lost() {
+    let root = tempdir();
+    let mut nodes = formed_replaceable_mesh(root.path()).await;
+    let (mut acked, _) = publish_range(&nodes[0].agent.client, 0..100).await;
+    replace_agent_3(root.path(), &mut nodes);
     let (more, _) = publish_range(&nodes[1].agent.client, 100..200).await;
     acked.extend(more);
     let all: Vec<&Node> = nodes.iter().collect();
@@ -978,5 +980,80 @@ async fn a_new_topics_groups_outlive_the_meta_leader_dying_as_they_form() {
     );
     eprintln!("meta leader {meta_leader} killed as the groups formed; longest publish {slowest:?}");
     let dups = check_read_back(&nodes[witness].agent.client, "checker", &acked).await;
+    assert_eq!(dups, 0);
+}
+
+/// A replica that replaces a lost one in a partition holding more than a
+/// mesh frame's worth (17 MiB) gets every message: the leader's snapshot,
+/// which carries the partition's log, crosses the mesh in parts.
+#[tokio::test]
+async fn a_replacement_catches_up_on_a_partition_larger_than_a_frame() {
+    let root = tempdir();
+    let mut nodes = formed_replaceable_mesh(root.path()).await;
+    // 24 messages of 900 KiB under one key: about 21 MiB in one partition.
+    let filler = "x".repeat(900 * 1024);
+    let mut acked = Vec::new();
+    for i in 0..24 {
+        let id = format!("big-{i}");
+        let body = format!("big-{i}-{filler}");
+        let started = Instant::now();
+        loop {
+            let r = nodes[0]
+                .agent
+                .client
+                .publish(
+                    TOPIC,
+                    &[("shoal-key", "big"), ("shoal-id", &id)],
+                    body.clone(),
+                )
+                .await
+                .unwrap();
+            if r.status == 201 || r.status == 200 {
+                let v = r.json();
+                acked.push(Acked {
+                    id: id.clone(),
+                    key: "big".into(),
+                    body: body.clone(),
+                    partition: v["partition"].as_u64().unwrap(),
+                    offset: v["offset"].as_u64().unwrap(),
+                });
+                break;
+            }
+            assert!(
+                r.status == 503 && started.elapsed() < PUBLISH_PATIENCE,
+                "publish {id}: {} {}",
+                r.status,
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    replace_agent_3(root.path(), &mut nodes);
+    let all: Vec<&Node> = nodes.iter().collect();
+    formed(&all, &["agent-1", "agent-2", "agent-4"]).await;
+    // Its voter seat needs the log: it came in the snapshot, on its disk.
+    fn bytes_under(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => bytes_under(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    let held = bytes_under(&root.path().join("agent-4").join("replicas"));
+    assert!(
+        held > 21 * 1024 * 1024,
+        "agent-4 holds {held} bytes of replicas, less than the big partition"
+    );
+    let m = metrics(&nodes[2].agent.admin).await;
+    assert!(
+        !m.contains("raft_transfer_too_large"),
+        "no transfer was refused"
+    );
+    let dups = check_read_back(&nodes[2].agent.client, "checker", &acked).await;
     assert_eq!(dups, 0);
 }

@@ -252,6 +252,20 @@ pub enum Message {
         /// Figures, or why not.
         result: Result<Vec<PartitionStats>, WireError>,
     },
+    /// One part of a [`Message::Raft`] frame too large for one frame (the
+    /// snapshot of a partition holding more than a frame's worth). The parts
+    /// of one transfer, in order, are the postcard of a [`raft::RaftBatch`];
+    /// the receiver steps it once it has them all. One way.
+    RaftPart {
+        /// The sender's id of this transfer.
+        transfer: u64,
+        /// This part's place, from 0.
+        part: u32,
+        /// How many parts the transfer has.
+        parts: u32,
+        /// This part's bytes.
+        bytes: Vec<u8>,
+    },
 }
 
 /// A partition's figures as its home sees them ([`Message::StatsAnswer`]).

@@ -225,6 +225,9 @@ pub(crate) struct Segment {
     pub(crate) len: u64,
     /// Largest timestamp of the entries (an upper bound after `truncate_after`).
     pub(crate) max_ts: Option<u64>,
+    /// Smallest nonzero timestamp of the entries (a lower bound after
+    /// `truncate_after`); 0 marks an entry with no time of its own.
+    pub(crate) min_ts: Option<u64>,
     pub(crate) log_path: PathBuf,
     pub(crate) idx_path: PathBuf,
     pub(crate) log: Arc<File>,
@@ -321,6 +324,7 @@ pub(crate) fn create_segment(dir: &Path, base: u64) -> Result<Segment> {
         last: base - 1,
         len: SEGMENT_HEADER_LEN,
         max_ts: None,
+        min_ts: None,
         log_path,
         idx_path,
         log: Arc::new(log),
@@ -522,6 +526,7 @@ impl Log {
             self.idx_buf.clear();
             let mut size = seg.len;
             let mut max_ts = seg.max_ts;
+            let mut min_ts = seg.min_ts;
             let mut j = i;
             while j < self.pending.len() {
                 let rec_start = if j == 0 { 0 } else { self.pending[j - 1].end };
@@ -543,6 +548,9 @@ impl Log {
                 }
                 let ts = self.pending[j].timestamp_ms;
                 max_ts = Some(max_ts.map_or(ts, |m| m.max(ts)));
+                if ts > 0 {
+                    min_ts = Some(min_ts.map_or(ts, |m| m.min(ts)));
+                }
                 size += rec_len;
                 j += 1;
             }
@@ -568,6 +576,7 @@ impl Log {
                 seg.idx_len += self.idx_buf.len() as u64;
                 seg.last = first_index + (j - i) as u64 - 1;
                 seg.max_ts = max_ts;
+                seg.min_ts = min_ts;
                 if !files.last().is_some_and(|f| Arc::ptr_eq(f, &seg.log)) {
                     files.push(Arc::clone(&seg.log));
                 }
@@ -732,14 +741,15 @@ impl Log {
         Ok(out)
     }
 
-    /// Whether a sealed segment holds only entries older than
-    /// `timestamp_ms`, i.e. retention by age has something to drop. Reads
-    /// nothing from disk, so it can be asked of many logs often.
-    pub fn has_sealed_older_than(&self, timestamp_ms: u64) -> bool {
-        let sealed = self.segments.len().saturating_sub(1);
-        self.segments[..sealed]
+    /// Whether an entry with a time of its own (nonzero) is older than
+    /// `timestamp_ms`: only then may [`Log::index_at_time`] find something
+    /// for retention by age. Reads nothing from disk, so it can be asked of
+    /// many logs often. Entries already dropped by a caller's own first
+    /// index may still count while their segment is kept.
+    pub fn has_entries_older_than(&self, timestamp_ms: u64) -> bool {
+        self.segments
             .iter()
-            .any(|seg| seg.has_entries() && seg.max_ts.is_some_and(|m| m < timestamp_ms))
+            .any(|seg| seg.has_entries() && seg.min_ts.is_some_and(|m| m < timestamp_ms))
     }
 
     /// The first index whose `timestamp_ms >= timestamp_ms`, or `written_index() + 1` if
@@ -844,6 +854,7 @@ impl Log {
         seg.last = index.max(seg.base - 1);
         if !seg.has_entries() {
             seg.max_ts = None;
+            seg.min_ts = None;
         }
         self.active_idx = entries;
         self.written_index = self.segments[si].last;

@@ -32,6 +32,7 @@ struct SegScan {
     last: u64,
     valid_end: u64,
     max_ts: Option<u64>,
+    min_ts: Option<u64>,
     last_term: u64,
     idx_bytes: Vec<u8>,
     idx_entries: Vec<(u32, u32)>,
@@ -142,6 +143,7 @@ fn scan_segment(
     let mut pos = SEGMENT_HEADER_LEN;
     let mut expected = base;
     let mut max_ts: Option<u64> = None;
+    let mut min_ts: Option<u64> = None;
     let mut idx_bytes = Vec::new();
     let mut idx_entries: Vec<(u32, u32)> = Vec::new();
     let mut invalid = None;
@@ -192,6 +194,10 @@ fn scan_segment(
                 }
                 prev_term = header.term;
                 max_ts = Some(max_ts.map_or(header.timestamp_ms, |m| m.max(header.timestamp_ms)));
+                if header.timestamp_ms > 0 {
+                    min_ts =
+                        Some(min_ts.map_or(header.timestamp_ms, |m| m.min(header.timestamp_ms)));
+                }
                 pos = end;
                 expected += 1;
             }
@@ -201,6 +207,7 @@ fn scan_segment(
         last: expected - 1,
         valid_end: pos,
         max_ts,
+        min_ts,
         last_term: prev_term,
         idx_bytes,
         idx_entries,
@@ -333,6 +340,7 @@ pub(crate) fn open(dir: &Path, config: LogConfig) -> Result<(Log, Recovery)> {
             last: scan.last,
             len: scan.valid_end,
             max_ts: scan.max_ts,
+            min_ts: scan.min_ts,
             log_path: log_path.clone(),
             idx_path,
             log: Arc::new(file),

@@ -378,31 +378,36 @@ fn partially_applied_retention_opens() {
 }
 
 #[test]
-fn sealed_segments_older_than_a_time_are_known_without_reading() {
+fn entries_older_than_a_time_are_known_without_reading() {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = open(dir.path(), small());
-    assert!(!log.has_sealed_older_than(u64::MAX), "an empty log");
+    assert!(!log.has_entries_older_than(u64::MAX), "an empty log");
+    // An entry with no time of its own (a Raft no-op) never counts.
+    log.append(1, 0, b"noop").unwrap();
+    log.write_buffered().unwrap();
+    assert!(!log.has_entries_older_than(u64::MAX));
     fill(&mut log, 150, 11); // timestamp = 1000 + index, several segments
     assert!(log_files(dir.path()).len() > 2);
-    assert!(
-        !log.has_sealed_older_than(1001),
-        "nothing is older than the first entry"
-    );
-    assert!(
-        log.has_sealed_older_than(1151),
-        "every sealed segment is older"
-    );
-    // Agrees with the scan: past the oldest segment's newest entry, the
-    // first index at that time lies beyond that segment.
-    let t = (1001..=1151)
-        .find(|t| log.has_sealed_older_than(*t))
-        .unwrap();
-    assert!(log.index_at_time(t).unwrap() > log.first_index());
-    // A log of one (active) segment has nothing sealed to drop.
+    for t in [0, 1000, 1002] {
+        assert!(!log.has_entries_older_than(t), "nothing is older than {t}");
+        // Only the no-op (index 1) lies before: nothing a message loses.
+        assert!(log.index_at_time(t).unwrap() <= 2);
+    }
+    for t in [1003, 1100, 5000] {
+        assert!(log.has_entries_older_than(t));
+        assert!(log.index_at_time(t).unwrap() > 2);
+    }
+    // Kept across a reopen (recovery scans the timestamps).
+    drop(log);
+    let (log, _) = open(dir.path(), small());
+    assert!(!log.has_entries_older_than(1002));
+    assert!(log.has_entries_older_than(1003));
+    // The active segment counts too: a quiet partition's old messages expire.
     let dir = tempfile::tempdir().unwrap();
     let (mut one, _) = open(dir.path(), LogConfig::default());
     fill(&mut one, 10, 11);
-    assert!(!one.has_sealed_older_than(u64::MAX));
+    assert_eq!(log_files(dir.path()).len(), 1);
+    assert!(one.has_entries_older_than(1005));
 }
 
 #[test]
