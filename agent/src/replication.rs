@@ -361,6 +361,8 @@ pub struct Replication {
     assembling: Mutex<HashMap<SocketAddr, Assembly>>,
     /// The id of this agent's next transfer in parts.
     next_transfer: Arc<std::sync::atomic::AtomicU64>,
+    /// Peers a transfer in parts is on its way to.
+    sending: Arc<Mutex<std::collections::HashSet<SocketAddr>>>,
 }
 
 impl std::fmt::Debug for Replication {
@@ -416,12 +418,50 @@ const PART_BYTES: usize = 8 << 20;
 /// `raft_transfer_too_large`).
 pub const MAX_TRANSFER_BYTES: usize = 256 << 20;
 
+/// How long a transfer in parts may take to come whole; past it, what
+/// was put together is dropped (its sender died or gave up).
+const ASSEMBLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Set in this agent's Raft incarnation (its start time otherwise): it
+/// reads creation records that name founders, so a meta leader names it as
+/// one. An older agent in a rolling upgrade is never named: it would not
+/// create its replica, and two such founders of three would leave the
+/// group without a majority.
+pub const KNOWS_FOUNDERS: u64 = 1 << 62;
+
 /// A transfer in parts from one peer, being put together.
 struct Assembly {
     transfer: u64,
     parts: u32,
     next: u32,
     bytes: Vec<u8>,
+    started: std::time::Instant,
+}
+
+/// Marks a peer as having a transfer in parts on its way, until dropped:
+/// one at a time per peer, so parts of two transfers never interleave on
+/// the link and a slow link does not pile up copies of a snapshot.
+struct Sending {
+    peers: Arc<Mutex<std::collections::HashSet<SocketAddr>>>,
+    addr: SocketAddr,
+}
+
+impl Sending {
+    fn start(
+        peers: &Arc<Mutex<std::collections::HashSet<SocketAddr>>>,
+        addr: SocketAddr,
+    ) -> Option<Self> {
+        lock(peers).insert(addr).then(|| Sending {
+            peers: peers.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        lock(&self.peers).remove(&self.addr);
+    }
 }
 
 /// The frames one batch goes out in: itself, or, when it is too large for
@@ -437,6 +477,18 @@ fn raft_frames(batch: RaftBatch, transfer: u64) -> Vec<Message> {
             return Vec::new();
         }
     };
+    if encoded.len() <= PART_BYTES {
+        // The estimate was high: it fits one frame.
+        return vec![Message::Raft(batch)];
+    }
+    if encoded.len() > MAX_TRANSFER_BYTES {
+        // No peer would take it: not queued at all (the leader asks again).
+        tracing::debug!(
+            bytes = encoded.len(),
+            "a raft batch (a snapshot) is larger than any agent takes; not sent"
+        );
+        return Vec::new();
+    }
     let parts = encoded.len().div_ceil(PART_BYTES);
     let Ok(count) = u32::try_from(parts) else {
         return Vec::new();
@@ -567,7 +619,7 @@ impl Replication {
         std::fs::create_dir_all(&root)
             .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
         let me_id = node_id(&me);
-        let incarnation = crate::time::now_ms();
+        let incarnation = crate::time::now_ms() | KNOWS_FOUNDERS;
         let config = DriverConfig {
             incarnation,
             seed: fastrand::u64(..),
@@ -648,7 +700,10 @@ impl Replication {
             assembling: Mutex::new(HashMap::new()),
             // Unique across runs: a receiver never mistakes a new run's
             // transfer for the middle of an old one.
-            next_transfer: Arc::new(std::sync::atomic::AtomicU64::new(incarnation << 20)),
+            next_transfer: Arc::new(std::sync::atomic::AtomicU64::new(
+                crate::time::now_ms() << 20,
+            )),
+            sending: Arc::new(Mutex::new(std::collections::HashSet::new())),
         }))
     }
 
@@ -829,11 +884,24 @@ impl Replication {
             };
             let mesh = self.mesh.clone();
             let transfers = self.next_transfer.clone();
+            let sending = self.sending.clone();
             tokio::spawn(async move {
                 // In order, one frame after the other, each under the frame limit.
                 for part in split_batch(batch) {
                     let transfer = transfers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    for frame in raft_frames(part, transfer) {
+                    let frames = raft_frames(part, transfer);
+                    let _one_at_a_time = if frames.len() > 1 {
+                        let Some(guard) = Sending::start(&sending, addr) else {
+                            // Another transfer to this peer is on its way;
+                            // the leader sends this snapshot again later.
+                            tracing::debug!(peer = %name, "a raft transfer to this peer is under way; this one waits");
+                            continue;
+                        };
+                        Some(guard)
+                    } else {
+                        None
+                    };
+                    for frame in frames {
                         // A part may take a while behind other traffic.
                         let sent =
                             tokio::time::timeout(Duration::from_secs(10), mesh.tell(addr, frame))
@@ -1085,13 +1153,20 @@ impl Replication {
         // A new mesh's meta group is still taking in its voters: founding
         // waits for them (briefly), so a topic created in the first second
         // of a mesh gets several founders, not just the first agent.
-        let whole = meta_status.learners.is_empty() && {
+        // Waiting helps only when it can bring enough founders.
+        let (whole, could_have_founders) = {
             let peers = lock(&self.peers);
             let mut wanted = self.wanted(&peers, &meta, &meta_voters);
             wanted.sort_unstable();
-            wanted == meta_voters
+            wanted.dedup();
+            let enough = wanted.len() >= MIN_FOUNDERS;
+            (
+                meta_status.learners.is_empty() && wanted == meta_voters,
+                enough,
+            )
         };
-        if !whole && core.ticks < core.meta_lead_since + FOUNDING_WAIT_TICKS {
+        if !whole && could_have_founders && core.ticks < core.meta_lead_since + FOUNDING_WAIT_TICKS
+        {
             return;
         }
         // The first voters come from the meta voters that are up and whose
@@ -1110,7 +1185,10 @@ impl Replication {
                     if peers.down.contains(name) || !peers.members.iter().any(|m| m.id == *name) {
                         return None;
                     }
-                    let run = core.driver.peer_incarnation(*v)?;
+                    let run = core
+                        .driver
+                        .peer_incarnation(*v)
+                        .filter(|run| run & KNOWS_FOUNDERS != 0)?;
                     Some((Member::broker(name.clone()), (*v, run)))
                 })
                 .collect()
@@ -1142,10 +1220,23 @@ impl Replication {
                     },
                     config.replicas as usize,
                 );
-                let voters: Founders = ranked
+                let mut voters: Founders = ranked
                     .iter()
                     .filter_map(|m| founders.iter().find(|(f, _)| f.id == m.id).map(|(_, v)| *v))
                     .collect();
+                // Founders only when they are the replicas placement wants
+                // over every member: otherwise the group would change its
+                // voters (and leader) right after forming, while apps
+                // publish; the meta leader then founds it alone, as before,
+                // and placement grows it.
+                let wanted: BTreeSet<NodeId> = {
+                    let peers = lock(&self.peers);
+                    let g = self.group_id(&key.1, partition);
+                    self.wanted(&peers, &g, &[]).into_iter().collect()
+                };
+                if voters.iter().map(|(id, _)| *id).collect::<BTreeSet<_>>() != wanted {
+                    voters.clear();
+                }
                 let body = creation_record(&key, &voters, &self.me, self.incarnation);
                 let Ok(body) = body else {
                     continue;
@@ -1489,6 +1580,7 @@ impl Replication {
             return Err("unknown_sender");
         }
         let mut assembling = lock(&self.assembling);
+        assembling.retain(|_, a| a.started.elapsed() < ASSEMBLY_TIMEOUT);
         if part == 0 {
             assembling.remove(&from);
         }
@@ -1509,6 +1601,7 @@ impl Replication {
             parts,
             next: 0,
             bytes: Vec::new(),
+            started: std::time::Instant::now(),
         });
         if (entry.transfer, entry.parts, entry.next) != (transfer, parts, part) {
             // Another transfer's part, or a gap: what was put together is lost.

@@ -62,3 +62,76 @@ fn fewer_than_three_founders_found_the_group_alone_as_before() {
     );
     assert_eq!(read_creation_record(b"\xff\xff", "agent-1", 11, 100), None);
 }
+
+fn batch_of(entry_bytes: &[usize]) -> RaftBatch {
+    use shoal_proto::raft::{EntryPayload, GroupMessages, GroupRef, RaftEntry, RaftMessage};
+    let entries = entry_bytes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| RaftEntry {
+            term: 2,
+            index: 10 + i as u64,
+            payload: EntryPayload::Normal(vec![i as u8; *n]),
+        })
+        .collect();
+    RaftBatch {
+        incarnation: 7,
+        groups: vec![GroupMessages {
+            group: GroupRef {
+                namespace: "team-a".into(),
+                topic: "orders".into(),
+                partition: 0,
+            },
+            messages: vec![RaftMessage {
+                kind: shoal_proto::raft::RaftMessageKind::Append,
+                to: 2,
+                from: 1,
+                term: 2,
+                log_term: 2,
+                index: 9,
+                entries,
+                commit: 9,
+                commit_term: 2,
+                snapshot: None,
+                request_snapshot: 0,
+                reject: false,
+                reject_hint: 0,
+                context: Vec::new(),
+                priority: 0,
+            }],
+            hibernate: None,
+            recovering: false,
+            progress_reset: false,
+        }],
+    }
+}
+
+#[test]
+fn a_batch_larger_than_a_frame_goes_in_parts_that_put_together_give_it_back() {
+    let big = batch_of(&[6 << 20, 6 << 20, 6 << 20, 3 << 20]);
+    let frames = raft_frames(big.clone(), 99);
+    assert_eq!(frames.len(), 3, "21 MiB in 8 MiB parts");
+    let mut whole = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let Message::RaftPart {
+            transfer,
+            part,
+            parts,
+            bytes,
+        } = f
+        else {
+            panic!("frame {i} is not a part");
+        };
+        assert_eq!((*transfer, *part as usize, *parts), (99, i, 3));
+        assert!(bytes.len() <= PART_BYTES);
+        // Each part fits a mesh frame with room to spare.
+        let mut buf = bytes::BytesMut::new();
+        shoal_proto::encode(f, &mut buf).unwrap();
+        whole.extend_from_slice(bytes);
+    }
+    let back: RaftBatch = postcard::from_bytes(&whole).unwrap();
+    assert_eq!(back, big);
+    // Small batches go as they are.
+    let small = batch_of(&[1024, 1024]);
+    assert_eq!(raft_frames(small.clone(), 100), vec![Message::Raft(small)]);
+}
