@@ -412,6 +412,9 @@ const PART_THRESHOLD: usize = 8 << 20;
 /// Bytes per [`Message::RaftPart`].
 const PART_BYTES: usize = 8 << 20;
 
+/// How long a peer gets no other transfer in parts, per part queued.
+const PART_PACE: Duration = Duration::from_secs(1);
+
 /// Most bytes of parts held for transfers not yet complete, over all peers:
 /// a snapshot larger than this (a partition retaining more) cannot be
 /// received, and the replica is not added (logged, and counted as
@@ -890,7 +893,8 @@ impl Replication {
                 for part in split_batch(batch) {
                     let transfer = transfers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let frames = raft_frames(part, transfer);
-                    let _one_at_a_time = if frames.len() > 1 {
+                    let parts = frames.len();
+                    let one_at_a_time = if parts > 1 {
                         let Some(guard) = Sending::start(&sending, addr) else {
                             // Another transfer to this peer is on its way;
                             // the leader sends this snapshot again later.
@@ -910,6 +914,16 @@ impl Replication {
                             tracing::debug!(peer = %name, "raft batch not delivered");
                             return;
                         }
+                    }
+                    if let Some(guard) = one_at_a_time {
+                        // Queued is not sent: the peer gets no other
+                        // transfer for a second per part (8 MiB/s at
+                        // least), so resent snapshots never pile up in
+                        // the link's queue.
+                        tokio::spawn(async move {
+                            tokio::time::sleep(PART_PACE * parts as u32).await;
+                            drop(guard);
+                        });
                     }
                 }
             });
