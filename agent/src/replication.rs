@@ -531,7 +531,6 @@ fn batch_bytes(gm: &shoal_proto::raft::GroupMessages) -> usize {
 /// [`MAX_BATCH_DATA`] bytes of entries and snapshots (a single group's
 /// messages larger than that still go alone).
 fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
-    let size = batch_bytes;
     let incarnation = batch.incarnation;
     let mut out: Vec<RaftBatch> = Vec::new();
     let mut current = RaftBatch {
@@ -540,7 +539,7 @@ fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
     };
     let mut bytes = 0;
     for gm in batch.groups {
-        let n = size(&gm);
+        let n = batch_bytes(&gm);
         if !current.groups.is_empty() && bytes + n > MAX_BATCH_DATA {
             out.push(std::mem::replace(
                 &mut current,
@@ -1185,35 +1184,29 @@ impl Replication {
         }
         // The first voters come from the meta voters that are up and whose
         // run is known (a record names each voter's run).
-        let founders: Vec<(Member, (NodeId, u64))> = {
-            let peers = lock(&self.peers);
-            meta_voters
-                .iter()
-                .filter_map(|v| {
-                    if *v == self.me_id {
-                        return self
-                            .broker_eligible()
-                            .then(|| (Member::broker(self.me.clone()), (*v, self.incarnation)));
-                    }
-                    let (name, _) = peers.by_id.get(v)?;
-                    if peers.down.contains(name) || !peers.members.iter().any(|m| m.id == *name) {
-                        return None;
-                    }
-                    let run = core
-                        .driver
-                        .peer_incarnation(*v)
-                        .filter(|run| run & KNOWS_FOUNDERS != 0)?;
-                    Some((Member::broker(name.clone()), (*v, run)))
-                })
-                .collect()
-        };
-        let members: Vec<Member> = founders.iter().map(|(m, _)| m.clone()).collect();
+        let peers = lock(&self.peers);
+        let runs: HashMap<NodeId, u64> = meta_voters
+            .iter()
+            .filter_map(|v| {
+                if *v == self.me_id {
+                    return self.broker_eligible().then_some((*v, self.incarnation));
+                }
+                let (name, _) = peers.by_id.get(v)?;
+                if peers.down.contains(name) || !peers.members.iter().any(|m| m.id == *name) {
+                    return None;
+                }
+                let run = core
+                    .driver
+                    .peer_incarnation(*v)
+                    .filter(|run| run & KNOWS_FOUNDERS != 0)?;
+                Some((*v, run))
+            })
+            .collect();
         for topic in self.broker.topics() {
             if core.recorded.get(&*topic.name).copied().unwrap_or(0) >= topic.partition_count() {
                 continue;
             }
-            let config = topic.config();
-            if !is_replicated(&config) {
+            if !is_replicated(&topic.config()) {
                 continue;
             }
             for partition in 0..topic.partition_count() {
@@ -1225,32 +1218,17 @@ impl Replication {
                 if core.records.contains(&key) || core.proposed.contains(&key) {
                     continue;
                 }
-                let ranked = placement::replicas(
-                    &members,
-                    &PartitionKey {
-                        namespace: &key.0,
-                        topic: &key.1,
-                        partition,
-                    },
-                    config.replicas as usize,
-                );
-                let mut voters: Founders = ranked
+                // Founders only when the replicas placement wants over every
+                // member are all founders at hand (in placement's order):
+                // otherwise the group would change its voters (and leader)
+                // right after forming, while apps publish; the meta leader
+                // then founds it alone, as before, and placement grows it.
+                let wanted = self.wanted(&peers, &self.group_id(&key.1, partition), &[]);
+                let voters: Founders = wanted
                     .iter()
-                    .filter_map(|m| founders.iter().find(|(f, _)| f.id == m.id).map(|(_, v)| *v))
-                    .collect();
-                // Founders only when they are the replicas placement wants
-                // over every member: otherwise the group would change its
-                // voters (and leader) right after forming, while apps
-                // publish; the meta leader then founds it alone, as before,
-                // and placement grows it.
-                let wanted: BTreeSet<NodeId> = {
-                    let peers = lock(&self.peers);
-                    let g = self.group_id(&key.1, partition);
-                    self.wanted(&peers, &g, &[]).into_iter().collect()
-                };
-                if voters.iter().map(|(id, _)| *id).collect::<BTreeSet<_>>() != wanted {
-                    voters.clear();
-                }
+                    .map(|id| runs.get(id).map(|run| (*id, *run)))
+                    .collect::<Option<_>>()
+                    .unwrap_or_default();
                 let body = creation_record(&key, &voters, &self.me, self.incarnation);
                 let Ok(body) = body else {
                     continue;
