@@ -535,7 +535,7 @@ impl Broker {
             partitions: Some(wanted.partitions),
             replicas: Some(wanted.replicas),
             kind: Some(wanted.kind),
-            retention: Some(wanted.retention.clone()),
+            retention: Some(wanted.retention),
             fsync: Some(wanted.fsync),
             dedupe_window: Some(wanted.dedupe_window),
             max_backlog: wanted.max_backlog,

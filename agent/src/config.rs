@@ -183,6 +183,12 @@ pub struct Config {
     #[arg(long, env = "SHOAL_DEFAULT_PARTITIONS", default_value_t = DEFAULT_PARTITIONS)]
     pub default_partitions: u32,
 
+    /// Size at which a partition's active log segment is sealed and a new
+    /// one started. Retention deletes whole segments, so smaller segments
+    /// follow `maxBytes` and `maxAge` more closely, at the cost of more files.
+    #[arg(long, env = "SHOAL_SEGMENT_BYTES", default_value_t = shoal_storage::DEFAULT_SEGMENT_BYTES)]
+    pub segment_bytes: u64,
+
     /// Most concurrent long-poll pulls and streams; more get 429.
     #[arg(long, env = "SHOAL_MAX_PULL_WAITERS", default_value_t = 1024)]
     pub max_pull_waiters: usize,
@@ -218,6 +224,20 @@ pub struct Config {
     /// Log line format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+}
+
+/// Smallest `--segment-bytes` (a segment holds a header and at least one entry).
+pub const MIN_SEGMENT_BYTES: u64 = 4096;
+
+/// The log settings of every partition of this agent.
+impl Config {
+    /// How each partition's log is cut into segments (`--segment-bytes`).
+    pub fn log_config(&self) -> shoal_storage::LogConfig {
+        shoal_storage::LogConfig {
+            segment_bytes: self.segment_bytes,
+            ..shoal_storage::LogConfig::default()
+        }
+    }
 }
 
 fn parse_duration_arg(text: &str) -> Result<Duration, String> {
@@ -289,6 +309,12 @@ impl Config {
                     crate::time::format_duration(max)
                 )));
             }
+        }
+        if !(MIN_SEGMENT_BYTES..=shoal_storage::MAX_SEGMENT_BYTES).contains(&self.segment_bytes) {
+            return Err(AgentError::Config(format!(
+                "--segment-bytes must be between {MIN_SEGMENT_BYTES} and {}",
+                shoal_storage::MAX_SEGMENT_BYTES
+            )));
         }
         if self.max_pull_waiters == 0 {
             return Err(AgentError::Config(

@@ -27,7 +27,7 @@ use crate::mesh::Mesh;
 use crate::message::Message as AppMessage;
 use crate::metrics::Metrics;
 use crate::subscription::StartPosition;
-use crate::topic::{FsyncPolicy, Topic, TopicConfig, TopicKind, TOPIC_NAMESPACE};
+use crate::topic::{FsyncPolicy, Retention, Topic, TopicConfig, TopicKind, TOPIC_NAMESPACE};
 use serde::{Deserialize, Serialize};
 use shoal_cluster::membership::Liveness;
 use shoal_cluster::placement::{self, Member, PartitionKey};
@@ -38,6 +38,7 @@ use shoal_replica::disk::{DiskStore, SyncPolicy};
 use shoal_replica::state::Applied;
 use shoal_replica::store::LogStore;
 use shoal_replica::{node_id, Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
+use shoal_storage::LogConfig;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,9 +71,13 @@ const RECONCILE_EVERY_TICKS: u64 = 5;
 /// placement wants before it founds partitions' groups anyway: 10 ticks
 /// (2 s), well inside the 5 s a publish waits for a leader.
 const FOUNDING_WAIT_TICKS: u64 = 10;
-/// How often (in ticks: a minute) every replica applies its topic's
-/// retention by age.
-const RETENTION_EVERY_TICKS: u64 = 300;
+/// How often (in ticks: 10 s, as for topics of one copy) every replica
+/// applies its topic's retention. A pass reads only sizes and times kept in
+/// memory, unless a log is past a limit.
+const RETENTION_EVERY_TICKS: u64 = 50;
+/// Ticks (5 s) before a leader proposes a group's dedupe window again when
+/// the last proposal has not been applied.
+const WINDOW_RETRY_TICKS: u64 = 25;
 /// Ticks (30 s) before leadership of a group is handed to placement's
 /// first choice again after a try.
 const TRANSFER_BACKOFF_TICKS: u64 = 150;
@@ -121,6 +126,8 @@ pub struct ReplicationSettings {
     pub replace_after: Duration,
     /// How often groups of `interval` topics fsync (`--fsync-interval`).
     pub fsync_interval: Duration,
+    /// How each replica's log is cut into segments (`--segment-bytes`).
+    pub log: LogConfig,
 }
 
 /// Whether a topic's partitions are Raft groups.
@@ -318,6 +325,8 @@ struct Core {
     /// add to the gauges: skipped by [`Replication::place_all`] until the
     /// members, the topic's replicas or the group change.
     settled: HashMap<GroupId, Settled>,
+    /// When (in ticks) a group's dedupe window was last proposed here.
+    window_proposed: HashMap<GroupId, u64>,
     ticks: u64,
 }
 
@@ -353,6 +362,8 @@ pub struct Replication {
     replace_after: Duration,
     /// How often groups of `interval` topics fsync (`--fsync-interval`).
     fsync_interval: Duration,
+    /// How each replica's log is cut into segments.
+    log: LogConfig,
     /// The driver's thread, once started.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// This run of the agent (its start time, ms).
@@ -558,7 +569,11 @@ fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
 }
 
 /// A store opener for the driver (a group this agent joins).
-fn opener(root: PathBuf, broker: Arc<Broker>) -> shoal_replica::driver::NewStore<DiskStore> {
+fn opener(
+    root: PathBuf,
+    broker: Arc<Broker>,
+    log: LogConfig,
+) -> shoal_replica::driver::NewStore<DiskStore> {
     Box::new(move |g: &GroupId| {
         // A peer names the group: its names become directories here.
         if !valid_group(g) {
@@ -567,7 +582,7 @@ fn opener(root: PathBuf, broker: Arc<Broker>) -> shoal_replica::driver::NewStore
                 g.namespace, g.topic, g.partition
             )));
         }
-        let mut store = DiskStore::open(&group_dir(&root, g), shoal_storage::LogConfig::default())?;
+        let mut store = DiskStore::open(&group_dir(&root, g), log.clone())?;
         store.set_sync_policy(sync_policy_of(&broker, g))?;
         Ok(store)
     })
@@ -611,6 +626,7 @@ impl Replication {
             seed,
             replace_after,
             fsync_interval,
+            log,
         } = settings;
         let data_dir = data_dir.as_path();
         let root = data_dir.join(REPLICAS_DIR);
@@ -627,7 +643,11 @@ impl Replication {
             seed: fastrand::u64(..),
             ..DriverConfig::default()
         };
-        let mut driver = Driver::new(me_id, config, opener(root.clone(), broker.clone()));
+        let mut driver = Driver::new(
+            me_id,
+            config,
+            opener(root.clone(), broker.clone(), log.clone()),
+        );
         let mut opened = 0usize;
         for g in Self::kept_groups(&root) {
             let dir = group_dir(&root, &g);
@@ -636,7 +656,7 @@ impl Replication {
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
             }
-            match DiskStore::open(&dir, shoal_storage::LogConfig::default()) {
+            match DiskStore::open(&dir, log.clone()) {
                 Ok(store) => match driver.open_group(g.clone(), store, Bootstrap::Restart) {
                     Ok(()) => opened += 1,
                     Err(e) => {
@@ -653,11 +673,8 @@ impl Replication {
             tracing::info!("this agent was started without --join but was part of a mesh before: it does not found a new one (it waits for the others to reach it)");
         }
         if driver.group(&meta).is_none() && seed && fresh {
-            let store = DiskStore::open(
-                &group_dir(&root, &meta),
-                shoal_storage::LogConfig::default(),
-            )
-            .map_err(|e| format!("cannot create the meta group: {e}"))?;
+            let store = DiskStore::open(&group_dir(&root, &meta), log.clone())
+                .map_err(|e| format!("cannot create the meta group: {e}"))?;
             driver
                 .open_group(meta.clone(), store, Bootstrap::Voters(vec![me_id]))
                 .map_err(|e| format!("cannot create the meta group: {e}"))?;
@@ -689,6 +706,7 @@ impl Replication {
                 transferred_at: HashMap::new(),
                 under_warned: BTreeSet::new(),
                 settled: HashMap::new(),
+                window_proposed: HashMap::new(),
                 ticks: 0,
             }),
             peers: Mutex::new(Peers::default()),
@@ -697,6 +715,7 @@ impl Replication {
             leader_wait: DEFAULT_LEADER_WAIT,
             replace_after,
             fsync_interval,
+            log,
             thread: Mutex::new(None),
             incarnation,
             assembling: Mutex::new(HashMap::new()),
@@ -838,6 +857,7 @@ impl Replication {
                     self.propose_missing(&mut core);
                     self.place_all(&mut core);
                     self.apply_sync_policies(&mut core);
+                    self.propose_windows(&mut core);
                 }
 
                 if core.ticks.is_multiple_of(COMMIT_EVERY_TICKS) {
@@ -987,7 +1007,7 @@ impl Replication {
                     core.settled.remove(&group);
                     core.driver.remove_group(&group);
                     let dir = group_dir(&self.root, &group);
-                    match DiskStore::open(&dir, shoal_storage::LogConfig::default()) {
+                    match DiskStore::open(&dir, self.log.clone()) {
                         Ok(store) => {
                             if let Err(e) =
                                 core.driver
@@ -1072,10 +1092,7 @@ impl Replication {
                 core.created.remove(&label);
                 continue;
             }
-            let store = match DiskStore::open(
-                &group_dir(&self.root, &g),
-                shoal_storage::LogConfig::default(),
-            ) {
+            let store = match DiskStore::open(&group_dir(&self.root, &g), self.log.clone()) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(group = %label, error = %e, "cannot create a replica's files");
@@ -1100,52 +1117,73 @@ impl Replication {
         }
     }
 
-    /// Retention by age on every replica held here: whole segments older
-    /// than the topic's `maxAge` go (each replica on its own; a replica that
-    /// falls behind the leader's log start catches up from a snapshot).
-    /// `maxBytes` is not applied to replicated partitions yet.
+    /// Retention on every replica held here: whole segments older than the
+    /// topic's `maxAge`, and the oldest whole segments while the replica
+    /// holds more than `maxBytes`, go (each replica on its own; a replica
+    /// that falls behind the leader's log start catches up from a snapshot).
     fn enforce_retention(&self, core: &mut Core) {
         let now = crate::time::now_ms();
-        let mut max_age_of: HashMap<&str, Option<Duration>> = HashMap::new();
-        // Only logs holding a message past the cutoff are read.
+        let mut retention_of: HashMap<&str, Option<Retention>> = HashMap::new();
+        // Only logs past a limit are read: sizes and oldest times are in memory.
         let mut due = Vec::new();
         for (g, grp) in core.driver.iter() {
             if is_meta(g) {
                 continue;
             }
-            let max_age = *max_age_of.entry(g.topic.as_str()).or_insert_with(|| {
-                self.broker
-                    .topic(&g.topic)
-                    .and_then(|t| t.config().retention.max_age)
-            });
-            let Some(max_age) = max_age else {
+            let retention = *retention_of
+                .entry(g.topic.as_str())
+                .or_insert_with(|| self.broker.topic(&g.topic).map(|t| t.config().retention));
+            let Some(retention) = retention else {
                 continue;
             };
-            let cutoff = now.saturating_sub(max_age.as_millis() as u64);
-            if grp.store().log().has_entries_older_than(cutoff) {
-                due.push((g.clone(), cutoff));
+            let log = grp.store().log();
+            let age_cutoff = retention
+                .max_age
+                .map(|age| now.saturating_sub(age.as_millis() as u64))
+                .filter(|cutoff| log.has_entries_older_than(*cutoff));
+            let size_cut = retention
+                .max_bytes
+                .filter(|max| log.size_bytes() > *max)
+                .map(|max| log.index_to_fit(max));
+            if age_cutoff.is_some() || size_cut.is_some() {
+                due.push((g.clone(), age_cutoff, size_cut.unwrap_or(0)));
             }
         }
-        for (g, cutoff) in due {
+        for (g, age_cutoff, size_cut) in due {
             let Some(grp) = core.driver.group(&g) else {
                 continue;
             };
             let first = grp.store().first_index();
-            let keep_from = match grp.store().log().index_at_time(cutoff) {
-                Ok(i) => i,
-                Err(e) => {
+            let age_cut = match age_cutoff.map(|c| grp.store().log().index_at_time(c)) {
+                None => 0,
+                Some(Ok(i)) => i,
+                Some(Err(e)) => {
                     tracing::warn!(group = %group_label(&g), error = %e, "retention could not read the log");
                     continue;
                 }
             };
-            if keep_from > first {
-                match core.driver.compact(&g, keep_from) {
-                    Ok(()) => {
-                        tracing::debug!(group = %group_label(&g), keep_from, "retention dropped old segments")
-                    }
-                    Err(e) => {
-                        tracing::warn!(group = %group_label(&g), error = %e, "retention failed")
-                    }
+            let keep_from = age_cut.max(size_cut);
+            if keep_from <= first {
+                continue;
+            }
+            let segments = grp.store().log().segment_count();
+            let result = core.driver.compact(&g, keep_from);
+            let dropped = core.driver.group(&g).map_or(0, |grp| {
+                segments.saturating_sub(grp.store().log().segment_count())
+            });
+            self.metrics
+                .retention_deleted_segments
+                .inc_by(dropped as u64);
+            match result {
+                Ok(()) => {
+                    tracing::debug!(group = %group_label(&g), keep_from, dropped, "retention dropped old segments")
+                }
+                Err(e) => {
+                    self.metrics
+                        .storage_errors
+                        .get_or_create(&crate::metrics::OpLabel { op: "retention" })
+                        .inc();
+                    tracing::warn!(group = %group_label(&g), error = %e, "retention failed")
                 }
             }
         }
@@ -1337,6 +1375,62 @@ impl Replication {
             if let Err(e) = store.set_sync_policy(policy) {
                 core.driver
                     .stop_group(&g, format!("cannot change how it syncs: {e}"));
+            }
+        }
+    }
+
+    /// As leader: a group whose dedupe window is not its topic's
+    /// `dedupeWindow` gets a `Window` entry, so the window changes at the
+    /// same index on every replica. Only groups whose window differs are
+    /// looked at further (hibernating groups stay asleep).
+    fn propose_windows(&self, core: &mut Core) {
+        let mut window_of: HashMap<&str, Option<u64>> = HashMap::new();
+        let mut differ = Vec::new();
+        for (g, grp) in core.driver.iter() {
+            if is_meta(g) {
+                continue;
+            }
+            let want = *window_of.entry(g.topic.as_str()).or_insert_with(|| {
+                self.broker
+                    .topic(&g.topic)
+                    .map(|t| t.config().dedupe_window.as_millis() as u64)
+            });
+            if let Some(want) = want.filter(|w| *w != grp.state().window_ms()) {
+                differ.push((g.clone(), want));
+            }
+        }
+        let ticks = core.ticks;
+        core.window_proposed
+            .retain(|_, at| ticks < *at + WINDOW_RETRY_TICKS);
+        for (g, window_ms) in differ {
+            if core.window_proposed.contains_key(&g) {
+                continue;
+            }
+            let leads = core
+                .driver
+                .status(&g)
+                .is_some_and(|s| s.serving && s.leader == Some(self.me_id));
+            if !leads {
+                continue;
+            }
+            let Ok(data) = (Command::Window {
+                timestamp_ms: crate::time::now_ms(),
+                window_ms,
+            })
+            .encode() else {
+                continue;
+            };
+            // No one waits for it: the token only has to be unique.
+            let token = core.next_token;
+            core.next_token += 1;
+            match core.driver.propose(&g, token, data) {
+                Ok(_) => {
+                    tracing::debug!(group = %group_label(&g), window_ms, "proposed the topic's dedupe window");
+                    core.window_proposed.insert(g, ticks);
+                }
+                Err(e) => {
+                    tracing::debug!(group = %group_label(&g), error = %e, "could not propose the dedupe window")
+                }
             }
         }
     }

@@ -62,7 +62,7 @@ pub enum FsyncPolicy {
 }
 
 /// How long and how much a durable topic keeps.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Retention {
     /// Delete whole segments older than this.
@@ -186,7 +186,7 @@ impl TopicSpec {
                     "retention maxAge and maxBytes must be positive (omit them for no limit)",
                 ));
             }
-            c.retention = r.clone();
+            c.retention = *r;
         }
         if let Some(f) = self.fsync {
             c.fsync = f;

@@ -1057,3 +1057,162 @@ async fn a_replacement_catches_up_on_a_partition_larger_than_a_frame() {
     let dups = check_read_back(&nodes[2].agent.client, "checker", &acked).await;
     assert_eq!(dups, 0);
 }
+
+/// The bytes of partition `p`'s log segments in `node`'s replica, and the
+/// first index its oldest segment holds.
+fn replica_log(root: &Path, node: &str, p: u64) -> (u64, u64) {
+    let dir = root
+        .join(node)
+        .join("replicas/default")
+        .join(TOPIC)
+        .join(p.to_string());
+    let mut bytes = 0;
+    let mut first = u64::MAX;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "log") {
+            bytes += e.metadata().unwrap().len();
+            let base: u64 = path.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+            first = first.min(base);
+        }
+    }
+    (bytes, first)
+}
+
+#[tokio::test]
+async fn retention_by_size_keeps_every_replica_within_max_bytes() {
+    const SEGMENT: u64 = 64 * 1024;
+    const MAX_BYTES: u64 = 4 * SEGMENT;
+    let root = tempdir();
+    let segment = SEGMENT.to_string();
+    let nodes = mesh_of(root.path(), 3, &["--segment-bytes", &segment]).await;
+    let c = &nodes[0].agent.client;
+    let r = put_topic(
+        c,
+        TOPIC,
+        json!({"partitions": PARTITIONS, "replicas": 3, "retention": {"maxBytes": MAX_BYTES}}),
+    )
+    .await;
+    assert!(r.status == 201 || r.status == 200, "create: {}", r.text());
+    let all: Vec<&Node> = nodes.iter().collect();
+    formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    // About 2 MiB, eight times the limit, in one partition.
+    let body = vec![b'x'; 4096];
+    let mut last = (0, 0);
+    for _ in 0..512 {
+        let v = publish(c, TOPIC, &[("shoal-key", "k")], body.clone()).await;
+        last = (
+            v["partition"].as_u64().unwrap(),
+            v["offset"].as_u64().unwrap(),
+        );
+    }
+    let (p, last_offset) = last;
+    // Retention runs every 10 s on each replica.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for node in &nodes {
+        loop {
+            let (bytes, first) = replica_log(root.path(), &node.name, p);
+            if bytes <= MAX_BYTES && first > 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}'s replica of partition {p} holds {bytes} bytes from index {first} (maxBytes {MAX_BYTES})",
+                node.name
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let m = metrics(&node.agent.admin).await;
+        let dropped = metric_value(&m, "shoal_storage_retention_deleted_segments_total");
+        assert!(
+            dropped.is_some_and(|d| d >= 4.0),
+            "{}: segments deleted by retention {dropped:?}",
+            node.name
+        );
+    }
+    // The oldest messages are gone, the newest are read back, and the group
+    // still takes publishes after its log was compacted by size.
+    let v = publish(c, TOPIC, &[("shoal-key", "k")], "after").await;
+    assert_eq!(v["partition"].as_u64(), Some(p));
+    let after = v["offset"].as_u64().unwrap();
+    assert_eq!(after, last_offset + 1);
+    put_sub(c, "tail", json!({"topic": TOPIC, "start": "earliest"})).await;
+    let mut first_read = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "offset {after} not read within 30 s"
+        );
+        let got = pull(c, "tail", 500, "1s").await;
+        let ids: Vec<String> = got.iter().map(ackid).collect();
+        if !ids.is_empty() {
+            ack(c, "tail", &ids).await;
+        }
+        let mut done = false;
+        for e in &got {
+            let (partition, offset) = position(e);
+            if partition != p {
+                continue;
+            }
+            first_read.get_or_insert(offset);
+            if offset == after {
+                assert_eq!(text_of(e), "after");
+                done = true;
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    let first_read = first_read.unwrap();
+    assert!(
+        first_read > 300,
+        "partition {p} was read from offset {first_read}: retention kept more than maxBytes"
+    );
+}
+
+#[tokio::test]
+async fn a_topics_dedupe_window_applies_to_its_replicated_partitions() {
+    let root = tempdir();
+    let nodes = mesh_of(root.path(), 3, &[]).await;
+    let c = &nodes[2].agent.client;
+    let r = put_topic(
+        c,
+        TOPIC,
+        json!({"partitions": PARTITIONS, "replicas": 3, "dedupeWindow": "1s"}),
+    )
+    .await;
+    assert!(r.status == 201 || r.status == 200, "create: {}", r.text());
+    let all: Vec<&Node> = nodes.iter().collect();
+    formed(&all, &["agent-1", "agent-2", "agent-3"]).await;
+    let first = publish(c, TOPIC, &[("shoal-id", "once")], "first").await;
+    assert_ne!(first["duplicate"], true);
+    // With the agents' default window (2 minutes) every retry below would
+    // be a duplicate of the first; with the topic's 1 s, which the leader
+    // puts in the log, a retry a few seconds later is a new message.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let r = c
+            .publish(TOPIC, &[("shoal-id", "once")], "again")
+            .await
+            .unwrap();
+        let v = r.json();
+        if r.status == 201 {
+            assert_ne!(v["duplicate"], true, "{v}");
+            assert_eq!(v["partition"], first["partition"]);
+            assert!(v["offset"].as_u64() > first["offset"].as_u64(), "{v}");
+            break;
+        }
+        assert!(
+            r.status == 200 || r.status == 503,
+            "publish again: {} {v}",
+            r.status
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the same id was still a duplicate after 30 s with a 1 s window: {v}"
+        );
+    }
+}

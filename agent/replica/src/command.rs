@@ -7,10 +7,14 @@
 //! | --- | --- |
 //! | 1 `Message` | timestamp ms u64, id length u16, id (UTF-8), body |
 //! | 2 `Commit` | timestamp ms u64, next offset u64, group name (UTF-8) |
+//! | 3 `Window` | timestamp ms u64, dedupe window ms u64 |
 //!
 //! An empty entry is a new leader's no-op. The timestamp is the leader's
 //! clock when it proposed the entry; every replica applies the same one, so
-//! the dedupe window and retention by age agree everywhere.
+//! the dedupe window and retention by age agree everywhere. The window's
+//! length goes through the log too (`Window`), so every replica judges the
+//! same entries duplicates. An agent that predates a tag skips its entries
+//! (and says so in its log).
 
 /// Largest dedupe id, in bytes.
 pub const MAX_ID_BYTES: usize = 1024;
@@ -19,6 +23,7 @@ pub const MAX_GROUP_BYTES: usize = 1024;
 
 const TAG_MESSAGE: u8 = 1;
 const TAG_COMMIT: u8 = 2;
+const TAG_WINDOW: u8 = 3;
 
 /// A decoded command, borrowing from the entry's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +47,14 @@ pub enum Command<'a> {
         group: &'a str,
         /// The next offset the group reads.
         next: u64,
+    },
+    /// The partition's dedupe window from this entry on (the topic's
+    /// `dedupeWindow`, as its leader knew it).
+    Window {
+        /// The leader's clock when it was proposed.
+        timestamp_ms: u64,
+        /// The window's length.
+        window_ms: u64,
     },
 }
 
@@ -114,6 +127,16 @@ impl<'a> Command<'a> {
                 out.extend_from_slice(group.as_bytes());
                 Ok(out)
             }
+            Command::Window {
+                timestamp_ms,
+                window_ms,
+            } => {
+                let mut out = Vec::with_capacity(17);
+                out.push(TAG_WINDOW);
+                out.extend_from_slice(&timestamp_ms.to_le_bytes());
+                out.extend_from_slice(&window_ms.to_le_bytes());
+                Ok(out)
+            }
         }
     }
 
@@ -148,6 +171,10 @@ impl<'a> Command<'a> {
                     next,
                 })
             }
+            TAG_WINDOW => Ok(Command::Window {
+                timestamp_ms,
+                window_ms: u64::from_le_bytes(take::<8>(rest)?),
+            }),
             other => Err(CommandError::UnknownTag(other)),
         }
     }
@@ -156,9 +183,9 @@ impl<'a> Command<'a> {
     pub fn timestamp_ms(&self) -> u64 {
         match *self {
             Command::Noop => 0,
-            Command::Message { timestamp_ms, .. } | Command::Commit { timestamp_ms, .. } => {
-                timestamp_ms
-            }
+            Command::Message { timestamp_ms, .. }
+            | Command::Commit { timestamp_ms, .. }
+            | Command::Window { timestamp_ms, .. } => timestamp_ms,
         }
     }
 }

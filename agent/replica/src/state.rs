@@ -5,7 +5,9 @@
 //!   backwards, so replaying entries after a snapshot is harmless.
 //! - The dedupe window: which `Shoal-Id` was stored at which offset, forgotten
 //!   once the leader's clock (the timestamps in the entries, never the local
-//!   clock) has moved past it by the window.
+//!   clock) has moved past it by the window. The window's length is itself
+//!   set by entries (`Command::Window`), so it changes at the same index on
+//!   every replica.
 //!
 //! Every replica applies the same entries with the same timestamps, so every
 //! replica holds the same state at the same index.
@@ -96,6 +98,11 @@ impl PartitionState {
         &self.offsets
     }
 
+    /// The dedupe window's length now.
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
     /// Where `id` was stored, if it is within the window at `now_ms`.
     pub fn lookup(&self, id: &str, now_ms: u64) -> Option<u64> {
         let (offset, at) = *self.ids.get(id)?;
@@ -136,6 +143,11 @@ impl PartitionState {
                 *offset = (*offset).max(next);
                 Applied::Commit
             }
+            Command::Window { window_ms, .. } => {
+                self.window_ms = window_ms;
+                self.expire();
+                Applied::Nothing
+            }
         }
     }
 
@@ -174,9 +186,15 @@ impl PartitionState {
         }
     }
 
-    /// Encodes [`Self::manifest`].
+    /// Encodes [`Self::manifest`], then the window's length. The window
+    /// comes after the manifest, outside it: an agent that predates it
+    /// reads the manifest and ignores the rest.
     pub fn encode_manifest(&self) -> Vec<u8> {
-        postcard::to_allocvec(&self.manifest()).unwrap_or_default()
+        let mut out = postcard::to_allocvec(&self.manifest()).unwrap_or_default();
+        if let Ok(window) = postcard::to_allocvec(&self.window_ms) {
+            out.extend_from_slice(&window);
+        }
+        out
     }
 
     /// The state a manifest describes.
@@ -192,13 +210,21 @@ impl PartitionState {
         state
     }
 
-    /// Decodes a manifest (from a peer's snapshot or our own disk).
+    /// Decodes a manifest (from a peer's snapshot or our own disk);
+    /// `window_ms` is the window when the manifest names none.
     pub fn decode_manifest(data: &[u8], window_ms: u64) -> Result<Self, ManifestError> {
         if data.is_empty() {
             return Ok(PartitionState::new(window_ms));
         }
-        let manifest: Manifest =
-            postcard::from_bytes(data).map_err(|e| ManifestError(e.to_string()))?;
+        let (manifest, rest): (Manifest, &[u8]) =
+            postcard::take_from_bytes(data).map_err(|e| ManifestError(e.to_string()))?;
+        // A manifest written before windows went through the log has none:
+        // the configured default holds until the log sets one.
+        let window_ms = if rest.is_empty() {
+            window_ms
+        } else {
+            postcard::from_bytes(rest).map_err(|e| ManifestError(e.to_string()))?
+        };
         Ok(PartitionState::from_manifest(manifest, window_ms))
     }
 }

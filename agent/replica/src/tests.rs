@@ -101,6 +101,69 @@ fn state_dedupes_by_leader_time_and_offsets_only_grow() {
 }
 
 #[test]
+fn the_dedupe_window_changes_where_the_log_says_on_every_replica() {
+    let msg = |t, id| Command::Message {
+        timestamp_ms: t,
+        id: Some(id),
+        body: b"x",
+    };
+    let window = |t, w| Command::Window {
+        timestamp_ms: t,
+        window_ms: w,
+    };
+    let log = [
+        msg(100, "a"),
+        window(150, 10_000),
+        msg(5_000, "a"),
+        msg(6_000, "b"),
+        window(6_500, 100),
+        msg(6_600, "b"),
+    ];
+    let mut s = PartitionState::new(1_000);
+    let applied: Vec<Applied> = log
+        .iter()
+        .enumerate()
+        .map(|(i, c)| s.apply(i as u64 + 1, c))
+        .collect();
+    assert_eq!(
+        applied,
+        vec![
+            Applied::Message,
+            Applied::Nothing,
+            // 4.9 s later, within the 10 s window the log set (not the
+            // replica's 1 s default).
+            Applied::Duplicate { original: 1 },
+            Applied::Message,
+            Applied::Nothing,
+            // The window shrank to 100 ms at index 5: "b" (6.0 s) expired.
+            Applied::Message,
+        ]
+    );
+    assert_eq!(s.window_ms(), 100);
+    // A snapshot carries the window; a replica whose default differs
+    // rebuilds the same state from it.
+    let manifest = s.encode_manifest();
+    let restored = PartitionState::decode_manifest(&manifest, 120_000).unwrap();
+    assert_eq!(restored, s);
+    // A manifest of an agent before windows went through the log: the
+    // default holds. An older agent reads a new manifest as before.
+    let old = postcard::to_allocvec(&s.manifest()).unwrap();
+    assert_eq!(
+        PartitionState::decode_manifest(&old, 120_000)
+            .unwrap()
+            .window_ms(),
+        120_000
+    );
+    let older: state::Manifest = postcard::from_bytes(&manifest).unwrap();
+    assert_eq!(older, s.manifest());
+    // The window command round-trips; a truncated one is refused.
+    let data = window(7, 9).encode().unwrap();
+    assert_eq!(Command::decode(&data).unwrap(), window(7, 9));
+    assert_eq!(Command::decode(&data).unwrap().timestamp_ms(), 7);
+    assert!(Command::decode(&data[..12]).is_err());
+}
+
+#[test]
 fn wire_refuses_local_kinds_and_zero_ids() {
     use raft::eraftpb::{Message, MessageType};
     let mut m = Message::default();

@@ -960,6 +960,25 @@ impl Log {
         Ok(deleted)
     }
 
+    /// The first index retention by size keeps: dropping the whole sealed
+    /// segments before it (never the active one) brings the log to at most
+    /// `max_bytes`, as [`Log::enforce_retention`] would. `first_index()`
+    /// when the log fits already. Reads nothing from disk. (A replicated
+    /// partition passes it to its Raft log's compaction, so every replica
+    /// keeps a valid snapshot point.)
+    pub fn index_to_fit(&self, max_bytes: u64) -> u64 {
+        let mut size = self.size_bytes();
+        let mut keep = self.first_index();
+        for pair in self.segments.windows(2) {
+            if size <= max_bytes {
+                break;
+            }
+            size -= pair[0].len;
+            keep = pair[1].base;
+        }
+        keep
+    }
+
     /// Deletes whole sealed segments (never the active one) whose entries all
     /// lie before `index`, each deletion durable before the next, as
     /// retention does. `first_index()` moves forward to at most `index`;

@@ -361,6 +361,32 @@ fn drop_before_removes_whole_segments_below_an_index_only() {
 }
 
 #[test]
+fn index_to_fit_is_where_retention_by_size_cuts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(dir.path(), small());
+    fill(&mut log, 200, 10);
+    assert!(log.segment_count() > 5);
+    assert_eq!(log.index_to_fit(u64::MAX), 1);
+    assert_eq!(log.index_to_fit(log.size_bytes()), 1);
+    for max in [log.size_bytes() - 1, 5000, 3000, 1] {
+        let keep = log.index_to_fit(max);
+        let dir2 = tempfile::tempdir().unwrap();
+        let (mut copy, _) = open(dir2.path(), small());
+        fill(&mut copy, 200, 10);
+        copy.enforce_retention(0, None, Some(max)).unwrap();
+        assert_eq!(keep, copy.first_index(), "max {max}");
+        assert!(keep > 1, "max {max}");
+    }
+    // Never past the active segment, and the same cut through `drop_before`.
+    let keep = log.index_to_fit(0);
+    assert!(keep <= 200);
+    log.drop_before(keep).unwrap();
+    assert_eq!(log.segment_count(), 1);
+    assert_eq!(log.first_index(), keep);
+    check_entries(&log, keep, 200);
+}
+
+#[test]
 fn partially_applied_retention_opens() {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = open(dir.path(), small());
