@@ -35,7 +35,7 @@ use shoal_proto::raft::RaftBatch;
 use shoal_proto::{FetchedBatch, Message, WireEntry};
 use shoal_replica::command::Command;
 use shoal_replica::disk::{DiskStore, SyncPolicy};
-use shoal_replica::state::Applied;
+use shoal_replica::state::{Applied, DEFAULT_DEDUPE_WINDOW_MS};
 use shoal_replica::store::LogStore;
 use shoal_replica::{node_id, Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
 use shoal_storage::LogConfig;
@@ -72,9 +72,14 @@ const RECONCILE_EVERY_TICKS: u64 = 5;
 /// (2 s), well inside the 5 s a publish waits for a leader.
 const FOUNDING_WAIT_TICKS: u64 = 10;
 /// How often (in ticks: 10 s, as for topics of one copy) every replica
-/// applies its topic's retention. A pass reads only sizes and times kept in
-/// memory, unless a log is past a limit.
-const RETENTION_EVERY_TICKS: u64 = 50;
+/// applies its topic's `maxBytes`. A pass reads only sizes kept in memory,
+/// and a log past its limit drops whole segments.
+const SIZE_RETENTION_EVERY_TICKS: u64 = 50;
+/// How often (in ticks: a minute) every replica applies its topic's
+/// `maxAge`. A log with an expired message is read to find the cut, which
+/// moves the log's start by whole messages (a state write), so a partition
+/// that expires messages all the time does it once a minute.
+const AGE_RETENTION_EVERY_TICKS: u64 = 300;
 /// Ticks (5 s) before a leader proposes a group's dedupe window again when
 /// the last proposal has not been applied.
 const WINDOW_RETRY_TICKS: u64 = 25;
@@ -327,6 +332,11 @@ struct Core {
     settled: HashMap<GroupId, Settled>,
     /// When (in ticks) a group's dedupe window was last proposed here.
     window_proposed: HashMap<GroupId, u64>,
+    /// Groups this agent began to lead: each states its topic's dedupe
+    /// window once in its term, unless it is the default (a replica of an
+    /// agent that predates `Window` entries, or restored from its manifest,
+    /// may hold the default while the log says otherwise).
+    window_due: BTreeSet<GroupId>,
     ticks: u64,
 }
 
@@ -707,6 +717,7 @@ impl Replication {
                 under_warned: BTreeSet::new(),
                 settled: HashMap::new(),
                 window_proposed: HashMap::new(),
+                window_due: BTreeSet::new(),
                 ticks: 0,
             }),
             peers: Mutex::new(Peers::default()),
@@ -863,8 +874,9 @@ impl Replication {
                 if core.ticks.is_multiple_of(COMMIT_EVERY_TICKS) {
                     self.flush_commits(&mut core);
                 }
-                if core.ticks.is_multiple_of(RETENTION_EVERY_TICKS) {
-                    self.enforce_retention(&mut core);
+                if core.ticks.is_multiple_of(SIZE_RETENTION_EVERY_TICKS) {
+                    let by_age = core.ticks.is_multiple_of(AGE_RETENTION_EVERY_TICKS);
+                    self.enforce_retention(&mut core, by_age);
                 }
             }
             let outbox = core.driver.process();
@@ -976,6 +988,9 @@ impl Replication {
                     self.metrics.replica_leader_changes.inc();
                     if leader == Some(self.me_id) {
                         tracing::info!(group = %group_label(&group), term, "leading");
+                        if !is_meta(&group) {
+                            core.window_due.insert(group.clone());
+                        }
                     }
                     if is_meta(&group) {
                         core.proposed.clear();
@@ -1117,11 +1132,12 @@ impl Replication {
         }
     }
 
-    /// Retention on every replica held here: whole segments older than the
-    /// topic's `maxAge`, and the oldest whole segments while the replica
-    /// holds more than `maxBytes`, go (each replica on its own; a replica
-    /// that falls behind the leader's log start catches up from a snapshot).
-    fn enforce_retention(&self, core: &mut Core) {
+    /// Retention on every replica held here: messages older than the
+    /// topic's `maxAge` (when `by_age`), and the oldest whole segments while
+    /// the replica holds more than `maxBytes`, go (each replica on its own;
+    /// a replica that falls behind the leader's log start catches up from a
+    /// snapshot).
+    fn enforce_retention(&self, core: &mut Core, by_age: bool) {
         let now = crate::time::now_ms();
         let mut retention_of: HashMap<&str, Option<Retention>> = HashMap::new();
         // Only logs past a limit are read: sizes and oldest times are in memory.
@@ -1139,6 +1155,7 @@ impl Replication {
             let log = grp.store().log();
             let age_cutoff = retention
                 .max_age
+                .filter(|_| by_age)
                 .map(|age| now.saturating_sub(age.as_millis() as u64))
                 .filter(|cutoff| log.has_entries_older_than(*cutoff));
             let size_cut = retention
@@ -1176,7 +1193,7 @@ impl Replication {
                 .inc_by(dropped as u64);
             match result {
                 Ok(()) => {
-                    tracing::debug!(group = %group_label(&g), keep_from, dropped, "retention dropped old segments")
+                    tracing::debug!(group = %group_label(&g), keep_from, dropped, "retention moved the log's start")
                 }
                 Err(e) => {
                     self.metrics
@@ -1381,11 +1398,14 @@ impl Replication {
 
     /// As leader: a group whose dedupe window is not its topic's
     /// `dedupeWindow` gets a `Window` entry, so the window changes at the
-    /// same index on every replica. Only groups whose window differs are
-    /// looked at further (hibernating groups stay asleep).
+    /// same index on every replica; so does a group this agent began to
+    /// lead whose topic's window is not the default (see `window_due`).
+    /// Only those groups are looked at further (hibernating groups stay
+    /// asleep).
     fn propose_windows(&self, core: &mut Core) {
         let mut window_of: HashMap<&str, Option<u64>> = HashMap::new();
-        let mut differ = Vec::new();
+        let mut todo = Vec::new();
+        let mut not_due = Vec::new();
         for (g, grp) in core.driver.iter() {
             if is_meta(g) {
                 continue;
@@ -1395,22 +1415,34 @@ impl Replication {
                     .topic(&g.topic)
                     .map(|t| t.config().dedupe_window.as_millis() as u64)
             });
-            if let Some(want) = want.filter(|w| *w != grp.state().window_ms()) {
-                differ.push((g.clone(), want));
+            let Some(want) = want else {
+                continue;
+            };
+            let due = core.window_due.contains(g);
+            if due && (want == DEFAULT_DEDUPE_WINDOW_MS || !grp.is_leader()) {
+                not_due.push(g.clone());
             }
+            let restate = due && want != DEFAULT_DEDUPE_WINDOW_MS;
+            if (want != grp.state().window_ms() || restate) && grp.is_leader() {
+                todo.push((g.clone(), want));
+            }
+        }
+        for g in &not_due {
+            core.window_due.remove(g);
         }
         let ticks = core.ticks;
         core.window_proposed
             .retain(|_, at| ticks < *at + WINDOW_RETRY_TICKS);
-        for (g, window_ms) in differ {
+        let mut done = Vec::new();
+        for (g, window_ms) in todo {
             if core.window_proposed.contains_key(&g) {
                 continue;
             }
-            let leads = core
+            let serving = core
                 .driver
                 .status(&g)
                 .is_some_and(|s| s.serving && s.leader == Some(self.me_id));
-            if !leads {
+            if !serving {
                 continue;
             }
             let Ok(data) = (Command::Window {
@@ -1426,13 +1458,20 @@ impl Replication {
             match core.driver.propose(&g, token, data) {
                 Ok(_) => {
                     tracing::debug!(group = %group_label(&g), window_ms, "proposed the topic's dedupe window");
-                    core.window_proposed.insert(g, ticks);
+                    core.window_proposed.insert(g.clone(), ticks);
+                    done.push(g);
                 }
                 Err(e) => {
                     tracing::debug!(group = %group_label(&g), error = %e, "could not propose the dedupe window")
                 }
             }
         }
+        for g in done {
+            core.window_due.remove(&g);
+        }
+        // Groups gone from here have nothing to state.
+        let driver = &core.driver;
+        core.window_due.retain(|g| driver.group(g).is_some());
     }
 
     /// Every group moves toward the replicas placement wants, and a leader
@@ -2093,7 +2132,12 @@ impl Replication {
                 let Some(grp) = core.driver.group(&g) else {
                     return Err(not_leader(topic, partition, None));
                 };
-                let readable = status.commit.min(grp.store().last_index());
+                // Applied, not only committed: whether an entry is a
+                // duplicate is known once it is applied.
+                let readable = status
+                    .commit
+                    .min(grp.store().last_index())
+                    .min(grp.state().applied());
                 let from_index = at.max(first);
                 let mut entries = Vec::new();
                 if from_index <= readable {
@@ -2112,20 +2156,12 @@ impl Replication {
                             break;
                         }
                         if let Ok(Command::Message {
-                            timestamp_ms,
-                            id,
-                            body,
+                            timestamp_ms, body, ..
                         }) = Command::decode(&e.data)
                         {
                             // A duplicate id was answered with its original; readers skip it.
-                            if let Some(id) = id {
-                                if grp
-                                    .state()
-                                    .lookup(id, timestamp_ms)
-                                    .is_some_and(|o| o < e.index)
-                                {
-                                    continue;
-                                }
+                            if grp.state().is_duplicate(e.index) {
+                                continue;
                             }
                             entries.push(WireEntry {
                                 index: e.index,

@@ -399,7 +399,8 @@ impl<S: LogStore> Group<S> {
             && raft.raft_log.term(self.state.applied()).ok() == Some(raft.term)
     }
 
-    pub(crate) fn is_leader(&self) -> bool {
+    /// Whether this replica is its group's leader (serving or not yet).
+    pub fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
     }
 

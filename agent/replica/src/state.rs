@@ -14,7 +14,7 @@
 
 use crate::command::Command;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// The default dedupe window: 2 minutes.
 pub const DEFAULT_DEDUPE_WINDOW_MS: u64 = 120_000;
@@ -45,6 +45,9 @@ pub struct PartitionState {
     offsets: BTreeMap<String, u64>,
     ids: HashMap<String, (u64, u64)>,
     expiry: VecDeque<(u64, String)>,
+    /// Indexes applied as [`Applied::Duplicate`]: readers skip them by
+    /// index, whatever the window says when they read.
+    duplicates: BTreeSet<u64>,
 }
 
 /// The state machine as a snapshot carries it (postcard).
@@ -58,6 +61,16 @@ pub struct Manifest {
     pub offsets: Vec<(String, u64)>,
     /// Dedupe ids: (id, offset, timestamp ms), oldest first.
     pub ids: Vec<(String, u64, u64)>,
+}
+
+/// What a manifest carries after [`Manifest`], outside it, so that an
+/// agent that predates it reads the manifest and ignores the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ManifestTail {
+    /// The dedupe window's length.
+    window_ms: u64,
+    /// Indexes applied as duplicates, ascending.
+    duplicates: Vec<u64>,
 }
 
 /// A manifest that cannot be read.
@@ -75,6 +88,7 @@ impl PartitionState {
             offsets: BTreeMap::new(),
             ids: HashMap::new(),
             expiry: VecDeque::new(),
+            duplicates: BTreeSet::new(),
         }
     }
 
@@ -109,6 +123,18 @@ impl PartitionState {
         (now_ms.saturating_sub(at) < self.window_ms).then_some(offset)
     }
 
+    /// Whether the entry at `index` was applied as a duplicate (its
+    /// publisher was answered with the original): readers skip it.
+    pub fn is_duplicate(&self, index: u64) -> bool {
+        self.duplicates.contains(&index)
+    }
+
+    /// Forgets what it knows of entries before `first_index` (the log
+    /// starts there now).
+    pub fn forget_before(&mut self, first_index: u64) {
+        self.duplicates = self.duplicates.split_off(&first_index);
+    }
+
     /// Ids held in the window.
     pub fn ids_len(&self) -> usize {
         self.ids.len()
@@ -131,7 +157,10 @@ impl PartitionState {
                 timestamp_ms,
                 ..
             } => match self.ids.get(id) {
-                Some(&(original, _)) if original != index => Applied::Duplicate { original },
+                Some(&(original, _)) if original != index => {
+                    self.duplicates.insert(index);
+                    Applied::Duplicate { original }
+                }
                 _ => {
                     self.ids.insert(id.to_owned(), (index, timestamp_ms));
                     self.expiry.push_back((timestamp_ms, id.to_owned()));
@@ -186,13 +215,18 @@ impl PartitionState {
         }
     }
 
-    /// Encodes [`Self::manifest`], then the window's length. The window
-    /// comes after the manifest, outside it: an agent that predates it
-    /// reads the manifest and ignores the rest.
+    /// Encodes [`Self::manifest`], then the window's length and the
+    /// duplicates' indexes after it.
     pub fn encode_manifest(&self) -> Vec<u8> {
-        let mut out = postcard::to_allocvec(&self.manifest()).unwrap_or_default();
-        if let Ok(window) = postcard::to_allocvec(&self.window_ms) {
-            out.extend_from_slice(&window);
+        let Ok(mut out) = postcard::to_allocvec(&self.manifest()) else {
+            return Vec::new();
+        };
+        let tail = ManifestTail {
+            window_ms: self.window_ms,
+            duplicates: self.duplicates.iter().copied().collect(),
+        };
+        if let Ok(tail) = postcard::to_allocvec(&tail) {
+            out.extend_from_slice(&tail);
         }
         out
     }
@@ -218,13 +252,15 @@ impl PartitionState {
         }
         let (manifest, rest): (Manifest, &[u8]) =
             postcard::take_from_bytes(data).map_err(|e| ManifestError(e.to_string()))?;
-        // A manifest written before windows went through the log has none:
-        // the configured default holds until the log sets one.
-        let window_ms = if rest.is_empty() {
-            window_ms
-        } else {
-            postcard::from_bytes(rest).map_err(|e| ManifestError(e.to_string()))?
-        };
-        Ok(PartitionState::from_manifest(manifest, window_ms))
+        // A manifest written before windows went through the log has no
+        // tail: the configured default holds until the log sets one.
+        if rest.is_empty() {
+            return Ok(PartitionState::from_manifest(manifest, window_ms));
+        }
+        let tail: ManifestTail =
+            postcard::from_bytes(rest).map_err(|e| ManifestError(e.to_string()))?;
+        let mut state = PartitionState::from_manifest(manifest, tail.window_ms);
+        state.duplicates = tail.duplicates.into_iter().collect();
+        Ok(state)
     }
 }

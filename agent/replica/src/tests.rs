@@ -140,6 +140,10 @@ fn the_dedupe_window_changes_where_the_log_says_on_every_replica() {
         ]
     );
     assert_eq!(s.window_ms(), 100);
+    // The duplicate stays one for readers after its id left the window.
+    assert_eq!(s.lookup("a", 6_600), None);
+    assert!(s.is_duplicate(3));
+    assert!(!s.is_duplicate(1) && !s.is_duplicate(6));
     // A snapshot carries the window; a replica whose default differs
     // rebuilds the same state from it.
     let manifest = s.encode_manifest();
@@ -156,6 +160,14 @@ fn the_dedupe_window_changes_where_the_log_says_on_every_replica() {
     );
     let older: state::Manifest = postcard::from_bytes(&manifest).unwrap();
     assert_eq!(older, s.manifest());
+    // Compaction past a duplicate forgets it.
+    let mut compacted = s.clone();
+    compacted.forget_before(3);
+    assert!(compacted.is_duplicate(3));
+    compacted.forget_before(4);
+    assert!(!compacted.is_duplicate(3));
+    let restored = PartitionState::decode_manifest(&compacted.encode_manifest(), 1).unwrap();
+    assert_eq!(restored, compacted);
     // The window command round-trips; a truncated one is refused.
     let data = window(7, 9).encode().unwrap();
     assert_eq!(Command::decode(&data).unwrap(), window(7, 9));

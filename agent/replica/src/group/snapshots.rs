@@ -127,6 +127,7 @@ impl<S: LogStore> Group<S> {
         let mut meta = self.store().meta().clone();
         meta.snapshot_index = at;
         meta.snapshot_term = term;
+        self.state.forget_before(upto);
         meta.manifest = self.state.encode_manifest();
         meta.hard_state.commit = meta
             .hard_state
