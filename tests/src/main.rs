@@ -121,6 +121,10 @@ struct Cli {
     /// Replication: seconds of the idle window (default 60, 10 with --quick).
     #[arg(long)]
     idle_seconds: Option<u64>,
+    /// Replication: skip the replaced pod after the idle part (it waits the
+    /// agents' default `--replace-after`, 60 s, and then for the groups).
+    #[arg(long)]
+    no_replace: bool,
     /// Replication: rounds per system of each throughput mode (0 skips them; default 2, 1 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
@@ -410,6 +414,9 @@ async fn run_replication(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     }
     if let Some(r) = cli.rounds {
         plan.rounds = r;
+    }
+    if cli.no_replace {
+        plan.replace = false;
     }
     println!("==> replicated partitions: {plan:?}");
     let load_before = load_average();

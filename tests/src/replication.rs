@@ -1,8 +1,9 @@
 //! Replicated partitions (issue 11), `--only replication`: durable R=3
 //! publishes on a mesh of three agents against JetStream R3 on three
 //! clustered nats-servers, the time a partition takes to accept publishes
-//! again after its leader is killed, and what three agents holding 1,000
-//! partitions x 3 replicas cost while idle.
+//! again after its leader is killed, what three agents holding 1,000
+//! partitions x 3 replicas cost while idle, and how long those partitions
+//! take to have three replicas again after a pod is replaced.
 //!
 //! Unlike [`crate::mesh::Mesh`], the agents here keep their name, ports and
 //! data directory across a restart (a pod's container restarted), so the
@@ -52,6 +53,11 @@ pub struct ReplPlan {
     pub idle_time: Duration,
     /// Longest wait for the idle part's groups to form.
     pub form_limit: Duration,
+    /// Whether the idle mesh then has a pod replaced (agent-3 killed, its
+    /// data thrown away, agent-4 started under a new name).
+    pub replace: bool,
+    /// Batches of 1,000 messages of 1 KiB published before the replacement.
+    pub replace_batches: usize,
 }
 
 impl ReplPlan {
@@ -68,6 +74,8 @@ impl ReplPlan {
                 idle_partitions: 50,
                 idle_time: Duration::from_secs(10),
                 form_limit: Duration::from_secs(120),
+                replace: true,
+                replace_batches: 1,
             }
         } else {
             ReplPlan {
@@ -80,6 +88,8 @@ impl ReplPlan {
                 idle_partitions: 1000,
                 idle_time: Duration::from_secs(60),
                 form_limit: Duration::from_secs(900),
+                replace: true,
+                replace_batches: 8,
             }
         }
     }
@@ -435,6 +445,65 @@ impl Cluster {
         })
     }
 
+    /// Starts a new agent, `name`, with its own ports and data directory,
+    /// joining agent-1.
+    async fn add_node(&mut self, name: &str) -> Result<usize, BoxError> {
+        let root = self._root.path();
+        let app: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        self.nodes.push(Node {
+            data: root.join(name),
+            log: root.join(format!("{name}.log")),
+            admin: ([127, 0, 0, 1], free_port()?).into(),
+            mesh: ([127, 0, 0, 1], free_port()?).into(),
+            client: AgentClient::new(&format!("http://{app}")),
+            app,
+            name: name.to_string(),
+            child: None,
+        });
+        let i = self.nodes.len() - 1;
+        self.spawn(i)?;
+        self.nodes[i].wait_ready(Duration::from_secs(30)).await?;
+        Ok(i)
+    }
+
+    /// How many groups of `topic` have, as their leader reports them,
+    /// three voters with `joined` and without `gone`, no learners, and
+    /// `joined` 0 entries behind; and how many have `joined` as a voter.
+    async fn replaced_in(&self, topic: &str, gone: &str, joined: &str) -> (usize, usize) {
+        let (mut back, mut moved) = (0, 0);
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_none() {
+                continue;
+            }
+            let Some(v) = self.cluster(i).await else {
+                continue;
+            };
+            for g in v["replicated"].as_array().into_iter().flatten() {
+                if g["topic"] != topic || g["leader"].as_str() != Some(self.nodes[i].name.as_str())
+                {
+                    continue;
+                }
+                let voters: Vec<&str> = g["voters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                if !voters.contains(&joined) {
+                    continue;
+                }
+                moved += 1;
+                let no_learners = g["learners"].as_array().is_none_or(|l| l.is_empty());
+                let caught_up =
+                    joined == self.nodes[i].name || g["lag"][joined].as_u64() == Some(0);
+                if voters.len() == 3 && !voters.contains(&gone) && no_learners && caught_up {
+                    back += 1;
+                }
+            }
+        }
+        (back, moved)
+    }
+
     async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), BoxError> {
         let r = self.nodes[0]
             .client
@@ -636,6 +705,30 @@ pub struct Idle {
     pub led: Vec<usize>,
 }
 
+/// The replaced pod: agent-3 of the idle mesh killed with SIGKILL and its
+/// data directory deleted, agent-4 started under a new name.
+#[derive(Clone, Debug)]
+pub struct Replace {
+    /// Groups to bring back to three replicas.
+    pub groups: usize,
+    /// Messages acknowledged before the kill.
+    pub published: u64,
+    /// Bytes of their payloads.
+    pub published_bytes: u64,
+    /// The agents' `--replace-after` (their default).
+    pub grace: Duration,
+    /// Kill → every group has 3 voters, agent-4 among them and agent-3 not,
+    /// no learners, and its leader counts agent-4 0 entries behind; `None`
+    /// when not within the limit.
+    pub back: Option<Duration>,
+    /// Kill → the first group with agent-4 as a voter.
+    pub first_moved: Option<Duration>,
+    /// (seconds since the kill, groups back) every 10 s.
+    pub progress: Vec<(u64, usize)>,
+    /// Groups back at the end.
+    pub back_count: usize,
+}
+
 /// Everything the replication part measured.
 pub struct ReplResults {
     /// The modes (1 and `inflight` in flight).
@@ -644,6 +737,8 @@ pub struct ReplResults {
     pub kills: Vec<Kill>,
     /// The idle part.
     pub idle: Option<Idle>,
+    /// The replaced pod, after the idle part.
+    pub replace: Option<Replace>,
     /// Shoal leader of the throughput topic before and after the rounds.
     pub tput_leaders: (String, String),
     /// Agent the throughput rounds published through.
@@ -1101,11 +1196,16 @@ pub async fn run(
     }
     drop(cluster);
 
-    // 3. Idle cost.
-    let idle = if plan.idle_partitions > 0 {
+    // 3. Idle cost, then 4. a replaced pod on the same mesh.
+    let (idle, replace) = if plan.idle_partitions > 0 {
         crate::settle().await;
-        let cluster = Cluster::start(bin).await?;
+        let mut cluster = Cluster::start(bin).await?;
         let idle = idle_part(&cluster, plan, clk_tck).await?;
+        let replace = if plan.replace {
+            Some(replace_part(&mut cluster, &idle.topics, plan).await?)
+        } else {
+            None
+        };
         for n in &cluster.nodes {
             warnings.extend(
                 n.warnings()
@@ -1113,14 +1213,15 @@ pub async fn run(
                     .map(|w| format!("{} (idle mesh): {w}", n.name)),
             );
         }
-        Some(idle)
+        (Some(idle), replace)
     } else {
-        None
+        (None, None)
     };
     Ok(ReplResults {
         modes,
         kills,
         idle,
+        replace,
         tput_leaders: (tput.0, tput.1),
         tput_via: tput.2,
         nats_leader: (tput.3, tput.4),
@@ -1304,6 +1405,95 @@ async fn idle_part(cluster: &Cluster, plan: &ReplPlan, clk_tck: f64) -> Result<I
     })
 }
 
+/// Agents' default `--replace-after`, which the bench does not change.
+const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(60);
+/// Longest wait, after the grace period, for the groups to be whole again.
+const REPLACE_LIMIT: Duration = Duration::from_secs(300);
+
+/// A pod replaced: publishes some data over the idle topics, kills agent-3
+/// with SIGKILL, deletes its data directory, starts agent-4 under a new name
+/// joining agent-1, and times until every group has three caught-up voters
+/// again with agent-4 in place of agent-3.
+async fn replace_part(
+    cluster: &mut Cluster,
+    topics: &[(String, u32)],
+    plan: &ReplPlan,
+) -> Result<Replace, BoxError> {
+    let groups: usize = topics.iter().map(|(_, n)| *n as usize).sum();
+    let pad = "x".repeat(1000);
+    let line = format!("{{\"pad\":\"{pad}\"}}\n");
+    let batch = Bytes::from(line.repeat(1000));
+    let (mut published, mut published_bytes) = (0u64, 0u64);
+    for (t, _) in topics {
+        for _ in 0..plan.replace_batches {
+            let r = cluster.nodes[0]
+                .client
+                .call(
+                    http::Method::POST,
+                    &format!("/v1/topics/{t}/messages/batch"),
+                    &[("content-type", "application/x-ndjson")],
+                    batch.clone(),
+                )
+                .await?;
+            let v = r.json();
+            let ok = v["published"].as_u64().unwrap_or(0);
+            if !r.status.is_success() || ok == 0 {
+                return Err(format!("batch publish to {t}: {} {}", r.status, r.text()).into());
+            }
+            published += ok;
+            published_bytes += ok * pad.len() as u64;
+        }
+    }
+    println!(
+        "==> replace: {} messages published over {groups} groups; killing agent-3 and deleting its data",
+        thousands(published)
+    );
+    let victim = cluster.index_of("agent-3").ok_or("no agent-3")?;
+    cluster.nodes[victim].kill9()?;
+    let killed = Instant::now();
+    std::fs::remove_dir_all(&cluster.nodes[victim].data)?;
+    cluster.add_node("agent-4").await?;
+    let limit = DEFAULT_REPLACE_AFTER + REPLACE_LIMIT;
+    let mut progress = Vec::new();
+    let mut next_sample = Duration::ZERO;
+    let mut first_moved = None;
+    let (back, back_count) = loop {
+        let (mut back, mut moved) = (0, 0);
+        for (t, _) in topics {
+            let (b, m) = cluster.replaced_in(t, "agent-3", "agent-4").await;
+            back += b;
+            moved += m;
+        }
+        let at = killed.elapsed();
+        if moved > 0 && first_moved.is_none() {
+            first_moved = Some(at);
+        }
+        if at >= next_sample {
+            println!("[replace] {:.0} s after the kill: {back} of {groups} groups whole again with agent-4 ({moved} with agent-4 a voter)", at.as_secs_f64());
+            progress.push((at.as_secs(), back));
+            next_sample += Duration::from_secs(10);
+        }
+        if back == groups {
+            break (Some(at), back);
+        }
+        if at > limit {
+            break (None, back);
+        }
+        cluster.check_alive()?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    Ok(Replace {
+        groups,
+        published,
+        published_bytes,
+        grace: DEFAULT_REPLACE_AFTER,
+        back,
+        first_moved,
+        progress,
+        back_count,
+    })
+}
+
 // ----- the report -----
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -1459,6 +1649,43 @@ impl ReplReport {
                 rss_mb / 48.0
             ));
         }
+        if let Some(rp) = &r.replace {
+            let bound = rp.grace + Duration::from_secs(60);
+            let (figure, ratio, verdict) = match rp.back {
+                Some(t) => {
+                    let after = t.saturating_sub(rp.grace);
+                    let verdict = if t <= bound {
+                        format!("met ({} under)", secs(bound - t))
+                    } else {
+                        format!("**missed** by {}", secs(t - bound))
+                    };
+                    (
+                        format!(
+                            "{} after the grace period ({} after the kill)",
+                            secs(after),
+                            secs(t)
+                        ),
+                        format!("{:.2}×", after.as_secs_f64() / 60.0),
+                        verdict,
+                    )
+                }
+                None => (
+                    format!(
+                        "{} of {} groups within {}",
+                        rp.back_count,
+                        rp.groups,
+                        secs(rp.grace + REPLACE_LIMIT)
+                    ),
+                    "-".to_string(),
+                    "**missed**".to_string(),
+                ),
+            };
+            s.push_str(&format!(
+                "| a replaced pod's partitions back to 3 replicas ≤ 60 s after the grace period ({} partitions, `--replace-after` {} s) | {figure} | ≤ 60 s | {ratio} | {verdict} |\n",
+                thousands(rp.groups as u64),
+                rp.grace.as_secs()
+            ));
+        }
         s.push('\n');
         // Throughput details.
         if !r.modes.is_empty() {
@@ -1577,6 +1804,23 @@ impl ReplReport {
                 ));
             }
             s.push('\n');
+        }
+        if let Some(rp) = &r.replace {
+            let progress: Vec<String> = rp
+                .progress
+                .iter()
+                .map(|(t, n)| format!("{t} s: {}", thousands(*n as u64)))
+                .collect();
+            s.push_str(&format!(
+                "### A replaced pod\n\nThe idle mesh above, after its window: {} messages of 1 KiB ({}) published over its {} partitions with batch publishes through agent-1; then agent-3 killed with SIGKILL and its data directory deleted, and **agent-4** started under a new name with an empty data directory, joining agent-1 (a pod replaced by its Deployment). The agents run with their default `--replace-after` ({} s): until then agent-3 keeps its seats, as a restarting pod would. Time from the kill until every group's leader reports 3 voters with agent-4 and without agent-3, no learners, and agent-4 0 entries behind (polled every second): **{}**. The first group had agent-4 as a voter {} after the kill. Groups whole again, by seconds after the kill: {}.\n\n",
+                thousands(rp.published),
+                mb(rp.published_bytes / 1024),
+                thousands(rp.groups as u64),
+                rp.grace.as_secs(),
+                rp.back.map_or(format!("not within {}", secs(rp.grace + REPLACE_LIMIT)), secs),
+                rp.first_moved.map_or("never".to_string(), secs),
+                progress.join(", ")
+            ));
         }
         if !r.warnings.is_empty() {
             s.push_str(&format!(
