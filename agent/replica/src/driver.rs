@@ -560,7 +560,7 @@ impl<S: LogStore> Driver<S> {
                 g.nudge_recovering_peers();
             }
             if g.is_leader() && changes < self.config.max_concurrent_changes {
-                match g.reconfigure(self.config.catch_up_slack) {
+                match g.reconfigure(self.config.catch_up_slack, &self.down) {
                     Ok(true) => {
                         changes += 1;
                         self.stats.conf_changes += 1;

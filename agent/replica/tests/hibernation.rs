@@ -2,10 +2,13 @@
 //! looks at none of them, and a proposal wakes only its own group.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A test panics on what it does not expect.
 
+mod support;
+
 use shoal_replica::command::Command;
 use shoal_replica::store::MemStore;
-use shoal_replica::{Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
+use shoal_replica::{Bootstrap, Driver, DriverConfig, GroupId, NodeId};
 use std::collections::BTreeMap;
+use support::round;
 
 const GROUPS: u32 = 20;
 
@@ -15,30 +18,6 @@ fn group(partition: u32) -> GroupId {
         topic: "t".into(),
         partition,
     }
-}
-
-/// One round of every driver: a tick, a process, and every batch delivered.
-/// Returns the tokens committed.
-fn round(drivers: &mut BTreeMap<NodeId, Driver<MemStore>>) -> Vec<u64> {
-    let mut mail = Vec::new();
-    let mut committed = Vec::new();
-    for (id, d) in drivers.iter_mut() {
-        d.tick();
-        for (to, batch) in d.process() {
-            mail.push((*id, to, batch));
-        }
-        for e in d.take_events() {
-            if let Event::Committed { token, .. } = e {
-                committed.push(token);
-            }
-        }
-    }
-    for (from, to, batch) in mail {
-        if let Some(d) = drivers.get_mut(&to) {
-            d.step(from, batch);
-        }
-    }
-    committed
 }
 
 fn checks(drivers: &BTreeMap<NodeId, Driver<MemStore>>) -> Vec<u64> {

@@ -82,7 +82,17 @@ impl<S: LogStore> Group<S> {
     /// One step of moving the group toward its desired voters, on the
     /// leader. Returns whether a change was proposed (it counts against the
     /// driver's pace).
-    pub(crate) fn reconfigure(&mut self, catch_up_slack: u64) -> Result<bool, Error> {
+    ///
+    /// While a voter is `down`, no live voter is removed: the group keeps
+    /// every live copy until the down one returns or is replaced (it is
+    /// then no longer desired), and only then moves on. A swap in that
+    /// state would need every live old voter to complete, and would move
+    /// data that the down voter's return or replacement moves back.
+    pub(crate) fn reconfigure(
+        &mut self,
+        catch_up_slack: u64,
+        down: &BTreeSet<NodeId>,
+    ) -> Result<bool, Error> {
         let Some(desired) = self.desired.clone() else {
             return Ok(false);
         };
@@ -161,17 +171,54 @@ impl<S: LogStore> Group<S> {
         if !caught_up {
             return Ok(false);
         }
-        for node in learners.iter().filter(|n| desired.contains(n)) {
-            cc.mut_changes()
-                .push(single(ConfChangeType::AddNode, *node));
-        }
-        for node in voters
+        let down_voters: Vec<NodeId> = voters
             .iter()
-            .chain(&learners)
-            .filter(|n| !desired.contains(n))
-        {
+            .filter(|v| down.contains(v))
+            .copied()
+            .collect();
+        let removes_live_voter = voters
+            .iter()
+            .any(|v| !desired.contains(v) && !down.contains(v));
+        let (promote, remove): (Vec<NodeId>, Vec<NodeId>) =
+            if !down_voters.is_empty() && removes_live_voter {
+                // Only the down voters that are no longer desired go, each
+                // replaced by a caught-up learner; within their grace period
+                // (still desired) nothing changes.
+                let gone: Vec<NodeId> = down_voters
+                    .into_iter()
+                    .filter(|v| !desired.contains(v))
+                    .collect();
+                if gone.is_empty() {
+                    return Ok(false);
+                }
+                let promote = learners
+                    .iter()
+                    .filter(|n| desired.contains(n))
+                    .take(gone.len())
+                    .copied()
+                    .collect();
+                (promote, gone)
+            } else {
+                (
+                    learners
+                        .iter()
+                        .filter(|n| desired.contains(n))
+                        .copied()
+                        .collect(),
+                    voters
+                        .iter()
+                        .chain(&learners)
+                        .filter(|n| !desired.contains(n))
+                        .copied()
+                        .collect(),
+                )
+            };
+        for node in promote {
+            cc.mut_changes().push(single(ConfChangeType::AddNode, node));
+        }
+        for node in remove {
             cc.mut_changes()
-                .push(single(ConfChangeType::RemoveNode, *node));
+                .push(single(ConfChangeType::RemoveNode, node));
         }
         if cc.get_changes().is_empty() {
             return Ok(false);

@@ -1,0 +1,114 @@
+//! Membership changes while a voter is down: the group keeps every live
+//! copy until the down voter returns or is replaced.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A test panics on what it does not expect.
+
+mod support;
+
+use shoal_replica::command::Command;
+use shoal_replica::store::MemStore;
+use shoal_replica::{Bootstrap, Driver, DriverConfig, GroupId, GroupStatus, NodeId};
+use std::collections::{BTreeMap, BTreeSet};
+use support::round;
+
+fn group() -> GroupId {
+    GroupId {
+        namespace: "ns".into(),
+        topic: "t".into(),
+        partition: 0,
+    }
+}
+
+fn leader_status(drivers: &BTreeMap<NodeId, Driver<MemStore>>) -> Option<(NodeId, GroupStatus)> {
+    drivers.iter().find_map(|(id, d)| {
+        let s = d.status(&group())?;
+        s.serving.then_some((*id, s))
+    })
+}
+
+fn set_replicas(drivers: &mut BTreeMap<NodeId, Driver<MemStore>>, voters: &[NodeId]) {
+    for d in drivers.values_mut() {
+        d.set_replicas(&group(), voters);
+    }
+}
+
+#[test]
+fn a_down_voter_keeps_the_live_ones_until_it_is_replaced() {
+    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
+    for id in 1..=4 {
+        let config = DriverConfig {
+            seed: 5,
+            ..DriverConfig::default()
+        };
+        let mut d = Driver::new(id, config, Box::new(|_| Ok(MemStore::new())));
+        if id <= 3 {
+            d.open_group(group(), MemStore::new(), Bootstrap::Voters(vec![1, 2, 3]))
+                .unwrap();
+        }
+        drivers.insert(id, d);
+    }
+    let mut rounds = 0;
+    let leader = loop {
+        round(&mut drivers);
+        rounds += 1;
+        assert!(rounds < 200, "no leader");
+        if let Some((id, _)) = leader_status(&drivers) {
+            break id;
+        }
+    };
+    let data = Command::Message {
+        timestamp_ms: 1,
+        id: None,
+        body: b"kept",
+    }
+    .encode()
+    .unwrap();
+    drivers
+        .get_mut(&leader)
+        .unwrap()
+        .propose(&group(), 1, data)
+        .unwrap();
+    let mut committed = Vec::new();
+    while !committed.contains(&1) {
+        committed.extend(round(&mut drivers));
+        rounds += 1;
+        assert!(rounds < 400, "the entry never committed");
+    }
+    // One follower dies; every other agent sees it down.
+    let followers: Vec<NodeId> = (1..=3).filter(|id| *id != leader).collect();
+    let (down, live) = (followers[0], followers[1]);
+    drivers.remove(&down);
+    for d in drivers.values_mut() {
+        d.set_down(down, true);
+    }
+    // Within its grace period placement keeps the down voter and, with the
+    // new agent 4 ranking above `live`, would drop the live follower.
+    set_replicas(&mut drivers, &[leader, down, 4]);
+    for _ in 0..100 {
+        round(&mut drivers);
+    }
+    let (now_leader, s) = leader_status(&drivers).expect("the group keeps a leader");
+    assert_eq!(now_leader, leader);
+    let voters: BTreeSet<NodeId> = s.voters.iter().copied().collect();
+    assert_eq!(
+        voters,
+        BTreeSet::from([1, 2, 3]),
+        "a live voter was removed while another was down: {s:?}"
+    );
+    // Past the grace period the down voter is replaced; the live ones stay.
+    set_replicas(&mut drivers, &[leader, live, 4]);
+    let want = BTreeSet::from([leader, live, 4]);
+    loop {
+        round(&mut drivers);
+        rounds += 1;
+        let s = leader_status(&drivers).map(|(_, s)| s);
+        let done = s.as_ref().is_some_and(|s| {
+            s.voters.iter().copied().collect::<BTreeSet<_>>() == want && s.learners.is_empty()
+        });
+        if done {
+            break;
+        }
+        assert!(rounds < 2_000, "the down voter was never replaced: {s:?}");
+    }
+    let fourth = drivers[&4].status(&group()).unwrap();
+    assert!(fourth.last_index >= 1, "agent 4 holds the log");
+}
