@@ -1,4 +1,8 @@
+use super::founding::{creation_record, read_creation_record, Founders, MetaRecord, PartitionKey3};
+use super::transfer::PART_BYTES;
 use super::*;
+use shoal_proto::raft::RaftBatch;
+use shoal_proto::Message;
 
 fn key() -> PartitionKey3 {
     ("team-a".into(), "orders".into(), 3)

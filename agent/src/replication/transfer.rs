@@ -1,0 +1,270 @@
+//! Raft traffic between agents: a round's batches split into frames, a
+//! batch too large for one frame (a snapshot) sent in [`Message::RaftPart`]s
+//! one transfer at a time per peer, and peers' batches and parts stepped
+//! into the driver.
+
+use super::{lock, Replication};
+use shoal_proto::raft::RaftBatch;
+use shoal_proto::Message;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Bytes of entry data per `Raft` frame: well under the mesh's frame limit,
+/// so many groups appending at once in one round still go out.
+const MAX_BATCH_DATA: usize = 4 << 20;
+
+/// Past this estimate a frame goes in [`Message::RaftPart`]s: a snapshot of
+/// a partition holding more than a frame's worth (17 MiB) would otherwise
+/// never reach a new replica.
+const PART_THRESHOLD: usize = 8 << 20;
+
+/// Bytes per [`Message::RaftPart`].
+pub(super) const PART_BYTES: usize = 8 << 20;
+
+/// How long a peer gets no other transfer in parts, per part queued.
+pub(super) const PART_PACE: Duration = Duration::from_secs(1);
+
+/// Most bytes of parts held for transfers not yet complete, over all peers:
+/// a snapshot larger than this (a partition retaining more) cannot be
+/// received, and the replica is not added (logged, and counted as
+/// `raft_transfer_too_large`).
+pub const MAX_TRANSFER_BYTES: usize = 256 << 20;
+
+/// How long a transfer in parts may take to come whole; past it, what
+/// was put together is dropped (its sender died or gave up).
+const ASSEMBLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A transfer in parts from one peer, being put together.
+pub(super) struct Assembly {
+    transfer: u64,
+    parts: u32,
+    next: u32,
+    bytes: Vec<u8>,
+    started: std::time::Instant,
+}
+
+/// Marks a peer as having a transfer in parts on its way, until dropped:
+/// one at a time per peer, so parts of two transfers never interleave on
+/// the link and a slow link does not pile up copies of a snapshot.
+pub(super) struct Sending {
+    peers: Arc<Mutex<std::collections::HashSet<SocketAddr>>>,
+    addr: SocketAddr,
+}
+
+impl Sending {
+    pub(super) fn start(
+        peers: &Arc<Mutex<std::collections::HashSet<SocketAddr>>>,
+        addr: SocketAddr,
+    ) -> Option<Self> {
+        lock(peers).insert(addr).then(|| Sending {
+            peers: peers.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        lock(&self.peers).remove(&self.addr);
+    }
+}
+
+/// The frames one batch goes out in: itself, or, when it is too large for
+/// a frame, its postcard in parts.
+pub(super) fn raft_frames(batch: RaftBatch, transfer: u64) -> Vec<Message> {
+    if batch.groups.iter().map(batch_bytes).sum::<usize>() <= PART_THRESHOLD {
+        return vec![Message::Raft(batch)];
+    }
+    let encoded = match postcard::to_allocvec(&batch) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode a raft batch; not sent");
+            return Vec::new();
+        }
+    };
+    if encoded.len() <= PART_BYTES {
+        // The estimate was high: it fits one frame.
+        return vec![Message::Raft(batch)];
+    }
+    if encoded.len() > MAX_TRANSFER_BYTES {
+        // No peer would take it: not queued at all (the leader asks again).
+        tracing::debug!(
+            bytes = encoded.len(),
+            "a raft batch (a snapshot) is larger than any agent takes; not sent"
+        );
+        return Vec::new();
+    }
+    let parts = encoded.len().div_ceil(PART_BYTES);
+    let Ok(count) = u32::try_from(parts) else {
+        return Vec::new();
+    };
+    encoded
+        .chunks(PART_BYTES)
+        .enumerate()
+        .map(|(i, c)| Message::RaftPart {
+            transfer,
+            part: i as u32,
+            parts: count,
+            bytes: c.to_vec(),
+        })
+        .collect()
+}
+
+/// About how many bytes a group's messages take on the wire.
+fn batch_bytes(gm: &shoal_proto::raft::GroupMessages) -> usize {
+    use shoal_proto::raft::EntryPayload;
+    gm.messages
+        .iter()
+        .map(|m| {
+            64 + m
+                .entries
+                .iter()
+                .map(|e| match &e.payload {
+                    EntryPayload::Normal(d) => d.len() + 24,
+                    EntryPayload::ConfChange(_) => 128,
+                })
+                .sum::<usize>()
+                + m.snapshot.as_ref().map_or(0, |s| s.data.len())
+        })
+        .sum()
+}
+
+/// Splits one round's batch to a peer into frames of at most
+/// [`MAX_BATCH_DATA`] bytes of entries and snapshots (a single group's
+/// messages larger than that still go alone).
+pub(super) fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
+    let incarnation = batch.incarnation;
+    let mut out: Vec<RaftBatch> = Vec::new();
+    let mut current = RaftBatch {
+        incarnation,
+        groups: Vec::new(),
+    };
+    let mut bytes = 0;
+    for gm in batch.groups {
+        let n = batch_bytes(&gm);
+        if !current.groups.is_empty() && bytes + n > MAX_BATCH_DATA {
+            out.push(std::mem::replace(
+                &mut current,
+                RaftBatch {
+                    incarnation,
+                    groups: Vec::new(),
+                },
+            ));
+            bytes = 0;
+        }
+        bytes += n;
+        current.groups.push(gm);
+    }
+    out.push(current);
+    out
+}
+
+impl Replication {
+    /// Steps a batch from the peer at `from`; a sender that is not a known
+    /// member is refused.
+    pub fn step(&self, from: SocketAddr, batch: RaftBatch) -> bool {
+        let id = {
+            let peers = lock(&self.peers);
+            peers
+                .by_id
+                .iter()
+                .filter(|(_, (_, a))| *a == from)
+                .map(|(id, (n, _))| (*id, peers.down.contains(n)))
+                .min_by_key(|(_, down)| *down)
+                .map(|(id, _)| id)
+        };
+        let Some(id) = id else {
+            return false;
+        };
+        let mut batch = batch;
+        let mut core = lock(&self.core);
+        // A leader's message creates a replica here only for a group
+        // placement puts this agent in: otherwise any member could make
+        // itself look like the leader of any partition to an agent that
+        // holds none of it, and receive that agent's publishes and reads.
+        // A refused join is asked again by the leader's next message, once
+        // this agent's view agrees (it knows the topic and the members).
+        let before = batch.groups.len();
+        batch
+            .groups
+            .retain(|gm| core.driver.group(&gm.group).is_some() || self.placed_here(&gm.group));
+        let refused = before - batch.groups.len();
+        if refused > 0 {
+            self.metrics
+                .mesh_invalid_messages
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "unknown_group",
+                })
+                .inc_by(refused as u64);
+            tracing::debug!(peer = %from, groups = refused, "refused to create replicas placement does not give this agent");
+        }
+        core.driver.step(id, batch);
+        drop(core);
+        self.round_now();
+        true
+    }
+
+    /// Takes one part of a transfer from the peer at `from` (see
+    /// [`Message::RaftPart`]); steps the batch once every part is in.
+    /// Parts come in order on the peer's one stream: a gap or another
+    /// transfer's middle part drops what was put together (the leader sends
+    /// its snapshot again). Refused: an unknown sender, a malformed part, or
+    /// more than [`MAX_TRANSFER_BYTES`] held.
+    pub fn step_part(
+        &self,
+        from: SocketAddr,
+        transfer: u64,
+        part: u32,
+        parts: u32,
+        bytes: Vec<u8>,
+    ) -> Result<(), &'static str> {
+        if !lock(&self.peers).addrs.values().any(|a| *a == from) {
+            return Err("unknown_sender");
+        }
+        let mut assembling = lock(&self.assembling);
+        assembling.retain(|_, a| a.started.elapsed() < ASSEMBLY_TIMEOUT);
+        if part == 0 {
+            assembling.remove(&from);
+        }
+        if part >= parts || parts < 2 {
+            assembling.remove(&from);
+            return Err("malformed");
+        }
+        let held: usize = assembling.values().map(|a| a.bytes.len()).sum();
+        let fits = held + bytes.len() <= MAX_TRANSFER_BYTES
+            && (parts as usize).saturating_mul(PART_BYTES) <= MAX_TRANSFER_BYTES + PART_BYTES;
+        if !fits {
+            assembling.remove(&from);
+            tracing::warn!(peer = %from, parts, "a raft transfer is larger than this agent takes ({MAX_TRANSFER_BYTES} bytes): the partition's snapshot cannot reach this replica");
+            return Err("raft_transfer_too_large");
+        }
+        let entry = assembling.entry(from).or_insert_with(|| Assembly {
+            transfer,
+            parts,
+            next: 0,
+            bytes: Vec::new(),
+            started: std::time::Instant::now(),
+        });
+        if (entry.transfer, entry.parts, entry.next) != (transfer, parts, part) {
+            // Another transfer's part, or a gap: what was put together is lost.
+            assembling.remove(&from);
+            return Err("malformed");
+        }
+        entry.bytes.extend_from_slice(&bytes);
+        entry.next += 1;
+        if entry.next < entry.parts {
+            return Ok(());
+        }
+        let Some(done) = assembling.remove(&from) else {
+            return Ok(());
+        };
+        drop(assembling);
+        let batch: RaftBatch = postcard::from_bytes(&done.bytes).map_err(|_| "malformed")?;
+        if self.step(from, batch) {
+            Ok(())
+        } else {
+            Err("unknown_sender")
+        }
+    }
+}
