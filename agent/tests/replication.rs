@@ -911,6 +911,34 @@ async fn concurrent_publishes_through_a_follower_go_together_and_all_land() {
         calls < messages,
         "concurrent forwards to one leader share calls: {messages} messages took {calls} calls"
     );
+    // Bursts and lone publishes in turn: every call slot of the lane is
+    // given back (a slot kept after its call would leave later forwards
+    // queued with no call to carry them).
+    for burst in 0..5 {
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let clients = clients.clone();
+            let n = 1_000 + burst * 100 + i;
+            tasks.push(tokio::spawn(async move {
+                let mut at = 0;
+                publish_until_acked(&clients, &mut at, n).await.0
+            }));
+        }
+        for t in tasks {
+            acked.push(t.await.unwrap());
+        }
+        for i in 0..5 {
+            let n = 1_000 + burst * 100 + 50 + i;
+            let lone = tokio::time::timeout(
+                Duration::from_secs(30),
+                publish_until_acked(&clients, &mut 0, n),
+            )
+            .await
+            .expect("a lone publish after a burst was answered");
+            acked.push(lone.0);
+        }
+    }
+    check_read_back(&via.agent.client, "checker-2", &acked).await;
 }
 
 /// A new topic's groups are founded by several agents at once: the meta

@@ -36,6 +36,26 @@ struct Queued {
     done: tokio::sync::oneshot::Sender<Outcomes>,
 }
 
+/// The call slot of a forward that found its lane idle and makes the call
+/// itself; dropping it passes the slot on ([`Router::release_slot`]).
+struct LaneSlot {
+    router: Arc<Router>,
+    topic: Arc<Topic>,
+    node: String,
+    key: Option<(SocketAddr, String)>,
+}
+
+impl Drop for LaneSlot {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let node = std::mem::take(&mut self.node);
+            self.router
+                .clone()
+                .release_slot(self.topic.clone(), node, key);
+        }
+    }
+}
+
 /// The calls under way to one agent for one topic and the forwards waiting.
 #[derive(Default)]
 pub(super) struct Lane {
@@ -267,6 +287,11 @@ impl Router {
     /// frame) until none is left. Many concurrent publishes so become a few
     /// frames and proposal rounds at the leader instead of one each, and a
     /// publisher that goes away never cancels a call carrying others.
+    ///
+    /// A forward that finds its lane idle makes the call itself, on its own
+    /// task and with its own messages only (no task to start, no hand-back:
+    /// what a publisher waiting for each answer pays), and then passes the
+    /// lane's slot to the forwards that queued meanwhile.
     async fn forward(
         &self,
         topic: &Arc<Topic>,
@@ -285,6 +310,28 @@ impl Router {
             return all_failed(batch, e);
         };
         let key = (addr, topic.name.to_string());
+        let idle = {
+            let mut lanes = lock(&self.lanes);
+            let lane = lanes.entry(key.clone()).or_default();
+            let idle = lane.calls == 0 && lane.queue.is_empty();
+            if idle {
+                lane.calls = 1;
+            }
+            idle
+        };
+        if idle {
+            let Some(router) = self.this.upgrade() else {
+                return all_failed(batch, stopping());
+            };
+            // Dropped when the call ends or the publisher goes away.
+            let _slot = LaneSlot {
+                router,
+                topic: topic.clone(),
+                node: node.to_string(),
+                key: Some(key),
+            };
+            return self.forward_call(topic, node, addr, batch).await;
+        }
         let (done, rx) = tokio::sync::oneshot::channel();
         let start_call = {
             let mut lanes = lock(&self.lanes);
@@ -316,6 +363,42 @@ impl Router {
             Err(_) => {
                 let e = ApiError::internal("a forward to the partition's home was lost");
                 all_failed(batch, e)
+            }
+        }
+    }
+
+    /// Gives up a lane's call slot: to a task that sends the forwards that
+    /// queued meanwhile, or, with none, the lane has one call fewer.
+    fn release_slot(self: Arc<Self>, topic: Arc<Topic>, node: String, key: (SocketAddr, String)) {
+        let queued = {
+            let mut lanes = lock(&self.lanes);
+            let Some(lane) = lanes.get_mut(&key) else {
+                return;
+            };
+            if lane.queue.is_empty() {
+                lane.calls = lane.calls.saturating_sub(1);
+                if lane.calls == 0 {
+                    lanes.remove(&key);
+                }
+                false
+            } else {
+                true
+            }
+        };
+        if !queued {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { self.run_lane(&topic, &node, key).await });
+            }
+            // No runtime: the agent is stopping. The queued forwards are
+            // answered as lost when their senders drop.
+            Err(_) => {
+                if let Some(lane) = lock(&self.lanes).get_mut(&key) {
+                    lane.calls = lane.calls.saturating_sub(1);
+                    lane.queue.clear();
+                }
             }
         }
     }
