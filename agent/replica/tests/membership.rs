@@ -85,6 +85,7 @@ fn a_down_voter_keeps_the_live_ones_until_it_is_replaced() {
     set_replicas(&mut drivers, &[leader, down, 4]);
     for _ in 0..100 {
         round(&mut drivers);
+        rounds += 1;
     }
     let (now_leader, s) = leader_status(&drivers).expect("the group keeps a leader");
     assert_eq!(now_leader, leader);
@@ -94,6 +95,10 @@ fn a_down_voter_keeps_the_live_ones_until_it_is_replaced() {
         BTreeSet::from([1, 2, 3]),
         "a live voter was removed while another was down: {s:?}"
     );
+    // Agent 4 waits as a caught-up learner: the swap could have gone ahead.
+    assert_eq!(s.learners, vec![4], "{s:?}");
+    let fourth = drivers[&4].status(&group()).unwrap();
+    assert_eq!(fourth.last_index, s.last_index, "agent 4 caught up");
     // Past the grace period the down voter is replaced; the live ones stay.
     set_replicas(&mut drivers, &[leader, live, 4]);
     let want = BTreeSet::from([leader, live, 4]);
