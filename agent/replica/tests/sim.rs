@@ -644,6 +644,17 @@ impl Sim {
         }
         self.faults();
         self.liveness();
+        // As the agent does once a second: a replica created since (on a
+        // peer's message) learns the voters placement wants.
+        if self.now.is_multiple_of(5) {
+            for n in self.nodes.values_mut() {
+                if let Some(d) = n.driver.as_mut() {
+                    for (g, voters) in &self.desired {
+                        d.set_replicas(g, voters);
+                    }
+                }
+            }
+        }
         for n in self.nodes.values_mut() {
             if let Some(d) = n.driver.as_mut() {
                 d.tick();

@@ -182,22 +182,30 @@ impl<S: LogStore> Group<S> {
         let (promote, remove): (Vec<NodeId>, Vec<NodeId>) =
             if !down_voters.is_empty() && removes_live_voter {
                 // Only the down voters that are no longer desired go, each
-                // replaced by a caught-up learner; within their grace period
-                // (still desired) nothing changes.
+                // replaced by a caught-up learner (live ones first); within
+                // their grace period (still desired) only learners no longer
+                // wanted leave.
                 let gone: Vec<NodeId> = down_voters
                     .into_iter()
                     .filter(|v| !desired.contains(v))
                     .collect();
+                let stale_learners = learners.iter().filter(|n| !desired.contains(n)).copied();
                 if gone.is_empty() {
-                    return Ok(false);
+                    let stale: Vec<NodeId> = stale_learners.collect();
+                    if stale.is_empty() {
+                        return Ok(false);
+                    }
+                    (Vec::new(), stale)
+                } else {
+                    let mut candidates: Vec<NodeId> = learners
+                        .iter()
+                        .filter(|n| desired.contains(n))
+                        .copied()
+                        .collect();
+                    candidates.sort_by_key(|n| down.contains(n));
+                    candidates.truncate(gone.len());
+                    (candidates, gone.into_iter().chain(stale_learners).collect())
                 }
-                let promote = learners
-                    .iter()
-                    .filter(|n| desired.contains(n))
-                    .take(gone.len())
-                    .copied()
-                    .collect();
-                (promote, gone)
             } else {
                 (
                     learners
