@@ -595,13 +595,17 @@ async fn a_rolling_restart_of_every_agent_loses_nothing() {
     );
 }
 
-/// The one segment file of partition `p`'s replica on `node`.
-fn segment_of(root: &Path, node: &str, p: u64) -> std::path::PathBuf {
-    let dir = root
-        .join(node)
+/// The directory of partition `p`'s replica on `node`.
+fn replica_dir(root: &Path, node: &str, p: u64) -> std::path::PathBuf {
+    root.join(node)
         .join("replicas/default")
         .join(TOPIC)
-        .join(p.to_string());
+        .join(p.to_string())
+}
+
+/// The one segment file of partition `p`'s replica on `node`.
+fn segment_of(root: &Path, node: &str, p: u64) -> std::path::PathBuf {
+    let dir = replica_dir(root, node, p);
     let mut logs: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .flatten()
@@ -1089,11 +1093,7 @@ async fn a_replacement_catches_up_on_a_partition_larger_than_a_frame() {
 /// The bytes of partition `p`'s log segments in `node`'s replica, and the
 /// first index its oldest segment holds.
 fn replica_log(root: &Path, node: &str, p: u64) -> (u64, u64) {
-    let dir = root
-        .join(node)
-        .join("replicas/default")
-        .join(TOPIC)
-        .join(p.to_string());
+    let dir = replica_dir(root, node, p);
     let mut bytes = 0;
     let mut first = u64::MAX;
     for e in std::fs::read_dir(&dir).unwrap().flatten() {

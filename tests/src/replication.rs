@@ -110,6 +110,22 @@ struct Node {
 }
 
 impl Node {
+    /// A node named `name` with free loopback ports and its data and log
+    /// under `root`; not started.
+    fn new(root: &Path, name: &str) -> Result<Node, BoxError> {
+        let app: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        Ok(Node {
+            data: root.join(name),
+            log: root.join(format!("{name}.log")),
+            admin: ([127, 0, 0, 1], free_port()?).into(),
+            mesh: ([127, 0, 0, 1], free_port()?).into(),
+            client: AgentClient::new(&format!("http://{app}")),
+            app,
+            name: name.to_string(),
+            child: None,
+        })
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
@@ -251,18 +267,7 @@ impl Cluster {
         let ca = root.path().join("ca");
         let mut nodes = Vec::new();
         for i in 1..=3 {
-            let name = format!("agent-{i}");
-            let app: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-            nodes.push(Node {
-                data: root.path().join(&name),
-                log: root.path().join(format!("{name}.log")),
-                admin: ([127, 0, 0, 1], free_port()?).into(),
-                mesh: ([127, 0, 0, 1], free_port()?).into(),
-                client: AgentClient::new(&format!("http://{app}")),
-                app,
-                name,
-                child: None,
-            });
+            nodes.push(Node::new(root.path(), &format!("agent-{i}"))?);
         }
         let mut c = Cluster {
             bin: bin.to_path_buf(),
@@ -448,18 +453,7 @@ impl Cluster {
     /// Starts a new agent, `name`, with its own ports and data directory,
     /// joining agent-1.
     async fn add_node(&mut self, name: &str) -> Result<usize, BoxError> {
-        let root = self._root.path();
-        let app: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        self.nodes.push(Node {
-            data: root.join(name),
-            log: root.join(format!("{name}.log")),
-            admin: ([127, 0, 0, 1], free_port()?).into(),
-            mesh: ([127, 0, 0, 1], free_port()?).into(),
-            client: AgentClient::new(&format!("http://{app}")),
-            app,
-            name: name.to_string(),
-            child: None,
-        });
+        self.nodes.push(Node::new(self._root.path(), name)?);
         let i = self.nodes.len() - 1;
         self.spawn(i)?;
         self.nodes[i].wait_ready(Duration::from_secs(30)).await?;

@@ -2,11 +2,13 @@
 //! does, and three drivers replicating over it with one restarted from disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A test panics on what it does not expect.
 
+mod support;
+
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType};
 use shoal_replica::command::Command;
 use shoal_replica::disk::{DiskStore, SyncPolicy, STATE_FILE};
 use shoal_replica::store::{LogStore, RaftMeta};
-use shoal_replica::{Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
+use shoal_replica::{Bootstrap, Driver, DriverConfig, GroupId, NodeId};
 use shoal_storage::LogConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -268,23 +270,12 @@ fn three_replicas_on_disk_agree_and_one_restarts_from_its_files() {
         if round == 200 {
             drivers.insert(3, open_driver(3, Bootstrap::Restart));
         }
-        let mut mail = Vec::new();
-        for (id, d) in drivers.iter_mut() {
-            d.tick();
-            for (to, batch) in d.process() {
-                mail.push((*id, to, batch));
-            }
-            for e in d.take_events() {
-                if let Event::Committed { index, .. } = e {
-                    acked.push(index);
-                }
-            }
-        }
-        for (from, to, batch) in mail {
-            if let Some(d) = drivers.get_mut(&to) {
-                d.step(from, batch);
-            }
-        }
+        acked.extend(
+            support::round(&mut drivers)
+                .committed
+                .iter()
+                .map(|c| c.index),
+        );
         if round % 5 == 0 {
             if let Some(d) = drivers
                 .values_mut()
@@ -369,22 +360,8 @@ fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
     let mut run =
         |drivers: &mut BTreeMap<NodeId, Driver<DiskStore>>, rounds: usize, propose: bool| {
             for _ in 0..rounds {
-                let mut mail = Vec::new();
-                for (id, d) in drivers.iter_mut() {
-                    d.tick();
-                    for (to, batch) in d.process() {
-                        mail.push((*id, to, batch));
-                    }
-                    for e in d.take_events() {
-                        if let Event::Failed { reason, .. } = e {
-                            panic!("agent {id}: {reason}");
-                        }
-                    }
-                }
-                for (from, to, batch) in mail {
-                    if let Some(d) = drivers.get_mut(&to) {
-                        d.step(from, batch);
-                    }
+                if let Some((id, reason)) = support::round(drivers).failed.first() {
+                    panic!("agent {id}: {reason}");
                 }
                 if propose {
                     if let Some(d) = drivers

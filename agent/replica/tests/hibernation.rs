@@ -85,7 +85,7 @@ fn sleeping_groups_are_not_looked_at_and_a_proposal_wakes_only_its_own() {
     let mut committed = Vec::new();
     let mut woken_rounds = 0u64;
     while !committed.contains(&42) {
-        committed.extend(round(&mut drivers));
+        committed.extend(round(&mut drivers).committed.iter().map(|c| c.token));
         woken_rounds += 1;
         assert!(woken_rounds < 50, "the proposal never committed");
     }

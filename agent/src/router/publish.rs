@@ -56,6 +56,26 @@ impl Drop for LaneSlot {
     }
 }
 
+/// Gives a call slot of `key`'s lane back when no forward waits on it (the
+/// lane goes with its last call); whether it did. With forwards waiting, the
+/// caller keeps the slot and sends them.
+fn free_slot_if_idle(
+    lanes: &mut HashMap<(SocketAddr, String), Lane>,
+    key: &(SocketAddr, String),
+) -> bool {
+    let Some(lane) = lanes.get_mut(key) else {
+        return true;
+    };
+    if !lane.queue.is_empty() {
+        return false;
+    }
+    lane.calls = lane.calls.saturating_sub(1);
+    if lane.calls == 0 {
+        lanes.remove(key);
+    }
+    true
+}
+
 /// The calls under way to one agent for one topic and the forwards waiting.
 #[derive(Default)]
 pub(super) struct Lane {
@@ -370,22 +390,7 @@ impl Router {
     /// Gives up a lane's call slot: to a task that sends the forwards that
     /// queued meanwhile, or, with none, the lane has one call fewer.
     fn release_slot(self: Arc<Self>, topic: Arc<Topic>, node: String, key: (SocketAddr, String)) {
-        let queued = {
-            let mut lanes = lock(&self.lanes);
-            let Some(lane) = lanes.get_mut(&key) else {
-                return;
-            };
-            if lane.queue.is_empty() {
-                lane.calls = lane.calls.saturating_sub(1);
-                if lane.calls == 0 {
-                    lanes.remove(&key);
-                }
-                false
-            } else {
-                true
-            }
-        };
-        if !queued {
+        if free_slot_if_idle(&mut lock(&self.lanes), &key) {
             return;
         }
         match tokio::runtime::Handle::try_current() {
@@ -409,16 +414,12 @@ impl Router {
         loop {
             let jobs: Vec<Queued> = {
                 let mut lanes = lock(&self.lanes);
+                if free_slot_if_idle(&mut lanes, &key) {
+                    return;
+                }
                 let Some(lane) = lanes.get_mut(&key) else {
                     return;
                 };
-                if lane.queue.is_empty() {
-                    lane.calls -= 1;
-                    if lane.calls == 0 {
-                        lanes.remove(&key);
-                    }
-                    return;
-                }
                 let mut bytes = 0usize;
                 let take = lane
                     .queue

@@ -2,24 +2,44 @@
 //! from one to another, no clock.
 #![allow(dead_code)] // Each test file uses a part.
 
-use shoal_replica::store::MemStore;
+use shoal_replica::store::LogStore;
 use shoal_replica::{Driver, Event, NodeId};
 use std::collections::BTreeMap;
 
+/// A proposal a round saw committed.
+pub struct Committed {
+    /// The proposer's token.
+    pub token: u64,
+    /// Its entry's index.
+    pub index: u64,
+}
+
+/// What one round saw.
+#[derive(Default)]
+pub struct Round {
+    /// Proposals committed.
+    pub committed: Vec<Committed>,
+    /// Replicas that stopped on an error: (agent, reason).
+    pub failed: Vec<(NodeId, String)>,
+}
+
 /// One round of every driver: a tick, a process, and every batch delivered
 /// to the drivers in `drivers` (a batch to one that is not there is lost).
-/// Returns the tokens committed.
-pub fn round(drivers: &mut BTreeMap<NodeId, Driver<MemStore>>) -> Vec<u64> {
+pub fn round<S: LogStore>(drivers: &mut BTreeMap<NodeId, Driver<S>>) -> Round {
     let mut mail = Vec::new();
-    let mut committed = Vec::new();
+    let mut seen = Round::default();
     for (id, d) in drivers.iter_mut() {
         d.tick();
         for (to, batch) in d.process() {
             mail.push((*id, to, batch));
         }
         for e in d.take_events() {
-            if let Event::Committed { token, .. } = e {
-                committed.push(token);
+            match e {
+                Event::Committed { token, index, .. } => {
+                    seen.committed.push(Committed { token, index })
+                }
+                Event::Failed { reason, .. } => seen.failed.push((*id, reason)),
+                _ => {}
             }
         }
     }
@@ -28,5 +48,5 @@ pub fn round(drivers: &mut BTreeMap<NodeId, Driver<MemStore>>) -> Vec<u64> {
             d.step(from, batch);
         }
     }
-    committed
+    seen
 }
