@@ -25,6 +25,10 @@ fn leader_status(drivers: &BTreeMap<NodeId, Driver<MemStore>>) -> Option<(NodeId
     })
 }
 
+fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+    ids.iter().copied().collect()
+}
+
 fn set_replicas(drivers: &mut BTreeMap<NodeId, Driver<MemStore>>, voters: &[NodeId]) {
     for d in drivers.values_mut() {
         d.set_replicas(&group(), voters);
@@ -116,4 +120,75 @@ fn a_down_voter_keeps_the_live_ones_until_it_is_replaced() {
     }
     let fourth = drivers[&4].status(&group()).unwrap();
     assert!(fourth.last_index >= 1, "agent 4 holds the log");
+}
+
+#[test]
+fn a_group_founded_while_an_agent_is_down_takes_the_live_ones_as_voters() {
+    // Agent 1 founds the group alone; placement wants 1, 2 and 3, and 2 is
+    // down (it died during the mesh's first seconds, within its grace
+    // period). Agent 3 becomes a voter at once; 2 waits as a learner.
+    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
+    for id in [1, 3] {
+        let config = DriverConfig {
+            seed: 7,
+            ..DriverConfig::default()
+        };
+        let mut d = Driver::new(id, config, Box::new(|_| Ok(MemStore::new())));
+        if id == 1 {
+            d.open_group(group(), MemStore::new(), Bootstrap::Voters(vec![1]))
+                .unwrap();
+        }
+        d.set_down(2, true);
+        drivers.insert(id, d);
+    }
+    set_replicas(&mut drivers, &[1, 2, 3]);
+    let mut rounds = 0;
+    let s = loop {
+        round(&mut drivers);
+        rounds += 1;
+        let s = leader_status(&drivers).map(|(_, s)| s);
+        if let Some(s) = s.as_ref().filter(|s| s.voters.len() > 1) {
+            break s.clone();
+        }
+        assert!(rounds < 2_000, "the group stayed one copy: {s:?}");
+    };
+    assert_eq!(set(&s.voters), set(&[1, 3]), "{s:?}");
+    assert_eq!(s.learners, vec![2], "the down agent waits as a learner");
+    // More rounds change nothing while 2 is down: it is never promoted.
+    for _ in 0..200 {
+        round(&mut drivers);
+    }
+    let (_, s) = leader_status(&drivers).expect("a leader");
+    assert_eq!((set(&s.voters), s.learners), (set(&[1, 3]), vec![2]));
+}
+
+#[test]
+fn a_down_learner_never_costs_a_live_voter() {
+    // Voters 1, 2, 3; placement moves 3's seat to 4, which is down: 3 stays
+    // a voter until 4 can take over, so the group keeps three live copies.
+    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
+    for id in 1..=3 {
+        let config = DriverConfig {
+            seed: 11,
+            ..DriverConfig::default()
+        };
+        let mut d = Driver::new(id, config, Box::new(|_| Ok(MemStore::new())));
+        d.open_group(group(), MemStore::new(), Bootstrap::Voters(vec![1, 2, 3]))
+            .unwrap();
+        d.set_down(4, true);
+        drivers.insert(id, d);
+    }
+    let mut rounds = 0;
+    while leader_status(&drivers).is_none() {
+        round(&mut drivers);
+        rounds += 1;
+        assert!(rounds < 200, "no leader");
+    }
+    set_replicas(&mut drivers, &[1, 2, 4]);
+    for _ in 0..300 {
+        round(&mut drivers);
+    }
+    let (_, s) = leader_status(&drivers).expect("a leader");
+    assert_eq!(set(&s.voters), set(&[1, 2, 3]), "{s:?}");
+    assert_eq!(s.learners, vec![4], "{s:?}");
 }

@@ -157,7 +157,16 @@ impl<S: LogStore> Group<S> {
             return Ok(true);
         }
         let commit = raft.raft_log.committed;
-        let caught_up = learners.iter().filter(|n| desired.contains(n)).all(|n| {
+        // A down learner waits as a learner: it neither holds back the
+        // promotion of live ones (a group founded while an agent was dying
+        // would stay a single copy for the whole grace period) nor becomes
+        // a voter that cannot acknowledge.
+        let promotable: Vec<NodeId> = learners
+            .iter()
+            .filter(|n| desired.contains(n) && !down.contains(n))
+            .copied()
+            .collect();
+        let caught_up = promotable.iter().all(|n| {
             // Matched counts only for what the learner acknowledged itself
             // (never 0 after a reset), and a quiet group leaves a caught-up
             // learner in Probe: that counts too.
@@ -179,7 +188,7 @@ impl<S: LogStore> Group<S> {
         let removes_live_voter = voters
             .iter()
             .any(|v| !desired.contains(v) && !down.contains(v));
-        let (promote, remove): (Vec<NodeId>, Vec<NodeId>) =
+        let (promote, mut remove): (Vec<NodeId>, Vec<NodeId>) =
             if !down_voters.is_empty() && removes_live_voter {
                 // Only the down voters that are no longer desired go, each
                 // replaced by a caught-up learner (live ones first); within
@@ -197,22 +206,13 @@ impl<S: LogStore> Group<S> {
                     }
                     (Vec::new(), stale)
                 } else {
-                    let mut candidates: Vec<NodeId> = learners
-                        .iter()
-                        .filter(|n| desired.contains(n))
-                        .copied()
-                        .collect();
-                    candidates.sort_by_key(|n| down.contains(n));
+                    let mut candidates = promotable;
                     candidates.truncate(gone.len());
                     (candidates, gone.into_iter().chain(stale_learners).collect())
                 }
             } else {
                 (
-                    learners
-                        .iter()
-                        .filter(|n| desired.contains(n))
-                        .copied()
-                        .collect(),
+                    promotable,
                     voters
                         .iter()
                         .chain(&learners)
@@ -221,6 +221,20 @@ impl<S: LogStore> Group<S> {
                         .collect(),
                 )
             };
+        // With a desired learner down, fewer may be promoted than leave: the
+        // group never shrinks below its size (or the desired one) for it,
+        // and the down voters are the first to go.
+        remove.sort_by_key(|n| (!voters.contains(n), !down.contains(n)));
+        let keep = voters.len().min(desired.len());
+        let may_remove = (voters.len() + promote.len()).saturating_sub(keep);
+        let mut voters_removed = 0;
+        remove.retain(|n| {
+            if !voters.contains(n) {
+                return true;
+            }
+            voters_removed += 1;
+            voters_removed <= may_remove
+        });
         for node in promote {
             cc.mut_changes().push(single(ConfChangeType::AddNode, node));
         }
