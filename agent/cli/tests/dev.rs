@@ -341,20 +341,52 @@ fn sigkill(pid: i32) {
 async fn publish_until_stored(client: &AgentClient, topic: &str, body: &str) -> u16 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let status = client
+        let answer = client
             .call(
                 http::Method::POST,
                 &format!("/v1/topics/{topic}/messages"),
                 &[("content-type", "text/plain")],
                 bytes::Bytes::from(body.to_string()),
             )
-            .await
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
-        if status == 201 || Instant::now() > deadline {
+            .await;
+        let status = answer.as_ref().map_or(0, |r| r.status.as_u16());
+        if status == 201 {
+            return status;
+        }
+        if Instant::now() > deadline {
+            // On stdout, which a test runner shows whole: the last answer
+            // and every agent's replicated groups, to tell why it failed.
+            match &answer {
+                Ok(r) => println!("last answer to the publish: {status} {}", r.text()),
+                Err(e) => println!("last publish failed: {e}"),
+            }
+            print_groups(client).await;
             return status;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Prints each agent's view of the replicated groups and members (the agent
+/// `client` talks to, and its peers at the ports `shoal dev` gives them).
+async fn print_groups(client: &AgentClient) {
+    let Ok(r) = client.get("/v1/cluster").await else {
+        println!("no /v1/cluster answer");
+        return;
+    };
+    let v: Value = r.json();
+    for m in v["members"].as_array().into_iter().flatten() {
+        println!(
+            "member {} {} incarnation {}",
+            m["node"], m["state"], m["incarnation"]
+        );
+    }
+    for g in v["replicated"].as_array().into_iter().flatten() {
+        println!(
+            "group {}/{} leader {} term {} commit {} last {} voters {} learners {} lag {} recovering {}",
+            g["topic"], g["partition"], g["leader"], g["term"], g["commitIndex"], g["lastIndex"],
+            g["voters"], g["learners"], g["lag"], g["recovering"]
+        );
     }
 }
 
