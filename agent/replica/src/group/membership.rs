@@ -223,8 +223,9 @@ impl<S: LogStore> Group<S> {
             };
         // With a desired learner down, fewer may be promoted than leave: the
         // group never shrinks below its size (or the desired one) for it,
-        // and the down voters are the first to go.
-        remove.sort_by_key(|n| (!voters.contains(n), !down.contains(n)));
+        // and this leader is the last voter to go (its removal costs an
+        // election).
+        remove.sort_by_key(|n| (!voters.contains(n), *n == self.me));
         let keep = voters.len().min(desired.len());
         let may_remove = (voters.len() + promote.len()).saturating_sub(keep);
         let mut voters_removed = 0;
