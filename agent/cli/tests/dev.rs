@@ -478,8 +478,13 @@ async fn a_killed_agent_is_reported_the_others_keep_serving_and_restart_brings_i
 
     // agent-1 and agent-3 keep serving: publish on both, read on agent-3.
     for (i, body) in [(0, "one"), (2, "three")] {
+        let status = publish_until_stored(&app(base, i), "orders", body).await;
+        if status != 201 {
+            println!("agent-3's view:");
+            print_groups(&app(base, 2)).await;
+        }
         assert_eq!(
-            publish_until_stored(&app(base, i), "orders", body).await,
+            status,
             201,
             "agent-{} stores a publish while agent-2 is down",
             i + 1
