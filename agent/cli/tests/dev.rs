@@ -18,9 +18,13 @@ const EXIT_WAIT: Duration = Duration::from_secs(40);
 const AGENTS: u16 = 3;
 
 /// A base port whose agents' ports (app and admin over TCP, mesh over UDP) are all free now.
+/// A free range of ports for three agents, below Linux's ephemeral range
+/// (32768 and up): there, a port an agent frees when it is killed can be
+/// taken at once by any socket of another test bound to port 0, and the
+/// agent's peers then talk to a stranger at its address.
 fn free_base_port() -> u16 {
     for _ in 0..100 {
-        let base = fastrand::u16(20000..40000);
+        let base = fastrand::u16(20000..32000);
         let free = (0..AGENTS).all(|i| {
             let app = base + 10 * i;
             std::net::TcpListener::bind(("127.0.0.1", app)).is_ok()
@@ -31,7 +35,7 @@ fn free_base_port() -> u16 {
             return base;
         }
     }
-    panic!("no free range of ports found in 20000..40000");
+    panic!("no free range of ports found in 20000..32000");
 }
 
 fn admin(base: u16, i: u16) -> AgentClient {
