@@ -192,3 +192,82 @@ fn a_down_learner_never_costs_a_live_voter() {
     assert_eq!(set(&s.voters), set(&[1, 2, 3]), "{s:?}");
     assert_eq!(s.learners, vec![4], "{s:?}");
 }
+
+#[test]
+fn a_learner_that_dies_before_it_is_seen_down_holds_the_group_back_only_until_then() {
+    // As a mesh whose agent 2 dies in its first second: agent 1 founds the
+    // group alone and wants 1, 2 and 3 while 2 is not yet seen down (it
+    // gets learners 2 and 3; 2 never answers). Once 2 is seen down,
+    // placement wants 1 and 3: agent 3 votes and the group commits.
+    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
+    for id in [1, 3] {
+        let config = DriverConfig {
+            seed: 13,
+            ..DriverConfig::default()
+        };
+        let mut d = Driver::new(id, config, Box::new(|_| Ok(MemStore::new())));
+        if id == 1 {
+            d.open_group(group(), MemStore::new(), Bootstrap::Voters(vec![1]))
+                .unwrap();
+        }
+        drivers.insert(id, d);
+    }
+    set_replicas(&mut drivers, &[1, 2, 3]);
+    let mut rounds = 0;
+    loop {
+        round(&mut drivers);
+        rounds += 1;
+        let s = leader_status(&drivers).map(|(_, s)| s);
+        let third = drivers[&3].status(&group());
+        let waiting = s.as_ref().is_some_and(|s| {
+            set(&s.learners) == set(&[2, 3])
+                && third.as_ref().is_some_and(|t| t.last_index == s.last_index)
+        });
+        if waiting {
+            break;
+        }
+        assert!(rounds < 2_000, "learners 2 and 3 never added: {s:?}");
+    }
+    for _ in 0..50 {
+        round(&mut drivers);
+    }
+    let (_, s) = leader_status(&drivers).expect("a leader");
+    assert_eq!(set(&s.voters), set(&[1]), "2 never caught up: {s:?}");
+    for d in drivers.values_mut() {
+        d.set_down(2, true);
+    }
+    set_replicas(&mut drivers, &[1, 3]);
+    let mut rounds = 0;
+    loop {
+        round(&mut drivers);
+        rounds += 1;
+        let s = leader_status(&drivers).map(|(_, s)| s);
+        if s.as_ref()
+            .is_some_and(|s| set(&s.voters) == set(&[1, 3]) && s.learners.is_empty())
+        {
+            break;
+        }
+        assert!(rounds < 200, "agent 3 never became a voter: {s:?}");
+    }
+    let (leader, _) = leader_status(&drivers).unwrap();
+    let data = Command::Message {
+        timestamp_ms: 1,
+        id: None,
+        body: b"stored on two",
+    }
+    .encode()
+    .unwrap();
+    drivers
+        .get_mut(&leader)
+        .unwrap()
+        .propose(&group(), 7, data)
+        .unwrap();
+    let mut committed = false;
+    for _ in 0..200 {
+        committed |= round(&mut drivers).committed.iter().any(|c| c.token == 7);
+        if committed {
+            break;
+        }
+    }
+    assert!(committed, "the group of 1 and 3 commits");
+}

@@ -12,7 +12,7 @@ use shoal_proto::{FetchedBatch, Message, WireEntry};
 use shoal_replica::command::Command;
 use shoal_replica::state::Applied;
 use shoal_replica::store::LogStore;
-use shoal_replica::{node_id, GroupId};
+use shoal_replica::{node_id, GroupId, NodeId};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -181,16 +181,38 @@ impl Replication {
             let check = match core.driver.status(&g) {
                 None => Err(not_leader(&topic.name, partition, None)),
                 Some(s) if !s.serving => {
-                    let leader = s.leader.and_then(|l| {
-                        lock(&self.peers).by_id.get(&l).map(|(n, _)| n.clone())
-                    });
+                    let leader = s
+                        .leader
+                        .and_then(|l| lock(&self.peers).by_id.get(&l).map(|(n, _)| n.clone()));
                     Err(not_leader(&topic.name, partition, leader.as_deref()))
                 }
-                Some(s) if s.voters.len() < wanted_len.min(2) => Err(ApiError::unavailable(
-                    "not_leader",
-                    format!("partition {partition} of topic {:?} is still gathering its replicas; retry shortly", topic.name),
-                    1,
-                )),
+                Some(s) if s.voters.len() < wanted_len.min(2) => {
+                    let peers = lock(&self.peers);
+                    let names = |ids: &[NodeId]| -> Vec<String> {
+                        ids.iter()
+                            .map(|id| {
+                                if *id == self.me_id {
+                                    self.me.clone()
+                                } else {
+                                    peers
+                                        .by_id
+                                        .get(id)
+                                        .map_or_else(|| id.to_string(), |(n, _)| n.clone())
+                                }
+                            })
+                            .collect()
+                    };
+                    Err(ApiError::unavailable(
+                        "not_leader",
+                        format!(
+                            "partition {partition} of topic {:?} is still gathering its replicas (voters {:?}, catching up {:?}); retry shortly",
+                            topic.name,
+                            names(&s.voters),
+                            names(&s.learners)
+                        ),
+                        1,
+                    ))
+                }
                 Some(_) => Ok(()),
             };
             if let Err(e) = check {
