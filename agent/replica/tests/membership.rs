@@ -25,6 +25,37 @@ fn leader_status(drivers: &BTreeMap<NodeId, Driver<MemStore>>) -> Option<(NodeId
     })
 }
 
+/// Drivers for `ids`, seeded with `seed`: each of `founders` opens the
+/// group with them as its first voters; every one sees `down` down.
+fn drivers(
+    ids: &[NodeId],
+    seed: u64,
+    founders: &[NodeId],
+    down: &[NodeId],
+) -> BTreeMap<NodeId, Driver<MemStore>> {
+    let mut drivers = BTreeMap::new();
+    for &id in ids {
+        let config = DriverConfig {
+            seed,
+            ..DriverConfig::default()
+        };
+        let mut d = Driver::new(id, config, Box::new(|_| Ok(MemStore::new())));
+        if founders.contains(&id) {
+            d.open_group(
+                group(),
+                MemStore::new(),
+                Bootstrap::Voters(founders.to_vec()),
+            )
+            .unwrap();
+        }
+        for &n in down {
+            d.set_down(n, true);
+        }
+        drivers.insert(id, d);
+    }
+    drivers
+}
+
 fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
     ids.iter().copied().collect()
 }
@@ -37,19 +68,7 @@ fn set_replicas(drivers: &mut BTreeMap<NodeId, Driver<MemStore>>, voters: &[Node
 
 #[test]
 fn a_down_voter_keeps_the_live_ones_until_it_is_replaced() {
-    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
-    for id in 1..=4 {
-        let config = DriverConfig {
-            seed: 5,
-            ..DriverConfig::default()
-        };
-        let mut d = Driver::new(id, config, Box::new(|_| Ok(MemStore::new())));
-        if id <= 3 {
-            d.open_group(group(), MemStore::new(), Bootstrap::Voters(vec![1, 2, 3]))
-                .unwrap();
-        }
-        drivers.insert(id, d);
-    }
+    let mut drivers = drivers(&[1, 2, 3, 4], 5, &[1, 2, 3], &[]);
     let mut rounds = 0;
     let leader = loop {
         round(&mut drivers);
@@ -127,20 +146,7 @@ fn a_group_founded_while_an_agent_is_down_takes_the_live_ones_as_voters() {
     // Agent 1 founds the group alone; placement wants 1, 2 and 3, and 2 is
     // down (it died during the mesh's first seconds, within its grace
     // period). Agent 3 becomes a voter at once; 2 waits as a learner.
-    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
-    for id in [1, 3] {
-        let config = DriverConfig {
-            seed: 7,
-            ..DriverConfig::default()
-        };
-        let mut d = Driver::new(id, config, Box::new(|_| Ok(MemStore::new())));
-        if id == 1 {
-            d.open_group(group(), MemStore::new(), Bootstrap::Voters(vec![1]))
-                .unwrap();
-        }
-        d.set_down(2, true);
-        drivers.insert(id, d);
-    }
+    let mut drivers = drivers(&[1, 3], 7, &[1], &[2]);
     set_replicas(&mut drivers, &[1, 2, 3]);
     let mut rounds = 0;
     let s = loop {
@@ -166,18 +172,7 @@ fn a_group_founded_while_an_agent_is_down_takes_the_live_ones_as_voters() {
 fn a_down_learner_never_costs_a_live_voter() {
     // Voters 1, 2, 3; placement moves 3's seat to 4, which is down: 3 stays
     // a voter until 4 can take over, so the group keeps three live copies.
-    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
-    for id in 1..=3 {
-        let config = DriverConfig {
-            seed: 11,
-            ..DriverConfig::default()
-        };
-        let mut d = Driver::new(id, config, Box::new(|_| Ok(MemStore::new())));
-        d.open_group(group(), MemStore::new(), Bootstrap::Voters(vec![1, 2, 3]))
-            .unwrap();
-        d.set_down(4, true);
-        drivers.insert(id, d);
-    }
+    let mut drivers = drivers(&[1, 2, 3], 11, &[1, 2, 3], &[4]);
     let mut rounds = 0;
     while leader_status(&drivers).is_none() {
         round(&mut drivers);
@@ -199,19 +194,7 @@ fn a_learner_that_dies_before_it_is_seen_down_holds_the_group_back_only_until_th
     // group alone and wants 1, 2 and 3 while 2 is not yet seen down (it
     // gets learners 2 and 3; 2 never answers). Once 2 is seen down,
     // placement wants 1 and 3: agent 3 votes and the group commits.
-    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
-    for id in [1, 3] {
-        let config = DriverConfig {
-            seed: 13,
-            ..DriverConfig::default()
-        };
-        let mut d = Driver::new(id, config, Box::new(|_| Ok(MemStore::new())));
-        if id == 1 {
-            d.open_group(group(), MemStore::new(), Bootstrap::Voters(vec![1]))
-                .unwrap();
-        }
-        drivers.insert(id, d);
-    }
+    let mut drivers = drivers(&[1, 3], 13, &[1], &[]);
     set_replicas(&mut drivers, &[1, 2, 3]);
     let mut rounds = 0;
     loop {
