@@ -191,7 +191,7 @@ impl<S: LogStore> Group<S> {
         let (promote, mut remove): (Vec<NodeId>, Vec<NodeId>) =
             if !down_voters.is_empty() && removes_live_voter {
                 // Only the down voters that are no longer desired go, each
-                // replaced by a caught-up learner (live ones first); within
+                // replaced by a caught-up live learner while there are; within
                 // their grace period (still desired) only learners no longer
                 // wanted leave.
                 let gone: Vec<NodeId> = down_voters
