@@ -189,18 +189,7 @@ impl Replication {
                 Some(s) if s.voters.len() < wanted_len.min(2) => {
                     let peers = lock(&self.peers);
                     let names = |ids: &[NodeId]| -> Vec<String> {
-                        ids.iter()
-                            .map(|id| {
-                                if *id == self.me_id {
-                                    self.me.clone()
-                                } else {
-                                    peers
-                                        .by_id
-                                        .get(id)
-                                        .map_or_else(|| id.to_string(), |(n, _)| n.clone())
-                                }
-                            })
-                            .collect()
+                        ids.iter().map(|id| self.node_name(&peers, *id)).collect()
                     };
                     Err(ApiError::unavailable(
                         "not_leader",

@@ -1,7 +1,7 @@
 //! Views and figures of the replicas held here: per-group state for the
 //! cluster view, consumer lag and positions, and partition figures.
 
-use super::{lock, Replication};
+use super::{lock, Peers, Replication};
 use crate::topic::TOPIC_NAMESPACE;
 use serde::Serialize;
 use shoal_replica::command::Command;
@@ -11,6 +11,19 @@ use shoal_replica::NodeId;
 use std::collections::BTreeMap;
 
 impl Replication {
+    /// The node name of the replica `id`, as people read it (an id no
+    /// member has, in hex).
+    pub(super) fn node_name(&self, peers: &Peers, id: NodeId) -> String {
+        if id == self.me_id {
+            self.me.clone()
+        } else {
+            peers
+                .by_id
+                .get(&id)
+                .map_or_else(|| format!("#{id:016x}"), |(n, _)| n.clone())
+        }
+    }
+
     /// Messages between `from` and the commit index of a group held here
     /// (control entries not counted). Reads at most 1 MiB of the log; past
     /// that, the remaining entries are counted as messages (an upper bound).
@@ -95,16 +108,7 @@ impl Replication {
     pub fn view(&self) -> Vec<ReplicaView> {
         let core = lock(&self.core);
         let peers = lock(&self.peers);
-        let name = |id: NodeId| -> String {
-            if id == self.me_id {
-                self.me.clone()
-            } else {
-                peers
-                    .by_id
-                    .get(&id)
-                    .map_or_else(|| format!("#{id:016x}"), |(n, _)| n.clone())
-            }
-        };
+        let name = |id: NodeId| self.node_name(&peers, id);
         core.driver
             .groups()
             .filter_map(|g| core.driver.status(g).map(|s| (g, s)))
