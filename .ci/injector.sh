@@ -67,14 +67,14 @@ PY
   kubectl_ok || { log "kubectl >= 1.$KUBECTL_MIN_MINOR not usable"; exit 1; }
 }
 
-build_static() { # package binary; cargo's own progress goes to stderr
+build_static() { # package binary profile; cargo's own progress goes to stderr
   local start=$SECONDS
-  log "cargo build --release $2 (a cold build takes several minutes)"
+  log "cargo build --profile $3 $2 (a cold build takes several minutes)"
   RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --release --locked --target "$TARGET" -p "$1" --bin "$2"
+    cargo build --profile "$3" --locked --target "$TARGET" -p "$1" --bin "$2"
   log "built $2 in $((SECONDS - start))s"
   # `file` says "statically linked" or "static-pie linked"; ldd "statically linked".
-  if ! ldd "target/$TARGET/release/$2" 2>&1 | grep -Eq 'statically linked|not a dynamic'; then
+  if ! ldd "target/$TARGET/$3/$2" 2>&1 | grep -Eq 'statically linked|not a dynamic'; then
     log "$2 is not static"; exit 1
   fi
 }
@@ -108,12 +108,13 @@ images() {
   trap cleanup EXIT
 
   log "building static binaries (release, $TARGET, +crt-static)"
-  build_static shoal-agent shoal-agent
-  build_static shoal-injector shoal-injector
+  build_static shoal-agent shoal-agent release
+  # The injector's own profile (Cargo.toml): no LTO, parallel codegen.
+  build_static shoal-injector shoal-injector release-injector
 
   mkdir -p "$STAGE/agent/rootfs/var/lib/shoal" "$STAGE/injector"
   cp "target/$TARGET/release/shoal-agent" "$STAGE/agent/"
-  cp "target/$TARGET/release/shoal-injector" "$STAGE/injector/"
+  cp "target/$TARGET/release-injector/shoal-injector" "$STAGE/injector/"
   docker_build images/agent.Dockerfile "$STAGE/agent" "$tag_agent" shoal-agent:dev
   docker_build images/injector.Dockerfile "$STAGE/injector" "$tag_injector" shoal-injector:dev
 

@@ -2,7 +2,7 @@
 # running as a non-root user. Built like agent.Dockerfile: the binary comes
 # from the host,
 #   RUSTFLAGS='-C target-feature=+crt-static' \
-#     cargo build --release --target x86_64-unknown-linux-gnu -p shoal-injector --bin shoal-injector
+#     cargo build --profile release-injector --target x86_64-unknown-linux-gnu -p shoal-injector --bin shoal-injector
 # with a context holding `shoal-injector`.
 FROM scratch
 COPY shoal-injector /shoal-injector
