@@ -329,6 +329,8 @@ pub struct Metrics {
     pub replica_follower_lag: Gauge,
     /// Leader or term changes seen by the replicas here.
     pub replica_leader_changes: Counter,
+    /// Bytes of committed entries leaders here sent to replicas catching up.
+    pub replica_catch_up_bytes: Counter,
     /// Publish to a led partition until a majority stored it (a batch's wait).
     pub replica_commit_latency: Histogram,
 }
@@ -465,6 +467,7 @@ impl Metrics {
             replica_leading: Gauge::default(),
             replica_hibernating: Gauge::default(),
             replica_leader_changes: Counter::default(),
+            replica_catch_up_bytes: Counter::default(),
             replica_under_replicated: Gauge::default(),
             replica_leaderless: Gauge::default(),
             replica_follower_lag: Gauge::default(),
@@ -788,6 +791,12 @@ impl Metrics {
             "shoal_replica_leader_changes",
             "Leader or term changes seen by the replicas on this agent",
             m.replica_leader_changes.clone(),
+        );
+        r.register_with_unit(
+            "shoal_replica_catch_up",
+            "Bytes of committed entries that leaders on this agent sent to replicas catching up (a new replica after its snapshot, or one that was away)",
+            Unit::Bytes,
+            m.replica_catch_up_bytes.clone(),
         );
         r.register_with_unit(
             "shoal_replica_commit_duration",

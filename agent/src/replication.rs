@@ -230,6 +230,8 @@ struct Core {
     recorded: HashMap<String, u32>,
     /// The tick this agent's meta replica last saw a new leader.
     meta_lead_since: u64,
+    /// The driver's catch-up bytes already counted in the metric.
+    catch_up_counted: u64,
     /// Creation records proposed by this agent as meta leader, not yet applied.
     proposed: BTreeSet<(String, String, u32)>,
     /// Groups this agent created (kept in [`CREATED_FILE`]).
@@ -456,6 +458,7 @@ impl Replication {
                 records: BTreeSet::new(),
                 recorded: HashMap::new(),
                 meta_lead_since: 0,
+                catch_up_counted: 0,
                 proposed: BTreeSet::new(),
                 created,
                 pending_commits: BTreeMap::new(),

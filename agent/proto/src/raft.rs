@@ -199,8 +199,10 @@ pub struct RaftSnapshot {
     pub index: u64,
     /// Its term.
     pub term: u64,
-    /// The configuration at `index`.
+    /// The configuration in force on the leader when it built the
+    /// snapshot (at or after `index`).
     pub conf_state: ConfState,
-    /// The state machine's manifest (consumer offsets, dedupe window).
+    /// The state machine's manifest (consumer offsets, dedupe window), as
+    /// of the leader's applied index when it built the snapshot.
     pub data: Vec<u8>,
 }

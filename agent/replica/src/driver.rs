@@ -23,7 +23,7 @@ use crate::state::Applied;
 use crate::store::{LogStore, StoreError};
 use crate::wire;
 use crate::{group_name, Error, GroupId, NodeId};
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use shoal_proto::raft::{GroupMessages, Hibernate, RaftBatch};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -44,6 +44,10 @@ pub const DEFAULT_MAX_CONCURRENT_CHANGES: usize = 8;
 pub const REMOVAL_GRACE_ELECTIONS: usize = 20;
 /// Default largest append, in bytes of entry data.
 pub const DEFAULT_MAX_APPEND_BYTES: u64 = 1 << 20;
+/// Default appends in flight to one follower. A replica catching up gets a
+/// full window at once, so this times [`DEFAULT_MAX_APPEND_BYTES`] (16 MiB)
+/// bounds what a leader reads and sends per follower per round.
+pub const DEFAULT_MAX_INFLIGHT: usize = 16;
 
 /// Settings of a driver.
 #[derive(Debug, Clone)]
@@ -90,7 +94,7 @@ impl Default for DriverConfig {
             max_concurrent_changes: DEFAULT_MAX_CONCURRENT_CHANGES,
             catch_up_slack: 64,
             max_append_bytes: DEFAULT_MAX_APPEND_BYTES,
-            max_inflight: 256,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
             dedupe_window_ms: crate::state::DEFAULT_DEDUPE_WINDOW_MS,
             join_on_message: true,
             report_applied: false,
@@ -200,6 +204,11 @@ pub struct DriverStats {
     /// Groups asked whether raft-rs has a ready for them, summed over
     /// rounds (a hibernating group nothing stirred is not asked).
     pub ready_checks: u64,
+    /// Bytes of entry data a leader sent that were already committed: a
+    /// replica catching up (a new one after its snapshot, or one that was
+    /// away). Entries sent before they commit, the steady state, are not
+    /// counted.
+    pub catch_up_bytes: u64,
 }
 
 /// The multi-raft driver of one agent.
@@ -611,11 +620,23 @@ impl<S: LogStore> Driver<S> {
     }
 
     fn send(&mut self, group: &GroupId, messages: Vec<Message>) {
-        let (recovering, reset) = match self.groups.get(group) {
-            Some(g) => (g.recovering(), g.reset_peers().clone()),
-            None => (false, BTreeSet::new()),
+        let (recovering, reset, committed) = match self.groups.get(group) {
+            Some(g) => (
+                g.recovering(),
+                g.reset_peers().clone(),
+                g.node.raft.raft_log.committed,
+            ),
+            None => (false, BTreeSet::new(), 0),
         };
         for m in messages {
+            if m.get_msg_type() == MessageType::MsgAppend {
+                self.stats.catch_up_bytes += m
+                    .entries
+                    .iter()
+                    .filter(|e| e.index <= committed)
+                    .map(|e| e.data.len() as u64)
+                    .sum::<u64>();
+            }
             match wire::to_wire(&m) {
                 Ok(w) => {
                     let to = m.to;

@@ -454,6 +454,15 @@ impl<S: LogStore> Group<S> {
             || raft.vote != hs.vote
     }
 
+    /// The last index both applied and in this replica's log. After a
+    /// snapshot the state machine is ahead of the log until the entries up
+    /// to it arrive.
+    pub fn held_applied(&self) -> u64 {
+        self.state
+            .applied()
+            .min(self.node.raft.raft_log.last_index())
+    }
+
     /// A snapshot of what the group looks like from here.
     pub fn status(&self) -> GroupStatus {
         let raft = &self.node.raft;
@@ -480,7 +489,7 @@ impl<S: LogStore> Group<S> {
             term: raft.term,
             serving: self.serving(),
             commit: raft.raft_log.committed,
-            applied: self.state.applied(),
+            applied: self.held_applied(),
             first_index: self.store().first_index(),
             last_index: raft.raft_log.last_index(),
             voters,

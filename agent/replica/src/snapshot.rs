@@ -1,13 +1,13 @@
-//! What a group's snapshot carries: the state machine's manifest and the
-//! log itself.
+//! What a group's snapshot carries: the state machine's manifest, where the
+//! log starts, and the configuration in force.
 //!
-//! A snapshot is taken on the leader at its applied index with the
-//! configuration in force there (so a replica that joined as a learner is
-//! in it, and raft-rs accepts it). The partition's messages are the log, so
-//! a new replica must receive them too: the snapshot carries every entry
-//! the leader holds up to that index, in wire form (configuration entries
-//! as Shoal's own struct). It is decoded with postcard and checked before
-//! raft-rs sees it.
+//! A leader builds one at the entry before its log's start, so the replica
+//! it catches up receives the log itself through ordinary appends, in
+//! batches, whatever the partition's size (see `Group::build_snapshot`).
+//! Earlier agents built theirs at the applied index with every entry the
+//! leader held in it; `entries` carries those, and this agent still
+//! installs them, so a rolling upgrade mixes both. A body is decoded with postcard and checked
+//! before raft-rs sees it.
 
 use crate::wire::{self, WireError};
 use raft::eraftpb::Entry;
@@ -23,7 +23,8 @@ pub struct SnapshotData {
     pub log_start: u64,
     /// The term of the entry before `log_start`.
     pub log_start_term: u64,
-    /// Entries `log_start ..= snapshot index`.
+    /// Entries `log_start ..= snapshot index`: empty in the snapshots this
+    /// agent builds (they stand at `log_start - 1`).
     pub entries: Vec<w::RaftEntry>,
 }
 

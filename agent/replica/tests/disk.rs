@@ -317,8 +317,9 @@ fn three_replicas_on_disk_agree_and_one_restarts_from_its_files() {
 }
 
 /// Retention cuts the leader's log (whole segments), then a fourth agent
-/// joins: it catches up from a snapshot built from the files, and every
-/// message the leader still holds arrives there.
+/// joins: it catches up from a snapshot that carries a manifest and no
+/// entry, then every message the leader still holds arrives there through
+/// appends read from the files.
 #[test]
 fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
     let root = tempfile::tempdir().unwrap();
@@ -357,12 +358,15 @@ fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
         drivers.insert(id, d);
     }
     let mut token = 0;
+    let mut largest_snapshot = 0;
     let mut run =
         |drivers: &mut BTreeMap<NodeId, Driver<DiskStore>>, rounds: usize, propose: bool| {
             for _ in 0..rounds {
-                if let Some((id, reason)) = support::round(drivers).failed.first() {
+                let round = support::round(drivers);
+                if let Some((id, reason)) = round.failed.first() {
                     panic!("agent {id}: {reason}");
                 }
+                largest_snapshot = largest_snapshot.max(round.largest_snapshot);
                 if propose {
                     if let Some(d) = drivers
                         .values_mut()
@@ -408,7 +412,13 @@ fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
         let store = d.group(&group).unwrap().store();
         store.entries(first, l.commit + 1, u64::MAX).unwrap()
     };
-    assert_eq!(held(&drivers[&4]), held(&drivers[&leader]));
+    let copied = held(&drivers[&4]);
+    assert_eq!(copied, held(&drivers[&leader]));
+    let copied_bytes: usize = copied.iter().map(|e| e.data.len()).sum();
+    assert!(
+        largest_snapshot > 0 && largest_snapshot * 10 < copied_bytes,
+        "the snapshot ({largest_snapshot} bytes) carries the log ({copied_bytes} bytes)"
+    );
 }
 
 fn unreachable_store() -> Result<DiskStore, shoal_replica::store::StoreError> {

@@ -124,7 +124,7 @@ impl Replication {
         let Some(g) = core.driver.group(&meta) else {
             return;
         };
-        let applied = g.state().applied();
+        let applied = g.held_applied();
         if applied <= core.meta_applied {
             return;
         }

@@ -201,6 +201,11 @@ impl Replication {
                 tracing::debug!(group = %group_label(&g), "handing leadership to placement's first choice");
             }
         }
+        let catch_up = core.driver.stats().catch_up_bytes;
+        self.metrics
+            .replica_catch_up_bytes
+            .inc_by(catch_up.saturating_sub(core.catch_up_counted));
+        core.catch_up_counted = catch_up;
         self.metrics.replica_under_replicated.set(under);
         self.metrics.replica_leaderless.set(leaderless);
         self.metrics

@@ -139,3 +139,53 @@ fn a_batch_larger_than_a_frame_goes_in_parts_that_put_together_give_it_back() {
     let small = batch_of(&[1024, 1024]);
     assert_eq!(raft_frames(small.clone(), 100), vec![Message::Raft(small)]);
 }
+
+#[test]
+fn a_group_catching_a_replica_up_is_split_into_frames_in_order_with_its_signals_in_place() {
+    // Ten full 1 MiB appends of one group, as a leader sends when its
+    // in-flight window opens to a replica catching up.
+    let one = batch_of(&[1 << 20]);
+    let mut gm = one.groups[0].clone();
+    let message = gm.messages[0].clone();
+    gm.messages = (0..10)
+        .map(|i| {
+            let mut m = message.clone();
+            m.index = 9 + i;
+            m
+        })
+        .collect();
+    gm.progress_reset = true;
+    gm.recovering = true;
+    gm.hibernate = Some(shoal_proto::raft::Hibernate { term: 2, commit: 9 });
+    let batch = RaftBatch {
+        incarnation: 7,
+        groups: vec![gm.clone()],
+    };
+    let parts = split_batch(batch);
+    assert!(parts.len() >= 3, "10 MiB in frames of at most 4 MiB");
+    let runs: Vec<_> = parts.iter().flat_map(|b| &b.groups).collect();
+    let indexes: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| r.messages.iter().map(|m| m.index))
+        .collect();
+    assert_eq!(
+        indexes,
+        (9..19).collect::<Vec<_>>(),
+        "every message, in order"
+    );
+    for part in &parts {
+        assert_eq!(part.incarnation, 7);
+        assert!(
+            matches!(raft_frames(part.clone(), 1)[..], [Message::Raft(_)]),
+            "each part is one frame"
+        );
+    }
+    assert!(runs[0].progress_reset && runs[1..].iter().all(|r| !r.progress_reset));
+    assert!(runs.iter().all(|r| r.recovering && r.group == gm.group));
+    let (last, rest) = runs.split_last().unwrap();
+    assert_eq!(last.hibernate, gm.hibernate);
+    assert!(rest.iter().all(|r| r.hibernate.is_none()));
+    // A group under the limit stays whole.
+    let small = batch_of(&[1024, 1024]);
+    assert_eq!(split_batch(small.clone()), vec![small]);
+}

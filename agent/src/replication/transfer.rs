@@ -113,26 +113,29 @@ pub(super) fn raft_frames(batch: RaftBatch, transfer: u64) -> Vec<Message> {
 
 /// About how many bytes a group's messages take on the wire.
 fn batch_bytes(gm: &shoal_proto::raft::GroupMessages) -> usize {
+    gm.messages.iter().map(message_bytes).sum()
+}
+
+/// About how many bytes one Raft message takes on the wire.
+fn message_bytes(m: &shoal_proto::raft::RaftMessage) -> usize {
     use shoal_proto::raft::EntryPayload;
-    gm.messages
+    64 + m
+        .entries
         .iter()
-        .map(|m| {
-            64 + m
-                .entries
-                .iter()
-                .map(|e| match &e.payload {
-                    EntryPayload::Normal(d) => d.len() + 24,
-                    EntryPayload::ConfChange(_) => 128,
-                })
-                .sum::<usize>()
-                + m.snapshot.as_ref().map_or(0, |s| s.data.len())
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(d) => d.len() + 24,
+            EntryPayload::ConfChange(_) => 128,
         })
-        .sum()
+        .sum::<usize>()
+        + m.snapshot.as_ref().map_or(0, |s| s.data.len())
 }
 
 /// Splits one round's batch to a peer into frames of at most
-/// [`MAX_BATCH_DATA`] bytes of entries and snapshots (a single group's
-/// messages larger than that still go alone).
+/// [`MAX_BATCH_DATA`] bytes of entries and snapshots. A group whose
+/// messages are larger (a leader catching a replica up fills its in-flight
+/// window with full appends) is split too, its messages kept in order: only
+/// a single message larger than that goes alone (an earlier agent's
+/// snapshot, which may then need parts).
 pub(super) fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
     let incarnation = batch.incarnation;
     let mut out: Vec<RaftBatch> = Vec::new();
@@ -141,7 +144,7 @@ pub(super) fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
         groups: Vec::new(),
     };
     let mut bytes = 0;
-    for gm in batch.groups {
+    for gm in batch.groups.into_iter().flat_map(split_group) {
         let n = batch_bytes(&gm);
         if !current.groups.is_empty() && bytes + n > MAX_BATCH_DATA {
             out.push(std::mem::replace(
@@ -158,6 +161,51 @@ pub(super) fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
     }
     out.push(current);
     out
+}
+
+/// One group's messages in runs of at most [`MAX_BATCH_DATA`] bytes (a
+/// larger message alone). The signals go where they keep their meaning:
+/// `progress_reset` with the first run (the appends after it count),
+/// `hibernate` with the last (nothing follows it), `recovering` with each.
+fn split_group(gm: shoal_proto::raft::GroupMessages) -> Vec<shoal_proto::raft::GroupMessages> {
+    use shoal_proto::raft::GroupMessages;
+    if batch_bytes(&gm) <= MAX_BATCH_DATA || gm.messages.len() < 2 {
+        return vec![gm];
+    }
+    let GroupMessages {
+        group,
+        messages,
+        hibernate,
+        recovering,
+        progress_reset,
+    } = gm;
+    let mut runs: Vec<GroupMessages> = Vec::new();
+    let mut bytes = 0;
+    for m in messages {
+        let n = message_bytes(&m);
+        let start_run = match runs.last() {
+            None => true,
+            Some(run) => !run.messages.is_empty() && bytes + n > MAX_BATCH_DATA,
+        };
+        if start_run {
+            runs.push(GroupMessages {
+                group: group.clone(),
+                messages: Vec::new(),
+                hibernate: None,
+                recovering,
+                progress_reset: runs.is_empty() && progress_reset,
+            });
+            bytes = 0;
+        }
+        bytes += n;
+        if let Some(run) = runs.last_mut() {
+            run.messages.push(m);
+        }
+    }
+    if let Some(last) = runs.last_mut() {
+        last.hibernate = hibernate;
+    }
+    runs
 }
 
 impl Replication {

@@ -1,6 +1,6 @@
-//! A group's snapshots and compaction: building one at the applied index
-//! with the log it carries, installing one, retention, and re-sending one
-//! that was lost.
+//! A group's snapshots and compaction: building one (a manifest at the
+//! log's start), installing one, retention, and re-sending one that was
+//! lost.
 
 use super::*;
 
@@ -27,8 +27,21 @@ impl<S: LogStore> Group<S> {
         Ok(())
     }
 
-    /// Builds the snapshot raft-rs asked for: at the applied index, with the
-    /// configuration in force and every entry held up to there.
+    /// Builds the snapshot raft-rs asked for: a manifest, never the log.
+    ///
+    /// It stands at the entry before the log's start (whose term the store
+    /// keeps), so the replica it goes to then receives every entry the
+    /// leader holds through ordinary appends: read from the segments in
+    /// batches of `max_append_bytes`, paced by raft-rs's in-flight window,
+    /// whatever the partition's size. Two things in it are newer than its
+    /// index, both taken at the applied index:
+    /// - the state machine, so the replica skips applying the entries up to
+    ///   there (replaying them over newer state would not give the same
+    ///   dedupe window);
+    /// - the configuration in force, so a replica that joined as a learner
+    ///   is in it (raft-rs refuses a snapshot that leaves it out). The
+    ///   configuration entries it receives after the snapshot are at or
+    ///   below the applied index, so they are skipped with the rest.
     pub(crate) fn build_snapshot(&mut self) -> Result<(), Error> {
         if !self.node.store().snapshot_wanted.replace(false) {
             return Ok(());
@@ -40,29 +53,16 @@ impl<S: LogStore> Group<S> {
             return Ok(());
         }
         let log_start_term = store.term(log_start - 1)?;
-        let term = store.term(applied)?;
-        let mut entries = Vec::new();
-        let mut next = log_start;
-        while next <= applied {
-            let chunk = store.entries(next, applied + 1, 4 << 20)?;
-            let Some(last) = chunk.last().map(|e| e.index) else {
-                break;
-            };
-            for e in &chunk {
-                entries.push(wire::entry_to_wire(e).map_err(|e| StoreError::Io(e.to_string()))?);
-            }
-            next = last + 1;
-        }
         let body = SnapshotData {
             manifest: self.state.encode_manifest(),
             log_start,
             log_start_term,
-            entries,
+            entries: Vec::new(),
         };
         let mut snap = Snapshot::default();
         let m = snap.mut_metadata();
-        m.index = applied;
-        m.term = term;
+        m.index = log_start - 1;
+        m.term = log_start_term;
         m.set_conf_state(store.meta().conf_state.clone());
         snap.data = body.encode().into();
         self.node.mut_store().snapshot = Some(snap);

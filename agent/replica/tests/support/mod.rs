@@ -21,6 +21,8 @@ pub struct Round {
     pub committed: Vec<Committed>,
     /// Replicas that stopped on an error: (agent, reason).
     pub failed: Vec<(NodeId, String)>,
+    /// Bytes of the largest snapshot sent (its data).
+    pub largest_snapshot: usize,
 }
 
 /// One round of every driver: a tick, a process, and every batch delivered
@@ -40,6 +42,13 @@ pub fn round<S: LogStore>(drivers: &mut BTreeMap<NodeId, Driver<S>>) -> Round {
                 }
                 Event::Failed { reason, .. } => seen.failed.push((*id, reason)),
                 _ => {}
+            }
+        }
+    }
+    for (_, _, batch) in &mail {
+        for m in batch.groups.iter().flat_map(|g| &g.messages) {
+            if let Some(snap) = &m.snapshot {
+                seen.largest_snapshot = seen.largest_snapshot.max(snap.data.len());
             }
         }
     }
