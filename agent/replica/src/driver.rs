@@ -42,12 +42,14 @@ pub const DEFAULT_MAX_CONCURRENT_CHANGES: usize = 8;
 /// election timeouts before it is removed: voters that have not applied the
 /// change yet still count it.
 pub const REMOVAL_GRACE_ELECTIONS: usize = 20;
-/// Default largest append, in bytes of entry data.
-pub const DEFAULT_MAX_APPEND_BYTES: u64 = 1 << 20;
-/// Default appends in flight to one follower. A replica catching up gets a
-/// full window at once, so this times [`DEFAULT_MAX_APPEND_BYTES`] (16 MiB)
-/// bounds what a leader reads and sends per follower per round.
-pub const DEFAULT_MAX_INFLIGHT: usize = 16;
+/// Default largest append, in bytes of entry data (a single larger entry
+/// still goes alone).
+pub const DEFAULT_MAX_APPEND_BYTES: u64 = 256 << 10;
+/// Default appends in flight to one follower. Each proposal is an append of
+/// its own, so a publish of many messages needs many; a replica catching up
+/// gets a full window at once, so this times [`DEFAULT_MAX_APPEND_BYTES`]
+/// (16 MiB) bounds what a leader reads and sends per follower per round.
+pub const DEFAULT_MAX_INFLIGHT: usize = 64;
 
 /// Settings of a driver.
 #[derive(Debug, Clone)]

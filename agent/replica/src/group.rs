@@ -454,13 +454,12 @@ impl<S: LogStore> Group<S> {
             || raft.vote != hs.vote
     }
 
-    /// The last index both applied and in this replica's log. After a
-    /// snapshot the state machine is ahead of the log until the entries up
-    /// to it arrive.
+    /// The last index applied here, counting only entries this replica
+    /// holds and knows committed. After a snapshot the state machine is
+    /// ahead of the log until the entries up to it arrive and are known
+    /// committed.
     pub fn held_applied(&self) -> u64 {
-        self.state
-            .applied()
-            .min(self.node.raft.raft_log.last_index())
+        self.state.applied().min(self.node.raft.raft_log.applied())
     }
 
     /// A snapshot of what the group looks like from here.

@@ -5,6 +5,7 @@
 mod support;
 
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType};
+use shoal_proto::raft::RaftBatch;
 use shoal_replica::command::Command;
 use shoal_replica::disk::{DiskStore, SyncPolicy, STATE_FILE};
 use shoal_replica::store::{LogStore, RaftMeta};
@@ -418,6 +419,142 @@ fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
     assert!(
         largest_snapshot > 0 && largest_snapshot * 10 < copied_bytes,
         "the snapshot ({largest_snapshot} bytes) carries the log ({copied_bytes} bytes)"
+    );
+}
+
+/// A replica that installed a manifest-only snapshot holds a state machine
+/// ahead of its log, and may hold entries its leader has not yet told it
+/// are committed (a new leader's commit index lags until it commits an
+/// entry of its own term). Retention there keeps what raft-rs has yet to
+/// apply: raft-rs aborts the process when committed entries it must still
+/// hand out are gone.
+#[test]
+fn retention_on_a_replica_catching_up_keeps_what_raft_has_not_applied() {
+    let root = tempfile::tempdir().unwrap();
+    let group = GroupId {
+        namespace: "ns".into(),
+        topic: "orders".into(),
+        partition: 0,
+    };
+    let small = LogConfig {
+        segment_bytes: 512,
+        ..LogConfig::default()
+    };
+    let mut drivers: BTreeMap<NodeId, Driver<DiskStore>> = BTreeMap::new();
+    for id in 1..=4u64 {
+        let dir = root.path().join(format!("agent-{id}"));
+        let log_config = small.clone();
+        let join_dir = dir.clone();
+        let config = DriverConfig {
+            seed: 13,
+            ..DriverConfig::default()
+        };
+        let mut d: Driver<DiskStore> = Driver::new(
+            id,
+            config,
+            Box::new(move |_| DiskStore::open(&join_dir, log_config.clone())),
+        );
+        if id <= 3 {
+            d.open_group(
+                group.clone(),
+                DiskStore::open(&dir, small.clone()).unwrap(),
+                Bootstrap::Voters(vec![1, 2, 3]),
+            )
+            .unwrap();
+        }
+        drivers.insert(id, d);
+    }
+    for token in 0..150u64 {
+        if let Some((id, reason)) = support::round(&mut drivers).failed.first() {
+            panic!("agent {id}: {reason}");
+        }
+        if let Some(d) = drivers
+            .values_mut()
+            .find(|d| d.status(&group).is_some_and(|s| s.serving))
+        {
+            let body = format!("message {token} with some bytes to fill segments");
+            let data = Command::Message {
+                timestamp_ms: token,
+                id: None,
+                body: body.as_bytes(),
+            }
+            .encode()
+            .unwrap();
+            d.propose(&group, token, data).unwrap();
+        }
+    }
+    let leader = *drivers
+        .iter()
+        .find(|(_, d)| d.status(&group).is_some_and(|s| s.serving))
+        .unwrap()
+        .0;
+    let applied = drivers[&leader].status(&group).unwrap().applied;
+    for d in drivers.values_mut() {
+        if d.status(&group).is_some() {
+            d.compact(&group, applied - 20).unwrap();
+        }
+    }
+    let snapshot_index = drivers[&leader].status(&group).unwrap().first_index - 1;
+    for d in drivers.values_mut() {
+        d.set_replicas(&group, &[1, 2, 3, 4]);
+    }
+    // Agent 4 joins, but every commit index it hears stops at the
+    // snapshot's: it holds the entries after it, not yet committed.
+    let cap_commit = |_: NodeId, to: NodeId, batch: &mut RaftBatch| {
+        if to == 4 {
+            for m in batch.groups.iter_mut().flat_map(|g| &mut g.messages) {
+                m.commit = m.commit.min(snapshot_index);
+            }
+        }
+    };
+    for _ in 0..100 {
+        if let Some((id, reason)) = support::round_editing(&mut drivers, cap_commit)
+            .failed
+            .first()
+        {
+            panic!("agent {id}: {reason}");
+        }
+    }
+    let held = drivers[&4].status(&group).expect("agent 4 joined");
+    assert!(
+        held.last_index > snapshot_index && held.commit == snapshot_index,
+        "agent 4 holds entries past the snapshot, uncommitted: {held:?}"
+    );
+    drivers
+        .get_mut(&4)
+        .unwrap()
+        .compact(&group, u64::MAX)
+        .unwrap();
+    let cut = drivers[&4].status(&group).unwrap();
+    assert!(
+        cut.first_index <= snapshot_index + 1,
+        "retention cut entries raft-rs has not applied: {held:?} -> {cut:?}"
+    );
+    // The commit index reaches agent 4 with the next publish: raft-rs
+    // hands out every entry.
+    let data = Command::Message {
+        timestamp_ms: 1_000,
+        id: None,
+        body: b"one more",
+    }
+    .encode()
+    .unwrap();
+    drivers
+        .get_mut(&leader)
+        .unwrap()
+        .propose(&group, 1_000, data)
+        .unwrap();
+    for _ in 0..50 {
+        if let Some((id, reason)) = support::round(&mut drivers).failed.first() {
+            panic!("agent {id}: {reason}");
+        }
+    }
+    let l = drivers[&leader].status(&group).unwrap();
+    let s = drivers[&4].status(&group).unwrap();
+    assert_eq!(
+        (s.commit, s.applied),
+        (l.commit, l.applied),
+        "{s:?} vs {l:?}"
     );
 }
 

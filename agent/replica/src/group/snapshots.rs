@@ -116,8 +116,11 @@ impl<S: LogStore> Group<S> {
     /// applied). The meta written first says where the log starts and holds
     /// the state machine's manifest, from which a restart rebuilds it.
     pub(crate) fn compact(&mut self, first_index: u64) -> Result<(), Error> {
-        // The state machine may be ahead of a log a corrupt record cut.
-        let held = self.state.applied().min(self.store().last_index());
+        // The state machine may be ahead of the log: a corrupt record cut
+        // it, or a snapshot's manifest is newer than the entries received
+        // so far. raft-rs reads from what it applied on (a restart gives it
+        // the stored commit), so nothing past that may go.
+        let held = self.state.applied().min(self.node.raft.raft_log.applied());
         let upto = first_index.min(held + 1);
         if upto <= self.store().first_index() {
             return Ok(());

@@ -2,6 +2,7 @@
 //! from one to another, no clock.
 #![allow(dead_code)] // Each test file uses a part.
 
+use shoal_proto::raft::RaftBatch;
 use shoal_replica::store::LogStore;
 use shoal_replica::{Driver, Event, NodeId};
 use std::collections::BTreeMap;
@@ -28,6 +29,16 @@ pub struct Round {
 /// One round of every driver: a tick, a process, and every batch delivered
 /// to the drivers in `drivers` (a batch to one that is not there is lost).
 pub fn round<S: LogStore>(drivers: &mut BTreeMap<NodeId, Driver<S>>) -> Round {
+    round_editing(drivers, |_, _, _| {})
+}
+
+/// [`round`], with `edit(from, to, batch)` applied to every batch before it
+/// is delivered (a test's stand-in for what a real network or a lagging
+/// leader would send).
+pub fn round_editing<S: LogStore>(
+    drivers: &mut BTreeMap<NodeId, Driver<S>>,
+    mut edit: impl FnMut(NodeId, NodeId, &mut RaftBatch),
+) -> Round {
     let mut mail = Vec::new();
     let mut seen = Round::default();
     for (id, d) in drivers.iter_mut() {
@@ -52,7 +63,8 @@ pub fn round<S: LogStore>(drivers: &mut BTreeMap<NodeId, Driver<S>>) -> Round {
             }
         }
     }
-    for (from, to, batch) in mail {
+    for (from, to, mut batch) in mail {
+        edit(from, to, &mut batch);
         if let Some(d) = drivers.get_mut(&to) {
             d.step(from, batch);
         }
