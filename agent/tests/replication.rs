@@ -1063,7 +1063,8 @@ async fn a_replacement_catches_up_on_a_partition_larger_than_a_frame() {
     replace_agent_3(root.path(), &mut nodes);
     let all: Vec<&Node> = nodes.iter().collect();
     formed(&all, &["agent-1", "agent-2", "agent-4"]).await;
-    // Its voter seat needs the log: it came in the snapshot, on its disk.
+    // Its voter seat needs the log: it came through appends after a
+    // snapshot that carries none, and is on its disk.
     fn bytes_under(dir: &Path) -> u64 {
         std::fs::read_dir(dir)
             .into_iter()
@@ -1086,6 +1087,23 @@ async fn a_replacement_catches_up_on_a_partition_larger_than_a_frame() {
         !m.contains("raft_transfer_too_large"),
         "no transfer was refused"
     );
+    // The leaders counted the copy as catch-up (refreshed every second).
+    let started = Instant::now();
+    loop {
+        let mut copied = 0.0;
+        for n in &nodes {
+            let m = metrics(&n.agent.admin).await;
+            copied += metric_value(&m, "shoal_replica_catch_up_bytes_total").unwrap_or(0.0);
+        }
+        if copied >= 21.0 * 1024.0 * 1024.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the leaders counted {copied} catch-up bytes, less than the big partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let dups = check_read_back(&nodes[2].agent.client, "checker", &acked).await;
     assert_eq!(dups, 0);
 }

@@ -45,11 +45,14 @@ pub const REMOVAL_GRACE_ELECTIONS: usize = 20;
 /// Default largest append, in bytes of entry data (a single larger entry
 /// still goes alone).
 pub const DEFAULT_MAX_APPEND_BYTES: u64 = 256 << 10;
-/// Default appends in flight to one follower. Each proposal is an append of
-/// its own, so a publish of many messages needs many; a replica catching up
-/// gets a full window at once, so this times [`DEFAULT_MAX_APPEND_BYTES`]
-/// (16 MiB) bounds what a leader reads and sends per follower per round.
-pub const DEFAULT_MAX_INFLIGHT: usize = 64;
+/// Default appends in flight to one follower. A replica catching up gets a
+/// full window at once, so this times the larger of
+/// [`DEFAULT_MAX_APPEND_BYTES`] and the largest message (an entry larger
+/// than an append goes alone) bounds what a leader holds for it: 4 MiB of
+/// small messages, 16 MiB of 1 MiB ones. Each proposal is an append of its
+/// own, so a publish of more messages than this waits one more round trip
+/// for the rest, which then go in one append.
+pub const DEFAULT_MAX_INFLIGHT: usize = 16;
 
 /// Settings of a driver.
 #[derive(Debug, Clone)]
