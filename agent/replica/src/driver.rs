@@ -389,6 +389,24 @@ impl<S: LogStore> Driver<S> {
         g.propose(token, data)
     }
 
+    /// Proposes several commands as consecutive entries of the group this
+    /// agent leads, all or none, in one append to each follower. Each token
+    /// comes back in its own [`Event::Committed`] or [`Event::Dropped`].
+    /// Returns the first entry's index.
+    pub fn propose_many(
+        &mut self,
+        group: &GroupId,
+        commands: Vec<(u64, Vec<u8>)>,
+    ) -> Result<u64, Error> {
+        if commands.is_empty() {
+            return Err(Error::Raft(raft::Error::ProposalDropped));
+        }
+        let g = self
+            .group_mut(group)
+            .ok_or_else(|| Error::UnknownGroup(group_name(group)))?;
+        g.propose_many(commands)
+    }
+
     /// The voters a group should have (placement's choice). The leader
     /// moves toward them, paced.
     pub fn set_replicas(&mut self, group: &GroupId, voters: &[NodeId]) {

@@ -502,6 +502,19 @@ impl<S: LogStore> Group<S> {
     /// Proposes a command; `token` comes back in the driver's event when
     /// the entry is applied or lost. Returns the entry's index.
     pub(crate) fn propose(&mut self, token: u64, data: Vec<u8>) -> Result<u64, Error> {
+        self.propose_many(vec![(token, data)])
+    }
+
+    /// Proposes commands as consecutive entries, in proposals of up to an
+    /// append's size (`max_append_bytes`): raft-rs sends each proposal to
+    /// each follower in one append, where a proposal per command would be
+    /// an append and an acknowledgement per command. Each token comes back
+    /// in the driver's event when its entry is applied or lost. Returns the
+    /// first entry's index. A proposal is refused whole (not the leader,
+    /// leadership moving), and the state that refuses one does not change
+    /// within this call, so in practice all go or none: should a later one
+    /// be refused, the earlier ones still commit and report their tokens.
+    pub(crate) fn propose_many(&mut self, commands: Vec<(u64, Vec<u8>)>) -> Result<u64, Error> {
         if !self.is_leader() {
             return Err(Error::NotLeader {
                 group: group_name(&self.id),
@@ -511,15 +524,41 @@ impl<S: LogStore> Group<S> {
         if !self.serving() {
             return Err(Error::LeaderCatchingUp(group_name(&self.id)));
         }
-        let before = self.node.raft.raft_log.last_index();
-        self.node.propose(Vec::new(), data)?;
-        let index = self.node.raft.raft_log.last_index();
-        if index == before {
-            return Err(Error::Raft(raft::Error::ProposalDropped));
+        let first = self.node.raft.raft_log.last_index() + 1;
+        let limit = self.node.raft.max_msg_size;
+        let mut commands = commands.into_iter().peekable();
+        while commands.peek().is_some() {
+            let mut tokens = Vec::new();
+            let mut entries = Vec::new();
+            let mut bytes = 0u64;
+            while let Some((token, data)) =
+                commands.next_if(|(_, d)| entries.is_empty() || bytes + d.len() as u64 <= limit)
+            {
+                bytes += data.len() as u64;
+                tokens.push(token);
+                entries.push(Entry {
+                    data: data.into(),
+                    ..Entry::default()
+                });
+            }
+            let before = self.node.raft.raft_log.last_index();
+            let count = entries.len() as u64;
+            let mut m = Message::default();
+            m.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+            m.from = self.me;
+            m.set_entries(entries.into());
+            // What `RawNode::propose` does for one entry, for several.
+            self.node.raft.step(m)?;
+            if self.node.raft.raft_log.last_index() != before + count {
+                return Err(Error::Raft(raft::Error::ProposalDropped));
+            }
+            let term = self.node.raft.term;
+            for (i, token) in tokens.into_iter().enumerate() {
+                self.pending.insert(before + 1 + i as u64, (term, token));
+            }
         }
-        self.pending.insert(index, (self.node.raft.term, token));
         self.wake();
-        Ok(index)
+        Ok(first)
     }
 
     /// raft-rs draws election timeouts from the thread's RNG; the driver

@@ -410,6 +410,36 @@ impl Sim {
         let Some(&at) = serving.get(self.rng.usize(0..serving.len().max(1))) else {
             return;
         };
+        if self.rng.u32(0..4) == 0 {
+            // A publish of several messages: one proposal of consecutive
+            // entries.
+            let mut commands = Vec::new();
+            for _ in 0..self.rng.usize(2..5) {
+                self.token += 1;
+                let token = self.token;
+                let id = format!("m-{}-{token}", self.seed);
+                let body = format!("payload {token}");
+                let data = Command::Message {
+                    timestamp_ms: self.now * 100,
+                    id: Some(&id),
+                    body: body.as_bytes(),
+                }
+                .encode()
+                .expect("encodes");
+                commands.push((token, data));
+            }
+            let driver = self
+                .nodes
+                .get_mut(&at)
+                .and_then(|n| n.driver.as_mut())
+                .expect("live");
+            if driver.propose_many(&g, commands.clone()).is_ok() {
+                for (token, data) in commands {
+                    self.check.proposals.insert(token, (g.clone(), data));
+                }
+            }
+            return;
+        }
         self.token += 1;
         let token = self.token;
         let term = self.nodes[&at]

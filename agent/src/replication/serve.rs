@@ -211,6 +211,8 @@ impl Replication {
                 return messages.iter().map(|_| Err(e.clone())).collect();
             }
             let now = crate::time::now_ms();
+            let mut batch = Vec::with_capacity(messages.len());
+            let mut senders = Vec::with_capacity(messages.len());
             for m in &messages {
                 if m.client_id && window_ms > 0 {
                     let original = core
@@ -250,26 +252,38 @@ impl Replication {
                 };
                 let token = core.next_token;
                 core.next_token += 1;
-                match core.driver.propose(&g, token, data) {
+                let (tx, rx) = oneshot::channel();
+                batch.push((token, data));
+                senders.push((token, tx, pending.len()));
+                pending.push(Ok(rx));
+            }
+            // One proposal for the whole call: one append per follower.
+            if !batch.is_empty() {
+                match core.driver.propose_many(&g, batch) {
                     Ok(_) => {
-                        let (tx, rx) = oneshot::channel();
-                        core.waiters.insert(token, Waiter { tx });
-                        proposed += 1;
-                        pending.push(Ok(rx));
-                    }
-                    Err(e) => pending.push(Err(match e {
-                        // raft-rs drops proposals while leadership moves.
-                        shoal_replica::Error::NotLeader { .. }
-                        | shoal_replica::Error::LeaderCatchingUp(_)
-                        | shoal_replica::Error::Raft(raft::Error::ProposalDropped) => {
-                            not_leader(&topic.name, partition, None)
+                        proposed = senders.len();
+                        for (token, tx, _) in senders {
+                            core.waiters.insert(token, Waiter { tx });
                         }
-                        other => ApiError::unavailable(
-                            "storage_error",
-                            format!("the partition's group refused the message: {other}"),
-                            1,
-                        ),
-                    })),
+                    }
+                    Err(e) => {
+                        let error = match e {
+                            // raft-rs drops proposals while leadership moves.
+                            shoal_replica::Error::NotLeader { .. }
+                            | shoal_replica::Error::LeaderCatchingUp(_)
+                            | shoal_replica::Error::Raft(raft::Error::ProposalDropped) => {
+                                not_leader(&topic.name, partition, None)
+                            }
+                            other => ApiError::unavailable(
+                                "storage_error",
+                                format!("the partition's group refused the message: {other}"),
+                                1,
+                            ),
+                        };
+                        for (_, _, slot) in senders {
+                            pending[slot] = Err(error.clone());
+                        }
+                    }
                 }
             }
             core.waiters.len() <= proposed
