@@ -49,9 +49,9 @@ pub const DEFAULT_MAX_APPEND_BYTES: u64 = 256 << 10;
 /// full window at once, so this times the larger of
 /// [`DEFAULT_MAX_APPEND_BYTES`] and the largest message (an entry larger
 /// than an append goes alone) bounds what a leader holds for it: 4 MiB of
-/// small messages, 16 MiB of 1 MiB ones. Each proposal is an append of its
-/// own, so a publish of more messages than this waits one more round trip
-/// for the rest, which then go in one append.
+/// small messages, 16 MiB of 1 MiB ones. A publish is one proposal per
+/// append's worth of its messages ([`Driver::propose_many`]), so a window
+/// this small does not hold one back.
 pub const DEFAULT_MAX_INFLIGHT: usize = 16;
 
 /// Settings of a driver.
@@ -390,7 +390,8 @@ impl<S: LogStore> Driver<S> {
     }
 
     /// Proposes several commands as consecutive entries of the group this
-    /// agent leads, all or none, in one append to each follower. Each token
+    /// agent leads, all or none, in one append per `max_append_bytes` of
+    /// them to each follower. Each token
     /// comes back in its own [`Event::Committed`] or [`Event::Dropped`].
     /// Returns the first entry's index.
     pub fn propose_many(

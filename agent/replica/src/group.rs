@@ -25,6 +25,10 @@ use std::collections::{BTreeMap, BTreeSet};
 mod membership;
 mod snapshots;
 
+/// Bytes an entry takes in an append beyond its data (protobuf fields for
+/// its index, term and type, and framing), rounded up.
+const ENTRY_OVERHEAD_BYTES: u64 = 24;
+
 /// A peer's term may be ahead of this replica's by at most this many
 /// elections (pre-vote keeps a cut-off replica's term where it was).
 pub const MAX_TERM_JUMP: u64 = 1_000_000;
@@ -337,6 +341,9 @@ impl<S: LogStore> Group<S> {
             max_size_per_msg: config.max_append_bytes,
             max_inflight_msgs: config.max_inflight,
             check_quorum: true,
+            // Unlimited, so that `propose_many` appends all its entries or
+            // none: a limit could refuse a later part of one publish.
+            max_uncommitted_size: raft::NO_LIMIT,
             pre_vote: true,
             ..raft::Config::default()
         };
@@ -510,10 +517,10 @@ impl<S: LogStore> Group<S> {
     /// each follower in one append, where a proposal per command would be
     /// an append and an acknowledgement per command. Each token comes back
     /// in the driver's event when its entry is applied or lost. Returns the
-    /// first entry's index. A proposal is refused whole (not the leader,
-    /// leadership moving), and the state that refuses one does not change
-    /// within this call, so in practice all go or none: should a later one
-    /// be refused, the earlier ones still commit and report their tokens.
+    /// first entry's index. All go or none: raft-rs refuses a proposal for
+    /// being led no more, for a leadership transfer, or past
+    /// `max_uncommitted_size`; the first two cannot change within this
+    /// call, and the last is left unlimited (see [`Group::open`]).
     pub(crate) fn propose_many(&mut self, commands: Vec<(u64, Vec<u8>)>) -> Result<u64, Error> {
         if !self.is_leader() {
             return Err(Error::NotLeader {
@@ -531,10 +538,13 @@ impl<S: LogStore> Group<S> {
             let mut tokens = Vec::new();
             let mut entries = Vec::new();
             let mut bytes = 0u64;
+            // raft-rs cuts appends by each entry's encoded size: the data
+            // and a few bytes of index, term and framing.
+            let size = |d: &[u8]| d.len() as u64 + ENTRY_OVERHEAD_BYTES;
             while let Some((token, data)) =
-                commands.next_if(|(_, d)| entries.is_empty() || bytes + d.len() as u64 <= limit)
+                commands.next_if(|(_, d)| entries.is_empty() || bytes + size(d) <= limit)
             {
-                bytes += data.len() as u64;
+                bytes += size(&data);
                 tokens.push(token);
                 entries.push(Entry {
                     data: data.into(),
@@ -554,7 +564,11 @@ impl<S: LogStore> Group<S> {
             }
             let term = self.node.raft.term;
             for (i, token) in tokens.into_iter().enumerate() {
-                self.pending.insert(before + 1 + i as u64, (term, token));
+                // An index proposed again in a later term: the entry that
+                // held it was cut before it committed, and its token is lost.
+                if let Some((_, lost)) = self.pending.insert(before + 1 + i as u64, (term, token)) {
+                    self.events.push(GroupEvent::Dropped { token: lost });
+                }
             }
         }
         self.wake();
