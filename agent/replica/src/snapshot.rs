@@ -6,8 +6,8 @@
 //! batches, whatever the partition's size (see `Group::build_snapshot`).
 //! Earlier agents built theirs at the applied index with every entry the
 //! leader held in it; `entries` carries those, and this agent still
-//! installs them, so a rolling upgrade mixes both. A body is decoded with postcard and checked
-//! before raft-rs sees it.
+//! installs them, so a rolling upgrade mixes both. A body is decoded with
+//! postcard and checked before raft-rs sees it.
 
 use crate::wire::{self, WireError};
 use raft::eraftpb::Entry;

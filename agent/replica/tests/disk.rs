@@ -317,13 +317,13 @@ fn three_replicas_on_disk_agree_and_one_restarts_from_its_files() {
     assert_eq!(logs[0], logs[2]);
 }
 
-/// Retention cuts the leader's log (whole segments), then a fourth agent
-/// joins: it catches up from a snapshot that carries a manifest and no
-/// entry, then every message the leader still holds arrives there through
-/// appends read from the files.
-#[test]
-fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
-    let root = tempfile::tempdir().unwrap();
+/// Agents 1 to 4 with drivers on disk under `root` (512-byte segments, so
+/// retention has whole segments to drop); agents 1, 2 and 3 are the
+/// voters of one group, agent 4 holds nothing until it is asked to join.
+fn three_voters_and_a_fourth_on_disk(
+    root: &Path,
+    seed: u64,
+) -> (GroupId, BTreeMap<NodeId, Driver<DiskStore>>) {
     let group = GroupId {
         namespace: "ns".into(),
         topic: "orders".into(),
@@ -333,16 +333,15 @@ fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
         segment_bytes: 512,
         ..LogConfig::default()
     };
-    let voters: Vec<NodeId> = vec![1, 2, 3];
     let mut drivers: BTreeMap<NodeId, Driver<DiskStore>> = BTreeMap::new();
     for id in 1..=4u64 {
-        let dir = root.path().join(format!("agent-{id}"));
-        let config = DriverConfig {
-            seed: 11,
-            ..DriverConfig::default()
-        };
+        let dir = root.join(format!("agent-{id}"));
         let log_config = small.clone();
         let join_dir = dir.clone();
+        let config = DriverConfig {
+            seed,
+            ..DriverConfig::default()
+        };
         let mut d: Driver<DiskStore> = Driver::new(
             id,
             config,
@@ -352,12 +351,23 @@ fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
             d.open_group(
                 group.clone(),
                 DiskStore::open(&dir, small.clone()).unwrap(),
-                Bootstrap::Voters(voters.clone()),
+                Bootstrap::Voters(vec![1, 2, 3]),
             )
             .unwrap();
         }
         drivers.insert(id, d);
     }
+    (group, drivers)
+}
+
+/// Retention cuts the leader's log (whole segments), then a fourth agent
+/// joins: it catches up from a snapshot that carries a manifest and no
+/// entry, then every message the leader still holds arrives there through
+/// appends read from the files.
+#[test]
+fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
+    let root = tempfile::tempdir().unwrap();
+    let (group, mut drivers) = three_voters_and_a_fourth_on_disk(root.path(), 11);
     let mut token = 0;
     let mut largest_snapshot = 0;
     let mut run =
@@ -431,39 +441,7 @@ fn a_replica_joins_from_a_snapshot_after_retention_on_disk() {
 #[test]
 fn retention_on_a_replica_catching_up_keeps_what_raft_has_not_applied() {
     let root = tempfile::tempdir().unwrap();
-    let group = GroupId {
-        namespace: "ns".into(),
-        topic: "orders".into(),
-        partition: 0,
-    };
-    let small = LogConfig {
-        segment_bytes: 512,
-        ..LogConfig::default()
-    };
-    let mut drivers: BTreeMap<NodeId, Driver<DiskStore>> = BTreeMap::new();
-    for id in 1..=4u64 {
-        let dir = root.path().join(format!("agent-{id}"));
-        let log_config = small.clone();
-        let join_dir = dir.clone();
-        let config = DriverConfig {
-            seed: 13,
-            ..DriverConfig::default()
-        };
-        let mut d: Driver<DiskStore> = Driver::new(
-            id,
-            config,
-            Box::new(move |_| DiskStore::open(&join_dir, log_config.clone())),
-        );
-        if id <= 3 {
-            d.open_group(
-                group.clone(),
-                DiskStore::open(&dir, small.clone()).unwrap(),
-                Bootstrap::Voters(vec![1, 2, 3]),
-            )
-            .unwrap();
-        }
-        drivers.insert(id, d);
-    }
+    let (group, mut drivers) = three_voters_and_a_fourth_on_disk(root.path(), 13);
     for token in 0..150u64 {
         if let Some((id, reason)) = support::round(&mut drivers).failed.first() {
             panic!("agent {id}: {reason}");
