@@ -217,6 +217,12 @@ pub struct Config {
     #[arg(long, env = "SHOAL_METRICS_TOPIC_LABELS", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics_topic_labels: bool,
 
+    /// Threads running the agent's tasks (the app API, the mesh, routing;
+    /// replicated partitions' disk writes have a thread of their own). A
+    /// sidecar shares its pod's CPU with the app: 1 to 64.
+    #[arg(long, env = "SHOAL_WORKER_THREADS", default_value_t = crate::entry::DEFAULT_WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub worker_threads: u16,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, env = "SHOAL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -434,3 +440,6 @@ impl Config {
             .unwrap_or_else(|| "shoal-agent".to_string())
     }
 }
+
+#[cfg(test)]
+mod tests;

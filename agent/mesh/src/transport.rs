@@ -16,6 +16,10 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Streams a peer may have open at once on one connection (quinn's default
 /// is 100).
 pub const MAX_STREAMS_PER_PEER: u32 = 8;
+/// Packets a peer may receive before it must acknowledge them (the QUIC
+/// ACK-frequency extension; quinn's default is 1, an ACK for every other
+/// packet). A peer without the extension acknowledges as usual.
+pub const ACK_ELICITING_THRESHOLD: u32 = 8;
 /// Server name sent when dialing; not checked (peers are named by SPIFFE ID).
 const SERVER_NAME: &str = "shoal-agent";
 
@@ -45,6 +49,13 @@ fn transport() -> Arc<quinn::TransportConfig> {
     // bounds what one peer can make an agent hold.
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS_PER_PEER));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    // Mesh traffic is requests and their answers, which carry the ACKs
+    // back; an ACK-only packet for every other packet cost each hop a
+    // datagram to send, receive and decrypt. Out-of-order packets are still
+    // acknowledged at once, so loss is detected as quickly as before.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    t.ack_frequency_config(Some(acks));
     Arc::new(t)
 }
 

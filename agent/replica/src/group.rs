@@ -345,6 +345,12 @@ impl<S: LogStore> Group<S> {
             // none: a limit could refuse a later part of one publish.
             max_uncommitted_size: raft::NO_LIMIT,
             pre_vote: true,
+            // A new commit index reaches followers with the next append or
+            // heartbeat instead of in an append of its own: one message per
+            // follower per proposal instead of two. Only the leader serves
+            // reads and acks, so a follower learning it later costs nothing;
+            // configuration changes are still broadcast at once (raft-rs).
+            skip_bcast_commit: true,
             ..raft::Config::default()
         };
         let node = RawNode::new(

@@ -24,8 +24,13 @@ use std::time::Instant;
 type Placed = (usize, u32, AppMessage);
 
 /// Publish calls to one agent for one topic sent at once; more wait and go
-/// together in the next call.
-pub const FORWARD_CALLS_PER_LANE: usize = 4;
+/// together in the next call. One is the classic group commit: every call
+/// costs the leader a proposal round and each follower an append, so the
+/// publishes that arrive while a call is out are worth gathering into the
+/// next. With 64 publishes in flight through a follower, 1, 2, 4, 8 and 16
+/// calls per lane gave 36.9k, 33.1k, 32.0k, 30.6k and 28.2k acks/s
+/// (docs/benchmarks.md).
+pub const FORWARD_CALLS_PER_LANE: usize = 1;
 
 /// Per-message results of a forward.
 type Outcomes = Vec<Result<PublishOutcome, ApiError>>;
