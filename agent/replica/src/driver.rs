@@ -374,6 +374,13 @@ impl<S: LogStore> Driver<S> {
         self.groups.get(group).map(Group::status)
     }
 
+    /// The leader of a group held here, as far as its replica knows
+    /// (`Some(None)`: none known now; `None`: no replica here). What a
+    /// publish asks on its way, without building a whole [`GroupStatus`].
+    pub fn leader(&self, group: &GroupId) -> Option<Option<NodeId>> {
+        self.groups.get(group).map(Group::leader)
+    }
+
     /// Work counters.
     pub fn stats(&self) -> &DriverStats {
         &self.stats

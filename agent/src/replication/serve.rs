@@ -22,6 +22,23 @@ impl Replication {
     /// Where to send a publish or a read of `topic`/`partition` now.
     pub fn route(&self, topic: &str, partition: u32) -> Route {
         let g = self.group_id(topic, partition);
+        // The usual case, asked on every publish: this agent's replica
+        // knows a leader that is up (no status built, no vectors copied).
+        let leader = lock(&self.core).driver.leader(&g).flatten();
+        if let Some(leader) = leader {
+            if leader == self.me_id {
+                return Route::Local;
+            }
+            let peers = lock(&self.peers);
+            if let Some((name, addr)) = peers.by_id.get(&leader) {
+                if !peers.down.contains(name) {
+                    return Route::Peer {
+                        node: name.clone(),
+                        addr: *addr,
+                    };
+                }
+            }
+        }
         let status = lock(&self.core).driver.status(&g);
         let peers = lock(&self.peers);
         let live = |name: &str| -> Option<SocketAddr> {
@@ -108,7 +125,7 @@ impl Replication {
     /// agent's replica knows it; `None` when it holds no replica.
     pub fn has_live_leader(&self, topic: &str, partition: u32) -> Option<bool> {
         let g = self.group_id(topic, partition);
-        let leader = lock(&self.core).driver.status(&g)?.leader;
+        let leader = lock(&self.core).driver.leader(&g)?;
         let Some(leader) = leader else {
             return Some(false);
         };
@@ -132,7 +149,7 @@ impl Replication {
         let led: Vec<GroupId> = core
             .driver
             .groups()
-            .filter(|g| core.driver.status(g).is_some_and(|s| s.leader == Some(id)))
+            .filter(|g| core.driver.leader(g) == Some(Some(id)))
             .cloned()
             .collect();
         for g in &led {
