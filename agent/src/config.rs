@@ -218,8 +218,8 @@ pub struct Config {
     pub metrics_topic_labels: bool,
 
     /// Threads running the agent's tasks (the app API, the mesh, routing;
-    /// replicated partitions' disk writes have a thread of their own). A
-    /// sidecar shares its pod's CPU with the app: 1 to 64.
+    /// replicated partitions' periodic fsyncs run on a thread of their own).
+    /// A sidecar shares its pod's CPU with the app: 1 to 64.
     #[arg(long, env = "SHOAL_WORKER_THREADS", default_value_t = crate::entry::DEFAULT_WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub worker_threads: u16,
 

@@ -8,9 +8,9 @@ use tokio::sync::watch;
 /// Worker threads of the agent's runtime by default (`--worker-threads`).
 /// A sidecar shares its pod's CPU with the app, and one worker hands work
 /// between its tasks without waking another thread: on two cores shared by
-/// three agents it answered a publish waiting for each ack in 0.19 ms
-/// instead of 0.27 ms (docs/benchmarks.md). Replicated partitions' disk
-/// writes keep a thread of their own.
+/// three agents it answered a publish waiting for each ack at a p50 of
+/// 0.26 ms instead of 0.36 ms (docs/benchmarks.md). Replicated partitions'
+/// periodic fsyncs run on a thread of their own.
 pub const DEFAULT_WORKER_THREADS: u16 = 1;
 
 /// How the process around the agent behaves.

@@ -374,6 +374,17 @@ impl<S: LogStore> Driver<S> {
         self.groups.get(group).map(Group::status)
     }
 
+    /// Whether a group's leader sends a new commit index at once, in an
+    /// append of its own (`true`), or with its next append or heartbeat
+    /// (the default). A group whose followers act on what commits wants it
+    /// at once: the meta group's creation records found groups on every
+    /// founder, whose first election waits for them.
+    pub fn broadcast_commits(&mut self, group: &GroupId, at_once: bool) {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.node.raft.skip_bcast_commit(!at_once);
+        }
+    }
+
     /// The leader of a group held here, as far as its replica knows
     /// (`Some(None)`: none known now; `None`: no replica here). What a
     /// publish asks on its way, without building a whole [`GroupStatus`].

@@ -349,7 +349,9 @@ impl<S: LogStore> Group<S> {
             // heartbeat instead of in an append of its own: one message per
             // follower per proposal instead of two. Only the leader serves
             // reads and acks, so a follower learning it later costs nothing;
-            // configuration changes are still broadcast at once (raft-rs).
+            // configuration changes are still broadcast at once (raft-rs), and
+            // a group whose followers act on commits can ask for every one
+            // (`Driver::broadcast_commits`).
             skip_bcast_commit: true,
             ..raft::Config::default()
         };

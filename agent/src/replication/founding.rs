@@ -121,6 +121,9 @@ impl Replication {
     /// name this agent.
     pub(super) fn apply_meta(&self, core: &mut Core) {
         let meta = meta_group();
+        // Founders create their replicas when a record commits here: they
+        // must hear of it before the first founder asks for their votes.
+        core.driver.broadcast_commits(&meta, true);
         let Some(g) = core.driver.group(&meta) else {
             return;
         };
