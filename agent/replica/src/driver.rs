@@ -54,6 +54,11 @@ pub const DEFAULT_MAX_APPEND_BYTES: u64 = 256 << 10;
 /// this small does not hold one back.
 pub const DEFAULT_MAX_INFLIGHT: usize = 16;
 
+/// Bytes an entry takes in an append beyond its data (protobuf fields for
+/// its index, term and type, and framing), rounded up: what a proposal
+/// counts per entry when it cuts its commands into appends.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 24;
+
 /// Settings of a driver.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {

@@ -25,10 +25,6 @@ use std::collections::{BTreeMap, BTreeSet};
 mod membership;
 mod snapshots;
 
-/// Bytes an entry takes in an append beyond its data (protobuf fields for
-/// its index, term and type, and framing), rounded up.
-const ENTRY_OVERHEAD_BYTES: u64 = 24;
-
 /// A peer's term may be ahead of this replica's by at most this many
 /// elections (pre-vote keeps a cut-off replica's term where it was).
 pub const MAX_TERM_JUMP: u64 = 1_000_000;
@@ -548,7 +544,7 @@ impl<S: LogStore> Group<S> {
             let mut bytes = 0u64;
             // raft-rs cuts appends by each entry's encoded size: the data
             // and a few bytes of index, term and framing.
-            let size = |d: &[u8]| d.len() as u64 + ENTRY_OVERHEAD_BYTES;
+            let size = |d: &[u8]| d.len() as u64 + crate::driver::ENTRY_OVERHEAD_BYTES;
             while let Some((token, data)) =
                 commands.next_if(|(_, d)| entries.is_empty() || bytes + size(d) <= limit)
             {

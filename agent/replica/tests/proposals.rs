@@ -8,7 +8,7 @@ mod support;
 
 use shoal_proto::raft::RaftMessageKind;
 use shoal_replica::command::Command;
-use shoal_replica::driver::DEFAULT_MAX_APPEND_BYTES;
+use shoal_replica::driver::{DEFAULT_MAX_APPEND_BYTES, ENTRY_OVERHEAD_BYTES};
 use shoal_replica::store::MemStore;
 use shoal_replica::{Bootstrap, Driver, DriverConfig, GroupId, NodeId};
 use std::collections::BTreeMap;
@@ -36,8 +36,11 @@ fn a_many_message_proposal_goes_in_a_few_appends_and_every_token_commits_in_orde
             (token, data)
         })
         .collect();
-    // raft-rs cuts appends by encoded size: the data and some 20 bytes.
-    let bytes: usize = commands.iter().map(|(_, d)| d.len() + 24).sum();
+    // raft-rs cuts appends by encoded size: the data and a few bytes more.
+    let bytes: usize = commands
+        .iter()
+        .map(|(_, d)| d.len() + ENTRY_OVERHEAD_BYTES as usize)
+        .sum();
     let most_appends = bytes.div_ceil(DEFAULT_MAX_APPEND_BYTES as usize);
     let first = drivers
         .get_mut(&leader)

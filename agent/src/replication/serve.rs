@@ -39,7 +39,11 @@ impl Replication {
                 }
             }
         }
-        let status = lock(&self.core).driver.status(&g);
+        let voters = lock(&self.core)
+            .driver
+            .status(&g)
+            .map(|s| s.voters)
+            .unwrap_or_default();
         let peers = lock(&self.peers);
         let live = |name: &str| -> Option<SocketAddr> {
             if peers.down.contains(name) {
@@ -48,19 +52,6 @@ impl Replication {
                 peers.addrs.get(name).copied()
             }
         };
-        if let Some(s) = &status {
-            if s.leader == Some(self.me_id) {
-                return Route::Local;
-            }
-            if let Some((name, addr)) = s.leader.and_then(|l| peers.by_id.get(&l)) {
-                if !peers.down.contains(name) {
-                    return Route::Peer {
-                        node: name.clone(),
-                        addr: *addr,
-                    };
-                }
-            }
-        }
         let key = (topic.to_string(), partition);
         let skip = match peers.hints.get(&key) {
             Some(Hint::Leader(node)) => {
@@ -75,10 +66,6 @@ impl Replication {
             Some(Hint::Skip(n)) => *n,
             None => 0,
         };
-        let voters = status
-            .as_ref()
-            .map(|s| s.voters.clone())
-            .unwrap_or_default();
         let wanted = self.wanted(&peers, &g, &voters);
         let candidates: Vec<(String, Option<SocketAddr>)> = wanted
             .iter()
