@@ -93,6 +93,13 @@ const SIZE_RETENTION_EVERY_TICKS: u64 = 50;
 /// moves the log's start by whole messages (a state write), so a partition
 /// that expires messages all the time does it once a minute.
 const AGE_RETENTION_EVERY_TICKS: u64 = 300;
+/// Most groups a round creates from the meta log. Creating one makes its
+/// folder and files (a few milliseconds on an overlay filesystem) under the
+/// driver's lock: a topic of 1,000 partitions created at once would stall
+/// every group's ticks and messages for seconds, long enough for the meta
+/// group to lose its leader.
+const FOUNDED_PER_ROUND: usize = 32;
+
 /// File listing the groups this agent created, so a restart that replays
 /// the meta log never creates one twice.
 const CREATED_FILE: &str = "created.json";
@@ -230,12 +237,18 @@ struct Core {
     recorded: HashMap<String, u32>,
     /// The tick this agent's meta replica last saw a new leader.
     meta_lead_since: u64,
+    /// The tick this agent, as meta leader, first saw partitions without a
+    /// creation record (`None` when every partition has one).
+    founding_wait_since: Option<u64>,
     /// The driver's catch-up bytes already counted in the metric.
     catch_up_counted: u64,
     /// Creation records proposed by this agent as meta leader, not yet applied.
     proposed: BTreeSet<(String, String, u32)>,
     /// Groups this agent created (kept in [`CREATED_FILE`]).
     created: BTreeSet<String>,
+    /// Groups the meta log told this agent to create, not created yet:
+    /// taken [`FOUNDED_PER_ROUND`] a round.
+    to_found: std::collections::VecDeque<(GroupId, Vec<NodeId>)>,
     /// Consumer offsets waiting to go through the log.
     pending_commits: BTreeMap<(String, u32, String), u64>,
     /// When (in ticks) leadership of a group was last handed to
@@ -285,6 +298,16 @@ pub struct Replication {
     incarnation: u64,
     /// Transfers in parts being put together, by sender.
     assembling: Mutex<HashMap<SocketAddr, Assembly>>,
+    /// Peers' batches that came while a round held the core (its fsyncs,
+    /// a batch of new groups): stepped, in arrival order, before anything
+    /// else the next time the core is taken, so the task that read them
+    /// never waits for the disk.
+    /// With the entry bytes they hold (bounded).
+    #[allow(clippy::type_complexity)]
+    inbox: Mutex<(
+        Vec<(NodeId, SocketAddr, shoal_proto::raft::RaftBatch)>,
+        usize,
+    )>,
     /// The id of this agent's next transfer in parts.
     next_transfer: Arc<std::sync::atomic::AtomicU64>,
     /// Peers a transfer in parts is on its way to.
@@ -436,6 +459,11 @@ impl Replication {
             driver
                 .open_group(meta.clone(), store, Bootstrap::Voters(vec![me_id]))
                 .map_err(|e| format!("cannot create the meta group: {e}"))?;
+            // Its only voter: it leads at once, not after an election
+            // timeout, so the others join a new mesh's meta group sooner.
+            if let Err(e) = driver.campaign(&meta) {
+                tracing::debug!(error = %e, "the new meta group could not campaign at once; the election timeout will");
+            }
             tracing::info!("created the mesh's meta group (this agent was started without --join)");
         }
         let created = std::fs::read(root.join(CREATED_FILE))
@@ -458,9 +486,11 @@ impl Replication {
                 records: BTreeSet::new(),
                 recorded: HashMap::new(),
                 meta_lead_since: 0,
+                founding_wait_since: None,
                 catch_up_counted: 0,
                 proposed: BTreeSet::new(),
                 created,
+                to_found: std::collections::VecDeque::new(),
                 pending_commits: BTreeMap::new(),
                 transferred_at: HashMap::new(),
                 under_warned: BTreeSet::new(),
@@ -479,6 +509,7 @@ impl Replication {
             thread: Mutex::new(None),
             incarnation,
             assembling: Mutex::new(HashMap::new()),
+            inbox: Mutex::new((Vec::new(), 0)),
             // Unique across runs: a receiver never mistakes a new run's
             // transfer for the middle of an old one.
             next_transfer: Arc::new(std::sync::atomic::AtomicU64::new(
@@ -545,7 +576,7 @@ impl Replication {
                     }
                     let now = std::time::Instant::now();
                     if now >= next_flush {
-                        lock(&this.core).driver.flush_stores();
+                        this.flush_interval_stores();
                         next_flush = now + this.fsync_interval;
                     }
                     if now >= next_tick {
@@ -562,6 +593,47 @@ impl Replication {
                 tracing::error!(error = %e, "cannot start the replication thread; replicated partitions stay unavailable")
             }
         }
+    }
+
+    /// Fsyncs what `interval` topics wrote since the last flush. The fsyncs
+    /// run without the driver's lock: with one worker thread, a publish or
+    /// a peer's batch waiting for that lock would stall the whole runtime
+    /// for as long as the disk takes.
+    fn flush_interval_stores(&self) {
+        let pending: Vec<(GroupId, shoal_storage::SyncHandle)> = {
+            let mut core = lock(&self.core);
+            let written = core.driver.take_written();
+            written
+                .into_iter()
+                .filter_map(|id| {
+                    let handle = core.driver.store_mut(&id)?.begin_flush()?;
+                    Some((id, handle))
+                })
+                .collect()
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let results: Vec<_> = pending
+            .into_iter()
+            .map(|(id, handle)| {
+                let synced = handle.sync();
+                (id, synced)
+            })
+            .collect();
+        let mut core = lock(&self.core);
+        let mut synced = 0;
+        for (id, result) in results {
+            // A group closed meanwhile has nothing left to mark.
+            let Some(store) = core.driver.store_mut(&id) else {
+                continue;
+            };
+            match store.end_flush(result) {
+                Ok(()) => synced += 1,
+                Err(e) => core.driver.stop_group(&id, e.to_string()),
+            }
+        }
+        core.driver.count_syncs(synced);
     }
 
     /// Waits (blocking) until the driver's thread has ended, after its stop
@@ -596,16 +668,19 @@ impl Replication {
             drop(core);
             self.wake.wake();
         } else {
-            self.round_in(core, false);
+            self.round_in(core, false, false);
         }
     }
 
     /// One round: tick (if due), process every group, send what it hands out.
     fn round(&self, ticked: bool) {
-        self.round_in(lock(&self.core), ticked);
+        self.round_in(lock(&self.core), ticked, true);
     }
 
-    fn round_in(&self, mut core: MutexGuard<'_, Core>, ticked: bool) {
+    /// `on_driver_thread`: the round may take its time (create new groups'
+    /// files); on a caller's task it leaves that to the driver's thread.
+    fn round_in(&self, mut core: MutexGuard<'_, Core>, ticked: bool, on_driver_thread: bool) {
+        self.step_inbox(&mut core);
         let (outbox, removed) = {
             if ticked {
                 core.driver.tick();
@@ -630,7 +705,7 @@ impl Replication {
             }
             let outbox = core.driver.process();
             let removed = self.handle_events(&mut core);
-            self.apply_meta(&mut core);
+            self.apply_meta(&mut core, on_driver_thread);
             if ticked {
                 // Counted over every group: once a tick, not on every
                 // publish's round.
@@ -744,6 +819,7 @@ impl Replication {
                     if is_meta(&group) {
                         core.proposed.clear();
                         core.meta_lead_since = core.ticks;
+                        core.founding_wait_since = None;
                     }
                 }
                 Event::Removed { group } => {

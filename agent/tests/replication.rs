@@ -1015,6 +1015,31 @@ async fn a_new_topics_groups_outlive_the_meta_leader_dying_as_they_form() {
     assert_eq!(dups, 0);
 }
 
+/// A topic created the moment a new mesh's agents see each other, before
+/// the meta group has taken them all in, is still founded by all three
+/// (each lists every partition in its `created.json`), not by the meta
+/// leader alone with the others added one group at a time afterwards.
+#[tokio::test]
+async fn a_topic_created_as_a_new_mesh_forms_is_founded_by_all_its_replicas() {
+    let root = tempdir();
+    let (nodes, _) = formed_mesh(root.path()).await;
+    for node in &nodes {
+        let path = root.path().join(&node.name).join("replicas/created.json");
+        let created: BTreeSet<String> =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let ours: BTreeSet<String> = created
+            .into_iter()
+            .filter(|g| g.contains(&format!("/{TOPIC}/")))
+            .collect();
+        assert_eq!(
+            ours.len() as u64,
+            PARTITIONS,
+            "{} founded {ours:?}, not every partition of {TOPIC}",
+            node.name
+        );
+    }
+}
+
 /// A replica that replaces a lost one in a partition holding more than a
 /// mesh frame's worth (17 MiB) gets every message: the leader's snapshot,
 /// which carries the partition's log, crosses the mesh in parts.

@@ -147,6 +147,9 @@ pub struct DiskStore {
     policy: SyncPolicy,
     /// Files written and not yet fsynced (`Interval`, `Never`).
     unsynced: Option<shoal_storage::SyncHandle>,
+    /// Files a flush outside the lock is fsyncing now
+    /// ([`DiskStore::begin_flush`]); not durable until it ends.
+    flushing: Option<shoal_storage::SyncHandle>,
     meta: RaftMeta,
     /// What `raft-state` holds now.
     written: StateFile,
@@ -196,6 +199,7 @@ impl DiskStore {
             log,
             policy: SyncPolicy::Always,
             unsynced: None,
+            flushing: None,
             written: StateFile::of(&meta),
             meta,
             lost: problem.is_some(),
@@ -234,6 +238,14 @@ impl DiskStore {
     /// them pending (and the caller stops the replica: after a failed fsync
     /// the kernel may have dropped the pages, so a retry proves nothing).
     fn sync_unsynced(&mut self) -> Result<(), StoreError> {
+        // A flush under way outside the lock may not have reached these
+        // files yet: what must be durable now is synced here as well.
+        if let Some(handle) = self.flushing.take() {
+            match &mut self.unsynced {
+                Some(pending) => pending.merge(handle),
+                None => self.unsynced = Some(handle),
+            }
+        }
         if let Some(handle) = self.unsynced.take() {
             if let Err(e) = handle.sync() {
                 self.unsynced = Some(handle);
@@ -241,6 +253,44 @@ impl DiskStore {
             }
         }
         Ok(())
+    }
+
+    /// Starts an `interval` flush that the caller runs without holding
+    /// the driver's lock, so an fsync does not stall publishes and peers:
+    /// hands out the files written since the last flush, and keeps them as
+    /// not yet durable until [`DiskStore::end_flush`]. `None` when there is
+    /// nothing to flush (or the policy is not `interval`).
+    pub fn begin_flush(&mut self) -> Option<shoal_storage::SyncHandle> {
+        if self.policy != SyncPolicy::Interval {
+            return None;
+        }
+        let handle = self.unsynced.take()?;
+        match &mut self.flushing {
+            Some(flushing) => flushing.merge(handle.clone()),
+            None => self.flushing = Some(handle.clone()),
+        }
+        Some(handle)
+    }
+
+    /// Ends a flush [`DiskStore::begin_flush`] started, with the fsync's
+    /// result. A failed fsync keeps the files pending and fails the store
+    /// (the caller stops the replica, as after a failed write), even if
+    /// another sync covered them meanwhile: after a failed fsync the kernel
+    /// may have dropped the pages.
+    pub fn end_flush(&mut self, synced: std::io::Result<()>) -> Result<(), StoreError> {
+        let flushed = self.flushing.take();
+        match synced {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Some(handle) = flushed {
+                    match &mut self.unsynced {
+                        Some(pending) => pending.merge(handle),
+                        None => self.unsynced = Some(handle),
+                    }
+                }
+                Err(io(e))
+            }
+        }
     }
 
     /// The underlying log (for reads by consumers and storage gauges).
@@ -444,7 +494,9 @@ impl LogStore for DiskStore {
     }
 
     fn flush(&mut self) -> Result<bool, StoreError> {
-        if self.policy != SyncPolicy::Interval || self.unsynced.is_none() {
+        if self.policy != SyncPolicy::Interval
+            || (self.unsynced.is_none() && self.flushing.is_none())
+        {
             return Ok(false);
         }
         self.sync_unsynced()?;

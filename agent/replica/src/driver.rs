@@ -374,6 +374,18 @@ impl<S: LogStore> Driver<S> {
         synced
     }
 
+    /// Takes the groups written since the last flush, for a shell that
+    /// syncs their stores outside its lock (see `DiskStore::begin_flush`);
+    /// [`Driver::flush_stores`] is the same in one step, under the lock.
+    pub fn take_written(&mut self) -> BTreeSet<GroupId> {
+        std::mem::take(&mut self.written)
+    }
+
+    /// Counts stores the shell synced itself (after [`Driver::take_written`]).
+    pub fn count_syncs(&mut self, synced: u64) {
+        self.stats.syncs += synced;
+    }
+
     /// A group's status.
     pub fn status(&self, group: &GroupId) -> Option<GroupStatus> {
         self.groups.get(group).map(Group::status)

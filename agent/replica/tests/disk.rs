@@ -158,6 +158,61 @@ fn an_interval_store_leaves_its_fsync_to_the_flush_and_writes_to_the_os_on_sync(
 }
 
 #[test]
+fn a_flush_outside_the_lock_keeps_its_files_pending_until_it_ends_and_a_failed_one_fails_the_store()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    store.set_sync_policy(SyncPolicy::Interval).unwrap();
+    store.append(&[message(1, 1, "a")]).unwrap();
+    store.sync().unwrap();
+
+    let handle = store.begin_flush().expect("a write waits for its fsync");
+    assert_eq!(handle.file_count(), 1);
+    assert!(
+        store.begin_flush().is_none(),
+        "one flush at a time hands out the files once"
+    );
+    // Until the flush ends its files are not durable: a state write (or a
+    // flush under the lock) meanwhile syncs them itself.
+    assert!(store.flush().unwrap(), "files being flushed still count");
+    handle.sync().unwrap();
+    store.end_flush(Ok(())).unwrap();
+    assert!(
+        !store.flush().unwrap(),
+        "nothing left after the flush ended"
+    );
+
+    // Writes made while a flush runs wait for the next one.
+    store.append(&[message(2, 1, "b")]).unwrap();
+    store.sync().unwrap();
+    let handle = store.begin_flush().expect("pending");
+    store.append(&[message(3, 1, "c")]).unwrap();
+    store.sync().unwrap();
+    handle.sync().unwrap();
+    store.end_flush(Ok(())).unwrap();
+    assert!(store.begin_flush().is_some(), "the later write still waits");
+    store.end_flush(Ok(())).unwrap();
+
+    // A failed fsync is an error and leaves the files pending.
+    store.append(&[message(4, 1, "d")]).unwrap();
+    store.sync().unwrap();
+    let _handle = store.begin_flush().expect("pending");
+    let failed = std::io::Error::other("injected fsync failure");
+    assert!(store.end_flush(Err(failed)).is_err());
+    assert!(store.begin_flush().is_some(), "kept for a later sync");
+    store.end_flush(Ok(())).unwrap();
+
+    // Other policies leave nothing to a flush.
+    store.set_sync_policy(SyncPolicy::Never).unwrap();
+    store.append(&[message(5, 1, "e")]).unwrap();
+    store.sync().unwrap();
+    assert!(store.begin_flush().is_none());
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.last_index(), 5);
+}
+
+#[test]
 fn a_flipped_byte_cuts_the_log_and_marks_the_replica_as_having_lost_entries() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());

@@ -5,6 +5,7 @@
 
 use super::{
     group_dir, group_label, is_replicated, lock, meta_group, Core, Replication, CREATED_FILE,
+    FOUNDED_PER_ROUND,
 };
 use crate::topic::TOPIC_NAMESPACE;
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,7 @@ use shoal_replica::command::Command;
 use shoal_replica::disk::DiskStore;
 use shoal_replica::store::LogStore;
 use shoal_replica::{Bootstrap, GroupId, NodeId};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// How long a new meta leader waits for its group to take in every voter
 /// placement wants before it founds partitions' groups anyway: 10 ticks
@@ -119,7 +120,20 @@ pub const KNOWS_FOUNDERS: u64 = 1 << 62;
 impl Replication {
     /// Reads the meta log's newly applied records and acts on the ones that
     /// name this agent.
-    pub(super) fn apply_meta(&self, core: &mut Core) {
+    /// Creating groups is left to the driver's thread (`found_here`
+    /// false): their files take milliseconds each.
+    pub(super) fn apply_meta(&self, core: &mut Core, found_here: bool) {
+        self.read_meta(core);
+        if found_here {
+            self.found_some(core);
+        } else if !core.to_found.is_empty() {
+            self.wake.wake();
+        }
+    }
+
+    /// Reads the meta log's new records: the groups to create here join
+    /// [`Core::to_found`].
+    fn read_meta(&self, core: &mut Core) {
         let meta = meta_group();
         // Founders create their replicas when a record commits here: they
         // must hear of it before the first founder asks for their votes.
@@ -161,30 +175,61 @@ impl Replication {
                 to_create.push((key, voters));
             }
         }
-        for ((namespace, topic, partition), voters) in to_create {
+        core.to_found.extend(to_create.into_iter().map(
+            |((namespace, topic, partition), voters)| {
+                let g = GroupId {
+                    namespace,
+                    topic,
+                    partition,
+                };
+                (g, voters)
+            },
+        ));
+    }
+
+    /// Creates up to [`FOUNDED_PER_ROUND`] of the groups the meta log named
+    /// this agent a first voter of; the driver's thread takes the rest in
+    /// the next rounds.
+    fn found_some(&self, core: &mut Core) {
+        if core.to_found.is_empty() {
+            return;
+        }
+        let take = core.to_found.len().min(FOUNDED_PER_ROUND);
+        let batch: Vec<(GroupId, String, Vec<NodeId>)> = core
+            .to_found
+            .drain(..take)
+            .map(|(g, voters)| {
+                let label = group_label(&g);
+                (g, label, voters)
+            })
+            .filter(|(g, label, _)| !core.created.contains(label) && core.driver.group(g).is_none())
+            .collect();
+        if !core.to_found.is_empty() {
+            self.wake.wake();
+        }
+        if batch.is_empty() {
+            return;
+        }
+        // Recorded before the groups exist: a crash in between leaves a
+        // partition without a group (an operator can see it), never two.
+        // One write for the batch, not one fsync per group.
+        for (_, label, _) in &batch {
+            core.created.insert(label.clone());
+        }
+        if let Err(e) = shoal_storage::meta::write_atomic(
+            &self.root.join(CREATED_FILE),
+            &serde_json::to_vec(&core.created).unwrap_or_default(),
+        ) {
+            tracing::error!(error = %e, groups = batch.len(), "cannot record created groups; not creating them");
+            for (_, label, _) in &batch {
+                core.created.remove(label);
+            }
+            return;
+        }
+        for (g, label, voters) in batch {
             // Placement's first choice leads from the start: no election
             // timeout to wait out, no hand-over afterwards.
             let preferred = voters.first() == Some(&self.me_id) && voters.len() > 1;
-            let g = GroupId {
-                namespace,
-                topic,
-                partition,
-            };
-            let label = group_label(&g);
-            if core.created.contains(&label) || core.driver.group(&g).is_some() {
-                continue;
-            }
-            // Recorded before the group exists: a crash in between leaves a
-            // partition without a group (an operator can see it), never two.
-            core.created.insert(label.clone());
-            if let Err(e) = shoal_storage::meta::write_atomic(
-                &self.root.join(CREATED_FILE),
-                &serde_json::to_vec(&core.created).unwrap_or_default(),
-            ) {
-                tracing::error!(error = %e, "cannot record a created group; not creating it");
-                core.created.remove(&label);
-                continue;
-            }
             let store = match DiskStore::open(&group_dir(&self.root, &g), self.log.clone()) {
                 Ok(s) => s,
                 Err(e) => {
@@ -237,7 +282,21 @@ impl Replication {
                 enough,
             )
         };
-        if !whole && could_have_founders && core.ticks < core.meta_lead_since + FOUNDING_WAIT_TICKS
+        let pending = self.broker.topics().iter().any(|topic| {
+            is_replicated(&topic.config())
+                && core.recorded.get(&*topic.name).copied().unwrap_or(0) < topic.partition_count()
+        });
+        if !pending {
+            core.founding_wait_since = None;
+            return;
+        }
+        // The wait counts from when this leader first saw a partition to
+        // found, not from its election: a topic created a second after
+        // a new mesh's election gets the same chance of founders.
+        let since = *core.founding_wait_since.get_or_insert(core.ticks);
+        if !whole
+            && could_have_founders
+            && core.ticks < core.meta_lead_since.max(since) + FOUNDING_WAIT_TICKS
         {
             return;
         }
@@ -261,6 +320,8 @@ impl Replication {
                 Some((*v, run))
             })
             .collect();
+        let mut alone = 0usize;
+        let mut missing_runs = BTreeSet::new();
         for topic in self.broker.topics() {
             if core.recorded.get(&*topic.name).copied().unwrap_or(0) >= topic.partition_count() {
                 continue;
@@ -288,6 +349,10 @@ impl Replication {
                     .map(|id| runs.get(id).map(|run| (*id, *run)))
                     .collect::<Option<_>>()
                     .unwrap_or_default();
+                if voters.is_empty() {
+                    alone += 1;
+                    missing_runs.extend(wanted.iter().filter(|id| !runs.contains_key(id)));
+                }
                 let body = creation_record(&key, &voters, &self.me, self.incarnation);
                 let Ok(body) = body else {
                     continue;
@@ -308,10 +373,17 @@ impl Replication {
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "meta proposal refused");
-                        return;
+                        break;
                     }
                 }
             }
+        }
+        if alone > 0 {
+            let missing: Vec<&str> = missing_runs
+                .iter()
+                .filter_map(|id| peers.by_id.get(id).map(|(name, _)| name.as_str()))
+                .collect();
+            tracing::info!(partitions = alone, meta_voters = meta_voters.len(), ?missing, "founding partitions alone: placement wants agents that are not meta voters up with a known run yet; placement adds them after");
         }
     }
 }

@@ -3,12 +3,17 @@
 //! one transfer at a time per peer, and peers' batches and parts stepped
 //! into the driver.
 
-use super::{lock, Replication};
-use shoal_proto::raft::RaftBatch;
+use super::{lock, Core, Replication};
+use shoal_proto::raft::{EntryPayload, RaftBatch};
 use shoal_proto::Message;
+use shoal_replica::NodeId;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Most entry bytes the inbox holds for the driver's thread (see
+/// [`Replication::step`]); past it, the reader waits for the core.
+const MAX_INBOX_BYTES: usize = 16 << 20;
 
 /// Bytes of entry data per `Raft` frame: well under the mesh's frame limit,
 /// so many groups appending at once in one round still go out.
@@ -225,8 +230,46 @@ impl Replication {
         let Some(id) = id else {
             return false;
         };
-        let mut batch = batch;
-        let mut core = lock(&self.core);
+        {
+            // The inbox is held while the core is tried, so a batch never
+            // overtakes one that went to the inbox before it.
+            let mut inbox = lock(&self.inbox);
+            let size = entry_bytes(&batch);
+            let mut core = match self.core.try_lock() {
+                Ok(core) => core,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if inbox.1 + size <= MAX_INBOX_BYTES => {
+                    inbox.1 += size;
+                    inbox.0.push((id, from, batch));
+                    drop(inbox);
+                    self.wake.wake();
+                    return true;
+                }
+                // The driver's thread has been stuck for a long while: wait
+                // for it rather than hold ever more batches.
+                Err(std::sync::TryLockError::WouldBlock) => lock(&self.core),
+            };
+            let (queued, _) = std::mem::take(&mut *inbox);
+            drop(inbox);
+            for (id, from, batch) in queued {
+                self.step_locked(&mut core, id, from, batch);
+            }
+            self.step_locked(&mut core, id, from, batch);
+        }
+        self.round_now();
+        true
+    }
+
+    /// Steps the batches the inbox holds (see [`Replication::step`]).
+    pub(super) fn step_inbox(&self, core: &mut Core) {
+        let (queued, _) = std::mem::take(&mut *lock(&self.inbox));
+        for (id, from, batch) in queued {
+            self.step_locked(core, id, from, batch);
+        }
+    }
+
+    #[allow(clippy::needless_pass_by_value)]
+    fn step_locked(&self, core: &mut Core, id: NodeId, from: SocketAddr, mut batch: RaftBatch) {
         // A leader's message creates a replica here only for a group
         // placement puts this agent in: otherwise any member could make
         // itself look like the leader of any partition to an agent that
@@ -248,9 +291,6 @@ impl Replication {
             tracing::debug!(peer = %from, groups = refused, "refused to create replicas placement does not give this agent");
         }
         core.driver.step(id, batch);
-        drop(core);
-        self.round_now();
-        true
     }
 
     /// Takes one part of a transfer from the peer at `from` (see
@@ -315,4 +355,19 @@ impl Replication {
             Err("unknown_sender")
         }
     }
+}
+
+/// The entry data a batch carries: what it holds in memory, near enough.
+fn entry_bytes(batch: &RaftBatch) -> usize {
+    batch
+        .groups
+        .iter()
+        .flat_map(|g| &g.messages)
+        .flat_map(|m| &m.entries)
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(data) => data.len(),
+            _ => 0,
+        })
+        .sum::<usize>()
+        + batch.groups.len()
 }
