@@ -569,9 +569,15 @@ impl Replication {
                 let mut next_flush = std::time::Instant::now() + this.fsync_interval;
                 loop {
                     if *stop.borrow() {
+                        let mut core = lock(&this.core);
+                        // Groups the meta log named this run to create are
+                        // created now: no later run acts on those records.
+                        while !core.to_found.is_empty() {
+                            this.found_some(&mut core);
+                        }
                         // What `interval` topics left in the page cache goes
                         // to disk before the agent exits.
-                        lock(&this.core).driver.flush_stores();
+                        core.driver.flush_stores();
                         return;
                     }
                     let now = std::time::Instant::now();
@@ -600,40 +606,17 @@ impl Replication {
     /// a peer's batch waiting for that lock would stall the whole runtime
     /// for as long as the disk takes.
     fn flush_interval_stores(&self) {
-        let pending: Vec<(GroupId, shoal_storage::SyncHandle)> = {
-            let mut core = lock(&self.core);
-            let written = core.driver.take_written();
-            written
-                .into_iter()
-                .filter_map(|id| {
-                    let handle = core.driver.store_mut(&id)?.begin_flush()?;
-                    Some((id, handle))
-                })
-                .collect()
-        };
+        let pending = lock(&self.core).driver.begin_flush(DiskStore::begin_flush);
         if pending.is_empty() {
             return;
         }
         let results: Vec<_> = pending
             .into_iter()
-            .map(|(id, handle)| {
-                let synced = handle.sync();
-                (id, synced)
-            })
+            .map(|(id, handle)| (id, handle.sync()))
             .collect();
-        let mut core = lock(&self.core);
-        let mut synced = 0;
-        for (id, result) in results {
-            // A group closed meanwhile has nothing left to mark.
-            let Some(store) = core.driver.store_mut(&id) else {
-                continue;
-            };
-            match store.end_flush(result) {
-                Ok(()) => synced += 1,
-                Err(e) => core.driver.stop_group(&id, e.to_string()),
-            }
-        }
-        core.driver.count_syncs(synced);
+        lock(&self.core)
+            .driver
+            .end_flush(results, DiskStore::end_flush);
     }
 
     /// Waits (blocking) until the driver's thread has ended, after its stop
@@ -657,10 +640,13 @@ impl Replication {
     /// change still fsync inline: rare, and one small file.
     fn round_now(&self) {
         // Busy (another round under way): the driver's thread takes it.
-        let Ok(core) = self.core.try_lock() else {
+        let Ok(mut core) = self.core.try_lock() else {
             self.wake.wake();
             return;
         };
+        // Batches waiting in the inbox join this round: whether it may
+        // block depends on them too (a vote, an `always` append).
+        self.step_inbox(&mut core);
         if core
             .driver
             .round_may_block(|s| s.sync_policy() == SyncPolicy::Always)

@@ -374,16 +374,47 @@ impl<S: LogStore> Driver<S> {
         synced
     }
 
-    /// Takes the groups written since the last flush, for a shell that
-    /// syncs their stores outside its lock (see `DiskStore::begin_flush`);
-    /// [`Driver::flush_stores`] is the same in one step, under the lock.
-    pub fn take_written(&mut self) -> BTreeSet<GroupId> {
-        std::mem::take(&mut self.written)
+    /// Starts a flush the shell runs without holding its lock: `begin`
+    /// hands out, for each store written since the last flush, what it has
+    /// to sync (`None`: nothing). Finish with [`Driver::end_flush`].
+    /// [`Driver::flush_stores`] is the same in one step. Hibernating
+    /// groups stay asleep.
+    pub fn begin_flush<T>(
+        &mut self,
+        mut begin: impl FnMut(&mut S) -> Option<T>,
+    ) -> Vec<(GroupId, T)> {
+        let mut out = Vec::new();
+        for id in std::mem::take(&mut self.written) {
+            if let Some(g) = self.groups.get_mut(&id) {
+                if let Some(t) = begin(g.store_mut()) {
+                    out.push((id, t));
+                }
+            }
+        }
+        out
     }
 
-    /// Counts stores the shell synced itself (after [`Driver::take_written`]).
-    pub fn count_syncs(&mut self, synced: u64) {
-        self.stats.syncs += synced;
+    /// Ends a flush [`Driver::begin_flush`] started: `end` takes each
+    /// store's sync result; a store that fails stops its replica, as a
+    /// failed write does. A group closed meanwhile is passed over.
+    pub fn end_flush<R>(
+        &mut self,
+        results: Vec<(GroupId, R)>,
+        mut end: impl FnMut(&mut S, R) -> Result<(), StoreError>,
+    ) {
+        let mut failed = Vec::new();
+        for (id, result) in results {
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            match end(g.store_mut(), result) {
+                Ok(()) => self.stats.syncs += 1,
+                Err(e) => failed.push((id, e.to_string())),
+            }
+        }
+        for (id, reason) in failed {
+            self.fail(&id, reason);
+        }
     }
 
     /// A group's status.

@@ -190,7 +190,7 @@ impl Replication {
     /// Creates up to [`FOUNDED_PER_ROUND`] of the groups the meta log named
     /// this agent a first voter of; the driver's thread takes the rest in
     /// the next rounds.
-    fn found_some(&self, core: &mut Core) {
+    pub(super) fn found_some(&self, core: &mut Core) {
         if core.to_found.is_empty() {
             return;
         }
@@ -290,12 +290,17 @@ impl Replication {
             core.founding_wait_since = None;
             return;
         }
-        // The wait counts from when this leader first saw a partition to
-        // found, not from its election: a topic created a second after
-        // a new mesh's election gets the same chance of founders.
+        // The wait is for a meta group still forming (a new mesh, a new
+        // meta leader): it counts from when this leader first saw a
+        // partition to found, if that was soon after its election, so a
+        // topic created a second after a new mesh's election gets the same
+        // chance of founders. A meta group short of a voter for longer (one
+        // down until `--replace-after`) is not waited for.
         let since = *core.founding_wait_since.get_or_insert(core.ticks);
+        let forming = since < core.meta_lead_since + 2 * FOUNDING_WAIT_TICKS;
         if !whole
             && could_have_founders
+            && forming
             && core.ticks < core.meta_lead_since.max(since) + FOUNDING_WAIT_TICKS
         {
             return;
@@ -322,7 +327,7 @@ impl Replication {
             .collect();
         let mut alone = 0usize;
         let mut missing_runs = BTreeSet::new();
-        for topic in self.broker.topics() {
+        'topics: for topic in self.broker.topics() {
             if core.recorded.get(&*topic.name).copied().unwrap_or(0) >= topic.partition_count() {
                 continue;
             }
@@ -349,10 +354,11 @@ impl Replication {
                     .map(|id| runs.get(id).map(|run| (*id, *run)))
                     .collect::<Option<_>>()
                     .unwrap_or_default();
-                if voters.is_empty() {
-                    alone += 1;
-                    missing_runs.extend(wanted.iter().filter(|id| !runs.contains_key(id)));
-                }
+                let lacking: Vec<NodeId> = wanted
+                    .iter()
+                    .filter(|id| !runs.contains_key(id))
+                    .copied()
+                    .collect();
                 let body = creation_record(&key, &voters, &self.me, self.incarnation);
                 let Ok(body) = body else {
                     continue;
@@ -370,10 +376,16 @@ impl Replication {
                 match core.driver.propose(&meta, 0, data) {
                     Ok(_) => {
                         core.proposed.insert(key);
+                        // Founded alone though placement wants enough
+                        // replicas for founders: say who was lacking.
+                        if voters.is_empty() && wanted.len() >= MIN_FOUNDERS {
+                            alone += 1;
+                            missing_runs.extend(lacking);
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "meta proposal refused");
-                        break;
+                        break 'topics;
                     }
                 }
             }
@@ -383,7 +395,7 @@ impl Replication {
                 .iter()
                 .filter_map(|id| peers.by_id.get(id).map(|(name, _)| name.as_str()))
                 .collect();
-            tracing::info!(partitions = alone, meta_voters = meta_voters.len(), ?missing, "founding partitions alone: placement wants agents that are not meta voters up with a known run yet; placement adds them after");
+            tracing::info!(partitions = alone, meta_voters = meta_voters.len(), ?missing, "founding partitions alone: placement wants agents that are not (yet) meta voters that are up and whose run is known; placement adds them after");
         }
     }
 }

@@ -246,8 +246,17 @@ impl Replication {
                     return true;
                 }
                 // The driver's thread has been stuck for a long while: wait
-                // for it rather than hold ever more batches.
-                Err(std::sync::TryLockError::WouldBlock) => lock(&self.core),
+                // for it rather than hold ever more batches. The inbox is let
+                // go first: a round takes the core, then the inbox.
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    drop(inbox);
+                    let mut core = lock(&self.core);
+                    self.step_inbox(&mut core);
+                    self.step_locked(&mut core, id, from, batch);
+                    drop(core);
+                    self.round_now();
+                    return true;
+                }
             };
             let (queued, _) = std::mem::take(&mut *inbox);
             drop(inbox);
@@ -357,7 +366,8 @@ impl Replication {
     }
 }
 
-/// The entry data a batch carries: what it holds in memory, near enough.
+/// The entry, snapshot and context data a batch carries: what it holds in
+/// memory, near enough.
 fn entry_bytes(batch: &RaftBatch) -> usize {
     batch
         .groups
@@ -369,5 +379,11 @@ fn entry_bytes(batch: &RaftBatch) -> usize {
             _ => 0,
         })
         .sum::<usize>()
+        + batch
+            .groups
+            .iter()
+            .flat_map(|g| &g.messages)
+            .map(|m| m.context.len() + m.snapshot.as_ref().map_or(0, |s| s.data.len()))
+            .sum::<usize>()
         + batch.groups.len()
 }
