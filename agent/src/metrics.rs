@@ -789,7 +789,7 @@ impl Metrics {
         );
         r.register(
             "shoal_replica_leader_changes",
-            "Leader or term changes seen by the replicas on this agent",
+            "New leaders seen by the replicas on this agent (one per replica and term that has a leader)",
             m.replica_leader_changes.clone(),
         );
         r.register_with_unit(

@@ -795,7 +795,11 @@ impl Replication {
                     leader,
                     term,
                 } => {
-                    self.metrics.replica_leader_changes.inc();
+                    // A term without a leader yet (an election under way)
+                    // is not a change of leader: counted once one is known.
+                    if leader.is_some() {
+                        self.metrics.replica_leader_changes.inc();
+                    }
                     if leader == Some(self.me_id) {
                         tracing::info!(group = %group_label(&group), term, "leading");
                         if !is_meta(&group) {

@@ -260,7 +260,27 @@ fn api_error(reply: &Reply) -> String {
     }
 }
 
+/// `shoal status | head` closes the pipe early: `println!` then panics
+/// with "failed printing to stdout". Like a C tool killed by SIGPIPE, the
+/// CLI exits quietly instead (status 141), without a backtrace.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     match cli.command {
         Command::Inject(a) => inject::run(a),

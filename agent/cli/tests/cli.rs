@@ -397,3 +397,33 @@ async fn sub_starts_at_an_offset_and_outlives_a_restart_of_its_agent() {
     };
     assert!(status.success());
 }
+
+/// `shoal status | head -1`: the reader goes away before the CLI prints.
+/// It exits with 141, as a tool killed by SIGPIPE does, and prints no panic.
+#[tokio::test]
+async fn a_reader_that_closes_the_pipe_early_ends_the_cli_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = free_port();
+    let _agent = Agent::start(dir.path(), app).await;
+    let url = format!("127.0.0.1:{app}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["status", "--url", &url])
+        .env_remove("SHOAL_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the CLI has its answer from the agent to print.
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(141), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+}

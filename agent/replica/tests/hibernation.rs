@@ -108,3 +108,81 @@ fn sleeping_groups_are_not_looked_at_and_a_proposal_wakes_only_its_own() {
         );
     }
 }
+
+#[test]
+fn a_suspected_leaders_sleeping_groups_wake_and_elect_another_when_it_is_silent() {
+    let ids: Vec<NodeId> = vec![1, 2, 3];
+    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
+    for id in &ids {
+        let config = DriverConfig {
+            seed: 5,
+            ..DriverConfig::default()
+        };
+        let mut d = Driver::new(*id, config, Box::new(|_| Ok(MemStore::new())));
+        for p in 0..GROUPS {
+            d.open_group(group(p), MemStore::new(), Bootstrap::Voters(ids.clone()))
+                .unwrap();
+        }
+        drivers.insert(*id, d);
+    }
+    let mut rounds = 0;
+    while !drivers.values().all(|d| d.hibernating() == GROUPS as usize) {
+        round(&mut drivers);
+        rounds += 1;
+        assert!(rounds < 500, "groups never all hibernated");
+    }
+    for _ in 0..3 {
+        round(&mut drivers);
+    }
+    let led_by = |drivers: &BTreeMap<NodeId, Driver<MemStore>>, node: NodeId| -> Vec<GroupId> {
+        (0..GROUPS)
+            .map(group)
+            .filter(|g| {
+                drivers
+                    .get(&node)
+                    .and_then(|d| d.status(g))
+                    .is_some_and(|s| s.serving)
+            })
+            .collect()
+    };
+    let dead = *ids
+        .iter()
+        .max_by_key(|id| led_by(&drivers, **id).len())
+        .unwrap();
+    let its_groups = led_by(&drivers, dead);
+    assert!(!its_groups.is_empty());
+    // The leader dies silently: nothing of its reaches the others, and
+    // its groups sleep, so without a wake nobody would notice.
+    drivers.remove(&dead);
+    for _ in 0..100 {
+        round(&mut drivers);
+    }
+    for d in drivers.values() {
+        assert_eq!(
+            d.hibernating(),
+            GROUPS as usize,
+            "sleeping followers do not notice a silent leader by themselves"
+        );
+    }
+    // The gossip suspects it: each survivor wakes exactly the groups it led.
+    for d in drivers.values_mut() {
+        assert_eq!(d.wake_groups_led_by(dead), its_groups.len());
+    }
+    let mut rounds = 0;
+    loop {
+        round(&mut drivers);
+        let led_again = its_groups.iter().all(|g| {
+            drivers
+                .values()
+                .any(|d| d.status(g).is_some_and(|s| s.serving))
+        });
+        if led_again {
+            break;
+        }
+        rounds += 1;
+        assert!(
+            rounds < 500,
+            "the woken groups never elected another leader"
+        );
+    }
+}
