@@ -327,7 +327,7 @@ pub struct Metrics {
     pub replica_leaderless: Gauge,
     /// Entries the furthest-behind follower of any group led here lacks.
     pub replica_follower_lag: Gauge,
-    /// Leader or term changes seen by the replicas here.
+    /// New leaders seen by the replicas here (once per group and term with a leader).
     pub replica_leader_changes: Counter,
     /// Bytes of committed entries leaders here sent to replicas catching up.
     pub replica_catch_up_bytes: Counter,

@@ -237,6 +237,9 @@ struct Core {
     recorded: HashMap<String, u32>,
     /// The tick this agent's meta replica last saw a new leader.
     meta_lead_since: u64,
+    /// The leader and term last counted in `shoal_replica_leader_changes`,
+    /// by group.
+    leaders_counted: HashMap<GroupId, (NodeId, u64)>,
     /// The tick this agent, as meta leader, first saw partitions without a
     /// creation record (`None` when every partition has one).
     founding_wait_since: Option<u64>,
@@ -486,6 +489,7 @@ impl Replication {
                 records: BTreeSet::new(),
                 recorded: HashMap::new(),
                 meta_lead_since: 0,
+                leaders_counted: HashMap::new(),
                 founding_wait_since: None,
                 catch_up_counted: 0,
                 proposed: BTreeSet::new(),
@@ -795,10 +799,15 @@ impl Replication {
                     leader,
                     term,
                 } => {
-                    // A term without a leader yet (an election under way)
-                    // is not a change of leader: counted once one is known.
-                    if leader.is_some() {
-                        self.metrics.replica_leader_changes.inc();
+                    // Counted once per group and term that has a leader: a
+                    // term without one yet (an election under way), or a
+                    // failed pre-vote that forgets the leader for a moment,
+                    // is not a change of leader.
+                    if let Some(l) = leader {
+                        if core.leaders_counted.insert(group.clone(), (l, term)) != Some((l, term))
+                        {
+                            self.metrics.replica_leader_changes.inc();
+                        }
                     }
                     if leader == Some(self.me_id) {
                         tracing::info!(group = %group_label(&group), term, "leading");
@@ -815,6 +824,7 @@ impl Replication {
                 Event::Removed { group } => {
                     tracing::info!(group = %group_label(&group), "replica removed from its group; deleting its files");
                     core.settled.remove(&group);
+                    core.leaders_counted.remove(&group);
                     core.driver.remove_group(&group);
                     removed.push(group_dir(&self.root, &group));
                 }

@@ -504,23 +504,6 @@ impl<S: LogStore> Driver<S> {
         }
     }
 
-    /// Wakes the hibernating groups `node` leads, which the gossip suspects
-    /// of having died: their followers' election timers run again, so they
-    /// elect a new leader if it stays silent, without waiting for a
-    /// publish or for the gossip's verdict that it is down. Returns how many
-    /// woke. A leader that is alive keeps its groups (its heartbeats reach
-    /// the woken followers); they sleep again once quiet.
-    pub fn wake_groups_led_by(&mut self, node: NodeId) -> usize {
-        let mut woken = 0;
-        for g in self.groups.values_mut() {
-            if g.hibernating && g.leader() == Some(node) {
-                g.wake();
-                woken += 1;
-            }
-        }
-        woken
-    }
-
     /// Steps the batch a peer sent. `from` is the sender's Raft id as its
     /// certificate says; a message claiming another sender is refused.
     pub fn step(&mut self, from: NodeId, batch: RaftBatch) {

@@ -216,7 +216,6 @@ impl Replication {
     /// Gossip's view changed: who is up, where, and which brokers count.
     pub fn set_members(&self, members: &[(String, SocketAddr, bool, Liveness, bool)]) {
         let mut downs = Vec::new();
-        let mut suspects = Vec::new();
         {
             let mut peers = lock(&self.peers);
             peers.by_id.clear();
@@ -242,9 +241,6 @@ impl Replication {
                     peers.down_since.insert(name.clone(), since);
                 }
                 downs.push((node_id(name), down));
-                if *state == Liveness::Suspect {
-                    suspects.push(node_id(name));
-                }
                 if *broker {
                     peers.members.push(Member::broker(name.clone()));
                 }
@@ -257,12 +253,6 @@ impl Replication {
         let mut core = lock(&self.core);
         for (id, down) in downs {
             core.driver.set_down(id, down);
-        }
-        // An idle partition whose leader died would otherwise notice only
-        // when a publish's forward times out or the gossip declares the
-        // leader down (about 6 s).
-        for id in suspects {
-            core.driver.wake_groups_led_by(id);
         }
         self.place_all(&mut core);
         drop(core);
