@@ -305,12 +305,7 @@ pub struct Replication {
     /// a batch of new groups): stepped, in arrival order, before anything
     /// else the next time the core is taken, so the task that read them
     /// never waits for the disk.
-    /// With the entry bytes they hold (bounded).
-    #[allow(clippy::type_complexity)]
-    inbox: Mutex<(
-        Vec<(NodeId, SocketAddr, shoal_proto::raft::RaftBatch)>,
-        usize,
-    )>,
+    inbox: Mutex<transfer::Inbox>,
     /// The id of this agent's next transfer in parts.
     next_transfer: Arc<std::sync::atomic::AtomicU64>,
     /// Peers a transfer in parts is on its way to.
@@ -513,7 +508,7 @@ impl Replication {
             thread: Mutex::new(None),
             incarnation,
             assembling: Mutex::new(HashMap::new()),
-            inbox: Mutex::new((Vec::new(), 0)),
+            inbox: Mutex::new(transfer::Inbox::default()),
             // Unique across runs: a receiver never mistakes a new run's
             // transfer for the middle of an old one.
             next_transfer: Arc::new(std::sync::atomic::AtomicU64::new(
@@ -618,9 +613,9 @@ impl Replication {
             .into_iter()
             .map(|(id, handle)| (id, handle.sync()))
             .collect();
-        lock(&self.core)
-            .driver
-            .end_flush(results, DiskStore::end_flush);
+        lock(&self.core).driver.end_flush(results, |store, synced| {
+            store.end_flush(synced).map(|()| true)
+        });
     }
 
     /// Waits (blocking) until the driver's thread has ended, after its stop

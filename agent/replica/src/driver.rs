@@ -355,23 +355,8 @@ impl<S: LogStore> Driver<S> {
     /// returns how many synced. A store that fails stops its replica, as a
     /// failed write does.
     pub fn flush_stores(&mut self) -> u64 {
-        let mut synced = 0;
-        let mut failed = Vec::new();
-        for id in std::mem::take(&mut self.written) {
-            let Some(g) = self.groups.get_mut(&id) else {
-                continue;
-            };
-            match g.store_mut().flush() {
-                Ok(true) => synced += 1,
-                Ok(false) => {}
-                Err(e) => failed.push((id.clone(), e.to_string())),
-            }
-        }
-        self.stats.syncs += synced;
-        for (id, reason) in failed {
-            self.fail(&id, reason);
-        }
-        synced
+        let flushed = self.begin_flush(|s| Some(s.flush()));
+        self.end_flush(flushed, |_, flushed| flushed)
     }
 
     /// Starts a flush the shell runs without holding its lock: `begin`
@@ -395,26 +380,31 @@ impl<S: LogStore> Driver<S> {
     }
 
     /// Ends a flush [`Driver::begin_flush`] started: `end` takes each
-    /// store's sync result; a store that fails stops its replica, as a
-    /// failed write does. A group closed meanwhile is passed over.
+    /// store's sync result and says whether it synced anything; a store
+    /// that fails stops its replica, as a failed write does. A group closed
+    /// meanwhile is passed over. Returns how many stores synced.
     pub fn end_flush<R>(
         &mut self,
         results: Vec<(GroupId, R)>,
-        mut end: impl FnMut(&mut S, R) -> Result<(), StoreError>,
-    ) {
+        mut end: impl FnMut(&mut S, R) -> Result<bool, StoreError>,
+    ) -> u64 {
+        let mut synced = 0;
         let mut failed = Vec::new();
         for (id, result) in results {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
             match end(g.store_mut(), result) {
-                Ok(()) => self.stats.syncs += 1,
+                Ok(true) => synced += 1,
+                Ok(false) => {}
                 Err(e) => failed.push((id, e.to_string())),
             }
         }
+        self.stats.syncs += synced;
         for (id, reason) in failed {
             self.fail(&id, reason);
         }
+        synced
     }
 
     /// A group's status.

@@ -13,13 +13,17 @@ use shoal_replica::store::MemStore;
 use shoal_replica::{Bootstrap, Driver, DriverConfig, GroupId, NodeId};
 use std::collections::BTreeMap;
 
-#[test]
-fn a_many_message_proposal_goes_in_a_few_appends_and_every_token_commits_in_order() {
-    let group = GroupId {
+fn group() -> GroupId {
+    GroupId {
         namespace: "ns".into(),
         topic: "t".into(),
         partition: 0,
-    };
+    }
+}
+
+#[test]
+fn a_many_message_proposal_goes_in_a_few_appends_and_every_token_commits_in_order() {
+    let group = group();
     let (mut drivers, leader) = three_voters(&group, 5);
     let ids: Vec<NodeId> = drivers.keys().copied().collect();
     // 100 commands of 10 KiB: about four appends' worth.
@@ -164,11 +168,7 @@ fn commit_without_heartbeats(
 
 #[test]
 fn a_new_commit_index_rides_the_next_append_unless_the_group_asks_for_it_at_once() {
-    let group = GroupId {
-        namespace: "ns".into(),
-        topic: "t".into(),
-        partition: 0,
-    };
+    let group = group();
     // By default the followers learn the commit with the next append or
     // heartbeat: after the proposal alone they are one entry behind.
     let (mut drivers, leader) = three_voters(&group, 9);

@@ -282,11 +282,18 @@ impl Replication {
                 enough,
             )
         };
-        let pending = self.broker.topics().iter().any(|topic| {
-            is_replicated(&topic.config())
-                && core.recorded.get(&*topic.name).copied().unwrap_or(0) < topic.partition_count()
-        });
-        if !pending {
+        // Replicated topics with partitions that have no creation record.
+        let pending: Vec<_> = self
+            .broker
+            .topics()
+            .into_iter()
+            .filter(|topic| {
+                is_replicated(&topic.config())
+                    && core.recorded.get(&*topic.name).copied().unwrap_or(0)
+                        < topic.partition_count()
+            })
+            .collect();
+        if pending.is_empty() {
             core.founding_wait_since = None;
             return;
         }
@@ -327,13 +334,7 @@ impl Replication {
             .collect();
         let mut alone = 0usize;
         let mut missing_runs = BTreeSet::new();
-        'topics: for topic in self.broker.topics() {
-            if core.recorded.get(&*topic.name).copied().unwrap_or(0) >= topic.partition_count() {
-                continue;
-            }
-            if !is_replicated(&topic.config()) {
-                continue;
-            }
+        'topics: for topic in pending {
             for partition in 0..topic.partition_count() {
                 let key = (
                     TOPIC_NAMESPACE.to_owned(),

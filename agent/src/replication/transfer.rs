@@ -15,6 +15,15 @@ use std::time::Duration;
 /// [`Replication::step`]); past it, the reader waits for the core.
 const MAX_INBOX_BYTES: usize = 16 << 20;
 
+/// Peers' batches waiting for the core (see [`Replication::step`]).
+#[derive(Default)]
+pub(super) struct Inbox {
+    /// Each with its sender's Raft id and address, in arrival order.
+    batches: Vec<(NodeId, SocketAddr, RaftBatch)>,
+    /// The data they hold ([`entry_bytes`]), bounded by [`MAX_INBOX_BYTES`].
+    bytes: usize,
+}
+
 /// Bytes of entry data per `Raft` frame: well under the mesh's frame limit,
 /// so many groups appending at once in one round still go out.
 const MAX_BATCH_DATA: usize = 4 << 20;
@@ -238,9 +247,11 @@ impl Replication {
             let mut core = match self.core.try_lock() {
                 Ok(core) => core,
                 Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) if inbox.1 + size <= MAX_INBOX_BYTES => {
-                    inbox.1 += size;
-                    inbox.0.push((id, from, batch));
+                Err(std::sync::TryLockError::WouldBlock)
+                    if inbox.bytes + size <= MAX_INBOX_BYTES =>
+                {
+                    inbox.bytes += size;
+                    inbox.batches.push((id, from, batch));
                     drop(inbox);
                     self.wake.wake();
                     return true;
@@ -258,12 +269,10 @@ impl Replication {
                     return true;
                 }
             };
-            let (queued, _) = std::mem::take(&mut *inbox);
+            // Last in line behind what the inbox holds.
+            inbox.batches.push((id, from, batch));
             drop(inbox);
-            for (id, from, batch) in queued {
-                self.step_locked(&mut core, id, from, batch);
-            }
-            self.step_locked(&mut core, id, from, batch);
+            self.step_inbox(&mut core);
         }
         self.round_now();
         true
@@ -271,13 +280,12 @@ impl Replication {
 
     /// Steps the batches the inbox holds (see [`Replication::step`]).
     pub(super) fn step_inbox(&self, core: &mut Core) {
-        let (queued, _) = std::mem::take(&mut *lock(&self.inbox));
+        let queued = std::mem::take(&mut *lock(&self.inbox)).batches;
         for (id, from, batch) in queued {
             self.step_locked(core, id, from, batch);
         }
     }
 
-    #[allow(clippy::needless_pass_by_value)]
     fn step_locked(&self, core: &mut Core, id: NodeId, from: SocketAddr, mut batch: RaftBatch) {
         // A leader's message creates a replica here only for a group
         // placement puts this agent in: otherwise any member could make
@@ -369,21 +377,22 @@ impl Replication {
 /// The entry, snapshot and context data a batch carries: what it holds in
 /// memory, near enough.
 fn entry_bytes(batch: &RaftBatch) -> usize {
+    let message_bytes = |m: &shoal_proto::raft::RaftMessage| {
+        let entries: usize = m
+            .entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(data) => data.len(),
+                _ => 0,
+            })
+            .sum();
+        entries + m.context.len() + m.snapshot.as_ref().map_or(0, |s| s.data.len())
+    };
     batch
         .groups
         .iter()
         .flat_map(|g| &g.messages)
-        .flat_map(|m| &m.entries)
-        .map(|e| match &e.payload {
-            EntryPayload::Normal(data) => data.len(),
-            _ => 0,
-        })
+        .map(message_bytes)
         .sum::<usize>()
-        + batch
-            .groups
-            .iter()
-            .flat_map(|g| &g.messages)
-            .map(|m| m.context.len() + m.snapshot.as_ref().map_or(0, |s| s.data.len()))
-            .sum::<usize>()
         + batch.groups.len()
 }
