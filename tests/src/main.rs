@@ -115,6 +115,9 @@ struct Cli {
     /// Replication: leader kills of the failover part (0 skips it; default 10, 2 with --quick).
     #[arg(long)]
     kills: Option<usize>,
+    /// Replication: leader kills of an idle partition (its group asleep), after the others (0 skips them; default 5, 1 with --quick).
+    #[arg(long)]
+    idle_kills: Option<usize>,
     /// Replication: partitions (x 3 replicas) of the idle part (0 skips it; default 1000, 50 with --quick).
     #[arg(long)]
     idle_partitions: Option<u32>,
@@ -405,6 +408,9 @@ async fn run_replication(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     let mut plan = replication::ReplPlan::new(cli.quick);
     if let Some(k) = cli.kills {
         plan.kills = k;
+    }
+    if let Some(k) = cli.idle_kills {
+        plan.idle_kills = k;
     }
     if let Some(p) = cli.idle_partitions {
         plan.idle_partitions = p;

@@ -47,6 +47,8 @@ pub struct ReplPlan {
     pub inflight: usize,
     /// Leader kills of the failover part.
     pub kills: usize,
+    /// Leader kills of an idle partition (its group asleep), after those.
+    pub idle_kills: usize,
     /// Partitions (x 3 replicas) of the idle part.
     pub idle_partitions: u32,
     /// Idle window.
@@ -71,6 +73,7 @@ impl ReplPlan {
                 size: 128,
                 inflight: 64,
                 kills: 2,
+                idle_kills: 1,
                 idle_partitions: 50,
                 idle_time: Duration::from_secs(10),
                 form_limit: Duration::from_secs(120),
@@ -85,6 +88,7 @@ impl ReplPlan {
                 size: 128,
                 inflight: 64,
                 kills: 10,
+                idle_kills: 5,
                 idle_partitions: 1000,
                 idle_time: Duration::from_secs(60),
                 form_limit: Duration::from_secs(900),
@@ -380,6 +384,39 @@ impl Cluster {
         out
     }
 
+    /// Waits until every agent reports partition 0 of `topic` asleep
+    /// (hibernating); polling `/v1/cluster` does not wake it.
+    async fn wait_asleep(&self, topic: &str, limit: Duration) -> Result<(), BoxError> {
+        let started = Instant::now();
+        loop {
+            let mut asleep = 0;
+            for i in 0..self.nodes.len() {
+                let Some(v) = self.cluster(i).await else {
+                    continue;
+                };
+                asleep += v["replicated"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|g| {
+                        g["topic"] == topic && g["partition"] == 0 && g["hibernating"] == true
+                    })
+                    .count();
+            }
+            if asleep == self.nodes.len() {
+                return Ok(());
+            }
+            if started.elapsed() > limit {
+                return Err(format!(
+                    "partition 0 of {topic} asleep on {asleep} of {} agents after {limit:?}",
+                    self.nodes.len()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until each of `partitions` partitions of `topic` has a leader
     /// and three voters; returns how long it took, or how many had formed.
     async fn wait_formed(
@@ -657,6 +694,9 @@ pub struct Mode {
 /// One leader kill.
 #[derive(Clone, Debug)]
 pub struct Kill {
+    /// Whether the partition was idle (its group asleep, no publish since
+    /// it fell asleep) when its leader was killed.
+    pub idle: bool,
     /// The killed leader.
     pub victim: String,
     /// The agent published through.
@@ -988,7 +1028,19 @@ type Shot = (Instant, Instant, bool);
 /// pool, answered or failed within 10 s); measures kill → first 201 of a
 /// publish sent after the kill; restarts the victim (same name, ports,
 /// data) and waits for three voters again.
-async fn one_kill(cluster: &mut Cluster, topic: &str, k: usize) -> Result<Kill, BoxError> {
+/// Kills the leader of `topic`'s partition 0 and times its failover. A busy
+/// partition has publishes every 20 ms for a second before the kill; an
+/// idle one has none until the kill, and is killed once every agent reports
+/// its group asleep.
+async fn one_kill(
+    cluster: &mut Cluster,
+    topic: &str,
+    k: usize,
+    idle: bool,
+) -> Result<Kill, BoxError> {
+    if idle {
+        cluster.wait_asleep(topic, Duration::from_secs(30)).await?;
+    }
     let l = cluster.leaders(topic).await;
     let g = l
         .get(&0)
@@ -1002,8 +1054,8 @@ async fn one_kill(cluster: &mut Cluster, topic: &str, k: usize) -> Result<Kill, 
     let shots: Arc<Mutex<Vec<Shot>>> = Arc::new(Mutex::new(Vec::new()));
     let path = format!("/v1/topics/{topic}/messages");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher = {
-        let (pool, shots, stop) = (pool.clone(), shots.clone(), stop.clone());
+    let start_publisher = || {
+        let (pool, shots, stop, path) = (pool.clone(), shots.clone(), stop.clone(), path.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             let mut tasks = tokio::task::JoinSet::new();
@@ -1037,12 +1089,21 @@ async fn one_kill(cluster: &mut Cluster, topic: &str, k: usize) -> Result<Kill, 
             while tasks.join_next().await.is_some() {}
         })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let publisher = if idle {
+        None
+    } else {
+        let p = start_publisher();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Some(p)
+    };
     let killed_at = Instant::now();
     cluster.nodes[vi].kill9()?;
+    let publisher = publisher.unwrap_or_else(start_publisher);
     println!(
-        "[failover] SIGKILL {} (leader, term {}); publishing through {via}",
-        g.leader, g.term
+        "[failover] SIGKILL {} (leader, term {}, {} partition); publishing through {via}",
+        g.leader,
+        g.term,
+        if idle { "idle" } else { "busy" }
     );
     // Until a publish sent after the kill is acknowledged (at most 20 s), then 0.5 s more.
     let limit = killed_at + Duration::from_secs(20);
@@ -1125,6 +1186,7 @@ async fn one_kill(cluster: &mut Cluster, topic: &str, k: usize) -> Result<Kill, 
         reformed.as_millis()
     );
     Ok(Kill {
+        idle,
         victim: g.leader,
         via,
         failover,
@@ -1162,7 +1224,7 @@ pub async fn run(
     }
     // 2. Failover.
     let mut kills = Vec::new();
-    if plan.kills > 0 {
+    if plan.kills + plan.idle_kills > 0 {
         crate::settle().await;
         cluster.create_topic("failover", 1).await?;
         cluster
@@ -1174,11 +1236,17 @@ pub async fn run(
             )
             .await
             .map_err(|(n, t)| format!("topic failover: {n} of 1 groups formed in {t:?}"))?;
-        for k in 0..plan.kills {
+        let all = plan.kills + plan.idle_kills;
+        for k in 0..all {
             // Let leadership settle (a leader hands over to placement's choice).
             tokio::time::sleep(Duration::from_secs(3)).await;
-            println!("==> kill {} of {}", k + 1, plan.kills);
-            kills.push(one_kill(&mut cluster, "failover", k).await?);
+            let idle = k >= plan.kills;
+            println!(
+                "==> kill {} of {all} ({} partition)",
+                k + 1,
+                if idle { "idle" } else { "busy" }
+            );
+            kills.push(one_kill(&mut cluster, "failover", k, idle).await?);
         }
     }
     for n in &cluster.nodes {
@@ -1588,10 +1656,13 @@ impl ReplReport {
                 thousands(nr as u64)
             ));
         }
-        let fo: Vec<Duration> = r.kills.iter().filter_map(|k| k.failover).collect();
-        let never = r.kills.iter().filter(|k| k.failover.is_none()).count();
-        if !r.kills.is_empty() {
-            let mut sorted = fo.clone();
+        for idle in [false, true] {
+            let kills: Vec<&Kill> = r.kills.iter().filter(|k| k.idle == idle).collect();
+            if kills.is_empty() {
+                continue;
+            }
+            let mut sorted: Vec<Duration> = kills.iter().filter_map(|k| k.failover).collect();
+            let never = kills.iter().filter(|k| k.failover.is_none()).count();
             sorted.sort();
             let p50 = sorted
                 .get(sorted.len().saturating_sub(1) / 2)
@@ -1605,9 +1676,14 @@ impl ReplReport {
             } else {
                 format!("**missed** by {}", secs(max - Duration::from_secs(3)))
             };
+            let what = if idle {
+                "failover after SIGKILL of an idle partition's leader (its group asleep)"
+            } else {
+                "failover after SIGKILL of the leader"
+            };
             s.push_str(&format!(
-                "| failover after SIGKILL of the leader ≤ 3 s at worst ({} kills) | p50 {} / max {} | ≤ 3 s | {:.2}× | {verdict} |\n",
-                r.kills.len(),
+                "| {what} ≤ 3 s at worst ({} kills) | p50 {} / max {} | ≤ 3 s | {:.2}× | {verdict} |\n",
+                kills.len(),
                 secs(p50),
                 secs(max),
                 max.as_secs_f64() / 3.0
@@ -1746,14 +1822,15 @@ impl ReplReport {
         // Failover details.
         if !r.kills.is_empty() {
             s.push_str(&format!(
-                "### Failover\n\nA topic of 1 partition, `replicas: 3`. Each kill: wait until the group has a leader and 3 voters and 3 s more (a leader hands over to placement's first choice), publish through an agent that does not lead it (the two others in turn; one publish every 20 ms, each on its own pooled keep-alive connection, 10 s timeout, no retries by the bench: the agent itself retries for up to 5 s), SIGKILL the leader after 1 s, and take the time from the kill to the **201 of the first publish sent after the kill** (resolution 20 ms). Then restart the killed agent with the same name, ports and data directory (agent-1 without `--join`, the others joining agent-1) and wait until the group has a leader with 3 voters and the restarted replica follows it with every entry (the leader reports it 0 entries behind; its voter seat never went away, as `--replace-after` is 60 s). {} kills.\n\n",
+                "### Failover\n\nA topic of 1 partition, `replicas: 3`. Each kill: wait until the group has a leader and 3 voters and 3 s more (a leader hands over to placement's first choice), publish through an agent that does not lead it (the two others in turn; one publish every 20 ms, each on its own pooled keep-alive connection, 10 s timeout, no retries by the bench: the agent itself retries for up to 5 s), SIGKILL the leader after 1 s, and take the time from the kill to the **201 of the first publish sent after the kill** (resolution 20 ms). An *idle* kill publishes nothing before it: it waits until every agent reports the group asleep (hibernating), kills the leader, and only then starts the publishes. Then restart the killed agent with the same name, ports and data directory (agent-1 without `--join`, the others joining agent-1) and wait until the group has a leader with 3 voters and the restarted replica follows it with every entry (the leader reports it 0 entries behind; its voter seat never went away, as `--replace-after` is 60 s). {} kills.\n\n",
                 r.kills.len()
             ));
-            s.push_str("| # | killed leader | published through | kill → first 201 | new leader | publishes failed | longest publish | restart → caught-up voter again |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+            s.push_str("| # | partition | killed leader | published through | kill → first 201 | new leader | publishes failed | longest publish | restart → caught-up voter again |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
             for (i, k) in r.kills.iter().enumerate() {
                 s.push_str(&format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     i + 1,
+                    if k.idle { "idle" } else { "busy" },
                     k.victim,
                     k.via,
                     k.failover.map_or("none within 20 s".into(), secs),

@@ -38,8 +38,8 @@ pub struct GroupMessages {
     pub group: GroupRef,
     /// Raft messages, in the order the sender produced them.
     pub messages: Vec<RaftMessage>,
-    /// The leader is going quiet: stop ticking while nothing changes.
-    pub hibernate: Option<Hibernate>,
+    /// Hibernation: the leader going quiet, or a replica waking the group.
+    pub signal: Signal,
     /// The sender lost entries it may have acknowledged (a corrupt record
     /// cut its log, or it came back empty): its leader forgets how far the
     /// sender's log reaches and probes it again.
@@ -48,6 +48,27 @@ pub struct GroupMessages {
     /// acknowledgements". Only appends that follow it count toward the
     /// follower's recovery.
     pub progress_reset: bool,
+}
+
+/// What a replica tells its peers about the group's sleep.
+///
+/// Encoded exactly as the `Option<Hibernate>` it replaced (postcard writes
+/// `Nothing` as 0 and `Hibernate` as 1 followed by its fields, as it wrote
+/// `None` and `Some`), so an agent that knows only those two reads every
+/// batch without `Wake` as before.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Signal {
+    /// Nothing about sleep.
+    #[default]
+    Nothing,
+    /// The leader is going quiet: stop ticking while nothing changes.
+    Hibernate(Hibernate),
+    /// A replica woke the group for a reason of its own (a publish or a read
+    /// reached it, or the gossip suspects the leader): wake too. A leader
+    /// that is alive then heartbeats before any woken follower's election
+    /// timeout runs out, so waking followers never unseats it; a dead one
+    /// is replaced by the woken followers, all timing out together.
+    Wake,
 }
 
 /// A leader's request that its followers stop ticking the group.

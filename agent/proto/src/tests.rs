@@ -105,3 +105,59 @@ fn random_bytes_never_panic() {
         while let Ok(Some(_)) = decode::<Message>(&mut buf) {}
     }
 }
+
+/// `GroupMessages` as agents before [`raft::Signal`] encoded it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GroupMessagesWithOptionalHibernate {
+    group: raft::GroupRef,
+    messages: Vec<raft::RaftMessage>,
+    hibernate: Option<raft::Hibernate>,
+    recovering: bool,
+    progress_reset: bool,
+}
+
+#[test]
+fn the_sleep_signal_reads_and_writes_as_the_optional_hibernate_it_replaced() {
+    let group = raft::GroupRef {
+        namespace: "default".into(),
+        topic: "orders".into(),
+        partition: 3,
+    };
+    let hibernate = raft::Hibernate {
+        term: 7,
+        commit: 1234,
+    };
+    for (signal, old) in [
+        (raft::Signal::Nothing, None),
+        (raft::Signal::Hibernate(hibernate), Some(hibernate)),
+    ] {
+        let new = raft::GroupMessages {
+            group: group.clone(),
+            messages: Vec::new(),
+            signal,
+            recovering: true,
+            progress_reset: false,
+        };
+        let old = GroupMessagesWithOptionalHibernate {
+            group: group.clone(),
+            messages: Vec::new(),
+            hibernate: old,
+            recovering: true,
+            progress_reset: false,
+        };
+        let old_bytes = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(postcard::to_allocvec(&new).unwrap(), old_bytes);
+        let read: raft::GroupMessages = postcard::from_bytes(&old_bytes).unwrap();
+        assert_eq!(read, new);
+    }
+    // `Wake` is new: an older agent refuses it rather than misreading it.
+    let woken = raft::GroupMessages {
+        group,
+        messages: Vec::new(),
+        signal: raft::Signal::Wake,
+        recovering: false,
+        progress_reset: false,
+    };
+    let bytes = postcard::to_allocvec(&woken).unwrap();
+    assert!(postcard::from_bytes::<GroupMessagesWithOptionalHibernate>(&bytes).is_err());
+}

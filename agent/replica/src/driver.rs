@@ -24,7 +24,7 @@ use crate::store::{LogStore, StoreError};
 use crate::wire;
 use crate::{group_name, Error, GroupId, NodeId};
 use raft::eraftpb::{Message, MessageType};
-use shoal_proto::raft::{GroupMessages, Hibernate, RaftBatch};
+use shoal_proto::raft::{GroupMessages, Hibernate, RaftBatch, Signal};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Default tick: 200 ms. Every group ticks on the driver's tick, so the
@@ -510,7 +510,7 @@ impl<S: LogStore> Driver<S> {
             let GroupMessages {
                 group,
                 messages,
-                hibernate,
+                signal,
                 recovering,
                 progress_reset,
             } = gm;
@@ -592,8 +592,13 @@ impl<S: LogStore> Driver<S> {
                         }
                     }
                 }
-                if let Some(h) = hibernate {
-                    g.hibernate_follower(from, h.term, h.commit);
+                match signal {
+                    Signal::Nothing => {}
+                    Signal::Hibernate(h) => g.hibernate_follower(from, h.term, h.commit),
+                    // Only a replica of the group may wake it; it is not
+                    // passed on (the waking replica told every peer).
+                    Signal::Wake if g.peers().contains(&from) => g.wake(),
+                    Signal::Wake => refused.push("not_a_peer"),
                 }
                 g.peer_recovering(from, recovering);
             }
@@ -677,7 +682,7 @@ impl<S: LogStore> Driver<S> {
         }
         for (id, peers, term, commit) in going_quiet {
             for peer in peers {
-                self.entry(peer, &id).hibernate = Some(Hibernate { term, commit });
+                self.entry(peer, &id).signal = Signal::Hibernate(Hibernate { term, commit });
             }
         }
         for (id, reason) in failed {
@@ -693,7 +698,7 @@ impl<S: LogStore> Driver<S> {
             .or_insert_with(|| GroupMessages {
                 group: group.clone(),
                 messages: Vec::new(),
-                hibernate: None,
+                signal: Signal::Nothing,
                 recovering: false,
                 progress_reset: false,
             })
@@ -920,16 +925,38 @@ impl<S: LogStore> Driver<S> {
         g.campaign_now()
     }
 
-    /// Wakes a hibernating group: a publish or a read reached this replica,
-    /// which does not lead it. If its leader died while the group slept, the
-    /// replica's election timer runs again and it campaigns, instead of
-    /// waiting for membership to say the leader is down.
-    pub fn wake_group(&mut self, group: &GroupId) {
-        if let Some(g) = self.group_mut(group) {
-            if g.hibernating && !g.is_leader() {
-                g.wake();
-            }
+    /// Wakes a hibernating group this replica follows: a publish or a read
+    /// reached it. Its peers are told to wake too ([`Signal::Wake`]): if the
+    /// leader died while the group slept, the followers' election timers
+    /// run again together and they elect another leader instead of waiting
+    /// for membership to say it is down; if it is alive, it heartbeats
+    /// before their timers run out. Returns whether the group woke.
+    pub fn wake_group(&mut self, group: &GroupId) -> bool {
+        let Some(g) = self.groups.get_mut(group) else {
+            return false;
+        };
+        if !g.hibernating || g.is_leader() {
+            return false;
         }
+        g.wake();
+        let peers = g.peers();
+        for peer in peers {
+            self.entry(peer, group).signal = Signal::Wake;
+        }
+        true
+    }
+
+    /// Wakes, as [`Self::wake_group`] does, the hibernating groups this
+    /// replica follows under `leader`, which the gossip suspects of having
+    /// died; returns how many woke.
+    pub fn wake_groups_led_by(&mut self, leader: NodeId) -> usize {
+        let led: Vec<GroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.hibernating && g.leader() == Some(leader))
+            .map(|(id, _)| id.clone())
+            .collect();
+        led.iter().filter(|g| self.wake_group(g)).count()
     }
 
     /// The newest incarnation (run) `node` has sent a batch from, if any.

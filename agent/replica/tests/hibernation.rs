@@ -108,3 +108,123 @@ fn sleeping_groups_are_not_looked_at_and_a_proposal_wakes_only_its_own() {
         );
     }
 }
+
+/// Three drivers whose groups all sleep, and the agent leading the most.
+fn asleep(seed: u64) -> (BTreeMap<NodeId, Driver<MemStore>>, NodeId) {
+    let ids: Vec<NodeId> = vec![1, 2, 3];
+    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
+    for id in &ids {
+        let config = DriverConfig {
+            seed,
+            ..DriverConfig::default()
+        };
+        let mut d = Driver::new(*id, config, Box::new(|_| Ok(MemStore::new())));
+        for p in 0..GROUPS {
+            d.open_group(group(p), MemStore::new(), Bootstrap::Voters(ids.clone()))
+                .unwrap();
+        }
+        drivers.insert(*id, d);
+    }
+    let mut rounds = 0;
+    while !drivers.values().all(|d| d.hibernating() == GROUPS as usize) {
+        round(&mut drivers);
+        rounds += 1;
+        assert!(rounds < 500, "groups never all hibernated");
+    }
+    for _ in 0..3 {
+        round(&mut drivers);
+    }
+    let leads = |id: NodeId| {
+        (0..GROUPS)
+            .filter(|p| drivers[&id].status(&group(*p)).is_some_and(|s| s.serving))
+            .count()
+    };
+    let busiest = *ids.iter().max_by_key(|id| leads(**id)).unwrap();
+    assert!(leads(busiest) > 0);
+    (drivers, busiest)
+}
+
+/// Every group's (leader, term) as each driver sees it.
+fn leaders(
+    drivers: &BTreeMap<NodeId, Driver<MemStore>>,
+) -> Vec<(NodeId, u32, Option<NodeId>, u64)> {
+    drivers
+        .iter()
+        .flat_map(|(id, d)| {
+            (0..GROUPS).map(move |p| {
+                let s = d.status(&group(p)).unwrap();
+                (*id, p, s.leader, s.term)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_suspected_leader_that_is_alive_keeps_the_sleeping_groups_its_followers_wake() {
+    for seed in 0..20 {
+        let (mut drivers, suspected) = asleep(seed);
+        let before = leaders(&drivers);
+        // Both followers' gossip suspects it, so both wake the groups they
+        // follow under it: their election timers run together, and without
+        // the leader woken too the first to time out would win the other's
+        // vote. Told to wake, the leader heartbeats first.
+        for (id, d) in drivers.iter_mut() {
+            if *id != suspected {
+                let woken = d.wake_groups_led_by(suspected);
+                assert!(woken > 0, "seed {seed}: nothing woke");
+            }
+        }
+        for _ in 0..200 {
+            round(&mut drivers);
+        }
+        assert_eq!(
+            leaders(&drivers),
+            before,
+            "seed {seed}: a live leader lost a group its followers woke"
+        );
+        assert!(
+            drivers.values().all(|d| d.hibernating() == GROUPS as usize),
+            "seed {seed}: the woken groups should sleep again"
+        );
+    }
+}
+
+#[test]
+fn a_suspected_leader_that_is_dead_is_replaced_in_the_sleeping_groups_one_follower_wakes() {
+    for seed in 0..20 {
+        let (mut drivers, dead) = asleep(seed);
+        let its_groups: Vec<GroupId> = (0..GROUPS)
+            .map(group)
+            .filter(|g| drivers[&dead].status(g).is_some_and(|s| s.serving))
+            .collect();
+        // It dies silently: its groups sleep, so nobody notices by itself.
+        drivers.remove(&dead);
+        for _ in 0..100 {
+            round(&mut drivers);
+        }
+        assert!(
+            drivers.values().all(|d| d.hibernating() == GROUPS as usize),
+            "seed {seed}: sleeping followers do not notice a silent leader by themselves"
+        );
+        // One survivor wakes them; the other is woken by its signal.
+        let follower = *drivers.keys().next().unwrap();
+        assert_eq!(
+            drivers.get_mut(&follower).unwrap().wake_groups_led_by(dead),
+            its_groups.len(),
+            "seed {seed}"
+        );
+        let mut rounds = 0;
+        while !its_groups.iter().all(|g| {
+            drivers
+                .values()
+                .any(|d| d.status(g).is_some_and(|s| s.serving))
+        }) {
+            round(&mut drivers);
+            rounds += 1;
+            assert!(
+                rounds < 100,
+                "seed {seed}: the woken groups never elected another leader"
+            );
+        }
+    }
+}

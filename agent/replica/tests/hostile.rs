@@ -7,8 +7,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A test panics on what it does not expect.
 
 use shoal_proto::raft::{
-    ConfState, EntryPayload, GroupMessages, RaftBatch, RaftEntry, RaftMessage, RaftMessageKind,
-    RaftSnapshot,
+    ConfState, EntryPayload, GroupMessages, Hibernate, RaftBatch, RaftEntry, RaftMessage,
+    RaftMessageKind, RaftSnapshot, Signal,
 };
 use shoal_replica::command::Command;
 use shoal_replica::store::MemStore;
@@ -225,7 +225,14 @@ fn mutated_peer_messages_never_stop_the_agent() {
                 groups: vec![GroupMessages {
                     group: group(),
                     messages: vec![m.clone()],
-                    hibernate: None,
+                    signal: match rng.u8(0..20) {
+                        0 => Signal::Wake,
+                        1 => Signal::Hibernate(Hibernate {
+                            term: rng.u64(0..8),
+                            commit: rng.u64(0..64),
+                        }),
+                        _ => Signal::Nothing,
+                    },
                     recovering: rng.u8(0..20) == 0,
                     progress_reset: rng.u8(0..20) == 0,
                 }],

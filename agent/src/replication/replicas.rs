@@ -216,6 +216,7 @@ impl Replication {
     /// Gossip's view changed: who is up, where, and which brokers count.
     pub fn set_members(&self, members: &[(String, SocketAddr, bool, Liveness, bool)]) {
         let mut downs = Vec::new();
+        let mut suspects = Vec::new();
         {
             let mut peers = lock(&self.peers);
             peers.by_id.clear();
@@ -241,6 +242,9 @@ impl Replication {
                     peers.down_since.insert(name.clone(), since);
                 }
                 downs.push((node_id(name), down));
+                if *state == Liveness::Suspect {
+                    suspects.push(node_id(name));
+                }
                 if *broker {
                     peers.members.push(Member::broker(name.clone()));
                 }
@@ -253,6 +257,12 @@ impl Replication {
         let mut core = lock(&self.core);
         for (id, down) in downs {
             core.driver.set_down(id, down);
+        }
+        // An idle partition whose leader died is noticed here long before
+        // the gossip declares the leader down (about 6 s). Waking tells
+        // the leader too, so one that is only slow keeps its groups.
+        for id in suspects {
+            core.driver.wake_groups_led_by(id);
         }
         self.place_all(&mut core);
         drop(core);

@@ -12,19 +12,40 @@ use shoal_proto::{FetchedBatch, Message, WireEntry};
 use shoal_replica::command::Command;
 use shoal_replica::state::Applied;
 use shoal_replica::store::LogStore;
-use shoal_replica::{node_id, GroupId, NodeId};
+use shoal_replica::{node_id, NodeId};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
 impl Replication {
-    /// Where to send a publish or a read of `topic`/`partition` now.
+    /// Where to send a read of `topic`/`partition` now (or show where it
+    /// goes): a sleeping group stays asleep.
     pub fn route(&self, topic: &str, partition: u32) -> Route {
+        self.route_waking(topic, partition, false)
+    }
+
+    /// Where to send a publish to `topic`/`partition` now. A sleeping
+    /// replica here wakes its group: if the leader died while it slept, the
+    /// followers elect another while this publish's forward waits, instead
+    /// of after it times out.
+    pub fn route_publish(&self, topic: &str, partition: u32) -> Route {
+        self.route_waking(topic, partition, true)
+    }
+
+    fn route_waking(&self, topic: &str, partition: u32, wake: bool) -> Route {
         let g = self.group_id(topic, partition);
         // The usual case, asked on every publish: this agent's replica
         // knows a leader that is up (no status built, no vectors copied).
-        let leader = lock(&self.core).driver.leader(&g).flatten();
+        let (leader, woke) = {
+            let mut core = lock(&self.core);
+            let leader = core.driver.leader(&g).flatten();
+            let woke = wake && leader != Some(self.me_id) && core.driver.wake_group(&g);
+            (leader, woke)
+        };
+        if woke {
+            self.wake.wake();
+        }
         if let Some(leader) = leader {
             if leader == self.me_id {
                 return Route::Local;
@@ -128,22 +149,12 @@ impl Replication {
         )
     }
 
-    /// `node` did not answer a call: the groups here that it leads wake, so
-    /// their followers elect another leader if it died while they slept.
+    /// `node` did not answer a call: the sleeping groups here that it leads
+    /// wake, so their followers elect another leader if it died while they
+    /// slept.
     pub fn suspect(&self, node: &str) {
-        let id = node_id(node);
-        let mut core = lock(&self.core);
-        let led: Vec<GroupId> = core
-            .driver
-            .groups()
-            .filter(|g| core.driver.leader(g) == Some(Some(id)))
-            .cloned()
-            .collect();
-        for g in &led {
-            core.driver.wake_group(g);
-        }
-        drop(core);
-        if !led.is_empty() {
+        let woken = lock(&self.core).driver.wake_groups_led_by(node_id(node));
+        if woken > 0 {
             self.wake.wake();
         }
     }

@@ -103,7 +103,7 @@ fn batch_of(entry_bytes: &[usize]) -> RaftBatch {
                 context: Vec::new(),
                 priority: 0,
             }],
-            hibernate: None,
+            signal: shoal_proto::raft::Signal::Nothing,
             recovering: false,
             progress_reset: false,
         }],
@@ -156,7 +156,8 @@ fn a_group_catching_a_replica_up_is_split_into_frames_in_order_with_its_signals_
         .collect();
     gm.progress_reset = true;
     gm.recovering = true;
-    gm.hibernate = Some(shoal_proto::raft::Hibernate { term: 2, commit: 9 });
+    gm.signal =
+        shoal_proto::raft::Signal::Hibernate(shoal_proto::raft::Hibernate { term: 2, commit: 9 });
     let batch = RaftBatch {
         incarnation: 7,
         groups: vec![gm.clone()],
@@ -183,8 +184,10 @@ fn a_group_catching_a_replica_up_is_split_into_frames_in_order_with_its_signals_
     assert!(runs[0].progress_reset && runs[1..].iter().all(|r| !r.progress_reset));
     assert!(runs.iter().all(|r| r.recovering && r.group == gm.group));
     let (last, rest) = runs.split_last().unwrap();
-    assert_eq!(last.hibernate, gm.hibernate);
-    assert!(rest.iter().all(|r| r.hibernate.is_none()));
+    assert_eq!(last.signal, gm.signal);
+    assert!(rest
+        .iter()
+        .all(|r| r.signal == shoal_proto::raft::Signal::Nothing));
     // A group under the limit stays whole.
     let small = batch_of(&[1024, 1024]);
     assert_eq!(split_batch(small.clone()), vec![small]);

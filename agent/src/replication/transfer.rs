@@ -180,16 +180,16 @@ pub(super) fn split_batch(batch: RaftBatch) -> Vec<RaftBatch> {
 /// One group's messages in runs of at most [`MAX_BATCH_DATA`] bytes (a
 /// larger message alone). The signals go where they keep their meaning:
 /// `progress_reset` with the first run (the appends after it count),
-/// `hibernate` with the last (nothing follows it), `recovering` with each.
+/// the sleep `signal` with the last (nothing follows it), `recovering` with each.
 fn split_group(gm: shoal_proto::raft::GroupMessages) -> Vec<shoal_proto::raft::GroupMessages> {
-    use shoal_proto::raft::GroupMessages;
+    use shoal_proto::raft::{GroupMessages, Signal};
     if batch_bytes(&gm) <= MAX_BATCH_DATA || gm.messages.len() < 2 {
         return vec![gm];
     }
     let GroupMessages {
         group,
         messages,
-        hibernate,
+        signal,
         recovering,
         progress_reset,
     } = gm;
@@ -205,7 +205,7 @@ fn split_group(gm: shoal_proto::raft::GroupMessages) -> Vec<shoal_proto::raft::G
             runs.push(GroupMessages {
                 group: group.clone(),
                 messages: Vec::new(),
-                hibernate: None,
+                signal: Signal::Nothing,
                 recovering,
                 progress_reset: runs.is_empty() && progress_reset,
             });
@@ -217,7 +217,7 @@ fn split_group(gm: shoal_proto::raft::GroupMessages) -> Vec<shoal_proto::raft::G
         }
     }
     if let Some(last) = runs.last_mut() {
-        last.hibernate = hibernate;
+        last.signal = signal;
     }
     runs
 }

@@ -160,7 +160,7 @@ impl Router {
             for (i, pid, m) in todo.drain(..) {
                 let home = match &repl {
                     None => self.home(topic_name, pid),
-                    Some(r) => match r.route(topic_name, pid) {
+                    Some(r) => match r.route_publish(topic_name, pid) {
                         Route::Local => Home::Me,
                         Route::Peer { node, addr } => Home::Peer { node, addr },
                         Route::Unavailable => {
