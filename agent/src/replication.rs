@@ -210,6 +210,9 @@ struct Peers {
     down: BTreeSet<String>,
     /// Since when each down member has been down (this agent's clock).
     down_since: HashMap<String, std::time::Instant>,
+    /// Members gossip suspects (not yet down): the groups they lead here
+    /// were woken when the suspicion began, not at every change of view.
+    suspected: BTreeSet<String>,
     /// Bumped whenever the members change (placement may then differ).
     epoch: u64,
     /// The agent a publish to a partition tried last and its answer.

@@ -631,6 +631,7 @@ impl<S: LogStore> Driver<S> {
         let mut changes = 0;
         let mut failed = Vec::new();
         let mut going_quiet = Vec::new();
+        let mut to_wake = Vec::new();
         let grace = REMOVAL_GRACE_ELECTIONS * self.config.election_ticks;
         for (id, g) in self.groups.iter_mut() {
             g.check_removal(grace);
@@ -644,6 +645,13 @@ impl<S: LogStore> Driver<S> {
             }
             g.node.tick();
             g.redraw_timeout(&mut self.rng, self.config.election_ticks);
+            if g.leader_unheard {
+                match g.leader() {
+                    Some(leader) if !g.is_leader() => to_wake.push((id.clone(), leader)),
+                    // An election began: nobody to wake any more.
+                    _ => g.leader_unheard = false,
+                }
+            }
             g.drop_snapshot_if_unneeded();
             g.check_snapshots(2 * self.config.election_ticks);
             if let Err(e) = g.build_snapshot() {
@@ -684,6 +692,9 @@ impl<S: LogStore> Driver<S> {
             for peer in peers {
                 self.entry(peer, &id).signal = Signal::Hibernate(Hibernate { term, commit });
             }
+        }
+        for (id, leader) in to_wake {
+            self.entry(leader, &id).signal = Signal::Wake;
         }
         for (id, reason) in failed {
             self.fail(&id, reason);
@@ -925,12 +936,14 @@ impl<S: LogStore> Driver<S> {
         g.campaign_now()
     }
 
-    /// Wakes a hibernating group this replica follows: a publish or a read
-    /// reached it. Its peers are told to wake too ([`Signal::Wake`]): if the
-    /// leader died while the group slept, the followers' election timers
-    /// run again together and they elect another leader instead of waiting
-    /// for membership to say it is down; if it is alive, it heartbeats
-    /// before their timers run out. Returns whether the group woke.
+    /// Wakes a hibernating group this replica follows, for a reason of its
+    /// own: a publish or a read reached it, or the leader is suspected of
+    /// having died. Its peers are told to wake too ([`Signal::Wake`]), and
+    /// the leader again every tick until it is heard from: if it died while
+    /// the group slept, the followers' election timers run together and
+    /// they elect another leader instead of waiting for membership to say
+    /// it is down; if it is alive, it heartbeats before their timers run
+    /// out. Returns whether the group woke.
     pub fn wake_group(&mut self, group: &GroupId) -> bool {
         let Some(g) = self.groups.get_mut(group) else {
             return false;

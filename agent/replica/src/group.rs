@@ -204,6 +204,11 @@ pub struct Group<S: LogStore> {
     /// ready while it hibernated: a hibernating group is looked at only then.
     pub(crate) stirred: bool,
     pub(crate) quiet_ticks: u32,
+    /// A follower woke from hibernation and has not heard from its leader
+    /// since: it tells the leader to wake every tick until it does, so a
+    /// lost [`shoal_proto::raft::Signal::Wake`] cannot leave a live leader
+    /// asleep while the woken followers' election timers run.
+    pub(crate) leader_unheard: bool,
     /// Proposals awaiting their entry: index → (term, token).
     pending: BTreeMap<u64, (u64, u64)>,
     pub(crate) removed: bool,
@@ -367,6 +372,7 @@ impl<S: LogStore> Group<S> {
             state,
             window_ms: config.dedupe_window_ms,
             hibernating: false,
+            leader_unheard: false,
             stirred: false,
             quiet_ticks: 0,
             pending: BTreeMap::new(),
@@ -601,6 +607,7 @@ impl<S: LogStore> Group<S> {
         self.stirred = true;
         if self.hibernating {
             self.hibernating = false;
+            self.leader_unheard = self.node.raft.state == StateRole::Follower;
             // Time stood still while asleep: a follower gets a whole election
             // timeout to hear from its leader, and a leader a fresh lease
             // (its check-quorum would otherwise count the silent followers
@@ -652,7 +659,13 @@ impl<S: LogStore> Group<S> {
         if !benign {
             self.wake();
         }
+        let from = m.from;
         self.node.step(m)?;
+        if matches!(msg_type, MsgAppend | MsgHeartbeat | MsgSnapshot)
+            && self.node.raft.leader_id == from
+        {
+            self.leader_unheard = false;
+        }
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use shoal_replica::command::Command;
 use shoal_replica::store::MemStore;
 use shoal_replica::{Bootstrap, Driver, DriverConfig, GroupId, NodeId};
 use std::collections::BTreeMap;
-use support::round;
+use support::{round, round_editing};
 
 const GROUPS: u32 = 20;
 
@@ -224,6 +224,47 @@ fn a_suspected_leader_that_is_dead_is_replaced_in_the_sleeping_groups_one_follow
             assert!(
                 rounds < 100,
                 "seed {seed}: the woken groups never elected another leader"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_live_leader_keeps_its_sleeping_groups_when_the_wakes_sent_to_it_are_lost() {
+    use shoal_proto::raft::Signal;
+    for seed in 0..20 {
+        for one_way_cut in [false, true] {
+            let (mut drivers, suspected) = asleep(seed);
+            let before = leaders(&drivers);
+            let followers: Vec<NodeId> = drivers
+                .keys()
+                .copied()
+                .filter(|id| *id != suspected)
+                .collect();
+            for f in &followers {
+                assert!(drivers.get_mut(f).unwrap().wake_groups_led_by(suspected) > 0);
+            }
+            let mut first = true;
+            for _ in 0..200 {
+                round_editing(&mut drivers, |from, to, batch| {
+                    if one_way_cut && from == followers[0] && to == suspected {
+                        // Nothing of the first follower's reaches the leader.
+                        batch.groups.clear();
+                    } else if first {
+                        // Every wake of the first round is lost.
+                        for g in &mut batch.groups {
+                            if g.signal == Signal::Wake {
+                                g.signal = Signal::Nothing;
+                            }
+                        }
+                    }
+                });
+                first = false;
+            }
+            assert_eq!(
+                leaders(&drivers),
+                before,
+                "seed {seed}, one-way cut {one_way_cut}: a live leader lost a group"
             );
         }
     }

@@ -226,6 +226,7 @@ impl Replication {
             let now = std::time::Instant::now();
             peers.epoch += 1;
             let mut down_since = std::mem::take(&mut peers.down_since);
+            let was_suspected = std::mem::take(&mut peers.suspected);
             for (name, addr, broker, state, departed) in members {
                 if *name == self.me {
                     continue;
@@ -243,7 +244,10 @@ impl Replication {
                 }
                 downs.push((node_id(name), down));
                 if *state == Liveness::Suspect {
-                    suspects.push(node_id(name));
+                    if !was_suspected.contains(name) {
+                        suspects.push(node_id(name));
+                    }
+                    peers.suspected.insert(name.clone());
                 }
                 if *broker {
                     peers.members.push(Member::broker(name.clone()));
@@ -260,7 +264,9 @@ impl Replication {
         }
         // An idle partition whose leader died is noticed here long before
         // the gossip declares the leader down (about 6 s). Waking tells
-        // the leader too, so one that is only slow keeps its groups.
+        // the leader too, so one that is only slow keeps its groups. Once
+        // per suspicion: a leader suspected for long is not woken again
+        // and again at each change of view.
         for id in suspects {
             core.driver.wake_groups_led_by(id);
         }

@@ -382,7 +382,10 @@ impl Replication {
                 };
                 let status = grp.status();
                 if !status.serving {
-                    core.driver.wake_group(&g);
+                    if core.driver.wake_group(&g) {
+                        drop(core);
+                        self.wake.wake();
+                    }
                     return Err(not_leader(topic, partition, None));
                 }
                 let first = grp.store().first_index().max(status.first_index);
