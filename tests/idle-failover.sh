@@ -3,12 +3,14 @@
 # the others elect a new leader on the gossip's suspicion alone. Three agents
 # (release build), topic idle: 1 partition, replicas 3. Each kill (KILLS, 3
 # by default): wait until every agent reports the group asleep, SIGKILL its
-# leader, poll the two others' /v1/cluster every 50 ms until one names
-# another leader, restart the killed agent. (With publishes through an agent
+# leader, poll the two others' /v1/cluster (a pause of 50 ms between polls,
+# each poll a curl and a python3 per agent, so the resolution is about
+# 100 ms) until one names another leader, restart the killed agent. (With publishes through an agent
 # that holds a replica, `shoal-bench --only replication --idle-kills N`
 # measures the same failover as a publish sees it.) Uses loopback ports
-# 22001-22003, 22101-22103 and 22201-22203, and a directory under /tmp that
-# it deletes. About a minute.
+# 22001-22003, 22101-22103 and 22201-22203 (UDP), and a directory under /tmp
+# that it deletes (kept, with the agents' logs, when it fails). Needs curl,
+# python3 and GNU date. About a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/shoal-agent}
@@ -16,7 +18,12 @@ BIN=${BIN:-target/release/shoal-agent}
 KILLS=${KILLS:-3}
 D=$(mktemp -d /tmp/idlefo.XXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$D"; }
+cleanup() {
+  local rc=$?
+  for p in ${PIDS[@]+"${PIDS[@]}"}; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "$rc" = 0 ]; then rm -rf "$D"; else echo "failed; the agents' logs are in $D"; fi
+}
 trap cleanup EXIT
 for port in 22001 22002 22003 22101 22102 22103; do
   if curl -s -m 1 -o /dev/null "127.0.0.1:$port/"; then
@@ -77,6 +84,7 @@ for k in $(seq 1 "$KILLS"); do
     sleep 0.05
   done
   t1=$(date +%s%N)
+  [ "$new" = - ] && { echo "kill $k: no new leader after 600 polls since killing $leader"; exit 1; }
   echo "kill $k: $leader killed while asleep; new leader $new after $(( (t1 - t0) / 1000000 )) ms, no publish"
   start "$victim"
   sleep 3

@@ -647,6 +647,9 @@ impl<S: LogStore> Driver<S> {
             g.redraw_timeout(&mut self.rng, self.config.election_ticks);
             if g.leader_unheard {
                 match g.leader() {
+                    // A leader membership says is down is not worth a frame
+                    // a tick; its followers' timers are running.
+                    Some(leader) if self.down.contains(&leader) => {}
                     Some(leader) if !g.is_leader() => to_wake.push((id.clone(), leader)),
                     // An election began: nobody to wake any more.
                     _ => g.leader_unheard = false,

@@ -659,10 +659,11 @@ impl<S: LogStore> Group<S> {
         if !benign {
             self.wake();
         }
-        let from = m.from;
+        let (from, term) = (m.from, m.term);
         self.node.step(m)?;
         if matches!(msg_type, MsgAppend | MsgHeartbeat | MsgSnapshot)
             && self.node.raft.leader_id == from
+            && self.node.raft.term == term
         {
             self.leader_unheard = false;
         }

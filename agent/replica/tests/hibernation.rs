@@ -266,6 +266,15 @@ fn a_live_leader_keeps_its_sleeping_groups_when_the_wakes_sent_to_it_are_lost() 
                 before,
                 "seed {seed}, one-way cut {one_way_cut}: a live leader lost a group"
             );
+            // Once heard from, nobody keeps waking the leader: the groups
+            // sleep again (with the cut, the leader never hears that one
+            // follower has everything, so it stays awake).
+            if !one_way_cut {
+                assert!(
+                    drivers.values().all(|d| d.hibernating() == GROUPS as usize),
+                    "seed {seed}: the woken groups should sleep again"
+                );
+            }
         }
     }
 }

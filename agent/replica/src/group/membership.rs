@@ -335,11 +335,15 @@ impl<S: LogStore> Group<S> {
     /// everything the leader has committed.
     pub(crate) fn hibernate_follower(&mut self, from: NodeId, term: u64, commit: u64) {
         let raft = &self.node.raft;
+        // A follower that woke and has not heard from its leader since
+        // ignores a `Hibernate` sent before the leader took its `Wake`: the
+        // leader pings once woken, and sends another when quiet again.
         if raft.state == StateRole::Follower
             && raft.term == term
             && raft.leader_id == from
             && raft.raft_log.last_index() >= commit
             && !self.recovering()
+            && !self.leader_unheard
         {
             self.hibernating = true;
         }
