@@ -6,9 +6,9 @@ mod support;
 
 use shoal_replica::command::Command;
 use shoal_replica::store::MemStore;
-use shoal_replica::{Bootstrap, Driver, DriverConfig, GroupId, NodeId};
+use shoal_replica::{Driver, GroupId, NodeId};
 use std::collections::BTreeMap;
-use support::{round, round_editing};
+use support::{round, round_editing, three_agents};
 
 const GROUPS: u32 = 20;
 
@@ -20,46 +20,24 @@ fn group(partition: u32) -> GroupId {
     }
 }
 
+fn all_asleep(drivers: &BTreeMap<NodeId, Driver<MemStore>>) -> bool {
+    drivers.values().all(|d| d.hibernating() == GROUPS as usize)
+}
+
 fn checks(drivers: &BTreeMap<NodeId, Driver<MemStore>>) -> Vec<u64> {
     drivers.values().map(|d| d.stats().ready_checks).collect()
 }
 
 #[test]
 fn sleeping_groups_are_not_looked_at_and_a_proposal_wakes_only_its_own() {
-    let ids: Vec<NodeId> = vec![1, 2, 3];
-    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
-    for id in &ids {
-        let config = DriverConfig {
-            seed: 11,
-            ..DriverConfig::default()
-        };
-        let mut d = Driver::new(*id, config, Box::new(|_| Ok(MemStore::new())));
-        for p in 0..GROUPS {
-            d.open_group(group(p), MemStore::new(), Bootstrap::Voters(ids.clone()))
-                .unwrap();
-        }
-        drivers.insert(*id, d);
-    }
-    let all_asleep = |drivers: &BTreeMap<NodeId, Driver<MemStore>>| {
-        drivers.values().all(|d| d.hibernating() == GROUPS as usize)
-    };
-    let mut rounds = 0;
-    while !all_asleep(&drivers) {
-        round(&mut drivers);
-        rounds += 1;
-        assert!(rounds < 500, "groups never all hibernated");
-    }
-    // A few rounds for what going to sleep still sends.
-    for _ in 0..3 {
-        round(&mut drivers);
-    }
-    let asleep = checks(&drivers);
+    let (mut drivers, _) = asleep(11);
+    let checked_asleep = checks(&drivers);
     for _ in 0..100 {
         round(&mut drivers);
     }
     assert_eq!(
         checks(&drivers),
-        asleep,
+        checked_asleep,
         "100 rounds of sleeping groups should look at none of them"
     );
     assert!(all_asleep(&drivers));
@@ -96,7 +74,7 @@ fn sleeping_groups_are_not_looked_at_and_a_proposal_wakes_only_its_own() {
             "agent {id} did not get the entry"
         );
         // Only the woken group is looked at: once per round.
-        let looked = d.stats().ready_checks - asleep[i];
+        let looked = d.stats().ready_checks - checked_asleep[i];
         assert!(
             looked <= woken_rounds,
             "agent {id} looked at {looked} groups in {woken_rounds} rounds: more than the woken one"
@@ -111,26 +89,15 @@ fn sleeping_groups_are_not_looked_at_and_a_proposal_wakes_only_its_own() {
 
 /// Three drivers whose groups all sleep, and the agent leading the most.
 fn asleep(seed: u64) -> (BTreeMap<NodeId, Driver<MemStore>>, NodeId) {
-    let ids: Vec<NodeId> = vec![1, 2, 3];
-    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
-    for id in &ids {
-        let config = DriverConfig {
-            seed,
-            ..DriverConfig::default()
-        };
-        let mut d = Driver::new(*id, config, Box::new(|_| Ok(MemStore::new())));
-        for p in 0..GROUPS {
-            d.open_group(group(p), MemStore::new(), Bootstrap::Voters(ids.clone()))
-                .unwrap();
-        }
-        drivers.insert(*id, d);
-    }
+    let groups: Vec<GroupId> = (0..GROUPS).map(group).collect();
+    let mut drivers = three_agents(&groups, seed);
     let mut rounds = 0;
-    while !drivers.values().all(|d| d.hibernating() == GROUPS as usize) {
+    while !all_asleep(&drivers) {
         round(&mut drivers);
         rounds += 1;
         assert!(rounds < 500, "groups never all hibernated");
     }
+    // A few rounds for what going to sleep still sends.
     for _ in 0..3 {
         round(&mut drivers);
     }
@@ -139,7 +106,7 @@ fn asleep(seed: u64) -> (BTreeMap<NodeId, Driver<MemStore>>, NodeId) {
             .filter(|p| drivers[&id].status(&group(*p)).is_some_and(|s| s.serving))
             .count()
     };
-    let busiest = *ids.iter().max_by_key(|id| leads(**id)).unwrap();
+    let busiest = (1..=3).max_by_key(|id| leads(*id)).unwrap();
     assert!(leads(busiest) > 0);
     (drivers, busiest)
 }
@@ -183,7 +150,7 @@ fn a_suspected_leader_that_is_alive_keeps_the_sleeping_groups_its_followers_wake
             "seed {seed}: a live leader lost a group its followers woke"
         );
         assert!(
-            drivers.values().all(|d| d.hibernating() == GROUPS as usize),
+            all_asleep(&drivers),
             "seed {seed}: the woken groups should sleep again"
         );
     }
@@ -203,7 +170,7 @@ fn a_suspected_leader_that_is_dead_is_replaced_in_the_sleeping_groups_one_follow
             round(&mut drivers);
         }
         assert!(
-            drivers.values().all(|d| d.hibernating() == GROUPS as usize),
+            all_asleep(&drivers),
             "seed {seed}: sleeping followers do not notice a silent leader by themselves"
         );
         // One survivor wakes them; the other is woken by its signal.
@@ -271,7 +238,7 @@ fn a_live_leader_keeps_its_sleeping_groups_when_the_wakes_sent_to_it_are_lost() 
             // follower has everything, so it stays awake).
             if !one_way_cut {
                 assert!(
-                    drivers.values().all(|d| d.hibernating() == GROUPS as usize),
+                    all_asleep(&drivers),
                     "seed {seed}: the woken groups should sleep again"
                 );
             }

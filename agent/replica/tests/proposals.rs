@@ -10,7 +10,7 @@ use shoal_proto::raft::RaftMessageKind;
 use shoal_replica::command::Command;
 use shoal_replica::driver::{DEFAULT_MAX_APPEND_BYTES, ENTRY_OVERHEAD_BYTES};
 use shoal_replica::store::MemStore;
-use shoal_replica::{Bootstrap, Driver, DriverConfig, GroupId, NodeId};
+use shoal_replica::{Driver, GroupId, NodeId};
 use std::collections::BTreeMap;
 
 fn group() -> GroupId {
@@ -101,22 +101,7 @@ fn exchange(drivers: &mut BTreeMap<NodeId, Driver<MemStore>>) {
 
 /// Three voters of `group` with an elected, serving leader; returns it.
 fn three_voters(group: &GroupId, seed: u64) -> (BTreeMap<NodeId, Driver<MemStore>>, NodeId) {
-    let ids: Vec<NodeId> = vec![1, 2, 3];
-    let mut drivers: BTreeMap<NodeId, Driver<MemStore>> = BTreeMap::new();
-    for id in &ids {
-        let config = DriverConfig {
-            seed,
-            ..DriverConfig::default()
-        };
-        let mut d = Driver::new(*id, config, Box::new(|_| Ok(MemStore::new())));
-        d.open_group(
-            group.clone(),
-            MemStore::new(),
-            Bootstrap::Voters(ids.clone()),
-        )
-        .unwrap();
-        drivers.insert(*id, d);
-    }
+    let mut drivers = support::three_agents(std::slice::from_ref(group), seed);
     for _ in 0..500 {
         support::round(&mut drivers);
         let serving = drivers

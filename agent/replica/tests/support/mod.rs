@@ -3,9 +3,29 @@
 #![allow(dead_code)] // Each test file uses a part.
 
 use shoal_proto::raft::RaftBatch;
-use shoal_replica::store::LogStore;
-use shoal_replica::{Driver, Event, NodeId};
+use shoal_replica::store::{LogStore, MemStore};
+use shoal_replica::{Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
 use std::collections::BTreeMap;
+
+/// Drivers of agents 1, 2 and 3 in memory, each with a replica of every
+/// group in `groups`, the three of them its voters.
+pub fn three_agents(groups: &[GroupId], seed: u64) -> BTreeMap<NodeId, Driver<MemStore>> {
+    let ids: Vec<NodeId> = vec![1, 2, 3];
+    let mut drivers = BTreeMap::new();
+    for id in &ids {
+        let config = DriverConfig {
+            seed,
+            ..DriverConfig::default()
+        };
+        let mut d = Driver::new(*id, config, Box::new(|_| Ok(MemStore::new())));
+        for g in groups {
+            d.open_group(g.clone(), MemStore::new(), Bootstrap::Voters(ids.clone()))
+                .expect("a new group opens in memory");
+        }
+        drivers.insert(*id, d);
+    }
+    drivers
+}
 
 /// A proposal a round saw committed.
 pub struct Committed {
