@@ -1,4 +1,5 @@
-//! A lean HTTP/1.1 keep-alive connection for the measuring loops.
+//! A lean HTTP/1.1 keep-alive connection for the measuring loops (or a
+//! share of one h2c connection).
 //!
 //! `shoal_agent::client::AgentClient` (a pooled hyper client) sets the agent
 //! up; the hot loops use one hyper connection per task instead, which costs
@@ -9,16 +10,22 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
 use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpStream;
 
-/// One keep-alive connection to the agent's app API.
+/// One keep-alive connection to the agent's app API, or a share of an h2c
+/// connection (requests of all its shares in flight at once on it).
 pub struct Conn {
-    tx: SendRequest<Full<Bytes>>,
+    tx: Sender,
     host: HeaderValue,
+}
+
+enum Sender {
+    Http1(http1::SendRequest<Full<Bytes>>),
+    Http2(http2::SendRequest<Full<Bytes>>),
 }
 
 impl Conn {
@@ -26,15 +33,42 @@ impl Conn {
     pub async fn open(addr: SocketAddr) -> Result<Conn, BoxError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (tx, conn) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             // Ends when the bench drops the sender or the agent closes.
             let _ = conn.await;
         });
         Ok(Conn {
-            tx,
+            tx: Sender::Http1(tx),
             host: HeaderValue::from_str(&addr.to_string())?,
         })
+    }
+
+    /// Opens an h2c connection (HTTP/2 with prior knowledge, TCP_NODELAY);
+    /// [`Conn::share`] gives more senders on it.
+    pub async fn open_h2(addr: SocketAddr) -> Result<Conn, BoxError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn {
+            tx: Sender::Http2(tx),
+            host: HeaderValue::from_str(&addr.to_string())?,
+        })
+    }
+
+    /// Another sender on the same h2c connection; `None` for HTTP/1.1, whose
+    /// connection carries one request at a time.
+    pub fn share(&self) -> Option<Conn> {
+        match &self.tx {
+            Sender::Http1(_) => None,
+            Sender::Http2(tx) => Some(Conn {
+                tx: Sender::Http2(tx.clone()),
+                host: self.host.clone(),
+            }),
+        }
     }
 
     /// Sends a request and reads the whole answer.
@@ -45,16 +79,26 @@ impl Conn {
         content_type: Option<&'static str>,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), BoxError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(HOST, self.host.clone());
+        let mut req = Request::builder().method(method);
+        req = match &self.tx {
+            Sender::Http1(_) => req.uri(path).header(HOST, self.host.clone()),
+            // HTTP/2 takes the authority from the URI.
+            Sender::Http2(_) => req.uri(format!("http://{}{path}", self.host.to_str()?)),
+        };
         if let Some(ct) = content_type {
             req = req.header(CONTENT_TYPE, HeaderValue::from_static(ct));
         }
         let req = req.body(Full::new(body))?;
-        self.tx.ready().await?;
-        let resp = self.tx.send_request(req).await?;
+        let resp = match &mut self.tx {
+            Sender::Http1(tx) => {
+                tx.ready().await?;
+                tx.send_request(req).await?
+            }
+            Sender::Http2(tx) => {
+                tx.ready().await?;
+                tx.send_request(req).await?
+            }
+        };
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
         Ok((status, body))

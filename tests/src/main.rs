@@ -115,6 +115,9 @@ struct Cli {
     /// Replication: leader kills of the failover part (0 skips it; default 10, 2 with --quick).
     #[arg(long)]
     kills: Option<usize>,
+    /// Replication: Shoal's publishers share one h2c connection (HTTP/2 with prior knowledge, as JetStream's share one connection) instead of one HTTP/1.1 keep-alive connection each.
+    #[arg(long)]
+    h2: bool,
     /// Replication: leader kills of an idle partition (its group asleep), after the others (0 skips them; default 5, 1 with --quick).
     #[arg(long)]
     idle_kills: Option<usize>,
@@ -409,6 +412,7 @@ async fn run_replication(cli: &Cli, workspace: &Path) -> Result<(), BoxError> {
     if let Some(k) = cli.kills {
         plan.kills = k;
     }
+    plan.h2 = cli.h2;
     if let Some(k) = cli.idle_kills {
         plan.idle_kills = k;
     }

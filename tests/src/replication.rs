@@ -45,6 +45,9 @@ pub struct ReplPlan {
     pub size: usize,
     /// Publishes in flight of the pipelined mode.
     pub inflight: usize,
+    /// Shoal's publishers share one h2c connection instead of one HTTP/1.1
+    /// keep-alive connection each.
+    pub h2: bool,
     /// Leader kills of the failover part.
     pub kills: usize,
     /// Leader kills of an idle partition (its group asleep), after those.
@@ -72,6 +75,7 @@ impl ReplPlan {
                 round_max: 20_000,
                 size: 128,
                 inflight: 64,
+                h2: false,
                 kills: 2,
                 idle_kills: 1,
                 idle_partitions: 50,
@@ -87,6 +91,7 @@ impl ReplPlan {
                 round_max: 1_000_000,
                 size: 128,
                 inflight: 64,
+                h2: false,
                 kills: 10,
                 idle_kills: 5,
                 idle_partitions: 1000,
@@ -811,9 +816,19 @@ async fn shoal_round(
     let path = format!("/v1/topics/{topic}/messages");
     let body = Bytes::from(vec![b'x'; plan.size]);
     let mut conns = Vec::new();
+    let shared = if plan.h2 {
+        Some(Conn::open_h2(app).await?)
+    } else {
+        None
+    };
     for _ in 0..connections {
-        conns.push(Conn::open(app).await?);
+        match shared.as_ref().and_then(Conn::share) {
+            Some(c) => conns.push(c),
+            None => conns.push(Conn::open(app).await?),
+        }
     }
+    drop(shared);
+    let h2 = plan.h2;
     let c0 = cpu_ticks(pids);
     let t0 = Instant::now();
     let end = t0 + plan.round_time;
@@ -852,12 +867,20 @@ async fn shoal_round(
                     Ok(Err(e)) => {
                         failed += 1;
                         first.get_or_insert_with(|| e.to_string());
-                        conn = Conn::open(app).await?;
+                        conn = if h2 {
+                            Conn::open_h2(app).await?
+                        } else {
+                            Conn::open(app).await?
+                        };
                     }
                     Err(_) => {
                         failed += 1;
                         first.get_or_insert_with(|| "no answer within 10 s".into());
-                        conn = Conn::open(app).await?;
+                        conn = if h2 {
+                            Conn::open_h2(app).await?
+                        } else {
+                            Conn::open(app).await?
+                        };
                     }
                 }
             }
