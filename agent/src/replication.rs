@@ -215,8 +215,27 @@ struct Peers {
     suspected: BTreeSet<String>,
     /// Bumped whenever the members change (placement may then differ).
     epoch: u64,
-    /// The agent a publish to a partition tried last and its answer.
-    hints: HashMap<(String, u32), Hint>,
+    /// The agent a publish to a partition tried last and its answer, by
+    /// topic and partition (by topic first, so a lookup needs no `String`).
+    hints: HashMap<String, HashMap<u32, Hint>>,
+}
+
+impl Peers {
+    fn hint(&self, topic: &str, partition: u32) -> Option<&Hint> {
+        self.hints.get(topic)?.get(&partition)
+    }
+
+    fn set_hint(&mut self, topic: &str, partition: u32, hint: Hint) {
+        match self.hints.get_mut(topic) {
+            Some(by_partition) => {
+                by_partition.insert(partition, hint);
+            }
+            None => {
+                self.hints
+                    .insert(topic.to_string(), HashMap::from([(partition, hint)]));
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -36,7 +36,7 @@ use crate::topic::{Role, TopicConfig};
 use http::StatusCode;
 use members::load_members;
 use publish::publish_refused;
-use publish::Lane;
+use publish::{Lane, LaneKey};
 use shoal_cluster::membership::Liveness;
 use shoal_cluster::placement::{Assignment, Member};
 use shoal_proto::{Message, SubscriberRef, WireError};
@@ -147,7 +147,7 @@ pub struct Router {
     request_rr: AtomicUsize,
     forwards: Arc<tokio::sync::Semaphore>,
     /// Forwards to one agent for one topic, coalesced (see [`Router::forward`]).
-    lanes: Mutex<HashMap<(SocketAddr, String), Lane>>,
+    lanes: Mutex<HashMap<LaneKey, Lane>>,
     /// This router, for the tasks it spawns.
     this: Weak<Router>,
     /// Where the members this agent knows are kept between runs, and what

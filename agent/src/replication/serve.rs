@@ -73,8 +73,7 @@ impl Replication {
                 peers.addrs.get(name).copied()
             }
         };
-        let key = (topic.to_string(), partition);
-        let skip = match peers.hints.get(&key) {
+        let skip = match peers.hint(topic, partition) {
             Some(Hint::Leader(node)) => {
                 if let Some(addr) = live(node) {
                     return Route::Peer {
@@ -160,18 +159,17 @@ impl Replication {
     }
 
     /// A peer answered for a partition: it leads (`ok`), or try another.
+    /// Called for every message a peer stores, so the usual answer (the
+    /// leader it already named) allocates nothing.
     pub fn note_answer(&self, topic: &str, partition: u32, node: &str, ok: bool) {
         let mut peers = lock(&self.peers);
-        let key = (topic.to_string(), partition);
-        if ok {
-            peers.hints.insert(key, Hint::Leader(node.to_string()));
-        } else {
-            let next = match peers.hints.get(&key) {
-                Some(Hint::Skip(n)) => n + 1,
-                _ => 1,
-            };
-            peers.hints.insert(key, Hint::Skip(next));
-        }
+        let hint = match (ok, peers.hint(topic, partition)) {
+            (true, Some(Hint::Leader(known))) if known == node => return,
+            (true, _) => Hint::Leader(node.to_string()),
+            (false, Some(Hint::Skip(n))) => Hint::Skip(n + 1),
+            (false, _) => Hint::Skip(1),
+        };
+        peers.set_hint(topic, partition, hint);
     }
 
     /// Publishes to a partition this agent leads: answers once each
@@ -582,7 +580,7 @@ impl Replication {
                 };
             }
         }
-        if let Some(Hint::Leader(node)) = peers.hints.get(&(topic.to_string(), partition)) {
+        if let Some(Hint::Leader(node)) = peers.hint(topic, partition) {
             if let Some(addr) = peers.addrs.get(node) {
                 return Route::Peer {
                     node: node.clone(),

@@ -32,6 +32,10 @@ type Placed = (usize, u32, AppMessage);
 /// (docs/benchmarks.md).
 pub const FORWARD_CALLS_PER_LANE: usize = 1;
 
+/// A lane: the peer forwarded to and the topic (shared, so a forward does
+/// not copy the topic's name).
+pub(crate) type LaneKey = (SocketAddr, Arc<str>);
+
 /// Per-message results of a forward.
 type Outcomes = Vec<Result<PublishOutcome, ApiError>>;
 
@@ -47,7 +51,7 @@ struct LaneSlot {
     router: Arc<Router>,
     topic: Arc<Topic>,
     node: String,
-    key: Option<(SocketAddr, String)>,
+    key: Option<LaneKey>,
 }
 
 impl Drop for LaneSlot {
@@ -64,10 +68,7 @@ impl Drop for LaneSlot {
 /// Gives a call slot of `key`'s lane back when no forward waits on it (the
 /// lane goes with its last call); whether it did. With forwards waiting, the
 /// caller keeps the slot and sends them.
-fn free_slot_if_idle(
-    lanes: &mut HashMap<(SocketAddr, String), Lane>,
-    key: &(SocketAddr, String),
-) -> bool {
+fn free_slot_if_idle(lanes: &mut HashMap<LaneKey, Lane>, key: &LaneKey) -> bool {
     let Some(lane) = lanes.get_mut(key) else {
         return true;
     };
@@ -334,7 +335,7 @@ impl Router {
             );
             return all_failed(batch, e);
         };
-        let key = (addr, topic.name.to_string());
+        let key = (addr, topic.name.clone());
         let idle = {
             let mut lanes = lock(&self.lanes);
             let lane = lanes.entry(key.clone()).or_default();
@@ -394,7 +395,7 @@ impl Router {
 
     /// Gives up a lane's call slot: to a task that sends the forwards that
     /// queued meanwhile, or, with none, the lane has one call fewer.
-    fn release_slot(self: Arc<Self>, topic: Arc<Topic>, node: String, key: (SocketAddr, String)) {
+    fn release_slot(self: Arc<Self>, topic: Arc<Topic>, node: String, key: LaneKey) {
         if free_slot_if_idle(&mut lock(&self.lanes), &key) {
             return;
         }
@@ -415,7 +416,7 @@ impl Router {
 
     /// One call slot of a lane: sends the forwards waiting, together, until
     /// none is left.
-    async fn run_lane(&self, topic: &Arc<Topic>, node: &str, key: (SocketAddr, String)) {
+    async fn run_lane(&self, topic: &Arc<Topic>, node: &str, key: LaneKey) {
         loop {
             let jobs: Vec<Queued> = {
                 let mut lanes = lock(&self.lanes);
