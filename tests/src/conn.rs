@@ -59,6 +59,15 @@ impl Conn {
         })
     }
 
+    /// A new connection: h2c with `h2`, else HTTP/1.1.
+    pub async fn open_as(addr: SocketAddr, h2: bool) -> Result<Conn, BoxError> {
+        if h2 {
+            Conn::open_h2(addr).await
+        } else {
+            Conn::open(addr).await
+        }
+    }
+
     /// Another sender on the same h2c connection; `None` for HTTP/1.1, whose
     /// connection carries one request at a time.
     pub fn share(&self) -> Option<Conn> {

@@ -867,20 +867,12 @@ async fn shoal_round(
                     Ok(Err(e)) => {
                         failed += 1;
                         first.get_or_insert_with(|| e.to_string());
-                        conn = if h2 {
-                            Conn::open_h2(app).await?
-                        } else {
-                            Conn::open(app).await?
-                        };
+                        conn = Conn::open_as(app, h2).await?;
                     }
                     Err(_) => {
                         failed += 1;
                         first.get_or_insert_with(|| "no answer within 10 s".into());
-                        conn = if h2 {
-                            Conn::open_h2(app).await?
-                        } else {
-                            Conn::open(app).await?
-                        };
+                        conn = Conn::open_as(app, h2).await?;
                     }
                 }
             }

@@ -6,13 +6,15 @@
 //! panic, and the group must keep working for the honest agents.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A test panics on what it does not expect.
 
+mod support;
+
 use shoal_proto::raft::{
     ConfState, EntryPayload, GroupMessages, Hibernate, RaftBatch, RaftEntry, RaftMessage,
     RaftMessageKind, RaftSnapshot, Signal,
 };
 use shoal_replica::command::Command;
 use shoal_replica::store::MemStore;
-use shoal_replica::{Bootstrap, Driver, DriverConfig, Event, GroupId, NodeId};
+use shoal_replica::{Driver, Event, GroupId, NodeId};
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -35,20 +37,8 @@ struct Cluster {
 
 impl Cluster {
     fn new(seed: u64) -> Self {
-        let ids: Vec<NodeId> = vec![1, 2, 3];
-        let mut drivers = BTreeMap::new();
-        for id in &ids {
-            let config = DriverConfig {
-                seed,
-                ..DriverConfig::default()
-            };
-            let mut d = Driver::new(*id, config, Box::new(|_| Ok(MemStore::new())));
-            d.open_group(group(), MemStore::new(), Bootstrap::Voters(ids.clone()))
-                .unwrap();
-            drivers.insert(*id, d);
-        }
         Cluster {
-            drivers,
+            drivers: support::three_agents(&[group()], seed),
             seen: Vec::new(),
             acked: 0,
         }
