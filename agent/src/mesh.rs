@@ -342,10 +342,7 @@ impl Peers {
         // close by itself (when both agents dial at once, both stay alive).
         {
             let mut links = lock(&self.links);
-            if links
-                .get(&addr)
-                .is_some_and(|l| l.conn.stable_id() != conn.stable_id())
-            {
+            if links.get(&addr).is_some_and(|l| !l.runs_on(&conn)) {
                 links.remove(&addr);
             }
         }
@@ -731,36 +728,13 @@ impl Mesh {
         let link = tokio::time::timeout_at(deadline, self.peers.link(to))
             .await
             .map_err(|_| CallError::Timeout(to))??;
-        let (tx, rx) = oneshot::channel();
-        lock(&link.pending).insert(req, tx);
-        let forget = || {
-            lock(&link.pending).remove(&req);
-        };
-        match tokio::time::timeout_at(deadline, link.tx.send(build(req))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                forget();
-                return Err(CallError::Closed(to));
-            }
-            Err(_) => {
-                forget();
-                return Err(CallError::Timeout(to));
-            }
-        }
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(_)) => Err(CallError::Closed(to)),
-            Err(_) => {
-                forget();
-                Err(CallError::Timeout(to))
-            }
-        }
+        link.call(to, req, deadline, build(req)).await
     }
 
     /// Sends a one-way message, in order with the other messages to `to`.
     pub async fn tell(&self, to: SocketAddr, msg: Message) -> Result<(), CallError> {
         let link = self.peers.link(to).await?;
-        link.tx.send(msg).await.map_err(|_| CallError::Closed(to))
+        link.tell(to, msg).await
     }
 
     /// The cluster now.

@@ -1,5 +1,6 @@
-//! Membership: the gossip loop (foca) that tracks who is up, suspected,
-//! down or gone, and tells the mesh and the router.
+//! Membership: the loop that runs the SWIM state machine
+//! ([`shoal_cluster::membership`]): carries its datagrams, fires its timers,
+//! and publishes who is up, suspected, down or gone as the [`ClusterView`].
 
 use super::{
     speaks_for_itself, view_of, ClusterView, ExpectedDowns, Input, NameConflict, Peers, JOIN_RETRY,

@@ -1,10 +1,13 @@
 //! A link: one long-lived stream to a peer that carries this agent's calls,
 //! many in flight, answers matched by request number.
 
-use super::{lock, DIAL_TIMEOUT, LINK_QUEUE, MAX_COALESCED_WRITE, MAX_STREAM_BUFFER, READ_CHUNK};
+use super::{
+    lock, CallError, DIAL_TIMEOUT, LINK_QUEUE, MAX_COALESCED_WRITE, MAX_STREAM_BUFFER, READ_CHUNK,
+};
 use crate::metrics::Metrics;
 use shoal_proto::Message;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -13,18 +16,16 @@ use tokio::sync::{mpsc, oneshot};
 /// through a writer that combines small frames into one write; answers come
 /// back on the same stream and complete their calls by request id.
 pub(super) struct Link {
-    /// Frames for the writer task.
-    pub(super) tx: mpsc::Sender<Message>,
-    /// Calls waiting for their answers, by request number.
-    pub(super) pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>,
-    /// The connection the link's stream runs on.
-    pub(super) conn: shoal_mesh::quinn::Connection,
+    tx: mpsc::Sender<Message>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>,
+    conn: shoal_mesh::quinn::Connection,
     /// Set when its stream could not be opened in time, or its writer or
     /// answer reader ended: the next call opens a new link.
     dead: Arc<AtomicBool>,
 }
 
 impl Link {
+    /// Opens the link's stream on `conn` and starts its writer and answer reader.
     pub(super) fn open(conn: shoal_mesh::quinn::Connection, metrics: Arc<Metrics>) -> Arc<Link> {
         let (tx, mut rx) = mpsc::channel::<Message>(LINK_QUEUE);
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>> = Default::default();
@@ -83,7 +84,52 @@ impl Link {
         });
         link
     }
+    /// Sends `request`, numbered `req`, and waits for its answer until
+    /// `deadline`.
+    pub(super) async fn call(
+        &self,
+        to: SocketAddr,
+        req: u64,
+        deadline: tokio::time::Instant,
+        request: Message,
+    ) -> Result<Message, CallError> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(req, tx);
+        let forget = || {
+            lock(&self.pending).remove(&req);
+        };
+        match tokio::time::timeout_at(deadline, self.tx.send(request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                forget();
+                return Err(CallError::Closed(to));
+            }
+            Err(_) => {
+                forget();
+                return Err(CallError::Timeout(to));
+            }
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(CallError::Closed(to)),
+            Err(_) => {
+                forget();
+                Err(CallError::Timeout(to))
+            }
+        }
+    }
 
+    /// Sends a one-way message, in order with the link's other messages.
+    pub(super) async fn tell(&self, to: SocketAddr, msg: Message) -> Result<(), CallError> {
+        self.tx.send(msg).await.map_err(|_| CallError::Closed(to))
+    }
+
+    /// Whether the link's stream runs on `conn`.
+    pub(super) fn runs_on(&self, conn: &shoal_mesh::quinn::Connection) -> bool {
+        self.conn.stable_id() == conn.stable_id()
+    }
+
+    /// Whether calls may still go over it (else the next call opens a new link).
     pub(super) fn usable(&self) -> bool {
         !self.dead.load(Ordering::Acquire)
             && !self.tx.is_closed()
