@@ -35,14 +35,8 @@ use tokio::time::Instant;
 pub const SUBSCRIPTIONS_FILE: &str = "subscriptions.json";
 /// The status an app answers to send a pushed message straight to the dead-letter topic.
 pub const DEAD_LETTER_STATUS: StatusCode = StatusCode::UNPROCESSABLE_ENTITY;
-/// Wait before retrying a dead letter that could not be stored.
-const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// Commands a group task buffers before senders wait.
 const GROUP_QUEUE: usize = 1024;
-/// Pause before fetching again from a home agent that answered with an error.
-const REMOTE_FETCH_RETRY: Duration = Duration::from_millis(250);
-/// Wait before asking again a leader that refused this agent's namespace.
-const FORBIDDEN_FETCH_RETRY: Duration = Duration::from_secs(5);
 /// Longest a request/reply may wait.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 

@@ -4,8 +4,7 @@
 
 use super::{
     build_push, record_delivery, start_offset, AckResult, AppClient, Command, PushOutcome,
-    RouterCell, Subscriptions, DEAD_LETTER_RETRY, DEAD_LETTER_STATUS, FORBIDDEN_FETCH_RETRY,
-    REMOTE_FETCH_RETRY,
+    RouterCell, Subscriptions, DEAD_LETTER_STATUS,
 };
 use crate::broker::Broker;
 use crate::error::ApiError;
@@ -22,6 +21,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+
+/// Wait before retrying a dead letter that could not be stored.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+/// Pause before fetching again from a home agent that answered with an error.
+const REMOTE_FETCH_RETRY: Duration = Duration::from_millis(250);
+/// Wait before asking again a leader that refused this agent's namespace.
+const FORBIDDEN_FETCH_RETRY: Duration = Duration::from_secs(5);
 
 /// A long poll waiting for deliveries.
 struct Waiter {

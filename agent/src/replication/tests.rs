@@ -1,6 +1,5 @@
 use super::founding::{creation_record, read_creation_record, Founders, MetaRecord, PartitionKey3};
-use super::transfer::PART_BYTES;
-use super::*;
+use super::transfer::{raft_frames, split_batch, PART_BYTES};
 use shoal_proto::raft::RaftBatch;
 use shoal_proto::Message;
 
