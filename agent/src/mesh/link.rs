@@ -16,8 +16,11 @@ use tokio::sync::{mpsc, oneshot};
 /// through a writer that combines small frames into one write; answers come
 /// back on the same stream and complete their calls by request id.
 pub(super) struct Link {
+    /// Frames for the writer task.
     tx: mpsc::Sender<Message>,
+    /// Calls waiting for their answers, by request number.
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>,
+    /// The connection the link's stream runs on.
     conn: shoal_mesh::quinn::Connection,
     /// Set when its stream could not be opened in time, or its writer or
     /// answer reader ended: the next call opens a new link.
@@ -84,6 +87,7 @@ impl Link {
         });
         link
     }
+
     /// Sends `request`, numbered `req`, and waits for its answer until
     /// `deadline`.
     pub(super) async fn call(
