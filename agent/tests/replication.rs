@@ -1142,7 +1142,12 @@ fn replica_log(root: &Path, node: &str, p: u64) -> (u64, u64) {
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let path = e.path();
         if path.extension().is_some_and(|x| x == "log") {
-            bytes += e.metadata().unwrap().len();
+            // Retention may remove a segment between the listing and here:
+            // a segment that is gone holds nothing.
+            let Ok(meta) = e.metadata() else {
+                continue;
+            };
+            bytes += meta.len();
             let base: u64 = path.file_stem().unwrap().to_str().unwrap().parse().unwrap();
             first = first.min(base);
         }
