@@ -63,6 +63,22 @@ pub struct ApiSettings {
     pub client_only: bool,
 }
 
+/// A request body the app API reads: hyper's, or any other body of bytes
+/// whose errors can be boxed (tests send requests with `Full`).
+pub trait AppBody:
+    http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> AppBody for B where
+    B: http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
 /// What request handlers share.
 #[derive(Debug)]
 pub struct AppState {
@@ -133,11 +149,10 @@ fn error_response(e: &ApiError) -> Response<Body> {
 }
 
 /// Serves one request: routes it, records metrics, turns errors into JSON.
-pub async fn serve<B>(state: Arc<AppState>, req: Request<B>) -> Result<Response<Body>, Infallible>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+pub async fn serve<B: AppBody>(
+    state: Arc<AppState>,
+    req: Request<B>,
+) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let (route, result) = route(&state, req).await;
     let response = match result {
@@ -242,11 +257,7 @@ impl Route {
     }
 }
 
-async fn route<B>(state: &AppState, req: Request<B>) -> Routed
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+async fn route<B: AppBody>(state: &AppState, req: Request<B>) -> Routed {
     let Some(route) = Route::resolve(req.uri().path()) else {
         let e = ApiError::not_found(
             "route_not_found",
@@ -444,14 +455,10 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// Reads a body up to `limit` bytes; larger gets 413.
-async fn read_body<B>(
+async fn read_body<B: AppBody>(
     req: Request<B>,
     limit: usize,
-) -> Result<(http::request::Parts, Bytes), ApiError>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Result<(http::request::Parts, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
     let too_large = || {
         ApiError::new(

@@ -1,8 +1,8 @@
 //! Publishing: one message, a batch, and a request that waits for its reply.
 
 use super::{
-    content_type, full, header_duration, header_str, json_response, read_body, AppState, Body,
-    Query, DEFAULT_REQUEST_TIMEOUT, MAX_BATCH_ENTRIES, MAX_DELAY, MAX_ID_LEN, MAX_TTL,
+    content_type, full, header_duration, header_str, json_response, read_body, AppBody, AppState,
+    Body, Query, DEFAULT_REQUEST_TIMEOUT, MAX_BATCH_ENTRIES, MAX_DELAY, MAX_ID_LEN, MAX_TTL,
 };
 use crate::broker::PublishOutcome;
 use crate::error::ApiError;
@@ -92,15 +92,11 @@ fn check_size(state: &AppState, m: &Message) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(super) async fn publish_one<B>(
+pub(super) async fn publish_one<B: AppBody>(
     state: &AppState,
     topic: &str,
     req: Request<B>,
-) -> Result<Response<Body>, ApiError>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Result<Response<Body>, ApiError> {
     let topic = &state.broker.full_topic_name(topic)?;
     state.broker.authorize(topic, Action::Publish)?;
     let structured = content_type(req.headers()).as_deref() == Some("application/cloudevents+json");
@@ -146,15 +142,11 @@ where
     Ok(json_response(status, &outcome))
 }
 
-pub(super) async fn publish_batch<B>(
+pub(super) async fn publish_batch<B: AppBody>(
     state: &AppState,
     topic: &str,
     req: Request<B>,
-) -> Result<Response<Body>, ApiError>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Result<Response<Body>, ApiError> {
     let topic = &state.broker.full_topic_name(topic)?;
     state.broker.authorize(topic, Action::Publish)?;
     let ct = content_type(req.headers());
@@ -321,16 +313,12 @@ struct EntryError<'a> {
     status: u16,
 }
 
-pub(super) async fn request_reply<B>(
+pub(super) async fn request_reply<B: AppBody>(
     state: &AppState,
     topic: &str,
     query: &Query,
     req: Request<B>,
-) -> Result<Response<Body>, ApiError>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Result<Response<Body>, ApiError> {
     let topic = &state.broker.full_topic_name(topic)?;
     state.broker.authorize(topic, Action::Publish)?;
     let timeout = query.duration(

@@ -1,7 +1,7 @@
 //! Subscriptions: read, create or change; pull, ack, and the event stream.
 
 use super::{
-    full, json_response, parse_json, read_body, AppState, Body, Query, DEFAULT_PULL_MAX,
+    full, json_response, parse_json, read_body, AppBody, AppState, Body, Query, DEFAULT_PULL_MAX,
     DEFAULT_PULL_WAIT, MAX_JSON_BYTES, MAX_NACK_DELAY, MAX_PULL_MAX, MAX_PULL_WAIT,
     STREAM_KEEPALIVE,
 };
@@ -75,15 +75,11 @@ pub(super) fn get_subscription(state: &AppState, name: &str) -> Result<Response<
     ))
 }
 
-pub(super) async fn put_subscription<B>(
+pub(super) async fn put_subscription<B: AppBody>(
     state: &AppState,
     name: &str,
     req: Request<B>,
-) -> Result<Response<Body>, ApiError>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Result<Response<Body>, ApiError> {
     crate::names::validate("subscription", name)?;
     let (parts, body) = read_body(req, MAX_JSON_BYTES).await?;
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -151,15 +147,11 @@ struct AckBody {
     delay: Option<Duration>,
 }
 
-pub(super) async fn ack<B>(
+pub(super) async fn ack<B: AppBody>(
     state: &AppState,
     name: &str,
     req: Request<B>,
-) -> Result<Response<Body>, ApiError>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Result<Response<Body>, ApiError> {
     crate::names::validate("subscription", name)?;
     let (parts, body) = read_body(req, MAX_JSON_BYTES).await?;
     let b: AckBody = parse_json(&parts.headers, &body, false)?;

@@ -1,9 +1,10 @@
 //! Topics and the mesh: list, read, create or change, delete; `/v1/cluster`.
 
-use super::{json_response, no_content, parse_json, read_body, AppState, Body, MAX_JSON_BYTES};
+use super::{
+    json_response, no_content, parse_json, read_body, AppBody, AppState, Body, MAX_JSON_BYTES,
+};
 use crate::error::ApiError;
 use crate::topic::TopicSpec;
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -192,15 +193,11 @@ pub(super) async fn get_topic(state: &AppState, name: &str) -> Result<Response<B
     ))
 }
 
-pub(super) async fn put_topic<B>(
+pub(super) async fn put_topic<B: AppBody>(
     state: &AppState,
     name: &str,
     req: Request<B>,
-) -> Result<Response<Body>, ApiError>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Result<Response<Body>, ApiError> {
     let name = &state.broker.full_topic_name(name)?;
     state.broker.may_configure(name)?;
     let (parts, body) = read_body(req, MAX_JSON_BYTES).await?;
