@@ -217,6 +217,16 @@ impl Subscriptions {
         lock(&self.subs).get(name).cloned()
     }
 
+    /// One subscription, or the app's 404 (`subscription_not_found`).
+    pub fn existing(&self, name: &str) -> Result<Subscription, ApiError> {
+        self.get(name).ok_or_else(|| {
+            ApiError::not_found(
+                "subscription_not_found",
+                format!("no subscription {name:?}"),
+            )
+        })
+    }
+
     /// Whether any subscription reads `topic`.
     pub fn uses_topic(&self, topic: &str) -> Vec<String> {
         lock(&self.subs)
@@ -369,12 +379,7 @@ impl Subscriptions {
     }
 
     fn group_of(&self, name: &str) -> Result<(Subscription, mpsc::Sender<Command>), ApiError> {
-        let sub = self.get(name).ok_or_else(|| {
-            ApiError::not_found(
-                "subscription_not_found",
-                format!("no subscription {name:?}"),
-            )
-        })?;
+        let sub = self.existing(name)?;
         let key = (sub.topic.clone(), sub.group.clone());
         let live = |groups: &HashMap<(String, String), GroupHandle>| {
             groups

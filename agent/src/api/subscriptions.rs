@@ -63,12 +63,7 @@ fn subscription_json(state: &AppState, sub: &crate::subscription::Subscription) 
 
 pub(super) fn get_subscription(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
     crate::names::validate("subscription", name)?;
-    let sub = state.subs.get(name).ok_or_else(|| {
-        ApiError::not_found(
-            "subscription_not_found",
-            format!("no subscription {name:?}"),
-        )
-    })?;
+    let sub = state.subs.existing(name)?;
     Ok(json_response(
         StatusCode::OK,
         &subscription_json(state, &sub),
@@ -195,12 +190,7 @@ impl http_body::Body for ChannelBody {
 
 pub(super) fn stream(state: &AppState, name: &str) -> Result<Response<Body>, ApiError> {
     crate::names::validate("subscription", name)?;
-    let sub = state.subs.get(name).ok_or_else(|| {
-        ApiError::not_found(
-            "subscription_not_found",
-            format!("no subscription {name:?}"),
-        )
-    })?;
+    let sub = state.subs.existing(name)?;
     if sub.push_path.is_some() {
         return Err(ApiError::conflict(
             "push_subscription",
